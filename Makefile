@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make run` trains the default profile, `make test` runs the tests.
+# Both create the virtual environment first (once; again when pyproject.toml changes).
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+# The shared CIFAR-10 image folder beside the checkout, unless CIFAR10_DIR says otherwise.
+SHARED_CIFAR10 := $(abspath ../shared/datasets/cifar10)
+export CIFAR10_DIR ?= $(if $(wildcard $(SHARED_CIFAR10)/train),$(SHARED_CIFAR10),)
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install run test lint
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev,dask]"
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	$(BIN)/cifar-pipeline train $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

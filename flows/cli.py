@@ -1,0 +1,155 @@
+"""`cifar-pipeline`: train, predict and manage models from the command line.
+
+Heavy imports (TensorFlow, Prefect) happen inside the commands that need them, so `--help` and
+`models list` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated
+
+import typer
+
+from model_lib.settings import artifacts_dir
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
+
+app = typer.Typer(help="Train, version and serve CIFAR-10-class image classifiers.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Inspect and manage the model registry under ARTIFACTS_DIR/models/.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+
+ModelName = Annotated[str, typer.Option("--name", help="Registered model name.")]
+
+
+@app.command()
+def train(
+    profile: Annotated[str, typer.Option(help="seed (the origin's recipe), smoke (a minute) or default.")] = "default",
+    architecture: Annotated[str | None, typer.Option(help="seed_cnn or airbench.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training split.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per optimiser step.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    data: Annotated[str | None, typer.Option(help="Image folder, cifar-10-batches-py folder or 'keras'.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for split, weights and augmentation.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, float32, mixed_bfloat16 or mixed_float16.")] = None,
+    validation_split: Annotated[float | None, typer.Option(help="Fraction held out for validation.")] = None,
+    max_train_images: Annotated[int | None, typer.Option(help="Class-balanced cap on training images.")] = None,
+    max_test_images: Annotated[int | None, typer.Option(help="Class-balanced cap on test images.")] = None,
+    skip_corrupt: Annotated[
+        bool | None, typer.Option("--skip-corrupt/--no-skip-corrupt", help="Skip undecodable files, reported.")
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Registered model name (default cifar10).")] = None,
+    promotion_margin: Annotated[float, typer.Option(help="Accuracy a new version must add to the champion's.")] = 0.0,
+) -> None:
+    """Run the train-cifar flow locally (Prefect's embedded temporary API; no server needed)."""
+    from flows.train_cifar import train_cifar
+
+    result = train_cifar(
+        profile=profile,
+        architecture=architecture,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        data=data,
+        seed=seed,
+        precision=precision,
+        validation_split=validation_split,
+        max_train_images=max_train_images,
+        max_test_images=max_test_images,
+        skip_corrupt=skip_corrupt,
+        model_name=name,
+        promotion_margin=promotion_margin,
+    )
+    verdict = "champion" if result["champion"] else "challenger"
+    typer.echo(
+        f"{result['name']} v{result['version']} ({verdict}): test accuracy {result['test_accuracy']:.4f}\n"
+        f"  {result['path']}\n  gate: {result['reason']}"
+    )
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@models_app.command("list")
+def models_list(name: ModelName = "cifar10") -> None:
+    """Versions with alias marks, test accuracy and date."""
+    from model_lib.registry import Registry
+
+    state = Registry(artifacts_dir(), name).state()
+    if not state["versions"]:
+        typer.echo(f"{name}: no versions registered under {artifacts_dir() / 'models' / name}")
+        return
+    aliases = state["aliases"]
+    typer.echo(f"{'version':>8}  {'aliases':<18} {'accuracy':>8}  {'created (UTC)':<25} architecture")
+    for entry in state["versions"]:
+        marks = ",".join(alias for alias, version in aliases.items() if version == entry["version"])
+        accuracy = entry["test_accuracy"]
+        shown = f"{accuracy:.4f}" if accuracy is not None else "-"
+        typer.echo(f"{'v' + str(entry['version']):>8}  {marks:<18} {shown:>8}  {entry['created_at']:<25} "
+                   f"{entry['architecture']}")  # fmt: skip
+
+
+@models_app.command("show")
+def models_show(ref: Annotated[str, typer.Argument(help="cifar10, cifar10@latest, cifar10@v3 or a folder.")]) -> None:
+    """The version's manifest."""
+    from model_lib.fileio import read_json
+    from model_lib.registry import MANIFEST_FILE, RegistryError, parse_reference
+
+    try:
+        version_dir = parse_reference(ref, artifacts_dir())
+    except RegistryError as error:
+        _fail(str(error))
+    typer.echo(json.dumps(read_json(version_dir / MANIFEST_FILE), indent=2))
+
+
+@models_app.command("verify")
+def models_verify(ref: Annotated[str, typer.Argument(help="cifar10, cifar10@latest, cifar10@v3 or a folder.")]) -> None:
+    """Check every file's sha256 against the manifest; exits 1 on any mismatch."""
+    from model_lib.registry import RegistryError, parse_reference, verify_version
+
+    try:
+        version_dir = parse_reference(ref, artifacts_dir())
+    except RegistryError as error:
+        _fail(str(error))
+    problems = verify_version(version_dir)
+    for problem in problems:
+        typer.echo(f"FAILED {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"OK {version_dir}: every checksum matches")
+
+
+@models_app.command("promote")
+def models_promote(
+    ref: Annotated[str, typer.Argument(help="cifar10@v3 (or name@latest).")],
+    reason: Annotated[str, typer.Option(help="Why; recorded in the history.")] = "manual promotion",
+) -> None:
+    """Make a version champion by hand."""
+    from model_lib.registry import Registry, RegistryError
+
+    model_name, _, tag = ref.partition("@")
+    try:
+        version = Registry(artifacts_dir(), model_name or "cifar10").promote(tag or "latest", reason)
+    except RegistryError as error:
+        _fail(str(error))
+    typer.echo(f"{model_name or 'cifar10'}@champion -> v{version}")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    name: ModelName = "cifar10",
+    reason: Annotated[str, typer.Option(help="Why; recorded in the history.")] = "manual rollback",
+) -> None:
+    """Move champion back to the previous champion."""
+    from model_lib.registry import Registry, RegistryError
+
+    try:
+        version = Registry(artifacts_dir(), name).rollback(reason)
+    except RegistryError as error:
+        _fail(str(error))
+    typer.echo(f"{name}@champion -> v{version}")

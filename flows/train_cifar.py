@@ -1,0 +1,54 @@
+"""The `train-cifar` flow: ingest -> preprocess/augment -> train -> evaluate -> plot -> register."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from model_lib.config import resolve_config
+from model_lib.settings import default_data_source
+from tasks.training import evaluate_task, ingest_task, plot_task, preprocess_task, register_task, train_task
+
+
+@flow(name="train-cifar")
+def train_cifar(
+    profile: str = "default",
+    architecture: str | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
+    data: str | None = None,
+    seed: int | None = None,
+    precision: str | None = None,
+    validation_split: float | None = None,
+    max_train_images: int | None = None,
+    max_test_images: int | None = None,
+    skip_corrupt: bool | None = None,
+    model_name: str | None = None,
+    promotion_margin: float = 0.0,
+) -> dict:
+    """Train a model on a profile (plus overrides) and register it; returns the registration.
+
+    `data` defaults to `CIFAR10_DIR`, else Keras' download. `promotion_margin` is the test accuracy
+    a new version must add to the champion's to replace it.
+    """
+    config = resolve_config(
+        profile,
+        architecture=architecture,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        data=data or default_data_source(),
+        seed=seed,
+        precision=precision,
+        validation_split=validation_split,
+        max_train_images=max_train_images,
+        max_test_images=max_test_images,
+        skip_corrupt=skip_corrupt,
+        model_name=model_name,
+    ).to_dict()
+    dataset = ingest_task(config)
+    prepared = preprocess_task(config, dataset)
+    trained = train_task(config, dataset, prepared)
+    metrics = evaluate_task(trained, dataset)
+    plot_task(trained, dataset, config["seed"])
+    return register_task(config, dataset, prepared, trained, metrics, promotion_margin)

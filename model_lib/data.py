@@ -1,0 +1,364 @@
+"""Ingest: read a dataset once into uint8 arrays cached under `ARTIFACTS_DIR/datasets/<fingerprint>/`.
+
+Three sources, chosen by `resolve_source`:
+  * an image folder `ROOT/{train,test}/<class>/*` in any common format (class names = folder names);
+  * the original `cifar-10-batches-py` folder, read with an unpickler that only builds plain
+    containers and numpy arrays (never arbitrary objects);
+  * `keras`: Keras' CIFAR-10 download, the online default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from model_lib.fileio import write_json
+from model_lib.images import ImageDecodeError, decode_rgb, walk_folder
+from model_lib.settings import KERAS_DOWNLOAD
+
+CACHE_FORMAT = 1  # bump when the cached arrays' layout or the decoder's output changes
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+DECODE_CHUNK_FILES = 512  # files per worker task: large enough to amortise process IPC
+ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
+
+
+class DatasetError(ValueError):
+    """The data source is missing, malformed, or holds files that cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What ingest produced: small and JSON-friendly, so Prefect tasks can pass it around."""
+
+    cache_dir: str
+    fingerprint: str
+    source: str
+    class_names: list[str]
+    train_count: int
+    test_count: int
+    image_shape: list[int]
+    from_cache: bool = False
+    skipped_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Arrays:
+    """The decoded dataset: images as (n, h, w, 3) uint8, labels as (n,) int32."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def resolve_source(data: str) -> tuple[str, Path | None]:
+    """Classify a `data` value as `keras`, `image_folder` or `cifar_batches`.
+
+    Raises:
+        DatasetError: The path does not exist or has neither layout.
+    """
+    if data == KERAS_DOWNLOAD:
+        return "keras", None
+    root = Path(data).expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: data folder not found (set CIFAR10_DIR or pass --data)")
+    for candidate in (root, root / "cifar-10-batches-py"):
+        if (candidate / "data_batch_1").is_file():
+            return "cifar_batches", candidate
+    if (root / "train").is_dir():
+        return "image_folder", root
+    raise DatasetError(f"{root}: not a dataset: expected train/<class>/ image folders or a cifar-10-batches-py folder")
+
+
+def ingest(
+    data: str,
+    artifacts_root: Path,
+    image_size: int = 32,
+    max_train_images: int | None = None,
+    max_test_images: int | None = None,
+    skip_corrupt: bool = False,
+    workers: int | None = None,
+    log: Callable[[str], None] = print,
+) -> DatasetInfo:
+    """Decode a dataset once and cache it; later calls with the same content load the cache.
+
+    Args:
+        data: A folder path (image folder or cifar-10-batches-py) or `keras`.
+        artifacts_root: `ARTIFACTS_DIR`; the cache lives in its `datasets/` folder.
+        image_size: Side in pixels that images from a folder are resized to.
+        max_train_images: Keep a class-balanced subset of at most this many training images.
+        max_test_images: Likewise for the test split.
+        skip_corrupt: Skip undecodable files (reported in `skipped_files`) instead of failing.
+        workers: Decoding processes; default one per CPU core.
+        log: Where progress lines go.
+
+    Returns:
+        The cache location and what it holds.
+
+    Raises:
+        DatasetError: Missing or malformed source, or undecodable files without `skip_corrupt`.
+    """
+    kind, root = resolve_source(data)
+    datasets_dir = Path(artifacts_root) / "datasets"
+    if kind == "image_folder":
+        class_names, splits = _list_image_folder(root, max_train_images, max_test_images)
+        fingerprint = _fingerprint(
+            {"kind": kind, "size": image_size, "classes": class_names},
+            [(p.relative_to(root).as_posix(), *_stat_key(p)) for split in splits.values() for p, _ in split],
+        )
+        cached = _load_info(datasets_dir / fingerprint)
+        if cached:
+            log(f"Dataset {fingerprint[:12]} served from cache ({cached.train_count} train images)")
+            return cached
+        arrays, skipped = _decode_image_folder(splits, image_size, skip_corrupt, workers, log)
+        source = f"image_folder:{root}"
+    else:
+        if kind == "cifar_batches":
+            arrays, class_names = _read_cifar_batches(root)
+            source = f"cifar-10-batches-py:{root}"
+        else:
+            arrays, class_names = _download_keras_cifar10()
+            source = KERAS_DOWNLOAD
+        arrays = Arrays(
+            *_balanced_subset(arrays.x_train, arrays.y_train, max_train_images),
+            *_balanced_subset(arrays.x_test, arrays.y_test, max_test_images),
+        )
+        digest = hashlib.sha256()
+        for name in ARRAY_NAMES:
+            digest.update(np.ascontiguousarray(getattr(arrays, name)).data)
+        fingerprint = _fingerprint({"kind": kind, "classes": class_names, "content": digest.hexdigest()}, [])
+        cached = _load_info(datasets_dir / fingerprint)
+        if cached:
+            log(f"Dataset {fingerprint[:12]} served from cache")
+            return cached
+        skipped = []
+    info = DatasetInfo(
+        cache_dir=str(datasets_dir / fingerprint),
+        fingerprint=fingerprint,
+        source=source,
+        class_names=list(class_names),
+        train_count=len(arrays.y_train),
+        test_count=len(arrays.y_test),
+        image_shape=list(arrays.x_train.shape[1:]),
+        skipped_files=skipped,
+    )
+    _write_cache(Path(info.cache_dir), arrays, info)
+    log(f"Dataset {fingerprint[:12]} cached: {info.train_count} train, {info.test_count} test images")
+    return info
+
+
+def load_arrays(cache_dir: str | os.PathLike) -> Arrays:
+    """Load a cached dataset (memory-mapped; `allow_pickle` stays off)."""
+    cache_dir = Path(cache_dir)
+    return Arrays(*(np.load(cache_dir / f"{name}.npy", mmap_mode="r") for name in ARRAY_NAMES))
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _fingerprint(header: dict, files: Sequence[tuple]) -> str:
+    digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **header}, sort_keys=True).encode())
+    for row in files:
+        digest.update(("\0".join(map(str, row)) + "\n").encode())
+    return digest.hexdigest()[:32]
+
+
+def _load_info(cache_dir: Path) -> DatasetInfo | None:
+    meta = cache_dir / "dataset.json"
+    if not meta.is_file():
+        return None
+    with open(meta, encoding="utf-8") as handle:
+        return DatasetInfo(**{**json.load(handle), "cache_dir": str(cache_dir), "from_cache": True})
+
+
+def _write_cache(cache_dir: Path, arrays: Arrays, info: DatasetInfo) -> None:
+    # Assemble in a hidden sibling, then rename: a reader never sees a half-written cache.
+    staging = cache_dir.parent / f".tmp-{cache_dir.name}-{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    try:
+        for name in ARRAY_NAMES:
+            np.save(staging / f"{name}.npy", getattr(arrays, name), allow_pickle=False)
+        write_json(staging / "dataset.json", info.to_dict())
+        try:
+            os.rename(staging, cache_dir)
+        except OSError:
+            if not (cache_dir / "dataset.json").is_file():  # not a concurrent twin: a real error
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _list_image_folder(
+    root: Path, max_train: int | None, max_test: int | None
+) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+    train_root = root / "train"
+    class_names = sorted(p.name for p in train_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_names:
+        raise DatasetError(f"{train_root}: no class folders found")
+    splits: dict[str, list[tuple[Path, int]]] = {}
+    for split, limit in (("train", max_train), ("test", max_test)):
+        split_root = root / split
+        if not split_root.is_dir():
+            raise DatasetError(f"{split_root}: missing (expected {split}/<class>/ folders)")
+        unknown = sorted(
+            p.name for p in split_root.iterdir() if p.is_dir() and p.name not in class_names and p.name[0] != "."
+        )
+        if unknown:
+            raise DatasetError(f"{split_root}: classes not in train/: {', '.join(unknown)}")
+        per_class = []
+        for label, name in enumerate(class_names):
+            class_root = split_root / name
+            entries = list(walk_folder(class_root)) if class_root.is_dir() else []
+            outside = [e.relative_path for e in entries if e.kind == "outside_link"]
+            if outside:
+                raise DatasetError(f"{class_root / outside[0]}: link points outside the data folder")
+            per_class.append([(class_root / e.relative_path, label) for e in entries if e.kind == "image"])
+        if not any(per_class):
+            raise DatasetError(f"{split_root}: no images found")
+        splits[split] = _take_balanced(per_class, limit)
+    return class_names, splits
+
+
+def _take_balanced(per_class: list[list], limit: int | None) -> list:
+    """Round-robin over classes so a capped subset stays class-balanced and deterministic."""
+    chosen, depth = [], 0
+    total = sum(len(items) for items in per_class)
+    limit = total if limit is None else min(limit, total)
+    while len(chosen) < limit:
+        for items in per_class:
+            if depth < len(items) and len(chosen) < limit:
+                chosen.append(items[depth])
+        depth += 1
+    return sorted(chosen, key=lambda item: (item[1], str(item[0])))
+
+
+def _balanced_subset(x: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    if limit is None or limit >= len(y):
+        return x, y
+    per_class = [list(np.flatnonzero(y == label)) for label in np.unique(y)]
+    index = np.sort(np.array([i for i, _ in _take_balanced([[(i, 0) for i in c] for c in per_class], limit)]))
+    return x[index], y[index]
+
+
+def _decode_chunk(paths: list[str], size: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    images = np.zeros((len(paths), size, size, 3), np.uint8)
+    errors = []
+    for i, path in enumerate(paths):
+        try:
+            images[i] = decode_rgb(path, (size, size))[0]
+        except ImageDecodeError as error:
+            errors.append((i, error.reason))
+    return images, errors
+
+
+def _decode_image_folder(
+    splits: dict[str, list[tuple[Path, int]]],
+    size: int,
+    skip_corrupt: bool,
+    workers: int | None,
+    log: Callable[[str], None],
+) -> tuple[Arrays, list[str]]:
+    workers = workers or os.cpu_count() or 1
+    decoded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    failures: list[str] = []
+    # spawn, not fork: the caller may hold threads (Prefect, TensorFlow) that fork would copy broken.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        for split, items in splits.items():
+            paths = [str(path) for path, _ in items]
+            labels = np.array([label for _, label in items], np.int32)
+            chunks = [paths[i : i + DECODE_CHUNK_FILES] for i in range(0, len(paths), DECODE_CHUNK_FILES)]
+            images, keep = [], np.ones(len(paths), bool)
+            for offset, (chunk_images, errors) in zip(
+                range(0, len(paths), DECODE_CHUNK_FILES),
+                pool.map(_decode_chunk, chunks, [size] * len(chunks)),
+                strict=True,
+            ):
+                images.append(chunk_images)
+                for i, reason in errors:
+                    keep[offset + i] = False
+                    failures.append(f"{paths[offset + i]}: {reason}")
+            log(f"Decoded {len(paths)} {split} images with {workers} processes")
+            decoded[split] = (np.concatenate(images)[keep], labels[keep])
+    if failures and not skip_corrupt:
+        listing = "\n  ".join(failures[:20]) + (f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else "")
+        raise DatasetError(
+            f"{len(failures)} file(s) could not be decoded (pass --skip-corrupt to skip them):\n  {listing}"
+        )
+    for failure in failures:
+        log(f"Skipped {failure}")
+    return Arrays(*decoded["train"], *decoded["test"]), failures
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Builds only the plain containers and numpy arrays a CIFAR batch holds; refuses any other class."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
+
+
+def _unpickle_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            batch = _ArrayOnlyUnpickler(io.BytesIO(handle.read()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise DatasetError(f"{path}: not a valid CIFAR batch file ({error})") from None
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()}
+
+
+def _read_cifar_batches(root: Path) -> tuple[Arrays, list[str]]:
+    def read(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for name in names:
+            path = root / name
+            if not path.is_file():
+                raise DatasetError(f"{path}: missing CIFAR batch file")
+            batch = _unpickle_batch(path)
+            xs.append(np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.append(np.asarray(batch["labels"], np.int32))
+        return np.concatenate(xs), np.concatenate(ys)
+
+    class_names = list(CIFAR10_CLASSES)
+    if (root / "batches.meta").is_file():
+        meta = _unpickle_batch(root / "batches.meta")
+        class_names = [n.decode() if isinstance(n, bytes) else n for n in meta["label_names"]]
+    return Arrays(*read([f"data_batch_{i}" for i in range(1, 6)]), *read(["test_batch"])), class_names
+
+
+def _download_keras_cifar10() -> tuple[Arrays, list[str]]:
+    import keras
+
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+    except Exception as error:  # urllib raises a zoo of types when offline
+        raise DatasetError(
+            f"Keras' CIFAR-10 download failed ({error}); offline, point CIFAR10_DIR or --data at a local copy"
+        ) from None
+    labels = (y.reshape(-1).astype(np.int32) for y in (y_train, y_test))
+    y_train, y_test = labels
+    return Arrays(x_train, y_train, x_test, y_test), list(CIFAR10_CLASSES)

@@ -1,0 +1,97 @@
+"""Evaluate: test accuracy and loss, per-class precision/recall/F1 and the confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from model_lib.fileio import atomic_open, write_json
+
+LOSS_EPSILON = 1e-7  # probabilities are clipped to [eps, 1] before the log, as Keras does
+
+
+def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
+    """Test figures from predicted probabilities.
+
+    Args:
+        probabilities: `(n, classes)` rows summing to 1.
+        labels: `(n,)` true class indices.
+        class_names: One name per class index.
+
+    Returns:
+        `test_accuracy`, `test_loss` (categorical cross-entropy, no smoothing), `per_class` (a
+        list of dicts with precision, recall, f1 and support) and `confusion_matrix` (rows: true).
+    """
+    labels = np.asarray(labels, np.int64)
+    predicted = probabilities.argmax(axis=1)
+    classes = len(class_names)
+    confusion = np.zeros((classes, classes), np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    true_positive = np.diag(confusion).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.nan_to_num(true_positive / confusion.sum(axis=0))
+        recall = np.nan_to_num(true_positive / confusion.sum(axis=1))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    picked = np.clip(probabilities[np.arange(len(labels)), labels], LOSS_EPSILON, 1.0)
+    return {
+        "test_accuracy": float((predicted == labels).mean()),
+        "test_loss": float(-np.log(picked).mean()),
+        "test_count": int(len(labels)),
+        "per_class": [
+            {
+                "class": name,
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(confusion[i].sum()),
+            }
+            for i, name in enumerate(class_names)
+        ],
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def write_metrics(metrics: dict, class_names: list[str], out_dir: Path) -> dict[str, str]:
+    """Write `metrics.json`, `per_class.csv` and `confusion_matrix.csv`; return their paths by name."""
+    import pandas as pd
+
+    paths = {
+        "metrics": out_dir / "metrics.json",
+        "per_class": out_dir / "per_class.csv",
+        "confusion_matrix": out_dir / "confusion_matrix.csv",
+    }
+    write_json(paths["metrics"], metrics)
+    with atomic_open(paths["per_class"], "w", newline="", encoding="utf-8") as handle:
+        pd.DataFrame(metrics["per_class"]).to_csv(handle, index=False, float_format="%.4f")
+    confusion = pd.DataFrame(metrics["confusion_matrix"], index=class_names, columns=class_names)
+    confusion.index.name = "true \\ predicted"
+    with atomic_open(paths["confusion_matrix"], "w", newline="", encoding="utf-8") as handle:
+        confusion.to_csv(handle)
+    return {name: str(path) for name, path in paths.items()}
+
+
+def predict_probabilities(model, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """Class probabilities for uint8 images, predicted in batches."""
+    return np.asarray(model.predict(np.asarray(images), batch_size=batch_size, verbose=0), np.float32)
+
+
+def evaluate_run(model_path: str, cache_dir: str, class_names: list[str], out_dir: Path) -> dict:
+    """Evaluate a saved model on the cached test set and write its metrics files.
+
+    Also saves the test probabilities (`test_probabilities.npy`) for the plots.
+
+    Returns:
+        The metrics (without the confusion matrix) and `files`, the written paths by name.
+    """
+    import keras
+
+    from model_lib.data import load_arrays
+
+    arrays = load_arrays(cache_dir)
+    model = keras.saving.load_model(model_path, safe_mode=True)
+    probabilities = predict_probabilities(model, arrays.x_test)
+    np.save(out_dir / "test_probabilities.npy", probabilities, allow_pickle=False)
+    metrics = classification_metrics(probabilities, np.asarray(arrays.y_test), class_names)
+    files = write_metrics(metrics, class_names, out_dir)
+    return {**{k: v for k, v in metrics.items() if k != "confusion_matrix"}, "files": files}

@@ -1,0 +1,143 @@
+"""Safe image decoding and folder walking shared by training ingest and batch prediction.
+
+Both paths decode through `decode_rgb`, so an image is preprocessed identically for training and
+for prediction: first frame, EXIF orientation applied, alpha composited on white, 16-bit scaled
+down, converted to RGB and resized with an antialiasing filter to the model's input size.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+# Pillow's resize filters (all but NEAREST) widen their support when shrinking, i.e. they antialias.
+RESIZE_FILTER = Image.Resampling.BICUBIC
+# JPEG draft decoding keeps at least this multiple of the target size, so the final resize still
+# has real pixels to average instead of DCT-scaled ones only.
+DRAFT_OVERSAMPLE = 2
+
+
+class ImageDecodeError(ValueError):
+    """An image file that cannot be decoded; the message names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name has one of the image extensions we decode (case-insensitive)."""
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        # 16/32-bit grey: Pillow's own RGB conversion clips at 255, so scale 0..65535 down first.
+        values = np.asarray(image, dtype=np.float32)
+        scale = 257.0 if values.max(initial=0) > 255 else 1.0
+        image = Image.fromarray(np.clip(values / scale, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def decode_rgb(path: str | os.PathLike, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode an image file into RGB uint8 pixels.
+
+    Args:
+        path: The image file.
+        size: `(width, height)` to resize to, or None to keep the decoded size.
+
+    Returns:
+        The pixels as a `(height, width, 3)` uint8 array, and the original `(width, height)`.
+
+    Raises:
+        ImageDecodeError: The file is empty, not an image, truncated, corrupt, or larger than
+            Pillow's pixel limit (checked from the header, before any pixel is allocated).
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageDecodeError(path, "empty file")
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its pixel limit; treat that as the bomb it is.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                original_size = image.size
+                if size is not None and image.format == "JPEG":
+                    image.draft("RGB", (size[0] * DRAFT_OVERSAMPLE, size[1] * DRAFT_OVERSAMPLE))
+                image = ImageOps.exif_transpose(image)
+                image = _to_rgb(image)
+                if size is not None and image.size != tuple(size):
+                    image = image.resize(size, RESIZE_FILTER, reducing_gap=3.0)
+                return np.asarray(image, dtype=np.uint8), original_size
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageDecodeError(path, f"decompression bomb refused ({error})") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(path, "not an image (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageDecodeError(path, f"truncated or corrupt image ({error})") from None
+
+
+@dataclass(frozen=True)
+class FolderEntry:
+    """One file found under an input folder."""
+
+    relative_path: str
+    """Path relative to the folder root, with `/` separators."""
+    kind: str
+    """`image`, `outside_link` (a link leading out of the root: never followed) or `not_image`."""
+
+
+def walk_folder(root: str | os.PathLike, recursive: bool = True) -> Iterator[FolderEntry]:
+    """Yield the files under `root` in sorted path order, without following links out of it.
+
+    Folders are visited in sorted order and their entries streamed, so memory does not grow with
+    the number of files. Directory links are never descended into; file links are reported as
+    `outside_link` when they resolve outside `root` (or dangle).
+    """
+    root = Path(root).resolve()
+    yield from _walk(root, root, recursive)
+
+
+def _walk(root: Path, folder: Path, recursive: bool) -> Iterator[FolderEntry]:
+    with os.scandir(folder) as scanner:
+        # A folder sorts as "name/" so the walk yields paths in plain string order of the full path.
+        entries = sorted(scanner, key=lambda e: e.name + ("/" if e.is_dir(follow_symlinks=False) else ""))
+    for entry in entries:
+        relative = Path(entry.path).relative_to(root).as_posix()
+        if entry.is_dir(follow_symlinks=False):
+            if is_image_name(entry.name):
+                yield FolderEntry(relative, "not_image")
+            if recursive:
+                yield from _walk(root, Path(entry.path), recursive)
+            continue
+        if not is_image_name(entry.name):
+            if entry.is_file() or entry.is_dir():
+                yield FolderEntry(relative, "not_image")
+            continue
+        if entry.is_symlink():
+            target = Path(os.path.realpath(entry.path))
+            if not target.is_relative_to(root) or not target.is_file():
+                yield FolderEntry(relative, "outside_link")
+                continue
+        if entry.is_dir():  # a link to a folder named like an image
+            yield FolderEntry(relative, "not_image")
+            continue
+        yield FolderEntry(relative, "image")

@@ -1,0 +1,131 @@
+"""Architectures by name. Every model takes raw RGB pixels 0-255 and returns class probabilities.
+
+Normalisation lives inside the model, so any consumer can feed decoded images as they are. Models
+are built only from stock Keras layers, so a saved `.keras` file loads with `safe_mode=True` in a
+process that never imported this package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+CIFAR_MEAN = (125.3, 123.0, 113.9)  # per-channel pixel mean of CIFAR-10's training set, 0-255
+CIFAR_STD = (63.0, 62.1, 66.7)  # per-channel pixel standard deviation, 0-255
+WHITEN_EPSILON = 5e-4  # added to the patch covariance's eigenvalues before the inverse square root
+AIRBENCH_WIDTHS = (64, 256, 256)  # channels of the three conv groups
+AIRBENCH_BN_MOMENTUM = 0.6  # Keras convention (weight on the old statistic); short runs want fast stats
+AIRBENCH_LOGIT_SCALE = 1 / 9  # airbench's temperature on the head's logits
+
+
+def build_model(
+    architecture: str,
+    num_classes: int,
+    image_size: int = 32,
+    dtype_policy: str = "float32",
+    calibration_images: np.ndarray | None = None,
+):
+    """Build an architecture by name.
+
+    Args:
+        architecture: A key of `ARCHITECTURES`.
+        num_classes: Width of the softmax.
+        image_size: Input side in pixels.
+        dtype_policy: Keras dtype policy for every layer but the float32 softmax.
+        calibration_images: A sample of training images (uint8, NHWC) some architectures derive
+            their input statistics from; fixed CIFAR statistics are used without it.
+
+    Returns:
+        An uncompiled `keras.Model`.
+
+    Raises:
+        ValueError: Unknown architecture.
+    """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
+    import keras
+
+    inputs = keras.Input((image_size, image_size, 3), name="pixels")
+    logits = ARCHITECTURES[architecture](inputs, num_classes, dtype_policy, calibration_images)
+    outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
+    return keras.Model(inputs, outputs, name=architecture)
+
+
+def _seed_cnn(inputs, num_classes: int, policy: str, calibration_images) -> object:
+    """The origin notebook's CNN, layer for layer: 161,098 parameters for 10 classes."""
+    from keras import layers
+
+    x = layers.Rescaling(1 / 255, dtype=policy)(inputs)
+    for filters in (32, 64, 128):
+        x = layers.Conv2D(filters, 3, activation="relu", dtype=policy)(x)
+        x = layers.BatchNormalization(dtype=policy)(x)
+        x = layers.MaxPooling2D(dtype=policy)(x)
+    x = layers.Flatten(dtype=policy)(x)
+    x = layers.Dense(128, activation="relu", dtype=policy)(x)
+    x = layers.Dropout(0.5, dtype=policy)(x)
+    return layers.Dense(num_classes, dtype=policy)(x)
+
+
+def patch_whitening_kernel(images: np.ndarray, patch: int = 2) -> np.ndarray:
+    """A conv kernel that whitens `patch`x`patch` pixel patches (airbench's frozen first layer).
+
+    Returns a `(patch, patch, 3, 2 * patch * patch * 3)` kernel: each eigenvector of the patch
+    covariance scaled by its inverse square root eigenvalue, and its negation.
+    """
+    x = np.asarray(images, np.float32)
+    x = (x - np.array(CIFAR_MEAN, np.float32)) / np.array(CIFAR_STD, np.float32)
+    h, w = x.shape[1] - patch + 1, x.shape[2] - patch + 1
+    patches = np.stack([x[:, i : i + h, j : j + w, :] for i in range(patch) for j in range(patch)], axis=3).reshape(
+        -1, patch, patch, 3
+    )
+    flat = patches.reshape(len(patches), -1).astype(np.float64)
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(flat, rowvar=False))
+    filters = eigenvectors / np.sqrt(eigenvalues + WHITEN_EPSILON)
+    kernel = filters.T.reshape(-1, patch, patch, 3).transpose(1, 2, 3, 0)
+    return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
+
+
+def _airbench(inputs, num_classes: int, policy: str, calibration_images) -> object:
+    """airbench94's network in Keras: frozen patch whitening, three conv groups, scaled linear head."""
+    from keras import layers
+
+    x = layers.Normalization(mean=CIFAR_MEAN, variance=np.square(CIFAR_STD), dtype=policy)(inputs)
+    whiten = layers.Conv2D(24, 2, dtype=policy, trainable=False, name="whiten")
+    x = whiten(x)
+    if calibration_images is not None:
+        whiten.kernel.assign(patch_whitening_kernel(calibration_images[:5000]))
+    x = layers.Activation("gelu", dtype=policy)(x)
+    for width in AIRBENCH_WIDTHS:
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False, dtype=policy)(x)
+        x = layers.MaxPooling2D(dtype=policy)(x)
+        for second in (False, True):
+            if second:
+                x = layers.Conv2D(width, 3, padding="same", use_bias=False, dtype=policy)(x)
+            x = layers.BatchNormalization(momentum=AIRBENCH_BN_MOMENTUM, epsilon=1e-12, scale=False, dtype=policy)(x)
+            x = layers.Activation("gelu", dtype=policy)(x)
+    x = layers.GlobalMaxPooling2D(dtype=policy)(x)
+    x = layers.Dense(num_classes, use_bias=False, dtype=policy)(x)
+    return layers.Rescaling(AIRBENCH_LOGIT_SCALE, dtype=policy)(x)
+
+
+ARCHITECTURES: dict[str, Callable] = {"seed_cnn": _seed_cnn, "airbench": _airbench}
+
+
+def with_flip_tta(model):
+    """Wrap a model so it returns the mean of its probabilities on the image and its mirror image.
+
+    The mirror is a frozen anti-identity `Dense` over the width axis (exact: each output pixel is
+    one input pixel times 1.0), so the wrapper needs no custom or Lambda layer to load safely.
+    """
+    import keras
+    from keras import layers
+
+    size = model.input_shape[2]
+    inputs = keras.Input(model.input_shape[1:], name="pixels")
+    width_last = layers.Permute((1, 3, 2))(inputs)
+    mirror = layers.Dense(size, use_bias=False, trainable=False, name="mirror_width")
+    mirrored = layers.Permute((1, 3, 2))(mirror(width_last))
+    mirror.kernel.assign(np.eye(size, dtype=np.float32)[::-1])
+    outputs = layers.Average(name="flip_tta")([model(inputs), model(mirrored)])
+    return keras.Model(inputs, outputs, name=f"{model.name}_flip_tta")

@@ -1,0 +1,121 @@
+"""Plot: training curves, confusion-matrix heat map and a grid of labelled test images (PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_GRID = (4, 8)  # rows, columns of the sample-prediction grid
+FIGURE_DPI = 110
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> str:
+    from model_lib.fileio import atomic_open
+
+    with atomic_open(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
+    _pyplot().close(figure)
+    return str(path)
+
+
+def plot_curves(history, path: Path) -> str:
+    """Accuracy and loss per epoch, training and validation, from the history DataFrame."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = history["epoch"] + 1
+    for axis, metric in zip(axes, ("accuracy", "loss"), strict=True):
+        axis.plot(epochs, history[metric], marker="o", label="train")
+        if f"val_{metric}" in history:
+            axis.plot(epochs, history[f"val_{metric}"], marker="o", label="validation")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle("Training curves")
+    return _save(figure, path)
+
+
+def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path) -> str:
+    """Confusion matrix heat map, rows normalised to recall, counts written in the cells."""
+    plt = _pyplot()
+    confusion = np.asarray(confusion)
+    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    size = max(5, 0.6 * len(class_names))
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(class_names))
+    axis.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axis.set_yticks(ticks, class_names)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    if len(class_names) <= 20:
+        for i in ticks:
+            for j in ticks:
+                axis.text(
+                    j,
+                    i,
+                    confusion[i, j],
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
+    figure.colorbar(image, ax=axis, label="fraction of true class")
+    axis.set_title("Confusion matrix (test)")
+    return _save(figure, path)
+
+
+def plot_samples(
+    images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, class_names: list[str], path: Path, seed: int = 0
+) -> str:
+    """A grid of random test images titled with predicted (and, when wrong, true) labels."""
+    plt = _pyplot()
+    rows, columns = SAMPLE_GRID
+    count = min(rows * columns, len(labels))
+    picks = np.sort(np.random.default_rng(seed).choice(len(labels), count, replace=False))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.8))
+    for axis in np.ravel(axes):
+        axis.axis("off")
+    for axis, index in zip(np.ravel(axes), picks, strict=False):
+        predicted = int(probabilities[index].argmax())
+        correct = predicted == int(labels[index])
+        title = f"{class_names[predicted]} {probabilities[index, predicted]:.0%}"
+        if not correct:
+            title += f"\n(true: {class_names[int(labels[index])]})"
+        axis.imshow(images[index])
+        axis.set_title(title, fontsize=7, color="green" if correct else "red")
+    figure.suptitle("Sample test predictions")
+    return _save(figure, path)
+
+
+def plot_run(run_dir: Path, cache_dir: str, class_names: list[str], seed: int = 0) -> dict[str, str]:
+    """All plots of a finished, evaluated run; returns their paths by name."""
+    from model_lib.data import load_arrays
+    from model_lib.fileio import read_json
+    from model_lib.train import read_history
+
+    arrays = load_arrays(cache_dir)
+    probabilities = np.load(run_dir / "test_probabilities.npy", allow_pickle=False)
+    confusion = np.array(read_json(run_dir / "metrics.json")["confusion_matrix"])
+    return {
+        "curves": plot_curves(read_history(run_dir / "history.csv"), run_dir / "curves.png"),
+        "confusion": plot_confusion(confusion, class_names, run_dir / "confusion_matrix.png"),
+        "samples": plot_samples(
+            np.asarray(arrays.x_test),
+            np.asarray(arrays.y_test),
+            probabilities,
+            class_names,
+            run_dir / "samples.png",
+            seed,
+        ),
+    }

@@ -1,0 +1,291 @@
+"""Train: device and precision choice, the optimiser and schedule, resumable `fit`, the saved model."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model_lib.config import TrainConfig
+from model_lib.data import DatasetInfo, load_arrays
+from model_lib.fileio import atomic_open, write_json
+from model_lib.models import build_model, with_flip_tta
+from model_lib.preprocess import load_split, make_datasets
+
+PROBE_IMAGES = 16  # fixed inputs whose outputs a reloaded model must reproduce (registry gate)
+PROBE_TOLERANCE = 1e-4  # max absolute difference in probabilities between the two
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Paths and figures a training run hands to evaluation and registration."""
+
+    run_dir: str
+    model_path: str
+    probe_path: str
+    history_path: str
+    epochs_run: int
+    train_seconds: float
+    precision: str
+    device: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU has native bf16 matrix units (AMX or AVX-512 BF16)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def choose_precision(
+    requested: str, gpu_compute_capabilities: list[tuple[int, int]], cpu_bf16: bool
+) -> tuple[str, str]:
+    """Pick the Keras dtype policy for training.
+
+    Args:
+        requested: `auto` or an explicit policy name (kept as given).
+        gpu_compute_capabilities: `(major, minor)` of each visible GPU; empty on CPU.
+        cpu_bf16: Whether the CPU has bf16 units.
+
+    Returns:
+        The policy, and why it was chosen.
+    """
+    if requested != "auto":
+        return requested, "requested explicitly"
+    if gpu_compute_capabilities:
+        if min(gpu_compute_capabilities) >= (7, 0):
+            return "mixed_float16", "GPU with float16 tensor cores"
+        return "float32", "GPU without fast float16"
+    if cpu_bf16:
+        return "mixed_bfloat16", "CPU with AMX/AVX-512 bf16 units"
+    return "float32", "CPU without bf16 units"
+
+
+def _devices() -> tuple[object, str, list[tuple[int, int]]]:
+    """The distribution strategy, a description of the devices, and the GPUs' compute capabilities."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    capabilities = []
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised in this process: growth was set the first time
+            pass
+        details = tf.config.experimental.get_device_details(gpu)
+        capabilities.append(tuple(details.get("compute_capability", (0, 0))))
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy(), f"{len(gpus)} GPUs (MirroredStrategy)", capabilities
+    if gpus:
+        return tf.distribute.get_strategy(), f"GPU {gpus[0].name}", capabilities
+    return tf.distribute.get_strategy(), f"CPU ({os.cpu_count()} cores)", capabilities
+
+
+def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int):
+    """The configured learning rate: a float, or a schedule over optimiser steps."""
+    import keras
+
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    if config.lr_schedule != "warmup_linear":
+        raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}")
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
+    # Piecewise linear 0 -> peak -> 0 on the step counter (Keras has no linear warm-up + linear decay).
+    boundaries = np.array([0, warmup, total], np.float32)
+    values = np.array([0.0, config.learning_rate, 0.0], np.float32)
+
+    class WarmupLinear(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step):
+            from keras import ops
+
+            step = ops.cast(step, "float32")
+            up = values[1] * step / boundaries[1]
+            down = values[1] * (boundaries[2] - step) / (boundaries[2] - boundaries[1])
+            return ops.maximum(ops.where(step < boundaries[1], up, down), 0.0)
+
+        def get_config(self):
+            return {"warmup_steps": int(warmup), "total_steps": int(total), "peak": config.learning_rate}
+
+    return WarmupLinear()
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int):
+    """The optimiser named by the config, with its learning-rate schedule."""
+    import keras
+
+    learning_rate = learning_rate_schedule(config, steps_per_epoch)
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(
+            learning_rate, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay or None
+        )
+    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def _epoch_logger(log: Callable[[str], None], epochs: int):
+    import keras
+
+    class EpochLogger(keras.callbacks.Callback):
+        """One line per epoch with the figures a person watching the run wants; records its seconds."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds = time.perf_counter() - self.started
+            figures = " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items() if k != "learning_rate")
+            lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            log(f"epoch {epoch + 1}/{epochs}: {figures} lr={lr:.3g} {seconds:.1f}s")
+            if logs is not None:
+                logs["epoch_seconds"] = seconds
+
+    return EpochLogger()
+
+
+def train(
+    config: TrainConfig,
+    dataset: DatasetInfo,
+    split_path: Path,
+    run_dir: Path,
+    log: Callable[[str], None] = print,
+    extra_callbacks: tuple = (),
+) -> TrainResult:
+    """Train the configured model, resuming from the run's checkpoint if one exists.
+
+    Args:
+        config: The resolved configuration.
+        dataset: What ingest produced.
+        split_path: The `.npz` written by preprocessing.
+        run_dir: This run's folder; the same config on the same data always maps to the same one.
+        log: Where progress lines go.
+        extra_callbacks: More Keras callbacks (run before the checkpoint is written).
+
+    Returns:
+        Where the saved model, the probe and the history are, and how training went.
+    """
+    import keras
+
+    strategy, device, capabilities = _devices()
+    precision, why = choose_precision(config.precision, capabilities, cpu_supports_bf16())
+    log(f"Training {config.architecture} on {device}, precision {precision} ({why})")
+    keras.utils.set_random_seed(config.seed)
+
+    arrays = load_arrays(dataset.cache_dir)
+    split = load_split(split_path)
+    num_classes = len(dataset.class_names)
+    train_ds, val_ds = make_datasets(arrays.x_train, arrays.y_train, split, num_classes, config)
+    steps_per_epoch = int(np.ceil(len(split.train_index) / config.batch_size))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", config.to_dict())
+    checkpoint_dir = run_dir / "checkpoint"
+    history_path = run_dir / "history.csv"
+    if not checkpoint_dir.exists():
+        history_path.unlink(missing_ok=True)  # a fresh start must not append to an old history
+    else:
+        log(f"Resuming from checkpoint in {checkpoint_dir}")
+
+    calibration = np.asarray(arrays.x_train[split.train_index[:5000]])
+    with strategy.scope():
+        model = build_from_config(config, num_classes, precision, calibration)
+        model.compile(
+            optimizer=make_optimizer(config, steps_per_epoch),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+            metrics=["accuracy"],
+        )
+    monitor = "val_loss" if val_ds is not None else "loss"
+    callbacks = [_epoch_logger(log, config.epochs)]  # first: adds epoch_seconds for the CSV log
+    if config.early_stopping_patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(monitor, patience=config.early_stopping_patience, restore_best_weights=True)
+        )
+    if config.reduce_lr_patience:
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor, factor=config.reduce_lr_factor, patience=config.reduce_lr_patience
+            )
+        )
+    callbacks += [
+        keras.callbacks.CSVLogger(str(history_path), append=True),
+        keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
+        *extra_callbacks,
+        # Last, so an epoch is in the history before its checkpoint claims it is done.
+        keras.callbacks.BackupAndRestore(str(checkpoint_dir)),
+    ]
+    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, shuffle=False, verbose=0)
+    history = read_history(history_path)
+    train_seconds = float(history["epoch_seconds"].sum())
+    log(f"Trained {len(history)} epochs in {train_seconds:.0f}s")
+
+    serving = to_serving_model(model, config, num_classes, calibration)
+    model_path = run_dir / "model.keras"
+    save_model_atomic(serving, model_path)
+    probe_path = run_dir / "probe.npz"
+    probe_inputs = probe_images(np.asarray(arrays.x_test[:PROBE_IMAGES]), config.seed)
+    with atomic_open(probe_path, "wb") as handle:
+        np.savez(handle, inputs=probe_inputs, outputs=serving.predict(probe_inputs, verbose=0))
+    keras.backend.clear_session()
+    return TrainResult(
+        run_dir=str(run_dir),
+        model_path=str(model_path),
+        probe_path=str(probe_path),
+        history_path=str(history_path),
+        epochs_run=len(history),
+        train_seconds=round(train_seconds, 2),
+        precision=precision,
+        device=device,
+    )
+
+
+def read_history(path: Path):
+    """The per-epoch history as a DataFrame; an epoch redone after a resume keeps its last row."""
+    import pandas as pd
+
+    history = pd.read_csv(path)
+    return history.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+
+
+def build_from_config(config: TrainConfig, num_classes: int, dtype_policy: str, calibration_images: np.ndarray):
+    """The configured architecture, without test-time augmentation."""
+    return build_model(config.architecture, num_classes, config.image_size, dtype_policy, calibration_images)
+
+
+def to_serving_model(trained, config: TrainConfig, num_classes: int, calibration_images: np.ndarray):
+    """A float32 twin of the trained model (whatever precision trained it), with flip TTA if configured.
+
+    Serving in float32 keeps the saved model portable: it runs the same on CPUs without bf16 and
+    converts cleanly to TFLite.
+    """
+    serving = build_from_config(config, num_classes, "float32", calibration_images)
+    serving.set_weights(trained.get_weights())
+    return with_flip_tta(serving) if config.tta_flip else serving
+
+
+def probe_images(sample: np.ndarray, seed: int) -> np.ndarray:
+    """Fixed inputs for the load-back check: real images plus black, white and seeded noise."""
+    noise = np.random.default_rng(seed).integers(0, 256, (2, *sample.shape[1:]), dtype=np.uint8)
+    extremes = np.stack([np.zeros(sample.shape[1:], np.uint8), np.full(sample.shape[1:], 255, np.uint8)])
+    return np.concatenate([sample.astype(np.uint8), extremes, noise])
+
+
+def save_model_atomic(model, path: Path) -> None:
+    """Save a `.keras` file so that a crash never leaves a partial one at `path`."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,167 @@
+"""The train-cifar tasks: ingest -> preprocess -> train -> evaluate -> plot -> register."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from model_lib.config import TrainConfig
+from model_lib.data import ingest
+from model_lib.evaluate import evaluate_run
+from model_lib.lineage import code_revision, library_versions
+from model_lib.plots import plot_run
+from model_lib.preprocess import prepare_split
+from model_lib.registry import MODEL_FILE, PROBE_FILE, Registry
+from model_lib.settings import artifacts_dir
+from model_lib.train import train
+from tasks.common import log_info, retry_on_transient_io
+
+RUN_FILES = (
+    "config.json", "history.csv", "metrics.json", "per_class.csv", "confusion_matrix.csv",
+    "curves.png", "confusion_matrix.png", "samples.png",
+)  # fmt: skip
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_transient_io)
+def ingest_task(config: dict) -> dict:
+    """Decode the dataset once into the content-addressed cache; later runs load the cache."""
+    cfg = TrainConfig(**config)
+    info = ingest(
+        cfg.data, artifacts_dir(), cfg.image_size, cfg.max_train_images, cfg.max_test_images, cfg.skip_corrupt,
+        log=log_info,
+    )  # fmt: skip
+    return info.to_dict()
+
+
+@task(name="preprocess")
+def preprocess_task(config: dict, dataset: dict) -> dict:
+    """Seeded stratified split into this run's folder (same config + data = same folder, to resume)."""
+    cfg = TrainConfig(**config)
+    run_dir = artifacts_dir() / "runs" / cfg.run_key(dataset["fingerprint"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_split(dataset["cache_dir"], dataset["class_names"], cfg, run_dir)
+    log_info(
+        f"Split {prepared['train_count']} train / {prepared['validation_count']} validation / "
+        f"{prepared['test_count']} test images into {run_dir}"
+    )
+    return {"run_dir": str(run_dir), **prepared}
+
+
+@task(name="train")
+def train_task(config: dict, dataset: dict, prepared: dict) -> dict:
+    """Train (GPU when present), checkpointing every epoch; resumes an interrupted identical run."""
+    from model_lib.data import DatasetInfo
+
+    result = train(
+        TrainConfig(**config), DatasetInfo(**dataset), Path(prepared["split_path"]), Path(prepared["run_dir"]),
+        log=log_info,
+    )  # fmt: skip
+    return result.to_dict()
+
+
+@task(name="evaluate")
+def evaluate_task(trained: dict, dataset: dict) -> dict:
+    """Test accuracy and loss, per-class precision/recall/F1 and the confusion matrix (JSON and CSV)."""
+    metrics = evaluate_run(
+        trained["model_path"], dataset["cache_dir"], dataset["class_names"], Path(trained["run_dir"])
+    )
+    log_info(f"Test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}")
+    return metrics
+
+
+@task(name="plot")
+def plot_task(trained: dict, dataset: dict, seed: int) -> dict:
+    """Training curves, confusion-matrix heat map and sample predictions (PNG)."""
+    return plot_run(Path(trained["run_dir"]), dataset["cache_dir"], dataset["class_names"], seed)
+
+
+@task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_transient_io)
+def register_task(
+    config: dict, dataset: dict, prepared: dict, trained: dict, metrics: dict, margin: float = 0.0
+) -> dict:
+    """Register the model with its metrics, plots and lineage; publish the run's report artifact."""
+    import keras
+
+    run_dir = Path(trained["run_dir"])
+    files = {MODEL_FILE: trained["model_path"], PROBE_FILE: trained["probe_path"]}
+    files |= {name: run_dir / name for name in RUN_FILES if (run_dir / name).is_file()}
+    model = keras.saving.load_model(trained["model_path"], safe_mode=True)
+    manifest = {
+        "architecture": config["architecture"],
+        "parameter_count": int(model.count_params()),
+        "input": {"shape": list(model.input_shape[1:]), "pixels": "RGB 0-255, float32 or uint8"},
+        "config": config,
+        "metrics": {
+            "test_accuracy": metrics["test_accuracy"],
+            "test_loss": metrics["test_loss"],
+            "per_class": metrics["per_class"],
+            "train_seconds": trained["train_seconds"],
+            "epochs_run": trained["epochs_run"],
+        },
+        "training": {"precision": trained["precision"], "device": trained["device"]},
+        "dataset": {
+            "source": dataset["source"],
+            "fingerprint": dataset["fingerprint"],
+            "test_fingerprint": prepared["test_fingerprint"],
+            "train_count": prepared["train_count"],
+            "validation_count": prepared["validation_count"],
+            "test_count": prepared["test_count"],
+            "class_names": dataset["class_names"],
+            "skipped_files": dataset["skipped_files"],
+        },
+        "code": code_revision(),
+        "libraries": library_versions(),
+        "flow_run_id": str(flow_run.id) if flow_run.id else None,
+    }
+    registry = Registry(artifacts_dir(), config["model_name"])
+    registration = registry.register(files, manifest, margin=margin)
+    verdict = "became **champion**" if registration.champion else "stays a **challenger**"
+    log_info(
+        f"Registered {registration.name} v{registration.version}: {verdict.replace('*', '')} ({registration.reason})"
+    )
+    create_markdown_artifact(
+        key="train-cifar-report",
+        markdown=report_markdown(registration, manifest),
+        description=f"{registration.name} v{registration.version}: test accuracy {metrics['test_accuracy']:.4f}",
+    )
+    return {
+        "name": registration.name,
+        "version": registration.version,
+        "path": registration.path,
+        "champion": registration.champion,
+        "reason": registration.reason,
+        "test_accuracy": metrics["test_accuracy"],
+    }
+
+
+def report_markdown(registration, manifest: dict) -> str:
+    """The run's Markdown report: verdict, headline metrics, per-class table and file locations."""
+    metrics, data, training = manifest["metrics"], manifest["dataset"], manifest["training"]
+    counts = f"{data['train_count']} train, {data['validation_count']} validation, {data['test_count']} test"
+    verdict = "became champion" if registration.champion else "stays a challenger"
+    rows = "\n".join(
+        f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
+        for c in metrics["per_class"]
+    )
+    return f"""# {registration.name} v{registration.version}: {verdict}
+
+**Gate:** {registration.reason}
+
+| metric | value |
+|---|---|
+| test accuracy | {metrics["test_accuracy"]:.4f} |
+| test loss | {metrics["test_loss"]:.4f} |
+| epochs | {metrics["epochs_run"]} |
+| training time | {metrics["train_seconds"]:.0f} s ({training["precision"]}, {training["device"]}) |
+| architecture | {manifest["architecture"]} ({manifest["parameter_count"]:,} parameters) |
+| data | {data["source"]} ({counts}) |
+
+| class | precision | recall | F1 | support |
+|---|---|---|---|---|
+{rows}
+
+Files: `{registration.path}` (model, manifest, metrics, plots: `curves.png`, `confusion_matrix.png`, `samples.png`).
+"""

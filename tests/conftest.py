@@ -1,0 +1,76 @@
+"""Shared fixtures: a Prefect test harness, a private ARTIFACTS_DIR per test, and test data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"
+CLASS_COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A throw-away Prefect API and database for the whole session (flows under test only)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def artifacts(tmp_path, monkeypatch) -> Path:
+    """Each test writes under its own ARTIFACTS_DIR."""
+    root = tmp_path / "artifacts"
+    monkeypatch.setenv("ARTIFACTS_DIR", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    """The real CIFAR-10 image folder: CIFAR10_DIR, else ../shared/datasets/cifar10; skipped if absent."""
+    path = Path(os.environ.get("CIFAR10_DIR") or SHARED_CIFAR10)
+    if not (path / "train").is_dir():
+        pytest.skip(f"real CIFAR-10 not found at {path} (set CIFAR10_DIR)")
+    return path
+
+
+def write_colour_dataset(root: Path, train_per_class: int = 12, test_per_class: int = 4, size: int = 32) -> Path:
+    """An image folder whose classes are noisy solid colours: learnable in a few steps."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for name, colour in CLASS_COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                noise = rng.integers(-30, 30, (size, size, 3))
+                pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def colour_dataset(tmp_path) -> Path:
+    return write_colour_dataset(tmp_path / "colours")
+
+
+@pytest.fixture
+def cifar_slice(cifar_dir, tmp_path) -> Path:
+    """A small copy of real CIFAR-10 (20 train and 10 test images per class) in a temp folder."""
+    import shutil
+
+    root = tmp_path / "cifar_slice"
+    for split, count in (("train", 20), ("test", 10)):
+        for class_dir in sorted((cifar_dir / split).iterdir()):
+            target = root / split / class_dir.name
+            target.mkdir(parents=True)
+            for path in sorted(class_dir.iterdir())[:count]:
+                shutil.copyfile(path, target / path.name)
+    return root

@@ -1,0 +1,66 @@
+import keras
+import numpy as np
+import pytest
+
+from model_lib.config import resolve_config
+from model_lib.models import ARCHITECTURES, build_model, patch_whitening_kernel, with_flip_tta
+from model_lib.train import learning_rate_schedule, to_serving_model
+
+rng = np.random.default_rng(0)
+IMAGES = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+
+
+def test_seed_cnn_is_the_origin_network():
+    model = build_model("seed_cnn", 10)
+    assert model.count_params() == 161_098
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds.count("Conv2D") == 3 and kinds.count("BatchNormalization") == 3 and kinds.count("MaxPooling2D") == 3
+    assert [layer.filters for layer in model.layers if hasattr(layer, "filters")] == [32, 64, 128]
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_architectures_build_and_train_a_step_on_cpu(architecture):
+    model = build_model(architecture, 10, calibration_images=IMAGES, dtype_policy="mixed_bfloat16")
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    before = [w.copy() for w in model.get_weights()]
+    labels = keras.utils.to_categorical(np.arange(8) % 10, 10)
+    loss = model.train_on_batch(IMAGES.astype(np.float32), labels)
+    assert np.isfinite(loss)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+    probabilities = model.predict(IMAGES, verbose=0)  # raw uint8 pixels in
+    assert probabilities.dtype == np.float32 and np.allclose(probabilities.sum(axis=1), 1, atol=1e-3)
+
+
+def test_flip_tta_returns_the_average_of_both_views():
+    model = build_model("seed_cnn", 10)
+    tta = with_flip_tta(model)
+    expected = (model.predict(IMAGES, verbose=0) + model.predict(IMAGES[:, :, ::-1], verbose=0)) / 2
+    np.testing.assert_allclose(tta.predict(IMAGES, verbose=0), expected, atol=1e-6)
+    assert not np.allclose(model.predict(IMAGES, verbose=0), expected, atol=1e-4)  # the flip really changes it
+
+
+def test_serving_model_is_a_float32_twin_with_the_trained_weights(tmp_path):
+    config = resolve_config("default", tta_flip=False)
+    trained = build_model("airbench", 10, calibration_images=IMAGES, dtype_policy="mixed_bfloat16")
+    serving = to_serving_model(trained, config, 10, IMAGES)
+    assert all(w.dtype == "float32" for w in serving.weights)
+    np.testing.assert_allclose(serving.predict(IMAGES, verbose=0), trained.predict(IMAGES, verbose=0), atol=0.05)
+    serving.save(tmp_path / "m.keras")
+    reloaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_array_equal(reloaded.predict(IMAGES, verbose=0), serving.predict(IMAGES, verbose=0))
+
+
+def test_patch_whitening_decorrelates_patches():
+    images = rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    kernel = patch_whitening_kernel(images)
+    assert kernel.shape == (2, 2, 3, 24)
+    np.testing.assert_allclose(kernel[..., :12], -kernel[..., 12:])
+
+
+def test_warmup_linear_schedule_rises_then_falls_to_zero():
+    config = resolve_config("default", epochs=10, learning_rate=0.4, warmup_epochs=2)
+    schedule = learning_rate_schedule(config, steps_per_epoch=100)
+    lr = [float(schedule(step)) for step in (0, 100, 200, 600, 1000)]
+    assert lr[0] == 0 and lr[1] == pytest.approx(0.2) and lr[2] == pytest.approx(0.4)
+    assert lr[3] == pytest.approx(0.4 * 4 / 8) and lr[4] == 0
+    assert learning_rate_schedule(resolve_config("seed"), 100) == 1e-3

@@ -1,0 +1,48 @@
+"""Training on a small synthetic folder: learns, logs each epoch, and resumes after an interrupt."""
+
+from pathlib import Path
+
+import keras
+import pytest
+
+from model_lib.config import resolve_config
+from model_lib.data import ingest
+from model_lib.preprocess import prepare_split
+from model_lib.train import read_history, train
+
+
+class Interrupt(Exception):
+    pass
+
+
+class CrashInSecondEpoch(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.optimizer.iterations.numpy() > self.params["steps"]:
+            raise Interrupt("simulated crash in epoch 2")
+
+
+def _prepare(colour_dataset, artifacts, **overrides):
+    config = resolve_config("smoke", data=str(colour_dataset), validation_split=0.25, batch_size=8, **overrides)
+    dataset = ingest(config.data, artifacts, log=lambda m: None)
+    run_dir = artifacts / "runs" / config.run_key(dataset.fingerprint)
+    run_dir.mkdir(parents=True)
+    prepared = prepare_split(dataset.cache_dir, dataset.class_names, config, run_dir)
+    return config, dataset, Path(prepared["split_path"]), run_dir
+
+
+def test_interrupted_run_resumes_where_it_stopped(colour_dataset, artifacts):
+    config, dataset, split_path, run_dir = _prepare(colour_dataset, artifacts, epochs=3)
+    with pytest.raises(Interrupt):
+        train(config, dataset, split_path, run_dir, log=lambda m: None, extra_callbacks=(CrashInSecondEpoch(),))
+    assert (run_dir / "checkpoint").is_dir() and not (run_dir / "model.keras").exists()
+    assert read_history(run_dir / "history.csv")["epoch"].tolist() == [0]
+
+    lines = []
+    result = train(config, dataset, split_path, run_dir, log=lines.append)
+    assert any("Resuming from checkpoint" in line for line in lines)
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epoch_lines] == ["epoch 2/3", "epoch 3/3"]  # epoch 1 not redone
+    assert "val_accuracy=" in epoch_lines[0] and epoch_lines[0].endswith("s")
+    assert result.epochs_run == 3 and read_history(run_dir / "history.csv")["epoch"].tolist() == [0, 1, 2]
+    assert Path(result.model_path).is_file() and not (run_dir / "checkpoint").exists()
+    assert (run_dir / "tensorboard").is_dir()

@@ -1,0 +1,46 @@
+import pytest
+
+from model_lib.config import PROFILES, TrainConfig, resolve_config
+
+
+def test_seed_profile_is_the_origin_recipe():
+    config = resolve_config("seed")
+    assert (config.architecture, config.optimizer, config.learning_rate, config.batch_size) == (
+        "seed_cnn",
+        "adam",
+        1e-3,
+        64,
+    )
+    assert (config.validation_split, config.epochs) == (0.2, 100)
+    assert (config.early_stopping_patience, config.reduce_lr_patience, config.reduce_lr_factor) == (10, 5, 0.1)
+    assert (config.augment_flip, config.augment_rotation, config.augment_zoom) == (True, 0.1, 0.1)
+    assert config.label_smoothing == 0 and config.augment_translate == 0 and not config.tta_flip
+
+
+def test_smoke_profile_sizes():
+    config = resolve_config("smoke")
+    assert (config.max_train_images, config.max_test_images, config.epochs) == (2000, 1000, 2)
+
+
+def test_overrides_win_and_none_is_ignored():
+    config = resolve_config("seed", epochs=3, batch_size=None)
+    assert config.epochs == 3 and config.batch_size == 64 and config.profile == "seed"
+
+
+def test_unknown_profile_and_field_are_refused():
+    with pytest.raises(ValueError, match="unknown profile"):
+        resolve_config("nope")
+    with pytest.raises(ValueError, match="unknown config field"):
+        resolve_config("default", epoch=3)
+
+
+def test_run_key_depends_on_config_and_data():
+    a = resolve_config("smoke")
+    assert a.run_key("data1") == resolve_config("smoke").run_key("data1")
+    assert a.run_key("data1") != a.run_key("data2")
+    assert a.run_key("data1") != resolve_config("smoke", seed=1).run_key("data1")
+
+
+def test_every_profile_resolves():
+    for name in PROFILES:
+        assert isinstance(resolve_config(name), TrainConfig)

@@ -1,0 +1,198 @@
+"""The model registry: gate, aliases and history, checksums, crash safety and concurrency."""
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import model_lib.registry as registry_module
+from model_lib.fileio import read_json, sha256_file
+from model_lib.registry import (
+    ChecksumError,
+    Registry,
+    RegistryError,
+    champion_stack,
+    load_verified_model,
+    parse_reference,
+    verify_version,
+)
+
+MANIFEST_KEYS = {"version", "created_at", "architecture", "parameter_count", "config", "metrics", "dataset", "code",
+                 "libraries", "flow_run_id", "files"}  # fmt: skip
+
+
+def make_model_files(folder: Path, seed: int = 0, wrong_probe: bool = False) -> dict[str, Path]:
+    """A tiny real Keras model with its probe, as training would hand them to the registry."""
+    import keras
+
+    folder.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(3, "softmax")])
+    model.save(folder / "model.keras")
+    inputs = np.random.default_rng(seed).integers(0, 256, (5, 4, 4, 3)).astype(np.uint8)
+    outputs = model.predict(inputs, verbose=0) + (0.5 if wrong_probe else 0)
+    np.savez(folder / "probe.npz", inputs=inputs, outputs=outputs)
+    (folder / "metrics.json").write_text(json.dumps({"test_accuracy": 0.5}))
+    return {
+        "model.keras": folder / "model.keras",
+        "probe.npz": folder / "probe.npz",
+        "metrics.json": folder / "metrics.json",
+    }
+
+
+def manifest(accuracy: float, test_fingerprint: str = "testset-A") -> dict:
+    return {
+        "architecture": "tiny",
+        "parameter_count": 147,
+        "config": {"epochs": 1},
+        "metrics": {"test_accuracy": accuracy, "test_loss": 1.0, "per_class": [], "train_seconds": 1.0},
+        "dataset": {"source": "synthetic", "fingerprint": "data-1", "test_fingerprint": test_fingerprint,
+                    "train_count": 1, "validation_count": 1, "test_count": 1, "class_names": ["a", "b", "c"]},
+        "code": {"git_commit": None, "dirty": None},
+        "libraries": {"python": "3"},
+        "flow_run_id": None,
+    }  # fmt: skip
+
+
+@pytest.fixture
+def files(tmp_path):
+    return make_model_files(tmp_path / "run")
+
+
+def test_first_version_is_champion_with_a_complete_manifest(artifacts, files):
+    registration = Registry(artifacts).register(files, manifest(0.5))
+    assert (registration.version, registration.champion) == (1, True) and "first version" in registration.reason
+    version_dir = artifacts / "models" / "cifar10" / "v1"
+    saved = read_json(version_dir / "manifest.json")
+    assert MANIFEST_KEYS <= set(saved) and saved["version"] == 1 and saved["created_at"].endswith("+00:00")
+    assert set(saved["files"]) == {"model.keras", "probe.npz", "metrics.json"}
+    assert all(sha256_file(version_dir / name) == digest for name, digest in saved["files"].items())
+    state = read_json(artifacts / "models" / "cifar10" / "registry.json")
+    assert state["aliases"] == {"latest": 1, "champion": 1}
+    assert [(m["alias"], m["to"]) for m in state["history"]] == [("latest", 1), ("champion", 1)]
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "margin", "promoted", "why"),
+    [(0.6, 0.0, True, ">="), (0.5, 0.0, True, ">="), (0.4, 0.0, False, "<"), (0.55, 0.1, False, "< champion")],
+)
+def test_gate_compares_with_the_champion(artifacts, files, accuracy, margin, promoted, why):
+    registry = Registry(artifacts)
+    registry.register(files, manifest(0.5))
+    registration = registry.register(files, manifest(accuracy), margin=margin)
+    assert registration.champion is promoted and why in registration.reason
+    state = registry.state()
+    assert state["aliases"] == {"latest": 2, "champion": 2 if promoted else 1}
+    if not promoted:
+        assert "v2 stays challenger" in state["history"][-1]["why"]
+
+
+def test_gate_refuses_to_compare_across_test_sets(artifacts, files):
+    registry = Registry(artifacts)
+    registry.register(files, manifest(0.5))
+    registration = registry.register(files, manifest(0.99, test_fingerprint="testset-B"))
+    assert not registration.champion and "test set differs" in registration.reason
+    assert registry.state()["aliases"]["champion"] == 1
+
+
+def test_gate_requires_the_reloaded_model_to_reproduce_the_trained_outputs(artifacts, tmp_path):
+    registration = Registry(artifacts).register(make_model_files(tmp_path / "bad", wrong_probe=True), manifest(0.9))
+    assert not registration.champion and "outputs differ" in registration.reason
+    assert Registry(artifacts).state()["aliases"] == {"latest": 1, "champion": None}
+
+
+def test_tampered_file_is_refused_with_its_name(artifacts, files):
+    Registry(artifacts).register(files, manifest(0.5))
+    version_dir = parse_reference("cifar10@v1", artifacts)
+    assert verify_version(version_dir) == [] and load_verified_model(version_dir) is not None
+    with open(version_dir / "model.keras", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ChecksumError, match=r"model\.keras: checksum differs"):
+        load_verified_model(version_dir)
+    (version_dir / "metrics.json").unlink()
+    assert any("metrics.json: missing" in problem for problem in verify_version(version_dir))
+
+
+def test_references_resolve(artifacts, files):
+    registry = Registry(artifacts)
+    registry.register(files, manifest(0.5))
+    registry.register(files, manifest(0.4))
+    models = artifacts / "models" / "cifar10"
+    assert parse_reference("cifar10", artifacts) == models / "v1"
+    assert parse_reference("cifar10@champion", artifacts) == models / "v1"
+    assert parse_reference("cifar10@latest", artifacts) == models / "v2"
+    assert parse_reference("cifar10@v2", artifacts) == models / "v2"
+    assert parse_reference(str(models / "v2"), artifacts) == models / "v2"
+    for bad, message in [("cifar10@v9", "no such version"), ("cifar10@best", "unknown tag"), ("other", "no version")]:
+        with pytest.raises(RegistryError, match=message):
+            parse_reference(bad, artifacts)
+
+
+def test_promote_and_rollback_are_recorded(artifacts, files):
+    registry = Registry(artifacts)
+    for accuracy in (0.5, 0.6, 0.7):
+        registry.register(files, manifest(accuracy))
+    assert registry.state()["aliases"]["champion"] == 3
+    assert registry.rollback("v3 misbehaves in production") == 2
+    assert registry.rollback() == 1
+    with pytest.raises(RegistryError, match="no earlier champion"):
+        registry.rollback()
+    assert registry.promote("v3", reason="fixed upstream") == 3
+    history = registry.state()["history"]
+    assert history[-1] == {**history[-1], "alias": "champion", "from": 1, "to": 3, "why": "fixed upstream"}
+    assert any(m["action"] == "rollback" and m["why"] == "v3 misbehaves in production" for m in history)
+    assert champion_stack(history) == [1, 3]
+
+
+@pytest.mark.parametrize("step", ["copied", "checked", "manifest_written", "renamed", "state_written"])
+def test_crash_between_steps_leaves_nothing_half_written(artifacts, files, monkeypatch, step):
+    registry = Registry(artifacts)
+    registry.register(files, manifest(0.5))
+
+    def crash(at):
+        if at == step:
+            raise KeyboardInterrupt(f"killed at {at}")
+
+    monkeypatch.setattr(registry_module, "_crash_point", crash)
+    with pytest.raises(KeyboardInterrupt):
+        registry.register(files, manifest(0.9))
+    monkeypatch.undo()
+
+    root = artifacts / "models" / "cifar10"
+    assert not list(root.glob(".staging-*"))
+    for version_dir in root.glob("v*"):  # every visible version is complete and intact
+        assert verify_version(version_dir) == []
+    state = read_json(root / "registry.json")  # still valid JSON
+    assert state["aliases"]["champion"] in (1, 2)
+    after = registry.register(files, manifest(0.95))
+    listed = [entry["version"] for entry in registry.state()["versions"]]
+    assert after.version == listed[-1] and len(listed) == len(set(listed))
+    if step in ("renamed", "state_written"):  # the version landed before the crash: never lost, never reused
+        assert 2 in listed and after.version == 3
+
+
+def _register_in_process(artifacts: str, files: dict, accuracy: float, queue) -> None:
+    registration = Registry(artifacts).register(files, manifest(accuracy))
+    queue.put(registration.version)
+
+
+def test_eight_processes_registering_at_once_all_succeed(artifacts, files):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [
+        context.Process(target=_register_in_process, args=(str(artifacts), files, 0.5 + i / 100, queue))
+        for i in range(8)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=240)
+    assert [worker.exitcode for worker in workers] == [0] * 8
+    versions = sorted(queue.get(timeout=5) for _ in workers)
+    assert versions == list(range(1, 9))
+    state = Registry(artifacts).state()
+    assert [entry["version"] for entry in state["versions"]] == versions and state["aliases"]["latest"] == 8
+    for version in versions:
+        assert verify_version(artifacts / "models" / "cifar10" / f"v{version}") == []
