@@ -70,6 +70,41 @@ def train(
     )
 
 
+@app.command()
+def predict(
+    input_dir: Annotated[str, typer.Argument(help="Folder of images to classify.")],
+    output: Annotated[
+        str | None, typer.Option(help="CSV path (default ARTIFACTS_DIR/predictions/<folder>.csv).")
+    ] = None,
+    model: Annotated[str, typer.Option(help="cifar10, cifar10@latest, cifar10@v3 or a version folder.")] = "cifar10",
+    top_k: Annotated[int, typer.Option(help="Ranked labels per image.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 256,
+    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into sub-folders.")] = True,
+    shard_size: Annotated[int, typer.Option(help="Files per shard task.")] = 1024,
+    fail_on_error: Annotated[bool, typer.Option(help="Fail the run if any file cannot be classified.")] = False,
+    dask_address: Annotated[str | None, typer.Option(help="Run shards on this Dask scheduler.")] = None,
+    dask_workers: Annotated[int | None, typer.Option(help="Run shards on a local Dask cluster of N workers.")] = None,
+) -> None:
+    """Run the batch-predict flow: classify a folder of images into a CSV."""
+    from flows.batch_predict import batch_predict, with_dask
+
+    flow = with_dask(dask_address, dask_workers) if dask_address or dask_workers else batch_predict
+    summary = flow(
+        input_dir=input_dir,
+        output_csv=output,
+        model=model,
+        top_k=top_k,
+        batch_size=batch_size,
+        recursive=recursive,
+        shard_size=shard_size,
+        fail_on_error=fail_on_error,
+    )
+    typer.echo(
+        f"{summary['ok']} ok, {summary['error']} error, {summary['skipped']} skipped "
+        f"({summary['images_per_second']} images/s, {summary['model']})\n  {summary['output_csv']}"
+    )
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)

@@ -1,0 +1,173 @@
+"""Batch-prediction speed and memory, side by side in one run.
+
+    python bench/predict_speed.py [--data ../shared/datasets/cifar10] [--origin-images 500]
+
+Measures on the CIFAR-10 test JPEGs with one model (a registered version, or a fresh seed_cnn):
+  1. the origin's loop: keras load_img -> img_to_array / 255 -> model.predict on one image;
+  2. the batch-predict flow (thread-pool runner) on all test images;
+  3. the decode-only ceiling: the same decoder and thread count, no model;
+  4. 12-megapixel JPEGs: draft-mode decode vs full decode + resize;
+  5. peak RSS of batch-predict on 5,000 vs 50,000 images (separate processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def image_paths(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def origin_loop(model, paths: list[Path]) -> float:
+    import keras
+
+    started = time.perf_counter()
+    for path in paths:
+        image = keras.utils.load_img(path, target_size=(32, 32))
+        array = keras.utils.img_to_array(image) / 255.0
+        model.predict(array[None], verbose=0)
+    return len(paths) / (time.perf_counter() - started)
+
+
+def decode_only(paths: list[Path], threads: int) -> float:
+    from model_lib.images import decode_rgb
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(lambda p: decode_rgb(p, (32, 32)), paths):
+            pass
+    return len(paths) / (time.perf_counter() - started)
+
+
+def large_photos(tmp: Path, count: int, threads: int) -> tuple[float, float]:
+    from PIL import Image
+
+    from model_lib.images import decode_rgb
+
+    rng = np.random.default_rng(0)
+    gradient = np.linspace(0, 255, 4000, dtype=np.float32)
+    paths = []
+    for i in range(count):
+        pixels = np.empty((3000, 4000, 3), np.uint8)
+        pixels[..., 0] = gradient[None, :]
+        pixels[..., 1] = gradient[:3000, None]
+        pixels[..., 2] = (i * 37) % 255
+        pixels[::7, ::5] = rng.integers(0, 255, pixels[::7, ::5].shape, dtype=np.uint8)
+        path = tmp / f"photo_{i:03d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+
+    def full(path):
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC))
+
+    rates = []
+    for decode in (lambda p: decode_rgb(p, (32, 32)), full):
+        started = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(decode, paths))
+        rates.append(count / (time.perf_counter() - started))
+    return rates[0], rates[1]
+
+
+def peak_rss_mb(folder: Path, model_dir: Path, artifacts: Path) -> float:
+    code = (
+        "import resource,sys; sys.path.insert(0, {!r});"
+        "from flows.batch_predict import batch_predict;"
+        "batch_predict({!r}, output_csv={!r}, model={!r});"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    ).format(str(REPO), str(folder), str(artifacts / "rss.csv"), str(model_dir))
+    env = {**os.environ, "ARTIFACTS_DIR": str(artifacts)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return int(done.stdout.strip().splitlines()[-1]) / 1024
+
+
+def subset_folder(source: Path, target: Path, count: int) -> Path:
+    """The first `count` images of `source` as hard links: instant, and ordinary files to the walker."""
+    target.mkdir(parents=True)
+    for i, path in enumerate(image_paths(source)[:count]):
+        os.link(path, target / f"{i:06d}{path.suffix}")
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=os.environ.get("CIFAR10_DIR", str(REPO.parent / "shared/datasets/cifar10")))
+    parser.add_argument("--model", default=None, help="a registered version folder (default: a fresh seed_cnn)")
+    parser.add_argument("--origin-images", type=int, default=500, help="images timed in the origin's slow loop")
+    parser.add_argument("--photos", type=int, default=24, help="12-megapixel JPEGs generated for the draft test")
+    args = parser.parse_args()
+    data = Path(args.data)
+    threads = os.cpu_count() or 1
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        artifacts = scratch / "artifacts"
+        os.environ["ARTIFACTS_DIR"] = str(artifacts)
+        import keras
+
+        from flows.batch_predict import batch_predict
+        from model_lib.registry import load_verified_model
+        from tests.flows.test_batch_predict import register_keras_model
+
+        if args.model:
+            model_dir = Path(args.model)
+            model = load_verified_model(model_dir)
+        else:
+            from model_lib.models import build_model
+
+            model = build_model("seed_cnn", 10)
+            model_dir = register_keras_model(artifacts, model, scratch)
+        test_paths = image_paths(data / "test")
+
+        origin_rate = origin_loop(model, test_paths[: args.origin_images])
+        keras.backend.clear_session()
+        summary = batch_predict(str(data / "test"), output_csv=str(scratch / "test.csv"), model=str(model_dir))
+        decode_rate = decode_only(test_paths, threads)
+        draft_rate, full_rate = large_photos(scratch, args.photos, threads)
+        small = subset_folder(data / "train", scratch / "n5000", 5000)
+        large = subset_folder(data / "train", scratch / "n50000", 50000)
+        rss_small = peak_rss_mb(small, model_dir, artifacts)
+        rss_large = peak_rss_mb(large, model_dir, artifacts)
+
+    flow_rate = summary["images_per_second"]
+    results = {
+        "machine": f"{threads} CPU cores",
+        "model": summary["model"],
+        "origin_loop_images_per_s": round(origin_rate, 1),
+        "origin_loop_images_timed": args.origin_images,
+        "batch_predict_images_per_s": flow_rate,
+        "batch_predict_images": summary["ok"] + summary["error"],
+        "speedup_vs_origin": round(flow_rate / origin_rate, 1),
+        "decode_only_images_per_s": round(decode_rate, 1),
+        "fraction_of_decode_ceiling": round(flow_rate / decode_rate, 3),
+        "photos_12mp_draft_images_per_s": round(draft_rate, 2),
+        "photos_12mp_full_decode_images_per_s": round(full_rate, 2),
+        "draft_speedup": round(draft_rate / full_rate, 2),
+        "peak_rss_mb_5000": round(rss_small, 1),
+        "peak_rss_mb_50000": round(rss_large, 1),
+        "rss_growth": round(rss_large / rss_small - 1, 3),
+        "bench_process_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

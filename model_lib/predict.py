@@ -1,0 +1,157 @@
+"""Batch prediction: classify the images of a folder into a CSV, one row per image-like file.
+
+The folder is walked lazily in sorted path order and cut into shards; each shard is decoded with
+a thread pool (Pillow releases the GIL while decoding and resizing, so threads use every core),
+classified in batches, and written to its own part file. Parts are then concatenated, in order,
+into a temporary file that is renamed over the output: a reader never sees a partial CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from model_lib.fileio import atomic_open, read_json
+from model_lib.images import FolderEntry, ImageDecodeError, decode_rgb, walk_folder
+from model_lib.registry import MANIFEST_FILE, load_verified_model, parse_reference
+
+OUTSIDE_LINK_ERROR = "link points outside the input folder (not followed)"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a prediction run needs to know about its model, resolved once from a reference."""
+
+    reference: str
+    path: str
+    version: str
+    class_names: list[str]
+    image_size: int
+
+
+def resolve_model(reference: str, artifacts_root: Path) -> ModelInfo:
+    """Resolve a registry reference (or a version folder) to the model's file and metadata.
+
+    Raises:
+        RegistryError: The reference does not resolve.
+    """
+    version_dir = parse_reference(reference, artifacts_root)
+    manifest = read_json(version_dir / MANIFEST_FILE)
+    return ModelInfo(
+        reference=reference,
+        path=str(version_dir),
+        version=f"{manifest.get('name', version_dir.parent.name)} v{manifest['version']}",
+        class_names=list(manifest["dataset"]["class_names"]),
+        image_size=int(manifest["config"]["image_size"]),
+    )
+
+
+_models: dict[str, object] = {}
+_models_lock = threading.Lock()
+
+
+def load_model_once(path: str):
+    """The checksum-verified model at `path`, loaded once per process and shared by its threads."""
+    with _models_lock:
+        if path not in _models:
+            model = load_verified_model(Path(path))
+            # Build the predict function here, under the lock, not in two shard threads at once.
+            model.predict(np.zeros((1, *model.input_shape[1:]), np.uint8), verbose=0)
+            _models[path] = model
+        return _models[path]
+
+
+def csv_columns(top_k: int) -> list[str]:
+    """The CSV header for `top_k` ranked predictions."""
+    ranked = [name for rank in range(1, top_k + 1) for name in (f"top{rank}_label", f"top{rank}_probability")]
+    return ["path", "status", "label", "confidence", *ranked, "width", "height", "error"]
+
+
+def shards(entries: Iterable[FolderEntry], shard_size: int) -> Iterator[list[FolderEntry]]:
+    """Cut a stream of folder entries into lists of at most `shard_size` image-like entries."""
+    iterator = iter(entries)
+    while shard := list(islice(iterator, shard_size)):
+        yield shard
+
+
+def image_like_entries(input_dir: Path, recursive: bool, skipped: list[str]) -> Iterator[FolderEntry]:
+    """Entries that get a CSV row (images and links out of the folder); other files go to `skipped`."""
+    for entry in walk_folder(input_dir, recursive):
+        if entry.kind == "not_image":
+            skipped.append(entry.relative_path)
+        else:
+            yield entry
+
+
+def _decode(input_dir: Path, entry: FolderEntry, size: int):
+    if entry.kind == "outside_link":
+        return None, None, OUTSIDE_LINK_ERROR
+    try:
+        pixels, original = decode_rgb(input_dir / entry.relative_path, (size, size))
+        return pixels, original, ""
+    except ImageDecodeError as error:
+        return None, None, error.reason
+
+
+def classify_shard(
+    input_dir: str,
+    entries: list[FolderEntry],
+    model: ModelInfo,
+    part_path: str,
+    top_k: int = 3,
+    batch_size: int = 256,
+    decode_threads: int | None = None,
+) -> dict:
+    """Decode, classify and write one shard's rows (without header) to `part_path`.
+
+    Returns:
+        Counts: `ok`, `error`.
+    """
+    root = Path(input_dir)
+    size = model.image_size
+    with ThreadPoolExecutor(decode_threads or os.cpu_count() or 1) as pool:
+        decoded = list(pool.map(lambda entry: _decode(root, entry, size), entries))
+    good = [i for i, (pixels, _, _) in enumerate(decoded) if pixels is not None]
+    probabilities = np.zeros((len(entries), len(model.class_names)), np.float32)
+    if good:
+        keras_model = load_model_once(model.path)
+        batch = np.stack([decoded[i][0] for i in good])
+        probabilities[good] = keras_model.predict(batch, batch_size=batch_size, verbose=0)
+    top_k = min(top_k, len(model.class_names))
+    ranks = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    counts = {"ok": 0, "error": 0}
+    with open(part_path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        for i, entry in enumerate(entries):
+            pixels, original, error = decoded[i]
+            if pixels is None:
+                counts["error"] += 1
+                writer.writerow([entry.relative_path, "error", "", "", *[""] * (2 * top_k), "", "", error])
+                continue
+            counts["ok"] += 1
+            ranked = [value for c in ranks[i] for value in (model.class_names[c], f"{probabilities[i, c]:.6f}")]
+            writer.writerow([entry.relative_path, "ok", ranked[0], ranked[1], *ranked, *original, ""])
+    return counts
+
+
+def merge_parts(part_paths: list[str], output_csv: Path, top_k: int, class_count: int) -> None:
+    """Concatenate part files in order under a header, atomically replacing `output_csv`."""
+    with atomic_open(output_csv, "w", newline="", encoding="utf-8") as out:
+        csv.writer(out).writerow(csv_columns(min(top_k, class_count)))
+        for part in part_paths:
+            with open(part, encoding="utf-8", newline="") as handle:
+                while chunk := handle.read(1 << 20):
+                    out.write(chunk)
+
+
+def default_output_csv(artifacts_root: Path, input_dir: Path) -> Path:
+    """`ARTIFACTS_DIR/predictions/<folder name>.csv`."""
+    return artifacts_root / "predictions" / f"{input_dir.resolve().name or 'root'}.csv"

@@ -1,0 +1,140 @@
+"""The batch-predict flow on a catalogue of broken and odd files, and on real CIFAR-10 images."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import tasks.prediction
+from flows.batch_predict import PredictionErrors, batch_predict, with_dask
+from model_lib.models import build_model
+from model_lib.predict import csv_columns
+from model_lib.registry import Registry, RegistryError
+from model_lib.train import probe_images
+from tests.catalogue import BROKEN, ODD, SKIPPED, build_catalogue
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def register_keras_model(artifacts: Path, model, tmp_path: Path, class_names=CLASSES, accuracy=0.5) -> Path:
+    """Register a real Keras model the way the register task does (probe included)."""
+    run = tmp_path / "registered_run"
+    run.mkdir(exist_ok=True)
+    model.save(run / "model.keras")
+    inputs = probe_images(np.zeros((2, 32, 32, 3), np.uint8), 0)
+    np.savez(run / "probe.npz", inputs=inputs, outputs=model.predict(inputs, verbose=0))
+    manifest = {
+        "architecture": model.name,
+        "config": {"image_size": 32},
+        "metrics": {"test_accuracy": accuracy},
+        "dataset": {"class_names": class_names, "test_fingerprint": "t"},
+    }
+    registration = Registry(artifacts).register({"model.keras": run / "model.keras", "probe.npz": run / "probe.npz"},
+                                                manifest)  # fmt: skip
+    return Path(registration.path)
+
+
+@pytest.fixture
+def registered(artifacts, tmp_path):
+    return register_keras_model(artifacts, build_model("seed_cnn", 10), tmp_path)
+
+
+@pytest.fixture
+def catalogue(tmp_path):
+    return build_catalogue(tmp_path / "inbox", tmp_path / "outside")
+
+
+def test_every_broken_file_gets_an_error_row_and_every_odd_one_is_classified(
+    prefect_harness, registered, catalogue, tmp_path
+):
+    output = tmp_path / "out" / "predictions.csv"
+    summary = batch_predict(str(catalogue), output_csv=str(output), shard_size=5)
+    table = pd.read_csv(output, keep_default_na=False)
+    assert list(table.columns) == csv_columns(3)
+    assert table["path"].tolist() == sorted(BROKEN | ODD) == sorted(table["path"])
+    rows = table.set_index("path")
+    for name, words in BROKEN.items():
+        assert rows.loc[name, "status"] == "error" and words in rows.loc[name, "error"], name
+        assert rows.loc[name, "label"] == ""
+    for name, (width, height) in ODD.items():
+        row = rows.loc[name]
+        assert row["status"] == "ok" and row["error"] == "", (name, row["error"])
+        assert (int(row["width"]), int(row["height"])) == (width, height), name
+        assert row["label"] in CLASSES and row["label"] == row["top1_label"]
+        assert float(row["top1_probability"]) >= float(row["top2_probability"]) >= float(row["top3_probability"])
+    assert (summary["ok"], summary["error"], summary["skipped"]) == (len(ODD), len(BROKEN), len(SKIPPED))
+    assert summary["model"] == "cifar10 v1" and summary["images_per_second"] > 0
+    assert not list(output.parent.glob(".*"))  # no parts or temporary files left beside the CSV
+
+
+def test_fail_on_error_fails_the_run_after_writing_the_csv(prefect_harness, registered, catalogue, tmp_path):
+    output = tmp_path / "strict.csv"
+    with pytest.raises(PredictionErrors, match=f"{len(BROKEN)} file"):
+        batch_predict(str(catalogue), output_csv=str(output), fail_on_error=True)
+    assert len(pd.read_csv(output)) == len(BROKEN) + len(ODD)
+
+
+def test_interrupted_run_leaves_no_partial_csv(prefect_harness, registered, catalogue, tmp_path, monkeypatch):
+    output = tmp_path / "previous.csv"
+    output.write_text("the previous complete result\n")
+    calls = []
+    real = tasks.prediction.classify_shard
+
+    def crash_on_third_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed mid-run")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.prediction, "classify_shard", crash_on_third_shard)
+    with pytest.raises(BaseException):  # noqa: B017 - whatever Prefect wraps the interrupt in
+        batch_predict(str(catalogue), output_csv=str(output), shard_size=4)
+    assert output.read_text() == "the previous complete result\n"
+    assert [p.name for p in output.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_default_output_and_reference_forms(prefect_harness, registered, catalogue, artifacts):
+    results = {}
+    for reference in ("cifar10", "cifar10@champion", "cifar10@latest", "cifar10@v1", str(registered)):
+        summary = batch_predict(str(catalogue / "odd"), model=reference, top_k=2)
+        results[reference] = Path(summary["output_csv"]).read_bytes()
+        assert summary["model"] == "cifar10 v1"
+    assert Path(summary["output_csv"]) == artifacts / "predictions" / "odd.csv"
+    assert len(set(results.values())) == 1
+    with pytest.raises(RegistryError, match="no such version"):
+        batch_predict(str(catalogue), model="cifar10@v5")
+
+
+@pytest.mark.slow
+def test_dask_and_thread_pool_write_identical_csvs(prefect_harness, registered, catalogue, tmp_path):
+    threads, dask = tmp_path / "threads.csv", tmp_path / "dask.csv"
+    batch_predict(str(catalogue), output_csv=str(threads), shard_size=4)
+    with_dask(workers=2)(str(catalogue), output_csv=str(dask), shard_size=4)
+    assert threads.read_bytes() == dask.read_bytes()
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_upscaled_cifar_images_are_classified_like_the_originals(prefect_harness, cifar_dir, artifacts, tmp_path):
+    """Preprocessing matches training: photo-sized copies of CIFAR test images get the same labels."""
+    from PIL import Image
+
+    from flows.train_cifar import train_cifar
+
+    trained = train_cifar(profile="smoke", data=str(cifar_dir))
+    originals, photos = tmp_path / "originals", tmp_path / "photos"
+    for class_dir in sorted((cifar_dir / "test").iterdir()):
+        for path in sorted(class_dir.iterdir())[:20]:
+            for root in (originals, photos):
+                (root / class_dir.name).mkdir(parents=True, exist_ok=True)
+            image = Image.open(path)
+            image.save(originals / class_dir.name / path.name)
+            image.resize((640, 480), Image.Resampling.BICUBIC).save(photos / class_dir.name / path.name, quality=90)
+    small = pd.read_csv(batch_predict(str(originals), model=trained["path"])["output_csv"])
+    large = pd.read_csv(batch_predict(str(photos), model=trained["path"])["output_csv"])
+    truth = small["path"].str.split("/").str[0]
+    accuracy_small, accuracy_large = (small["label"] == truth).mean(), (large["label"] == truth).mean()
+    assert accuracy_small > 0.2
+    assert abs(accuracy_small - accuracy_large) <= 0.06, (accuracy_small, accuracy_large)
+    assert (small["label"] == large["label"]).mean() >= 0.8
