@@ -105,6 +105,20 @@ def predict(
     )
 
 
+@app.command()
+def serve() -> None:
+    """Serve train-cifar (with its weekly schedule) and batch-predict from this process; no work pool.
+
+    Uses the deployments declared in prefect.yaml. Needs a Prefect API (PREFECT_API_URL, e.g. a
+    `prefect server start`) to see the schedule fire and to trigger runs from the UI or CLI.
+    """
+    from prefect import serve as prefect_serve
+
+    from flows.serve import deployments_from_yaml
+
+    prefect_serve(*deployments_from_yaml())
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)

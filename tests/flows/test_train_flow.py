@@ -54,3 +54,32 @@ def test_smoke_profile_on_real_cifar_registers_and_reuses_the_cache(prefect_harn
     assert len(list((artifacts / "datasets").iterdir())) == 1  # decoded once, served from cache the second time
     # Same test set, so the gate compared accuracies instead of refusing.
     assert "champion v1" in second["reason"] or second["champion"]
+
+
+def test_flaky_io_is_retried_but_bad_data_fails_at_once_and_leaves_the_champion(
+    prefect_harness, colour_dataset, artifacts, monkeypatch
+):
+    import tasks.training
+    from model_lib.data import DatasetError
+    from model_lib.registry import Registry
+
+    real_ingest, calls, hiccups = tasks.training.ingest, [], [OSError("network share hiccup")]
+
+    def flaky_ingest(*args, **kwargs):
+        calls.append(1)
+        if hiccups:
+            raise hiccups.pop()
+        return real_ingest(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.training, "ingest", flaky_ingest)
+    options = dict(profile="smoke", data=str(colour_dataset), epochs=1, batch_size=8, validation_split=0.25)
+    first = train_cifar(**options)
+    assert len(calls) == 2 and first["champion"]
+
+    calls.clear()
+    (colour_dataset / "train" / "red" / "000.png").write_bytes(b"\x89PNG\r\n truncated")
+    with pytest.raises(DatasetError, match=r"red/000\.png"):
+        train_cifar(**options)
+    assert len(calls) == 1  # bad data is not retried
+    state = Registry(artifacts).state()
+    assert state["aliases"] == {"latest": 1, "champion": 1} and len(state["versions"]) == 1
