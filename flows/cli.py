@@ -28,7 +28,7 @@ ModelName = Annotated[str, typer.Option("--name", help="Registered model name.")
 @app.command()
 def train(
     profile: Annotated[str, typer.Option(help="seed (the origin's recipe), smoke (a minute) or default.")] = "default",
-    architecture: Annotated[str | None, typer.Option(help="seed_cnn or airbench.")] = None,
+    architecture: Annotated[str | None, typer.Option(help="seed_cnn, airbench or transfer.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the training split.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per optimiser step.")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
@@ -42,7 +42,13 @@ def train(
         bool | None, typer.Option("--skip-corrupt/--no-skip-corrupt", help="Skip undecodable files, reported.")
     ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Registered model name (default cifar10).")] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="transfer only: imagenet (downloads), a local weights file, or none.")
+    ] = None,
+    head_epochs: Annotated[int | None, typer.Option(help="transfer only: epochs before fine-tuning.")] = None,
+    fine_tune_learning_rate: Annotated[float | None, typer.Option(help="transfer only: fine-tuning LR.")] = None,
     promotion_margin: Annotated[float, typer.Option(help="Accuracy a new version must add to the champion's.")] = 0.0,
+    export: Annotated[bool, typer.Option(help="Also write TFLite float32/float16/int8 exports.")] = False,
 ) -> None:
     """Run the train-cifar flow locally (Prefect's embedded temporary API; no server needed)."""
     from flows.train_cifar import train_cifar
@@ -61,7 +67,11 @@ def train(
         max_test_images=max_test_images,
         skip_corrupt=skip_corrupt,
         model_name=name,
+        weights=weights,
+        head_epochs=head_epochs,
+        fine_tune_learning_rate=fine_tune_learning_rate,
         promotion_margin=promotion_margin,
+        export=export,
     )
     verdict = "champion" if result["champion"] else "challenger"
     typer.echo(
@@ -103,6 +113,28 @@ def predict(
         f"{summary['ok']} ok, {summary['error']} error, {summary['skipped']} skipped "
         f"({summary['images_per_second']} images/s, {summary['model']})\n  {summary['output_csv']}"
     )
+
+
+@app.command("export")
+def export_command(
+    ref: Annotated[str, typer.Argument(help="cifar10, cifar10@latest, cifar10@v3 or a version folder.")] = "cifar10",
+    formats: Annotated[str, typer.Option(help="Comma-separated: float32, float16, int8.")] = "float32,float16,int8",
+) -> None:
+    """Write TFLite exports beside a registered version, with interpreter-measured test accuracy."""
+    from model_lib.export import export_version
+    from model_lib.registry import RegistryError, parse_reference
+
+    try:
+        version_dir = parse_reference(ref, artifacts_dir())
+    except RegistryError as error:
+        _fail(str(error))
+    try:
+        entries = export_version(version_dir, artifacts_dir(), tuple(f.strip() for f in formats.split(",")), typer.echo)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    for entry in entries:
+        note = f"  FAILED: {entry['reason']}" if entry["status"] != "ok" else ""
+        typer.echo(f"{version_dir / entry['file']}: accuracy {entry['test_accuracy']:.4f}{note}")
 
 
 @app.command()

@@ -6,6 +6,7 @@ from prefect import flow
 
 from model_lib.config import resolve_config
 from model_lib.settings import default_data_source
+from tasks.export import export_task
 from tasks.training import evaluate_task, ingest_task, plot_task, preprocess_task, register_task, train_task
 
 
@@ -24,12 +25,17 @@ def train_cifar(
     max_test_images: int | None = None,
     skip_corrupt: bool | None = None,
     model_name: str | None = None,
+    weights: str | None = None,
+    head_epochs: int | None = None,
+    fine_tune_learning_rate: float | None = None,
     promotion_margin: float = 0.0,
+    export: bool = False,
 ) -> dict:
     """Train a model on a profile (plus overrides) and register it; returns the registration.
 
     `data` defaults to `CIFAR10_DIR`, else Keras' download. `promotion_margin` is the test accuracy
-    a new version must add to the champion's to replace it.
+    a new version must add to the champion's to replace it. `weights`, `head_epochs` and
+    `fine_tune_learning_rate` apply to the `transfer` architecture. `export` adds TFLite exports.
     """
     config = resolve_config(
         profile,
@@ -45,10 +51,16 @@ def train_cifar(
         max_test_images=max_test_images,
         skip_corrupt=skip_corrupt,
         model_name=model_name,
+        weights=weights,
+        head_epochs=head_epochs,
+        fine_tune_learning_rate=fine_tune_learning_rate,
     ).to_dict()
     dataset = ingest_task(config)
     prepared = preprocess_task(config, dataset)
     trained = train_task(config, dataset, prepared)
     metrics = evaluate_task(trained, dataset)
     plot_task(trained, dataset, config["seed"])
-    return register_task(config, dataset, prepared, trained, metrics, promotion_margin)
+    registration = register_task(config, dataset, prepared, trained, metrics, promotion_margin)
+    if export:
+        registration["exports"] = export_task(registration["path"])
+    return registration

@@ -45,6 +45,12 @@ class TrainConfig:
     augment_translate: int = 2  # max shift, pixels, with reflected borders
     tta_flip: bool = True  # saved model averages the image's and its mirror's probabilities
 
+    # transfer learning (architecture "transfer" only)
+    weights: str = "none"  # backbone weights: "imagenet" (downloads), a local weights file, or "none"
+    head_epochs: int = 2  # epochs training only the new head, backbone frozen, before fine-tuning
+    fine_tune_layers: int = 40  # backbone layers, counted from the top, unfrozen for fine-tuning
+    fine_tune_learning_rate: float = 1e-4  # constant learning rate while fine-tuning
+
     # runtime
     seed: int = 0  # seeds the split, weights, shuffling and augmentation
     precision: str = "auto"  # "auto", "float32", "mixed_bfloat16" or "mixed_float16"

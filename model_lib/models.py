@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from model_lib.transfer import transfer_logits
+
 CIFAR_MEAN = (125.3, 123.0, 113.9)  # per-channel pixel mean of CIFAR-10's training set, 0-255
 CIFAR_STD = (63.0, 62.1, 66.7)  # per-channel pixel standard deviation, 0-255
 WHITEN_EPSILON = 5e-4  # added to the patch covariance's eigenvalues before the inverse square root
@@ -25,6 +27,7 @@ def build_model(
     image_size: int = 32,
     dtype_policy: str = "float32",
     calibration_images: np.ndarray | None = None,
+    weights: str = "none",
 ):
     """Build an architecture by name.
 
@@ -35,24 +38,27 @@ def build_model(
         dtype_policy: Keras dtype policy for every layer but the float32 softmax.
         calibration_images: A sample of training images (uint8, NHWC) some architectures derive
             their input statistics from; fixed CIFAR statistics are used without it.
+        weights: Pretrained backbone weights for `transfer`: "imagenet", a local file or "none".
 
     Returns:
         An uncompiled `keras.Model`.
 
     Raises:
-        ValueError: Unknown architecture.
+        ValueError: Unknown architecture, or weights asked of one without a pretrained backbone.
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
     import keras
 
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
-    logits = ARCHITECTURES[architecture](inputs, num_classes, dtype_policy, calibration_images)
+    if weights not in ("none", "", None) and architecture != "transfer":
+        raise ValueError(f"--weights applies to the transfer architecture only, not {architecture}")
+    logits = ARCHITECTURES[architecture](inputs, num_classes, dtype_policy, calibration_images, weights)
     outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
     return keras.Model(inputs, outputs, name=architecture)
 
 
-def _seed_cnn(inputs, num_classes: int, policy: str, calibration_images) -> object:
+def _seed_cnn(inputs, num_classes: int, policy: str, calibration_images, weights) -> object:
     """The origin notebook's CNN, layer for layer: 161,098 parameters for 10 classes."""
     from keras import layers
 
@@ -86,7 +92,7 @@ def patch_whitening_kernel(images: np.ndarray, patch: int = 2) -> np.ndarray:
     return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
 
 
-def _airbench(inputs, num_classes: int, policy: str, calibration_images) -> object:
+def _airbench(inputs, num_classes: int, policy: str, calibration_images, weights) -> object:
     """airbench94's network in Keras: frozen patch whitening, three conv groups, scaled linear head."""
     from keras import layers
 
@@ -109,7 +115,12 @@ def _airbench(inputs, num_classes: int, policy: str, calibration_images) -> obje
     return layers.Rescaling(AIRBENCH_LOGIT_SCALE, dtype=policy)(x)
 
 
-ARCHITECTURES: dict[str, Callable] = {"seed_cnn": _seed_cnn, "airbench": _airbench}
+def _transfer(inputs, num_classes: int, policy: str, calibration_images, weights) -> object:
+    """A pretrained MobileNetV3Small backbone under a new head (see model_lib.transfer)."""
+    return transfer_logits(inputs, num_classes, policy, weights)
+
+
+ARCHITECTURES: dict[str, Callable] = {"seed_cnn": _seed_cnn, "airbench": _airbench, "transfer": _transfer}
 
 
 def with_flip_tta(model):

@@ -21,7 +21,15 @@ import numpy as np
 
 from model_lib.fileio import atomic_open, read_json
 from model_lib.images import FolderEntry, ImageDecodeError, decode_rgb, walk_folder
-from model_lib.registry import MANIFEST_FILE, load_verified_model, parse_reference
+from model_lib.registry import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    ChecksumError,
+    RegistryError,
+    load_verified_model,
+    parse_reference,
+    verify_version,
+)
 
 OUTSIDE_LINK_ERROR = "link points outside the input folder (not followed)"
 
@@ -31,24 +39,36 @@ class ModelInfo:
     """What a prediction run needs to know about its model, resolved once from a reference."""
 
     reference: str
-    path: str
+    path: str  # the version folder
+    model_file: str  # model.keras, or a .tflite export in the same folder
     version: str
     class_names: list[str]
     image_size: int
 
 
 def resolve_model(reference: str, artifacts_root: Path) -> ModelInfo:
-    """Resolve a registry reference (or a version folder) to the model's file and metadata.
+    """Resolve a registry reference, a version folder or a `.tflite` export to the model and its metadata.
 
     Raises:
-        RegistryError: The reference does not resolve.
+        RegistryError: The reference does not resolve, or a `.tflite` file is not a registered export.
     """
-    version_dir = parse_reference(reference, artifacts_root)
+    model_file = MODEL_FILE
+    candidate = Path(reference).expanduser()
+    if candidate.suffix == ".tflite" and candidate.is_file():
+        version_dir, model_file = candidate.resolve().parent, candidate.name
+        if not (version_dir / MANIFEST_FILE).is_file():
+            raise RegistryError(f"{candidate}: not inside a registered version folder (no {MANIFEST_FILE} beside it)")
+    else:
+        version_dir = parse_reference(reference, artifacts_root)
     manifest = read_json(version_dir / MANIFEST_FILE)
+    if model_file not in manifest["files"]:
+        raise RegistryError(f"{version_dir / model_file}: not listed in the version's manifest")
+    label = f"{manifest.get('name', version_dir.parent.name)} v{manifest['version']}"
     return ModelInfo(
         reference=reference,
         path=str(version_dir),
-        version=f"{manifest.get('name', version_dir.parent.name)} v{manifest['version']}",
+        model_file=model_file,
+        version=label if model_file == MODEL_FILE else f"{label} ({model_file})",
         class_names=list(manifest["dataset"]["class_names"]),
         image_size=int(manifest["config"]["image_size"]),
     )
@@ -58,15 +78,24 @@ _models: dict[str, object] = {}
 _models_lock = threading.Lock()
 
 
-def load_model_once(path: str):
-    """The checksum-verified model at `path`, loaded once per process and shared by its threads."""
+def load_model_once(model: ModelInfo):
+    """The checksum-verified model, loaded once per process and shared by its threads."""
+    key = str(Path(model.path) / model.model_file)
     with _models_lock:
-        if path not in _models:
-            model = load_verified_model(Path(path))
+        if key not in _models:
+            if model.model_file == MODEL_FILE:
+                loaded = load_verified_model(Path(model.path))
+            else:
+                from model_lib.export import TFLiteClassifier
+
+                problems = [p for p in verify_version(Path(model.path)) if model.model_file in p]
+                if problems:
+                    raise ChecksumError("; ".join(problems))
+                loaded = TFLiteClassifier(key)
             # Build the predict function here, under the lock, not in two shard threads at once.
-            model.predict(np.zeros((1, *model.input_shape[1:]), np.uint8), verbose=0)
-            _models[path] = model
-        return _models[path]
+            loaded.predict(np.zeros((1, *loaded.input_shape[1:]), np.uint8), verbose=0)
+            _models[key] = loaded
+        return _models[key]
 
 
 def csv_columns(top_k: int) -> list[str]:
@@ -122,7 +151,7 @@ def classify_shard(
     good = [i for i, (pixels, _, _) in enumerate(decoded) if pixels is not None]
     probabilities = np.zeros((len(entries), len(model.class_names)), np.float32)
     if good:
-        keras_model = load_model_once(model.path)
+        keras_model = load_model_once(model)
         batch = np.stack([decoded[i][0] for i in good])
         probabilities[good] = keras_model.predict(batch, batch_size=batch_size, verbose=0)
     top_k = min(top_k, len(model.class_names))

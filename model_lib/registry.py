@@ -96,7 +96,7 @@ class Registry:
             raise RegistryError(f"invalid model name {name!r}: letters, digits, '.', '_' and '-' only")
         self.name = name
         self.root = Path(artifacts_root) / "models" / name
-        self._lock = FileLock(str(self.root / ".registry.lock"), timeout=LOCK_TIMEOUT_SECONDS)
+        self._lock = registry_lock(self.root)
 
     # ----- reading ---------------------------------------------------------------------------
 
@@ -297,6 +297,32 @@ class Registry:
 
     def _write_state(self, state: dict) -> None:
         write_json(self.root / REGISTRY_FILE, state)
+
+
+def registry_lock(model_root: Path) -> FileLock:
+    """The lock every writer of one model name's registry.json or manifests holds."""
+    return FileLock(str(model_root / ".registry.lock"), timeout=LOCK_TIMEOUT_SECONDS)
+
+
+def attach_to_version(version_dir: Path, files: Mapping[str, str | os.PathLike], key: str, entries: list[dict]) -> dict:
+    """Add files to a registered version and record them in its manifest under `key`.
+
+    Files are copied in first (each renamed into place), then the manifest is replaced with one
+    that lists them with their sha256 (also added to each entry), under the registry's lock so
+    manifest rewrites never interleave. Returns the new files' checksums by name.
+    """
+    with registry_lock(version_dir.parent):
+        checksums = {}
+        for name, source in files.items():
+            partial = version_dir / f".{name}.partial"
+            shutil.copyfile(source, partial)
+            os.replace(partial, version_dir / name)
+            checksums[name] = sha256_file(version_dir / name)
+        manifest = read_json(version_dir / MANIFEST_FILE)
+        manifest["files"].update(checksums)
+        manifest[key] = [{**entry, "sha256": checksums.get(entry.get("file"))} for entry in entries]
+        write_json(version_dir / MANIFEST_FILE, manifest)
+    return checksums
 
 
 def champion_stack(history: list[dict]) -> list[int]:

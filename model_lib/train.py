@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +15,15 @@ from model_lib.data import DatasetInfo, load_arrays
 from model_lib.fileio import atomic_open, write_json
 from model_lib.models import build_model, with_flip_tta
 from model_lib.preprocess import load_split, make_datasets
+from model_lib.transfer import freeze_backbone
 
 PROBE_IMAGES = 16  # fixed inputs whose outputs a reloaded model must reproduce (registry gate)
 PROBE_TOLERANCE = 1e-4  # max absolute difference in probabilities between the two
+DIVERGENCE_FACTOR = 10  # a final loss this many times uniform guessing's (ln of the class count) means divergence
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss blew up or became NaN: the model is useless and must not be registered."""
 
 
 @dataclass(frozen=True)
@@ -191,42 +197,53 @@ def train(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", config.to_dict())
-    checkpoint_dir = run_dir / "checkpoint"
     history_path = run_dir / "history.csv"
-    if not checkpoint_dir.exists():
+    phases = training_phases(config)
+    if not any((run_dir / name).exists() for phase in phases for name in (phase.checkpoint, phase.done_marker)):
         history_path.unlink(missing_ok=True)  # a fresh start must not append to an old history
-    else:
-        log(f"Resuming from checkpoint in {checkpoint_dir}")
 
     calibration = np.asarray(arrays.x_train[split.train_index[:5000]])
     with strategy.scope():
-        model = build_from_config(config, num_classes, precision, calibration)
-        model.compile(
-            optimizer=make_optimizer(config, steps_per_epoch),
-            loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-            metrics=["accuracy"],
+        model = build_model(
+            config.architecture, num_classes, config.image_size, precision, calibration, weights=config.weights
         )
-    monitor = "val_loss" if val_ds is not None else "loss"
-    callbacks = [_epoch_logger(log, config.epochs)]  # first: adds epoch_seconds for the CSV log
-    if config.early_stopping_patience:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(monitor, patience=config.early_stopping_patience, restore_best_weights=True)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+    for phase in phases:
+        done = run_dir / phase.done_marker
+        if done.exists():
+            model.load_weights(done)
+            log(f"Phase {phase.name} already finished; its weights are loaded")
+            continue
+        if (run_dir / phase.checkpoint).exists():
+            log(f"Resuming phase {phase.name} from checkpoint in {run_dir / phase.checkpoint}")
+        if phase.trainable_backbone_layers is not None:
+            count = freeze_backbone(model, phase.trainable_backbone_layers)
+            log(f"Phase {phase.name}: {count} backbone layers trainable, learning rate {phase.config.learning_rate}")
+        with strategy.scope():
+            model.compile(optimizer=make_optimizer(phase.config, steps_per_epoch), loss=loss, metrics=["accuracy"])
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            initial_epoch=phase.first_epoch,
+            epochs=phase.last_epoch,
+            callbacks=_callbacks(config, phase, run_dir, val_ds is not None, log, extra_callbacks),
+            shuffle=False,
+            verbose=0,
         )
-    if config.reduce_lr_patience:
-        callbacks.append(
-            keras.callbacks.ReduceLROnPlateau(
-                monitor, factor=config.reduce_lr_factor, patience=config.reduce_lr_patience
-            )
-        )
-    callbacks += [
-        keras.callbacks.CSVLogger(str(history_path), append=True),
-        keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
-        *extra_callbacks,
-        # Last, so an epoch is in the history before its checkpoint claims it is done.
-        keras.callbacks.BackupAndRestore(str(checkpoint_dir)),
-    ]
-    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks, shuffle=False, verbose=0)
+        if len(phases) > 1:
+            partial = done.with_name(f".{phase.name}.partial.weights.h5")
+            model.save_weights(partial)
+            os.replace(partial, done)
+    for phase in phases:  # finished: an identical run started later trains afresh, like BackupAndRestore
+        (run_dir / phase.done_marker).unlink(missing_ok=True)
     history = read_history(history_path)
+    final_loss = float(history["loss"].iloc[-1]) if len(history) else float("nan")
+    weights_finite = all(np.isfinite(weight).all() for weight in model.get_weights())
+    if not weights_finite or not final_loss <= DIVERGENCE_FACTOR * np.log(num_classes):
+        raise TrainingDiverged(
+            f"training diverged (final loss {final_loss:.3g}, weights finite: {weights_finite}); "
+            "nothing was registered: lower --learning-rate or raise --batch-size"
+        )
     train_seconds = float(history["epoch_seconds"].sum())
     log(f"Trained {len(history)} epochs in {train_seconds:.0f}s")
 
@@ -250,6 +267,67 @@ def train(
     )
 
 
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of epochs trained with one optimiser (transfer learning has two)."""
+
+    name: str
+    first_epoch: int
+    last_epoch: int
+    config: TrainConfig  # the optimiser settings of this phase
+    trainable_backbone_layers: int | None = None  # None: no backbone to freeze
+
+    @property
+    def checkpoint(self) -> str:
+        return "checkpoint" if self.name == "train" else f"checkpoint-{self.name}"
+
+    @property
+    def done_marker(self) -> str:
+        return f"{self.name}.done.weights.h5"
+
+
+def training_phases(config: TrainConfig) -> list[Phase]:
+    """One phase; or, for transfer learning, the frozen-backbone head phase then fine-tuning."""
+    if config.architecture != "transfer":
+        return [Phase("train", 0, config.epochs, config)]
+    head_epochs = min(config.head_epochs, config.epochs)
+    phases = [Phase("head", 0, head_epochs, replace(config, epochs=head_epochs), trainable_backbone_layers=0)]
+    if config.epochs > head_epochs:
+        fine_tune = replace(
+            config,
+            epochs=config.epochs - head_epochs,
+            learning_rate=config.fine_tune_learning_rate,
+            lr_schedule="constant",
+        )
+        phases.append(Phase("finetune", head_epochs, config.epochs, fine_tune, config.fine_tune_layers))
+    return phases
+
+
+def _callbacks(config: TrainConfig, phase: Phase, run_dir: Path, validating: bool, log, extra_callbacks) -> list:
+    import keras
+
+    monitor = "val_loss" if validating else "loss"
+    # The logger goes first: it adds epoch_seconds for the CSV log.
+    callbacks = [_epoch_logger(log, config.epochs), keras.callbacks.TerminateOnNaN()]
+    if config.early_stopping_patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(monitor, patience=config.early_stopping_patience, restore_best_weights=True)
+        )
+    if config.reduce_lr_patience:
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor, factor=config.reduce_lr_factor, patience=config.reduce_lr_patience
+            )
+        )
+    return callbacks + [
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
+        *extra_callbacks,
+        # Last, so an epoch is in the history before its checkpoint claims it is done.
+        keras.callbacks.BackupAndRestore(str(run_dir / phase.checkpoint)),
+    ]
+
+
 def read_history(path: Path):
     """The per-epoch history as a DataFrame; an epoch redone after a resume keeps its last row."""
     import pandas as pd
@@ -258,18 +336,13 @@ def read_history(path: Path):
     return history.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
 
 
-def build_from_config(config: TrainConfig, num_classes: int, dtype_policy: str, calibration_images: np.ndarray):
-    """The configured architecture, without test-time augmentation."""
-    return build_model(config.architecture, num_classes, config.image_size, dtype_policy, calibration_images)
-
-
 def to_serving_model(trained, config: TrainConfig, num_classes: int, calibration_images: np.ndarray):
     """A float32 twin of the trained model (whatever precision trained it), with flip TTA if configured.
 
     Serving in float32 keeps the saved model portable: it runs the same on CPUs without bf16 and
     converts cleanly to TFLite.
     """
-    serving = build_from_config(config, num_classes, "float32", calibration_images)
+    serving = build_model(config.architecture, num_classes, config.image_size, "float32", calibration_images)
     serving.set_weights(trained.get_weights())
     return with_flip_tta(serving) if config.tta_flip else serving
 

@@ -39,10 +39,22 @@ def test_interrupted_run_resumes_where_it_stopped(colour_dataset, artifacts):
 
     lines = []
     result = train(config, dataset, split_path, run_dir, log=lines.append)
-    assert any("Resuming from checkpoint" in line for line in lines)
+    assert any("Resuming phase train from checkpoint" in line for line in lines)
     epoch_lines = [line for line in lines if line.startswith("epoch ")]
     assert [line.split(":")[0] for line in epoch_lines] == ["epoch 2/3", "epoch 3/3"]  # epoch 1 not redone
     assert "val_accuracy=" in epoch_lines[0] and epoch_lines[0].endswith("s")
     assert result.epochs_run == 3 and read_history(run_dir / "history.csv")["epoch"].tolist() == [0, 1, 2]
     assert Path(result.model_path).is_file() and not (run_dir / "checkpoint").exists()
     assert (run_dir / "tensorboard").is_dir()
+
+
+def test_diverged_training_raises_and_saves_no_model(colour_dataset, artifacts):
+    from model_lib.train import TrainingDiverged
+
+    config, dataset, split_path, run_dir = _prepare(
+        colour_dataset, artifacts, architecture="seed_cnn", epochs=3, optimizer="sgd", learning_rate=50.0,
+        lr_schedule="constant",
+    )  # fmt: skip
+    with pytest.raises(TrainingDiverged, match="nothing was registered"):
+        train(config, dataset, split_path, run_dir, log=lambda m: None)
+    assert not (run_dir / "model.keras").exists()

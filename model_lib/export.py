@@ -1,0 +1,140 @@
+"""Export: TFLite float32, float16 and full-integer int8 beside a registered version, with measured accuracy.
+
+Each export's test accuracy is measured with the LiteRT interpreter on the version's own test set
+(the cached dataset its manifest names); an int8 model more than `INT8_MAX_DROP` below float32
+is recorded as failed, with the reason.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from model_lib.data import load_arrays
+from model_lib.fileio import read_json
+from model_lib.registry import MANIFEST_FILE, attach_to_version, load_verified_model
+
+EXPORT_FORMATS = ("float32", "float16", "int8")
+INT8_MAX_DROP = 0.01  # int8 may lose at most one point of test accuracy against float32
+CALIBRATION_IMAGES = 200  # training images the int8 quantiser calibrates its ranges on
+
+
+def convert(model, export_format: str, calibration_images: np.ndarray) -> bytes:
+    """A Keras model as TFLite bytes in `float32`, `float16` or full-integer `int8` (uint8 pixels in)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if export_format == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif export_format == "int8":
+        samples = np.asarray(calibration_images, np.float32)
+
+        def representative():
+            for image in samples:
+                yield [image[None]]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8  # raw pixels 0-255 go straight in
+        converter.inference_output_type = tf.uint8
+    elif export_format != "float32":
+        raise ValueError(f"unknown export format {export_format!r}; choose from {', '.join(EXPORT_FORMATS)}")
+    return converter.convert()
+
+
+class TFLiteClassifier:
+    """A `.tflite` classifier with Keras' `predict` interface: uint8 or float pixels in, probabilities out."""
+
+    def __init__(self, path: str | Path):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interpreter = Interpreter(model_path=str(path))
+        self._input = self._interpreter.get_input_details()[0]
+        self._output = self._interpreter.get_output_details()[0]
+        self.input_shape = (None, *self._input["shape"][1:])
+        self.input_dtype = np.dtype(self._input["dtype"])
+        self._lock = threading.Lock()  # one interpreter, one invocation at a time
+        self._batch = None
+
+    def predict(self, images: np.ndarray, batch_size: int = 256, verbose: int = 0) -> np.ndarray:
+        outputs = [self._run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        return np.concatenate(outputs) if outputs else np.zeros((0, self._output["shape"][-1]), np.float32)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        kind = self._input["dtype"]
+        values = np.clip(np.rint(batch), 0, 255) if np.issubdtype(kind, np.integer) else batch
+        with self._lock:
+            if self._batch != len(batch):
+                self._interpreter.resize_tensor_input(self._input["index"], [len(batch), *self._input["shape"][1:]])
+                self._interpreter.allocate_tensors()
+                self._output = self._interpreter.get_output_details()[0]
+                self._batch = len(batch)
+            self._interpreter.set_tensor(self._input["index"], values.astype(kind))
+            self._interpreter.invoke()
+            raw = self._interpreter.get_tensor(self._output["index"])
+        scale, zero = self._output["quantization"]
+        return (raw.astype(np.float32) - zero) * scale if scale else raw.astype(np.float32)
+
+
+def export_version(
+    version_dir: Path,
+    artifacts_root: Path,
+    formats: tuple[str, ...] = EXPORT_FORMATS,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Write TFLite exports beside a registered version and record them in its manifest.
+
+    Returns:
+        The manifest's `exports` entries: format, file, size, sha256, test accuracy, status, reason.
+
+    Raises:
+        FileNotFoundError: The version's cached dataset is gone (run ingest on the same data again).
+    """
+    import tempfile
+
+    manifest = read_json(version_dir / MANIFEST_FILE)
+    cache_dir = Path(artifacts_root) / "datasets" / manifest["dataset"]["fingerprint"]
+    if not (cache_dir / "dataset.json").is_file():
+        raise FileNotFoundError(
+            f"{cache_dir}: the dataset this version was trained on is not cached; "
+            "train or ingest on the same data first so exports can be calibrated and measured"
+        )
+    arrays = load_arrays(cache_dir)
+    model = load_verified_model(version_dir)
+    calibration = np.asarray(arrays.x_train[:: max(1, len(arrays.y_train) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES])
+    x_test, y_test = np.asarray(arrays.x_test), np.asarray(arrays.y_test)
+    keras_accuracy = manifest["metrics"]["test_accuracy"]
+    entries, files = [], {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for export_format in formats:
+            path = Path(scratch) / f"model_{export_format}.tflite"
+            path.write_bytes(convert(model, export_format, calibration))
+            accuracy = float((TFLiteClassifier(path).predict(x_test).argmax(axis=1) == y_test).mean())
+            entries.append({"format": export_format, "file": path.name, "size_bytes": path.stat().st_size,
+                            "test_accuracy": accuracy, "status": "ok", "reason": ""})  # fmt: skip
+            files[path.name] = path
+            log(f"{export_format}: {path.stat().st_size / 1e6:.2f} MB, test accuracy {accuracy:.4f} "
+                f"(Keras {keras_accuracy:.4f})")  # fmt: skip
+        reference = next((e["test_accuracy"] for e in entries if e["format"] == "float32"), keras_accuracy)
+        for entry in entries:
+            if entry["format"] == "int8" and TFLiteClassifier(files[entry["file"]]).input_dtype != np.uint8:
+                # The converter falls back to float silently, e.g. when weights hold NaN or inf.
+                entry["status"] = "failed"
+                entry["reason"] = "the converter left the model unquantized (non-finite weights or unsupported ops)"
+                log(f"int8 export marked failed: {entry['reason']}")
+            elif entry["format"] == "int8" and entry["test_accuracy"] < reference - INT8_MAX_DROP:
+                entry["status"] = "failed"
+                entry["reason"] = (
+                    f"int8 test accuracy {entry['test_accuracy']:.4f} is more than {INT8_MAX_DROP:.0%} "
+                    f"below float32's {reference:.4f}"
+                )
+                log(f"int8 export marked failed: {entry['reason']}")
+        checksums = attach_to_version(version_dir, files, "exports", entries)
+    for entry in entries:
+        entry["sha256"] = checksums[entry["file"]]
+    return entries

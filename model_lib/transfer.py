@@ -1,0 +1,87 @@
+"""Transfer learning: a Keras Applications backbone under a new head, trained in two phases.
+
+Images are upscaled inside the model (and the backbone's own preprocessing is kept), so the saved
+model still takes raw 32x32 RGB pixels 0-255 like every other architecture here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BACKBONE_INPUT_SIDE = 96  # pixels: MobileNetV3Small's smallest ImageNet resolution; CIFAR is resized up to it
+HEAD_DROPOUT = 0.2  # dropout before the new classifier
+BACKBONE_LAYER_NAME = "backbone"
+WEIGHTS_HELP = (
+    "download the no-top MobileNetV3Small ImageNet weights on a connected machine "
+    "(keras.applications.MobileNetV3Small(include_top=False, weights='imagenet') caches them under "
+    "~/.keras/models/), copy the .h5 file here and pass --weights /path/to/that.h5, or use --weights none"
+)
+
+
+class TransferWeightsError(ValueError):
+    """The requested backbone weights cannot be had (offline download, missing file)."""
+
+
+def backbone_weights(weights: str) -> str | None:
+    """Map the `weights` setting to Keras Applications' argument.
+
+    Raises:
+        TransferWeightsError: `weights` is a path that does not exist.
+    """
+    if weights in ("none", "", None):
+        return None
+    if weights == "imagenet":
+        return "imagenet"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise TransferWeightsError(f"{path}: weights file not found; {WEIGHTS_HELP}")
+    return str(path)
+
+
+def transfer_logits(inputs, num_classes: int, policy: str, weights: str = "none"):
+    """MobileNetV3Small (ImageNet preprocessing included) on upscaled inputs, then a new linear head."""
+    import keras
+    from keras import layers
+
+    x = layers.Resizing(BACKBONE_INPUT_SIDE, BACKBONE_INPUT_SIDE, dtype=policy)(inputs)
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)  # Applications models take the global policy
+    try:
+        backbone = keras.applications.MobileNetV3Small(
+            input_shape=(BACKBONE_INPUT_SIDE, BACKBONE_INPUT_SIDE, 3),
+            include_top=False,
+            weights=backbone_weights(weights),
+            include_preprocessing=True,
+            pooling="avg",
+        )
+    except TransferWeightsError:
+        raise
+    except Exception as error:  # the download raises whatever urllib raises
+        if weights == "imagenet":
+            raise TransferWeightsError(f"could not download the ImageNet weights ({error}); {WEIGHTS_HELP}") from None
+        raise TransferWeightsError(f"{weights}: cannot load these weights into MobileNetV3Small ({error})") from None
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+    backbone.name = BACKBONE_LAYER_NAME
+    x = backbone(x)
+    x = layers.Dropout(HEAD_DROPOUT, dtype=policy)(x)
+    return layers.Dense(num_classes, dtype=policy)(x)
+
+
+def freeze_backbone(model, trainable_top_layers: int) -> int:
+    """Freeze the backbone but its top `trainable_top_layers` layers (batch norm stays frozen).
+
+    Returns:
+        How many backbone layers are trainable now.
+    """
+    from keras import layers
+
+    backbone = model.get_layer(BACKBONE_LAYER_NAME)
+    backbone.trainable = trainable_top_layers > 0
+    first_trainable = len(backbone.layers) - trainable_top_layers
+    count = 0
+    for index, layer in enumerate(backbone.layers):
+        # Frozen batch norm keeps the pretrained statistics; fine-tuning them on few images hurts.
+        layer.trainable = index >= first_trainable and not isinstance(layer, layers.BatchNormalization)
+        count += layer.trainable
+    return count

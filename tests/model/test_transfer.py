@@ -1,0 +1,55 @@
+"""Transfer learning offline: weights from a file, a clear error for ImageNet, two training phases."""
+
+import numpy as np
+import pytest
+
+from model_lib.config import resolve_config
+from model_lib.models import build_model
+from model_lib.train import read_history, train
+from model_lib.transfer import BACKBONE_LAYER_NAME, TransferWeightsError
+from tests.model.test_train import _prepare
+
+
+def test_backbone_weights_load_from_a_local_file(tmp_path):
+    source = build_model("transfer", 10).get_layer(BACKBONE_LAYER_NAME)
+    path = tmp_path / "mobilenet_v3_small_notop.weights.h5"
+    source.save_weights(path)
+    loaded = build_model("transfer", 10, weights=str(path)).get_layer(BACKBONE_LAYER_NAME)
+    for a, b in zip(source.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_imagenet_offline_and_missing_files_explain_what_to_do(monkeypatch, tmp_path):
+    import keras.src.utils.file_utils as file_utils
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(TransferWeightsError, match=r"could not download the ImageNet weights .* --weights /path/to"):
+        build_model("transfer", 10, weights="imagenet")
+    with pytest.raises(TransferWeightsError, match="weights file not found"):
+        build_model("transfer", 10, weights=str(tmp_path / "missing.h5"))
+    with pytest.raises(ValueError, match="transfer architecture only"):
+        build_model("seed_cnn", 10, weights="imagenet")
+
+
+def test_two_phases_frozen_head_then_fine_tuning(colour_dataset, artifacts):
+    config, dataset, split_path, run_dir = _prepare(
+        colour_dataset, artifacts, architecture="transfer", epochs=2, head_epochs=1, fine_tune_layers=10,
+        optimizer="adam", learning_rate=1e-3, lr_schedule="constant",
+    )  # fmt: skip
+    assert resolve_config("default", architecture="transfer").weights == "none"
+    lines = []
+    result = train(config, dataset, split_path, run_dir, log=lines.append)
+    assert any(line.startswith("Phase head: 0 backbone layers trainable") for line in lines)
+    finetune = next(line for line in lines if line.startswith("Phase finetune"))
+    assert 0 < int(finetune.split()[2]) <= 10 and "learning rate 0.0001" in finetune
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
+    assert read_history(run_dir / "history.csv")["epoch"].tolist() == [0, 1] and result.epochs_run == 2
+    assert not list(run_dir.glob("*.done.weights.h5"))  # finished: markers cleared
+
+    import keras
+
+    model = keras.saving.load_model(result.model_path, safe_mode=True)
+    assert model.input_shape == (None, 32, 32, 3)  # still raw 32x32 pixels in
