@@ -16,6 +16,7 @@ class TrainConfig:
     architecture: str = "airbench"  # key of model_lib.models.ARCHITECTURES
     data: str = ""  # image folder, cifar-10-batches-py folder or "keras"; "" = CIFAR10_DIR or keras
     model_name: str = "cifar10"  # registry name the run registers under
+    network_width: float = 1.0  # multiplier on airbench's channel widths (64/256/256); compute grows ~squared
 
     # data
     image_size: int = 32  # pixels per side the model sees (folders are resized to this)

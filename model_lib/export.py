@@ -65,6 +65,9 @@ class TFLiteClassifier:
         outputs = [self._run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0, self._output["shape"][-1]), np.float32)
 
+    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+        return self._run(images)
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
         kind = self._input["dtype"]
         values = np.clip(np.rint(batch), 0, 255) if np.issubdtype(kind, np.integer) else batch

@@ -80,7 +80,8 @@ def decode_rgb(path: str | os.PathLike, size: tuple[int, int] | None) -> tuple[n
                 original_size = image.size
                 if size is not None and image.format == "JPEG":
                     image.draft("RGB", (size[0] * DRAFT_OVERSAMPLE, size[1] * DRAFT_OVERSAMPLE))
-                image = ImageOps.exif_transpose(image)
+                if "exif" in image.info or image.format == "TIFF":  # parsing EXIF costs a third of a small decode
+                    image = ImageOps.exif_transpose(image)
                 image = _to_rgb(image)
                 if size is not None and image.size != tuple(size):
                     image = image.resize(size, RESIZE_FILTER, reducing_gap=3.0)

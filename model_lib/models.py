@@ -28,6 +28,7 @@ def build_model(
     dtype_policy: str = "float32",
     calibration_images: np.ndarray | None = None,
     weights: str = "none",
+    width: float = 1.0,
 ):
     """Build an architecture by name.
 
@@ -39,6 +40,7 @@ def build_model(
         calibration_images: A sample of training images (uint8, NHWC) some architectures derive
             their input statistics from; fixed CIFAR statistics are used without it.
         weights: Pretrained backbone weights for `transfer`: "imagenet", a local file or "none".
+        width: Multiplier on `airbench`'s channel widths.
 
     Returns:
         An uncompiled `keras.Model`.
@@ -53,12 +55,12 @@ def build_model(
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     if weights not in ("none", "", None) and architecture != "transfer":
         raise ValueError(f"--weights applies to the transfer architecture only, not {architecture}")
-    logits = ARCHITECTURES[architecture](inputs, num_classes, dtype_policy, calibration_images, weights)
+    logits = ARCHITECTURES[architecture](inputs, num_classes, dtype_policy, calibration_images, weights, width)
     outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
     return keras.Model(inputs, outputs, name=architecture)
 
 
-def _seed_cnn(inputs, num_classes: int, policy: str, calibration_images, weights) -> object:
+def _seed_cnn(inputs, num_classes: int, policy: str, calibration_images, weights, width) -> object:
     """The origin notebook's CNN, layer for layer: 161,098 parameters for 10 classes."""
     from keras import layers
 
@@ -92,7 +94,7 @@ def patch_whitening_kernel(images: np.ndarray, patch: int = 2) -> np.ndarray:
     return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
 
 
-def _airbench(inputs, num_classes: int, policy: str, calibration_images, weights) -> object:
+def _airbench(inputs, num_classes: int, policy: str, calibration_images, weights, width) -> object:
     """airbench94's network in Keras: frozen patch whitening, three conv groups, scaled linear head."""
     from keras import layers
 
@@ -102,12 +104,12 @@ def _airbench(inputs, num_classes: int, policy: str, calibration_images, weights
     if calibration_images is not None:
         whiten.kernel.assign(patch_whitening_kernel(calibration_images[:5000]))
     x = layers.Activation("gelu", dtype=policy)(x)
-    for width in AIRBENCH_WIDTHS:
-        x = layers.Conv2D(width, 3, padding="same", use_bias=False, dtype=policy)(x)
+    for channels in (max(8, round(base * width)) for base in AIRBENCH_WIDTHS):
+        x = layers.Conv2D(channels, 3, padding="same", use_bias=False, dtype=policy)(x)
         x = layers.MaxPooling2D(dtype=policy)(x)
         for second in (False, True):
             if second:
-                x = layers.Conv2D(width, 3, padding="same", use_bias=False, dtype=policy)(x)
+                x = layers.Conv2D(channels, 3, padding="same", use_bias=False, dtype=policy)(x)
             x = layers.BatchNormalization(momentum=AIRBENCH_BN_MOMENTUM, epsilon=1e-12, scale=False, dtype=policy)(x)
             x = layers.Activation("gelu", dtype=policy)(x)
     x = layers.GlobalMaxPooling2D(dtype=policy)(x)
@@ -115,7 +117,7 @@ def _airbench(inputs, num_classes: int, policy: str, calibration_images, weights
     return layers.Rescaling(AIRBENCH_LOGIT_SCALE, dtype=policy)(x)
 
 
-def _transfer(inputs, num_classes: int, policy: str, calibration_images, weights) -> object:
+def _transfer(inputs, num_classes: int, policy: str, calibration_images, weights, width) -> object:
     """A pretrained MobileNetV3Small backbone under a new head (see model_lib.transfer)."""
     return transfer_logits(inputs, num_classes, policy, weights)
 

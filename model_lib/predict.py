@@ -1,8 +1,8 @@
 """Batch prediction: classify the images of a folder into a CSV, one row per image-like file.
 
-The folder is walked lazily in sorted path order and cut into shards; each shard is decoded with
-a thread pool (Pillow releases the GIL while decoding and resizing, so threads use every core),
-classified in batches, and written to its own part file. Parts are then concatenated, in order,
+The folder is walked lazily in sorted path order and cut into shards; each shard is decoded by a
+pool of worker processes (small images are GIL-bound Python work, so threads would not use the
+other cores), classified in batches, and written to its own part file. Parts are then concatenated, in order,
 into a temporary file that is renamed over the output: a reader never sees a partial CSV.
 """
 
@@ -12,9 +12,10 @@ import csv
 import os
 import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
+from multiprocessing import current_process, get_context
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,41 @@ def image_like_entries(input_dir: Path, recursive: bool, skipped: list[str]) -> 
             yield entry
 
 
+_decode_pool: ProcessPoolExecutor | None = None
+
+
+def decode_pool() -> ProcessPoolExecutor | None:
+    """This process's decoding pool (one process per core), or None where children are not allowed.
+
+    Dask workers are daemonic processes and may not fork; they decode in-process, one per core.
+    """
+    global _decode_pool
+    if current_process().daemon or (os.cpu_count() or 1) < 2:
+        return None
+    with _models_lock:
+        if _decode_pool is None:
+            # spawn, not fork: the parent holds TensorFlow's and Prefect's threads.
+            _decode_pool = ProcessPoolExecutor(os.cpu_count(), mp_context=get_context("spawn"))
+        return _decode_pool
+
+
+def decode_entries(input_dir: str, entries: list[FolderEntry], size: int) -> list[tuple]:
+    """Decode entries in order: `(pixels, original size, "")` or `(None, None, reason)` each."""
+    root = Path(input_dir)
+    return [_decode(root, entry, size) for entry in entries]
+
+
+def decode_in_parallel(input_dir: str, entries: list[FolderEntry], size: int) -> list[tuple]:
+    """`decode_entries` spread over this process's decoding pool, results in input order."""
+    pool = decode_pool()
+    if pool is None or len(entries) < 2:
+        return decode_entries(input_dir, entries, size)
+    parts = np.array_split(np.arange(len(entries)), os.cpu_count() or 1)
+    chunks = [[entries[i] for i in part] for part in parts if len(part)]
+    return [row for chunk in pool.map(decode_entries, [input_dir] * len(chunks), chunks, [size] * len(chunks))
+            for row in chunk]  # fmt: skip
+
+
 def _decode(input_dir: Path, entry: FolderEntry, size: int):
     if entry.kind == "outside_link":
         return None, None, OUTSIDE_LINK_ERROR
@@ -137,23 +173,22 @@ def classify_shard(
     part_path: str,
     top_k: int = 3,
     batch_size: int = 256,
-    decode_threads: int | None = None,
 ) -> dict:
     """Decode, classify and write one shard's rows (without header) to `part_path`.
 
     Returns:
         Counts: `ok`, `error`.
     """
-    root = Path(input_dir)
-    size = model.image_size
-    with ThreadPoolExecutor(decode_threads or os.cpu_count() or 1) as pool:
-        decoded = list(pool.map(lambda entry: _decode(root, entry, size), entries))
+    decoded = decode_in_parallel(input_dir, entries, model.image_size)
     good = [i for i, (pixels, _, _) in enumerate(decoded) if pixels is not None]
     probabilities = np.zeros((len(entries), len(model.class_names)), np.float32)
     if good:
         keras_model = load_model_once(model)
         batch = np.stack([decoded[i][0] for i in good])
-        probabilities[good] = keras_model.predict(batch, batch_size=batch_size, verbose=0)
+        # predict_on_batch per chunk: Keras' predict() builds a tf.data pipeline per call, ~10% slower here.
+        probabilities[good] = np.concatenate(
+            [keras_model.predict_on_batch(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)]
+        )
     top_k = min(top_k, len(model.class_names))
     ranks = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
     counts = {"ok": 0, "error": 0}

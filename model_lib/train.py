@@ -205,8 +205,9 @@ def train(
     calibration = np.asarray(arrays.x_train[split.train_index[:5000]])
     with strategy.scope():
         model = build_model(
-            config.architecture, num_classes, config.image_size, precision, calibration, weights=config.weights
-        )
+            config.architecture, num_classes, config.image_size, precision, calibration, config.weights,
+            config.network_width,
+        )  # fmt: skip
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
     for phase in phases:
         done = run_dir / phase.done_marker
@@ -342,7 +343,9 @@ def to_serving_model(trained, config: TrainConfig, num_classes: int, calibration
     Serving in float32 keeps the saved model portable: it runs the same on CPUs without bf16 and
     converts cleanly to TFLite.
     """
-    serving = build_model(config.architecture, num_classes, config.image_size, "float32", calibration_images)
+    serving = build_model(
+        config.architecture, num_classes, config.image_size, "float32", calibration_images, width=config.network_width
+    )
     serving.set_weights(trained.get_weights())
     return with_flip_tta(serving) if config.tta_flip else serving
 
