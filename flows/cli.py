@@ -90,7 +90,7 @@ def predict(
     top_k: Annotated[int, typer.Option(help="Ranked labels per image.")] = 3,
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 256,
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into sub-folders.")] = True,
-    shard_size: Annotated[int, typer.Option(help="Files per shard task.")] = 1024,
+    shard_size: Annotated[int, typer.Option(help="Files per shard task.")] = 2048,
     fail_on_error: Annotated[bool, typer.Option(help="Fail the run if any file cannot be classified.")] = False,
     dask_address: Annotated[str | None, typer.Option(help="Run shards on this Dask scheduler.")] = None,
     dask_workers: Annotated[int | None, typer.Option(help="Run shards on a local Dask cluster of N workers.")] = None,
