@@ -23,6 +23,7 @@ models_app = typer.Typer(
 app.add_typer(models_app, name="models")
 
 ModelName = Annotated[str, typer.Option("--name", help="Registered model name.")]
+VersionRef = Annotated[str, typer.Argument(help="cifar10, cifar10@latest, cifar10@v3 or a version folder.")]
 
 
 @app.command()
@@ -117,17 +118,13 @@ def predict(
 
 @app.command("export")
 def export_command(
-    ref: Annotated[str, typer.Argument(help="cifar10, cifar10@latest, cifar10@v3 or a version folder.")] = "cifar10",
+    ref: VersionRef = "cifar10",
     formats: Annotated[str, typer.Option(help="Comma-separated: float32, float16, int8.")] = "float32,float16,int8",
 ) -> None:
     """Write TFLite exports beside a registered version, with interpreter-measured test accuracy."""
     from model_lib.export import export_version
-    from model_lib.registry import RegistryError, parse_reference
 
-    try:
-        version_dir = parse_reference(ref, artifacts_dir())
-    except RegistryError as error:
-        _fail(str(error))
+    version_dir = _version_dir(ref)
     try:
         entries = export_version(version_dir, artifacts_dir(), tuple(f.strip() for f in formats.split(",")), typer.echo)
     except (FileNotFoundError, ValueError) as error:
@@ -156,6 +153,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def _version_dir(ref: str):
+    """The version folder a reference names, or a clean CLI error."""
+    from model_lib.registry import RegistryError, parse_reference
+
+    try:
+        return parse_reference(ref, artifacts_dir())
+    except RegistryError as error:
+        _fail(str(error))
+
+
 @models_app.command("list")
 def models_list(name: ModelName = "cifar10") -> None:
     """Versions with alias marks, test accuracy and date."""
@@ -176,27 +183,20 @@ def models_list(name: ModelName = "cifar10") -> None:
 
 
 @models_app.command("show")
-def models_show(ref: Annotated[str, typer.Argument(help="cifar10, cifar10@latest, cifar10@v3 or a folder.")]) -> None:
+def models_show(ref: VersionRef) -> None:
     """The version's manifest."""
     from model_lib.fileio import read_json
-    from model_lib.registry import MANIFEST_FILE, RegistryError, parse_reference
+    from model_lib.registry import MANIFEST_FILE
 
-    try:
-        version_dir = parse_reference(ref, artifacts_dir())
-    except RegistryError as error:
-        _fail(str(error))
-    typer.echo(json.dumps(read_json(version_dir / MANIFEST_FILE), indent=2))
+    typer.echo(json.dumps(read_json(_version_dir(ref) / MANIFEST_FILE), indent=2))
 
 
 @models_app.command("verify")
-def models_verify(ref: Annotated[str, typer.Argument(help="cifar10, cifar10@latest, cifar10@v3 or a folder.")]) -> None:
+def models_verify(ref: VersionRef) -> None:
     """Check every file's sha256 against the manifest; exits 1 on any mismatch."""
-    from model_lib.registry import RegistryError, parse_reference, verify_version
+    from model_lib.registry import verify_version
 
-    try:
-        version_dir = parse_reference(ref, artifacts_dir())
-    except RegistryError as error:
-        _fail(str(error))
+    version_dir = _version_dir(ref)
     problems = verify_version(version_dir)
     for problem in problems:
         typer.echo(f"FAILED {problem}", err=True)
