@@ -55,6 +55,7 @@ class TrainConfig:
     # runtime
     seed: int = 0  # seeds the split, weights, shuffling and augmentation
     precision: str = "auto"  # "auto", "float32", "mixed_bfloat16" or "mixed_float16"
+    jit_compile: str = "auto"  # XLA: "auto" (GPUs only; it halved bf16 throughput on this CPU), "on" or "off"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

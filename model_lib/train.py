@@ -78,6 +78,24 @@ def choose_precision(
     return "float32", "CPU without bf16 units"
 
 
+def use_xla(setting: str, on_gpu: bool) -> bool:
+    """Whether to compile the train step with XLA: `auto` means on GPUs only."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"jit_compile must be auto, on or off, not {setting!r}")
+    return setting == "on" or (setting == "auto" and on_gpu)
+
+
+def scale_for_replicas(config: TrainConfig, replicas: int) -> TrainConfig:
+    """Batch size per replica -> global batch, with the learning rate scaled by the same factor.
+
+    With N GPUs under MirroredStrategy each replica keeps `batch_size` images per step, so the
+    global batch is N times larger and the linear scaling rule multiplies the learning rate by N.
+    """
+    if replicas <= 1:
+        return config
+    return replace(config, batch_size=config.batch_size * replicas, learning_rate=config.learning_rate * replicas)
+
+
 def _devices() -> tuple[object, str, list[tuple[int, int]]]:
     """The distribution strategy, a description of the devices, and the GPUs' compute capabilities."""
     import tensorflow as tf
@@ -186,7 +204,12 @@ def train(
 
     strategy, device, capabilities = _devices()
     precision, why = choose_precision(config.precision, capabilities, cpu_supports_bf16())
-    log(f"Training {config.architecture} on {device}, precision {precision} ({why})")
+    xla = use_xla(config.jit_compile, bool(capabilities))
+    log(f"Training {config.architecture} on {device}, precision {precision} ({why}), XLA {'on' if xla else 'off'}")
+    config = scale_for_replicas(config, strategy.num_replicas_in_sync)
+    if strategy.num_replicas_in_sync > 1:
+        replicas = strategy.num_replicas_in_sync
+        log(f"{replicas} replicas: global batch {config.batch_size}, learning rate {config.learning_rate}")
     keras.utils.set_random_seed(config.seed)
 
     arrays = load_arrays(dataset.cache_dir)
@@ -221,7 +244,12 @@ def train(
             count = freeze_backbone(model, phase.trainable_backbone_layers)
             log(f"Phase {phase.name}: {count} backbone layers trainable, learning rate {phase.config.learning_rate}")
         with strategy.scope():
-            model.compile(optimizer=make_optimizer(phase.config, steps_per_epoch), loss=loss, metrics=["accuracy"])
+            model.compile(
+                optimizer=make_optimizer(phase.config, steps_per_epoch),
+                loss=loss,
+                metrics=["accuracy"],
+                jit_compile=xla,
+            )
         model.fit(
             train_ds,
             validation_data=val_ds,
