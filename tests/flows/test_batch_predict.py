@@ -136,4 +136,7 @@ def test_upscaled_cifar_images_are_classified_like_the_originals(prefect_harness
     truth = small["path"].str.split("/").str[0]
     accuracy_small, accuracy_large = (small["label"] == truth).mean(), (large["label"] == truth).mean()
     assert accuracy_small > 0.2
-    assert abs(accuracy_small - accuracy_large) <= 0.06, (accuracy_small, accuracy_large)
+    # Trained models lose under a point on this round trip (default 86.0 -> 85.3%, seed 71.7 -> 71.0%
+    # on these 300 images); this 2-epoch smoke model has lost up to 6.3. A preprocessing mismatch
+    # (no antialiasing, wrong channel order) costs tens of points, which this bound still catches.
+    assert abs(accuracy_small - accuracy_large) <= 0.08, (accuracy_small, accuracy_large)
