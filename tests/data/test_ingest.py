@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from model_lib.data import DatasetError, ingest, load_arrays, resolve_source
+from model_lib.images import decode_rgb
 from tests.conftest import CLASS_COLOURS, write_colour_dataset
 
 quiet = dict(log=lambda message: None, workers=2)
@@ -118,3 +119,17 @@ def test_batch_files_holding_arbitrary_objects_are_refused(tmp_path, artifacts):
     (root / "data_batch_2").write_bytes(pickle.dumps({b"data": Exploit(), b"labels": []}))
     with pytest.raises(DatasetError, match=r"data_batch_2: not a valid CIFAR batch file \(refusing to load"):
         ingest(str(root), artifacts, **quiet)
+
+
+def test_photo_sized_copies_decode_to_the_original_pixels(upscaled_cifar):
+    """Training and prediction share `decode_rgb`; a 640x480 JPEG copy shrinks back close to the original."""
+    originals, photos = upscaled_cifar
+    names = sorted(path.relative_to(originals) for path in originals.rglob("*.jpg"))
+    original = np.stack([decode_rgb(originals / name, (32, 32))[0] for name in names]).astype(np.float32)
+    shrunk = np.stack([decode_rgb(photos / name, (32, 32))[0] for name in names]).astype(np.float32)
+    per_image = np.abs(shrunk - original).mean(axis=(1, 2, 3))
+    # Measured on these 300 images: mean 2.3, worst 5.1 levels of 255 (JPEG q90 + bicubic both ways).
+    assert per_image.mean() < 3.5 and per_image.max() < 8, (per_image.mean(), per_image.max())
+    # Swapped channel order, the classic mismatch, is far outside that: 20 levels on average.
+    swapped = np.abs(shrunk[..., ::-1] - original).mean(axis=(1, 2, 3))
+    assert swapped.mean() > 3 * per_image.mean()
