@@ -1,8 +1,8 @@
 """Batch-prediction speed and memory, side by side in one run.
 
-    python bench/predict_speed.py [--data ../shared/datasets/cifar10] [--origin-images 500]
+    python bench/predict_speed.py --model artifacts/models/cifar10/v1 [--data ../shared/datasets/cifar10]
 
-Measures on the CIFAR-10 test JPEGs with one model (a registered version, or a fresh seed_cnn):
+Measures on the CIFAR-10 test JPEGs with one registered model version:
   1. the origin's loop: keras load_img -> img_to_array / 255 -> model.predict on one image;
   2. the batch-predict flow (thread-pool runner) on all test images;
   3. the decode-only ceiling: the same walk, decoder and decoding processes, no model;
@@ -53,14 +53,14 @@ def decode_only(folder: Path) -> float:
     """
     import model_lib.predict
     from flows.batch_predict import SHARD_FILES
-    from model_lib.predict import decode_in_parallel, image_like_entries, shards
+    from model_lib.predict import decode_shard, image_like_entries, shards
 
     if model_lib.predict._decode_pool is not None:
         model_lib.predict._decode_pool.shutdown()
         model_lib.predict._decode_pool = None
     started, count = time.perf_counter(), 0
     for shard in shards(image_like_entries(folder, True, []), SHARD_FILES):
-        count += len(decode_in_parallel(str(folder), shard, 32))
+        count += len(decode_shard(str(folder), shard, 32)().errors)
     return count / (time.perf_counter() - started)
 
 
@@ -119,7 +119,7 @@ def subset_folder(source: Path, target: Path, count: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("CIFAR10_DIR", str(REPO.parent / "shared/datasets/cifar10")))
-    parser.add_argument("--model", default=None, help="a registered version folder (default: a fresh seed_cnn)")
+    parser.add_argument("--model", required=True, help="a registered version folder")
     parser.add_argument("--origin-images", type=int, default=500, help="images timed in the origin's slow loop")
     parser.add_argument("--photos", type=int, default=24, help="12-megapixel JPEGs generated for the draft test")
     args = parser.parse_args()
@@ -132,16 +132,9 @@ def main() -> None:
         os.environ["ARTIFACTS_DIR"] = str(artifacts)
         from flows.batch_predict import batch_predict
         from model_lib.registry import load_verified_model
-        from tests.flows.test_batch_predict import register_keras_model
 
-        if args.model:
-            model_dir = Path(args.model)
-            model = load_verified_model(model_dir)
-        else:
-            from model_lib.models import build_model
-
-            model = build_model("seed_cnn", 10)
-            model_dir = register_keras_model(artifacts, model, scratch)
+        model_dir = Path(args.model).resolve()
+        model = load_verified_model(model_dir)
         test_paths = image_paths(data / "test")
 
         origin_rate = origin_loop(model, test_paths[: args.origin_images])

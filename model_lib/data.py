@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from model_lib.fileio import write_json
-from model_lib.images import ImageDecodeError, decode_rgb, walk_folder
+from model_lib.images import decode_files_in_pool, walk_folder
 from model_lib.settings import KERAS_DOWNLOAD
 
 CACHE_FORMAT = 1  # bump when the cached arrays' layout or the decoder's output changes
@@ -257,17 +257,6 @@ def _balanced_subset(x: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[n
     return x[index], y[index]
 
 
-def _decode_chunk(paths: list[str], size: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    images = np.zeros((len(paths), size, size, 3), np.uint8)
-    errors = []
-    for i, path in enumerate(paths):
-        try:
-            images[i] = decode_rgb(path, (size, size))[0]
-        except ImageDecodeError as error:
-            errors.append((i, error.reason))
-    return images, errors
-
-
 def _decode_image_folder(
     splits: dict[str, list[tuple[Path, int]]],
     size: int,
@@ -283,19 +272,11 @@ def _decode_image_folder(
         for split, items in splits.items():
             paths = [str(path) for path, _ in items]
             labels = np.array([label for _, label in items], np.int32)
-            chunks = [paths[i : i + DECODE_CHUNK_FILES] for i in range(0, len(paths), DECODE_CHUNK_FILES)]
-            images, keep = [], np.ones(len(paths), bool)
-            for offset, (chunk_images, errors) in zip(
-                range(0, len(paths), DECODE_CHUNK_FILES),
-                pool.map(_decode_chunk, chunks, [size] * len(chunks)),
-                strict=True,
-            ):
-                images.append(chunk_images)
-                for i, reason in errors:
-                    keep[offset + i] = False
-                    failures.append(f"{paths[offset + i]}: {reason}")
+            files = decode_files_in_pool(paths, size, pool, DECODE_CHUNK_FILES)()
+            failures += [f"{path}: {error}" for path, error in zip(paths, files.errors, strict=True) if error]
+            keep = np.array([not error for error in files.errors], bool)
             log(f"Decoded {len(paths)} {split} images with {workers} processes")
-            decoded[split] = (np.concatenate(images)[keep], labels[keep])
+            decoded[split] = (files.pixels[keep], labels[keep])
     if failures and not skip_corrupt:
         listing = "\n  ".join(failures[:20]) + (f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else "")
         raise DatasetError(

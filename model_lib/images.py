@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,60 @@ def decode_rgb(path: str | os.PathLike, size: tuple[int, int] | None) -> tuple[n
         raise ImageDecodeError(path, "not an image (format not recognised)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageDecodeError(path, f"truncated or corrupt image ({error})") from None
+
+
+@dataclass(frozen=True)
+class DecodedFiles:
+    """Several files decoded to one size, in order; a file that failed keeps zero pixels and a reason."""
+
+    pixels: np.ndarray
+    """`(files, size, size, 3)` uint8."""
+    sizes: list[tuple[int, int] | None]
+    """Each file's original `(width, height)`; None where it failed."""
+    errors: list[str]
+    """"" where the file decoded, else why it did not."""
+
+
+def decode_files(paths: Sequence[str | os.PathLike], size: int) -> DecodedFiles:
+    """Decode files to `size`x`size` RGB with `decode_rgb`; a broken file is recorded, never raised."""
+    pixels = np.zeros((len(paths), size, size, 3), np.uint8)
+    sizes: list[tuple[int, int] | None] = []
+    errors: list[str] = []
+    for i, path in enumerate(paths):
+        try:
+            pixels[i], original = decode_rgb(path, (size, size))
+            sizes.append(original)
+            errors.append("")
+        except ImageDecodeError as error:
+            sizes.append(None)
+            errors.append(error.reason)
+    return DecodedFiles(pixels, sizes, errors)
+
+
+def decode_files_in_pool(
+    paths: Sequence[str | os.PathLike], size: int, pool: Executor | None, chunk_files: int
+) -> Callable[[], DecodedFiles]:
+    """Start `decode_files` over `pool` in chunks of `chunk_files`; returns a function that waits for it.
+
+    The caller can do other work (load a model) while the pool decodes. Without a pool the
+    returned function decodes in this process. Each worker returns one dense pixel array per
+    chunk, which pickles far cheaper than an array per image.
+    """
+    if pool is None:
+        return lambda: decode_files(paths, size)
+    futures = [pool.submit(decode_files, paths[i : i + chunk_files], size) for i in range(0, len(paths), chunk_files)]
+
+    def gather() -> DecodedFiles:
+        parts = [future.result() for future in futures]
+        if not parts:
+            return decode_files([], size)
+        return DecodedFiles(
+            np.concatenate([part.pixels for part in parts]),
+            [original for part in parts for original in part.sizes],
+            [error for part in parts for error in part.errors],
+        )
+
+    return gather
 
 
 @dataclass(frozen=True)

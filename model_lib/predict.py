@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from model_lib.fileio import atomic_open, read_json
-from model_lib.images import FolderEntry, ImageDecodeError, decode_rgb, walk_folder
+from model_lib.images import DecodedFiles, FolderEntry, decode_files_in_pool, walk_folder
 from model_lib.registry import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -122,6 +122,7 @@ def image_like_entries(input_dir: Path, recursive: bool, skipped: list[str]) -> 
 
 
 _decode_pool: ProcessPoolExecutor | None = None
+_decode_pool_lock = threading.Lock()  # not the models' lock: a shard must not wait on another's model load
 
 
 def decode_pool() -> ProcessPoolExecutor | None:
@@ -132,38 +133,37 @@ def decode_pool() -> ProcessPoolExecutor | None:
     global _decode_pool
     if current_process().daemon or (os.cpu_count() or 1) < 2:
         return None
-    with _models_lock:
+    with _decode_pool_lock:
         if _decode_pool is None:
             # spawn, not fork: the parent holds TensorFlow's and Prefect's threads.
             _decode_pool = ProcessPoolExecutor(os.cpu_count(), mp_context=get_context("spawn"))
         return _decode_pool
 
 
-def decode_entries(input_dir: str, entries: list[FolderEntry], size: int) -> list[tuple]:
-    """Decode entries in order: `(pixels, original size, "")` or `(None, None, reason)` each."""
+def decode_shard(input_dir: str, entries: list[FolderEntry], size: int) -> Callable[[], DecodedFiles]:
+    """Start decoding a shard's entries over this process's decoding pool; returns a function that waits.
+
+    Results come in entry order. A link out of the input folder is never opened: it is recorded
+    as an error.
+    """
     root = Path(input_dir)
-    return [_decode(root, entry, size) for entry in entries]
+    inside = [i for i, entry in enumerate(entries) if entry.kind != "outside_link"]
+    per_worker = max(1, -(-len(inside) // (os.cpu_count() or 1)))
+    pending = decode_files_in_pool([root / entries[i].relative_path for i in inside], size, decode_pool(), per_worker)
+    if len(inside) == len(entries):
+        return pending
 
+    def with_links() -> DecodedFiles:
+        decoded = pending()
+        pixels = np.zeros((len(entries), size, size, 3), np.uint8)
+        pixels[inside] = decoded.pixels
+        sizes: list = [None] * len(entries)
+        errors = [OUTSIDE_LINK_ERROR] * len(entries)
+        for j, i in enumerate(inside):
+            sizes[i], errors[i] = decoded.sizes[j], decoded.errors[j]
+        return DecodedFiles(pixels, sizes, errors)
 
-def decode_in_parallel(input_dir: str, entries: list[FolderEntry], size: int) -> list[tuple]:
-    """`decode_entries` spread over this process's decoding pool, results in input order."""
-    pool = decode_pool()
-    if pool is None or len(entries) < 2:
-        return decode_entries(input_dir, entries, size)
-    parts = np.array_split(np.arange(len(entries)), os.cpu_count() or 1)
-    chunks = [[entries[i] for i in part] for part in parts if len(part)]
-    return [row for chunk in pool.map(decode_entries, [input_dir] * len(chunks), chunks, [size] * len(chunks))
-            for row in chunk]  # fmt: skip
-
-
-def _decode(input_dir: Path, entry: FolderEntry, size: int):
-    if entry.kind == "outside_link":
-        return None, None, OUTSIDE_LINK_ERROR
-    try:
-        pixels, original = decode_rgb(input_dir / entry.relative_path, (size, size))
-        return pixels, original, ""
-    except ImageDecodeError as error:
-        return None, None, error.reason
+    return with_links
 
 
 def classify_shard(
@@ -179,12 +179,13 @@ def classify_shard(
     Returns:
         Counts: `ok`, `error`.
     """
-    decoded = decode_in_parallel(input_dir, entries, model.image_size)
-    good = [i for i, (pixels, _, _) in enumerate(decoded) if pixels is not None]
+    pending = decode_shard(input_dir, entries, model.image_size)
+    keras_model = load_model_once(model)  # while the pool decodes: the first shard's load costs no time
+    decoded = pending()
+    good = np.flatnonzero([not error for error in decoded.errors])
     probabilities = np.zeros((len(entries), len(model.class_names)), np.float32)
-    if good:
-        keras_model = load_model_once(model)
-        batch = np.stack([decoded[i][0] for i in good])
+    if len(good):
+        batch = decoded.pixels[good]
         # predict_on_batch per chunk: Keras' predict() builds a tf.data pipeline per call, ~10% slower here.
         probabilities[good] = np.concatenate(
             [keras_model.predict_on_batch(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)]
@@ -195,14 +196,14 @@ def classify_shard(
     with open(part_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         for i, entry in enumerate(entries):
-            pixels, original, error = decoded[i]
-            if pixels is None:
+            error = decoded.errors[i]
+            if error:
                 counts["error"] += 1
                 writer.writerow([entry.relative_path, "error", "", "", *[""] * (2 * top_k), "", "", error])
                 continue
             counts["ok"] += 1
             ranked = [value for c in ranks[i] for value in (model.class_names[c], f"{probabilities[i, c]:.6f}")]
-            writer.writerow([entry.relative_path, "ok", ranked[0], ranked[1], *ranked, *original, ""])
+            writer.writerow([entry.relative_path, "ok", ranked[0], ranked[1], *ranked, *decoded.sizes[i], ""])
     return counts
 
 

@@ -15,6 +15,7 @@ from model_lib.data import DatasetInfo, load_arrays
 from model_lib.fileio import atomic_open, write_json
 from model_lib.models import build_model, with_flip_tta
 from model_lib.preprocess import load_split, make_datasets
+from model_lib.recipe import lookahead_callback, make_optimizer
 from model_lib.transfer import freeze_backbone
 
 PROBE_IMAGES = 16  # fixed inputs whose outputs a reloaded model must reproduce (registry gate)
@@ -116,49 +117,6 @@ def _devices() -> tuple[object, str, list[tuple[int, int]]]:
     return tf.distribute.get_strategy(), f"CPU ({os.cpu_count()} cores)", capabilities
 
 
-def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int):
-    """The configured learning rate: a float, or a schedule over optimiser steps."""
-    import keras
-
-    if config.lr_schedule == "constant":
-        return config.learning_rate
-    if config.lr_schedule != "warmup_linear":
-        raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}")
-    total = max(1, config.epochs * steps_per_epoch)
-    warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
-    # Piecewise linear 0 -> peak -> 0 on the step counter (Keras has no linear warm-up + linear decay).
-    boundaries = np.array([0, warmup, total], np.float32)
-    values = np.array([0.0, config.learning_rate, 0.0], np.float32)
-
-    class WarmupLinear(keras.optimizers.schedules.LearningRateSchedule):
-        def __call__(self, step):
-            from keras import ops
-
-            step = ops.cast(step, "float32")
-            up = values[1] * step / boundaries[1]
-            down = values[1] * (boundaries[2] - step) / (boundaries[2] - boundaries[1])
-            return ops.maximum(ops.where(step < boundaries[1], up, down), 0.0)
-
-        def get_config(self):
-            return {"warmup_steps": int(warmup), "total_steps": int(total), "peak": config.learning_rate}
-
-    return WarmupLinear()
-
-
-def make_optimizer(config: TrainConfig, steps_per_epoch: int):
-    """The optimiser named by the config, with its learning-rate schedule."""
-    import keras
-
-    learning_rate = learning_rate_schedule(config, steps_per_epoch)
-    if config.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate)
-    if config.optimizer == "sgd":
-        return keras.optimizers.SGD(
-            learning_rate, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay or None
-        )
-    raise ValueError(f"unknown optimizer {config.optimizer!r}")
-
-
 def _epoch_logger(log: Callable[[str], None], epochs: int):
     import keras
 
@@ -243,9 +201,10 @@ def train(
         if phase.trainable_backbone_layers is not None:
             count = freeze_backbone(model, phase.trainable_backbone_layers)
             log(f"Phase {phase.name}: {count} backbone layers trainable, learning rate {phase.config.learning_rate}")
+        phase_steps = phase.config.epochs * steps_per_epoch
         with strategy.scope():
             model.compile(
-                optimizer=make_optimizer(phase.config, steps_per_epoch),
+                optimizer=make_optimizer(phase.config, phase_steps, model),
                 loss=loss,
                 metrics=["accuracy"],
                 jit_compile=xla,
@@ -255,7 +214,7 @@ def train(
             validation_data=val_ds,
             initial_epoch=phase.first_epoch,
             epochs=phase.last_epoch,
-            callbacks=_callbacks(config, phase, run_dir, val_ds is not None, log, extra_callbacks),
+            callbacks=_callbacks(config, phase, phase_steps, run_dir, val_ds is not None, log, extra_callbacks),
             shuffle=False,
             verbose=0,
         )
@@ -332,12 +291,16 @@ def training_phases(config: TrainConfig) -> list[Phase]:
     return phases
 
 
-def _callbacks(config: TrainConfig, phase: Phase, run_dir: Path, validating: bool, log, extra_callbacks) -> list:
+def _callbacks(
+    config: TrainConfig, phase: Phase, phase_steps: int, run_dir: Path, validating: bool, log, extra_callbacks
+) -> list:
     import keras
 
     monitor = "val_loss" if validating else "loss"
     # The logger goes first: it adds epoch_seconds for the CSV log.
     callbacks = [_epoch_logger(log, config.epochs), keras.callbacks.TerminateOnNaN()]
+    if phase.config.lookahead_every:
+        callbacks.append(lookahead_callback(phase.config.lookahead_every, phase.config.lookahead_decay, phase_steps))
     if config.early_stopping_patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(monitor, patience=config.early_stopping_patience, restore_best_weights=True)

@@ -4,7 +4,8 @@ import pytest
 
 from model_lib.config import resolve_config
 from model_lib.models import ARCHITECTURES, build_model, patch_whitening_kernel, with_flip_tta
-from model_lib.train import learning_rate_schedule, to_serving_model
+from model_lib.recipe import learning_rate_schedule
+from model_lib.train import to_serving_model
 
 rng = np.random.default_rng(0)
 IMAGES = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
@@ -57,10 +58,12 @@ def test_patch_whitening_decorrelates_patches():
     np.testing.assert_allclose(kernel[..., :12], -kernel[..., 12:])
 
 
-def test_warmup_linear_schedule_rises_then_falls_to_zero():
-    config = resolve_config("default", epochs=10, learning_rate=0.4, warmup_epochs=2)
-    schedule = learning_rate_schedule(config, steps_per_epoch=100)
-    lr = [float(schedule(step)) for step in (0, 100, 200, 600, 1000)]
-    assert lr[0] == 0 and lr[1] == pytest.approx(0.2) and lr[2] == pytest.approx(0.4)
-    assert lr[3] == pytest.approx(0.4 * 4 / 8) and lr[4] == 0
+def test_warmup_linear_schedule_rises_from_a_fraction_to_the_peak_then_falls_to_a_fraction():
+    config = resolve_config(
+        "default", learning_rate=0.4, warmup_fraction=0.2, lr_start_fraction=0.2, lr_end_fraction=0.1
+    )
+    schedule = learning_rate_schedule(config, total_steps=1000)
+    lr = [float(schedule(step)) for step in (0, 100, 200, 600, 1000, 1200)]
+    assert lr[0] == pytest.approx(0.08) and lr[1] == pytest.approx(0.24) and lr[2] == pytest.approx(0.4)
+    assert lr[3] == pytest.approx(0.4 * (1 - 0.9 * 400 / 800)) and lr[4] == lr[5] == pytest.approx(0.04)
     assert learning_rate_schedule(resolve_config("seed"), 100) == 1e-3

@@ -44,3 +44,11 @@ def test_run_key_depends_on_config_and_data():
 def test_every_profile_resolves():
     for name in PROFILES:
         assert isinstance(resolve_config(name), TrainConfig)
+
+
+def test_sgd_learning_rate_follows_the_batch_size_unless_given():
+    default = resolve_config("default")
+    assert resolve_config("fast").learning_rate == pytest.approx(default.learning_rate / 2)  # batch 256
+    assert resolve_config("smoke", batch_size=8).learning_rate == pytest.approx(default.learning_rate * 8 / 512)
+    assert resolve_config("smoke", batch_size=8, learning_rate=0.05).learning_rate == 0.05
+    assert resolve_config("seed", batch_size=8).learning_rate == 1e-3  # Adam: not scaled

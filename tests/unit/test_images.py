@@ -1,12 +1,13 @@
 """The shared decoder: what it accepts, what it refuses, and what it never does."""
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from model_lib.images import ImageDecodeError, decode_rgb, walk_folder
+from model_lib.images import ImageDecodeError, decode_files, decode_files_in_pool, decode_rgb, walk_folder
 from tests.catalogue import bomb_png
 
 
@@ -67,3 +68,19 @@ def test_walk_is_sorted_and_never_leaves_the_folder(tmp_path):
     assert [e.relative_path for e in walk_folder(root, recursive=False)] == [
         "a.png", "b.png", "c.png", "d.png", "dir.png", "linked_dir", "notes.txt"
     ]  # fmt: skip
+
+
+def test_decoding_in_pool_chunks_keeps_file_order_and_records_broken_files(tmp_path):
+    paths = []
+    for i in range(7):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (10 + i, 8), (30 * i, 0, 0)).save(path)
+        paths.append(path)
+    paths[3].write_bytes(b"not an image")
+    in_process = decode_files(paths, 4)
+    with ThreadPoolExecutor(2) as pool:
+        pooled = decode_files_in_pool(paths, 4, pool, chunk_files=2)()
+    np.testing.assert_array_equal(pooled.pixels, in_process.pixels)
+    assert pooled.sizes == in_process.sizes and pooled.errors == in_process.errors
+    assert [bool(error) for error in pooled.errors] == [False, False, False, True, False, False, False]
+    assert pooled.sizes[6] == (16, 8) and pooled.pixels[3].max() == 0 and pooled.pixels[6, 0, 0, 0] == 180
