@@ -1,4 +1,4 @@
-"""Train: device and precision choice, the optimiser and schedule, resumable `fit`, the saved model."""
+"""Train: devices, resumable `fit` with the recipe's callbacks, the saved model."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from model_lib.config import TrainConfig
 from model_lib.data import DatasetInfo, load_arrays
 from model_lib.fileio import atomic_open, write_json
 from model_lib.models import build_model, with_flip_tta
+from model_lib.precision import choose_precision, cpu_bf16_units, scale_for_replicas, use_xla
 from model_lib.preprocess import load_split, make_datasets
 from model_lib.recipe import lookahead_callback, make_optimizer
 from model_lib.transfer import freeze_backbone
@@ -42,59 +43,6 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU has native bf16 matrix units (AMX or AVX-512 BF16)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set(cpuinfo.split())
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
-
-
-def choose_precision(
-    requested: str, gpu_compute_capabilities: list[tuple[int, int]], cpu_bf16: bool
-) -> tuple[str, str]:
-    """Pick the Keras dtype policy for training.
-
-    Args:
-        requested: `auto` or an explicit policy name (kept as given).
-        gpu_compute_capabilities: `(major, minor)` of each visible GPU; empty on CPU.
-        cpu_bf16: Whether the CPU has bf16 units.
-
-    Returns:
-        The policy, and why it was chosen.
-    """
-    if requested != "auto":
-        return requested, "requested explicitly"
-    if gpu_compute_capabilities:
-        if min(gpu_compute_capabilities) >= (7, 0):
-            return "mixed_float16", "GPU with float16 tensor cores"
-        return "float32", "GPU without fast float16"
-    if cpu_bf16:
-        return "mixed_bfloat16", "CPU with AMX/AVX-512 bf16 units"
-    return "float32", "CPU without bf16 units"
-
-
-def use_xla(setting: str, on_gpu: bool) -> bool:
-    """Whether to compile the train step with XLA: `auto` means on GPUs only."""
-    if setting not in ("auto", "on", "off"):
-        raise ValueError(f"jit_compile must be auto, on or off, not {setting!r}")
-    return setting == "on" or (setting == "auto" and on_gpu)
-
-
-def scale_for_replicas(config: TrainConfig, replicas: int) -> TrainConfig:
-    """Batch size per replica -> global batch, with the learning rate scaled by the same factor.
-
-    With N GPUs under MirroredStrategy each replica keeps `batch_size` images per step, so the
-    global batch is N times larger and the linear scaling rule multiplies the learning rate by N.
-    """
-    if replicas <= 1:
-        return config
-    return replace(config, batch_size=config.batch_size * replicas, learning_rate=config.learning_rate * replicas)
 
 
 def _devices() -> tuple[object, str, list[tuple[int, int]]]:
@@ -161,7 +109,7 @@ def train(
     import keras
 
     strategy, device, capabilities = _devices()
-    precision, why = choose_precision(config.precision, capabilities, cpu_supports_bf16())
+    precision, why = choose_precision(config.precision, capabilities, cpu_bf16_units())
     xla = use_xla(config.jit_compile, bool(capabilities))
     log(f"Training {config.architecture} on {device}, precision {precision} ({why}), XLA {'on' if xla else 'off'}")
     config = scale_for_replicas(config, strategy.num_replicas_in_sync)

@@ -1,31 +1,45 @@
-from model_lib.train import choose_precision, cpu_supports_bf16
+import pytest
+
+from model_lib.precision import choose_precision, cpu_bf16_units, measure_bf16_speedup, scale_for_replicas, use_xla
+
+
+def _never_measured() -> float:
+    raise AssertionError("the bf16 probe should not run here")
 
 
 def test_cpu_without_bf16_trains_in_float32():
-    assert choose_precision("auto", [], cpu_bf16=False)[0] == "float32"
+    assert choose_precision("auto", [], cpu_bf16="", bf16_speedup=_never_measured)[0] == "float32"
 
 
-def test_cpu_with_bf16_units_uses_mixed_bfloat16():
-    assert choose_precision("auto", [], cpu_bf16=True)[0] == "mixed_bfloat16"
+def test_cpu_with_amx_uses_mixed_bfloat16():
+    assert choose_precision("auto", [], cpu_bf16="amx", bf16_speedup=_never_measured)[0] == "mixed_bfloat16"
+
+
+def test_avx512_bf16_without_amx_goes_by_the_measured_speed():
+    faster = choose_precision("auto", [], cpu_bf16="avx512_bf16", bf16_speedup=lambda: 1.4)
+    slower = choose_precision("auto", [], cpu_bf16="avx512_bf16", bf16_speedup=lambda: 0.6)
+    assert faster == ("mixed_bfloat16", "CPU with AVX-512 BF16, no AMX: bf16 measured 1.40x float32's speed")
+    assert slower[0] == "float32" and "0.60x" in slower[1]
+
+
+def test_the_bf16_probe_times_both_policies_on_this_cpu():
+    speedup = measure_bf16_speedup()
+    assert 0.05 < speedup < 20 and measure_bf16_speedup() == speedup  # measured once per process
 
 
 def test_gpu_choice_and_explicit_override():
-    assert choose_precision("auto", [(8, 0)], cpu_bf16=True)[0] == "mixed_float16"
-    assert choose_precision("auto", [(6, 1)], cpu_bf16=False)[0] == "float32"
-    assert choose_precision("float32", [(9, 0)], cpu_bf16=True) == ("float32", "requested explicitly")
+    assert choose_precision("auto", [(8, 0)], cpu_bf16="amx")[0] == "mixed_float16"
+    assert choose_precision("auto", [(6, 1)], cpu_bf16="")[0] == "float32"
+    assert choose_precision("float32", [(9, 0)], cpu_bf16="amx") == ("float32", "requested explicitly")
 
 
 def test_cpu_flags_are_read_from_cpuinfo():
-    assert cpu_supports_bf16("flags : fpu sse avx2 avx512f avx512_bf16 amx_tile")
-    assert cpu_supports_bf16("flags : fpu amx_bf16 amx_tile")
-    assert not cpu_supports_bf16("flags : fpu sse avx2 avx512f")
+    assert cpu_bf16_units("flags : fpu sse avx2 avx512f avx512_bf16 amx_tile amx_bf16") == "amx"
+    assert cpu_bf16_units("flags : fpu sse avx2 avx512f avx512_bf16") == "avx512_bf16"
+    assert cpu_bf16_units("flags : fpu sse avx2 avx512f") == ""
 
 
 def test_xla_is_used_on_gpus_only_unless_forced():
-    import pytest
-
-    from model_lib.train import use_xla
-
     assert use_xla("auto", on_gpu=True) and not use_xla("auto", on_gpu=False)
     assert use_xla("on", on_gpu=False) and not use_xla("off", on_gpu=True)
     with pytest.raises(ValueError, match="jit_compile"):
@@ -34,7 +48,6 @@ def test_xla_is_used_on_gpus_only_unless_forced():
 
 def test_batch_size_and_learning_rate_scale_together_with_replicas():
     from model_lib.config import resolve_config
-    from model_lib.train import scale_for_replicas
 
     config = resolve_config("default")
     assert scale_for_replicas(config, 1) is config
