@@ -10,6 +10,8 @@ import numpy as np
 
 from model_lib.config import TrainConfig
 
+PREFETCH_BATCHES = 2  # batches prepared ahead of the training step
+
 
 @dataclass(frozen=True)
 class Split:
@@ -84,8 +86,18 @@ def make_datasets(x: np.ndarray, y: np.ndarray, split: Split, num_classes: int, 
 
     Augmentation runs on whole batches in parallel map calls, so it overlaps with the training
     step on the other core instead of costing one Python-free op chain per image.
+
+    Parallelism is fixed rather than autotuned: tearing down an autotuned iterator (Keras does at
+    every epoch) waits for the autotuner's sleep to run out, up to 60 s. Measured here, that idled
+    both cores for 15-58 s every few epochs.
     """
+    import os
+
     import tensorflow as tf
+
+    parallel = os.cpu_count() or 1
+    options = tf.data.Options()
+    options.autotune.enabled = False
 
     def one_hot(images, labels):
         return tf.cast(images, tf.float32), tf.one_hot(labels, num_classes)
@@ -95,21 +107,22 @@ def make_datasets(x: np.ndarray, y: np.ndarray, split: Split, num_classes: int, 
         tf.data.Dataset.from_tensor_slices((train_x, train_y))
         .shuffle(len(train_y), seed=config.seed, reshuffle_each_iteration=True)
         .batch(config.batch_size)
-        .map(one_hot, num_parallel_calls=tf.data.AUTOTUNE)
+        .map(one_hot, num_parallel_calls=parallel)
     )
     augmenter = batch_augmenter(config)
     if augmenter is not None:
         train = train.map(
-            lambda images, labels: (augmenter(images, training=True), labels), num_parallel_calls=tf.data.AUTOTUNE
+            lambda images, labels: (augmenter(images, training=True), labels), num_parallel_calls=parallel
         )
-    train = train.prefetch(tf.data.AUTOTUNE)
+    train = train.prefetch(PREFETCH_BATCHES).with_options(options)
     val = None
     if len(split.val_index):
         val = (
             tf.data.Dataset.from_tensor_slices((np.asarray(x[split.val_index]), np.asarray(y[split.val_index])))
             .batch(config.batch_size)
-            .map(one_hot, num_parallel_calls=tf.data.AUTOTUNE)
-            .prefetch(tf.data.AUTOTUNE)
+            .map(one_hot, num_parallel_calls=parallel)
+            .prefetch(PREFETCH_BATCHES)
+            .with_options(options)
         )
     return train, val
 
