@@ -274,9 +274,8 @@ def _decode_image_folder(
             labels = np.array([label for _, label in items], np.int32)
             files = decode_files_in_pool(paths, size, pool, DECODE_CHUNK_FILES)()
             failures += [f"{path}: {error}" for path, error in zip(paths, files.errors, strict=True) if error]
-            keep = np.array([not error for error in files.errors], bool)
             log(f"Decoded {len(paths)} {split} images with {workers} processes")
-            decoded[split] = (files.pixels[keep], labels[keep])
+            decoded[split] = (files.pixels[files.decoded], labels[files.decoded])
     if failures and not skip_corrupt:
         listing = "\n  ".join(failures[:20]) + (f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else "")
         raise DatasetError(

@@ -108,6 +108,11 @@ class DecodedFiles:
     errors: list[str]
     """"" where the file decoded, else why it did not."""
 
+    @property
+    def decoded(self) -> np.ndarray:
+        """Boolean mask of the files that decoded."""
+        return np.array([not error for error in self.errors], bool)
+
 
 def decode_files(paths: Sequence[str | os.PathLike], size: int) -> DecodedFiles:
     """Decode files to `size`x`size` RGB with `decode_rgb`; a broken file is recorded, never raised."""

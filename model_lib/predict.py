@@ -180,9 +180,9 @@ def classify_shard(
         Counts: `ok`, `error`.
     """
     pending = decode_shard(input_dir, entries, model.image_size)
-    keras_model = load_model_once(model)  # while the pool decodes: the first shard's load costs no time
+    keras_model = load_model_once(model)  # loads while the pool decodes
     decoded = pending()
-    good = np.flatnonzero([not error for error in decoded.errors])
+    good = np.flatnonzero(decoded.decoded)
     probabilities = np.zeros((len(entries), len(model.class_names)), np.float32)
     if len(good):
         batch = decoded.pixels[good]

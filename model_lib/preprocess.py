@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +92,6 @@ def make_datasets(x: np.ndarray, y: np.ndarray, split: Split, num_classes: int, 
     every epoch) waits for the autotuner's sleep to run out, up to 60 s. Measured here, that idled
     both cores for 15-58 s every few epochs.
     """
-    import os
-
     import tensorflow as tf
 
     parallel = os.cpu_count() or 1
