@@ -4,10 +4,13 @@
 
 Measures on the CIFAR-10 test JPEGs with one registered model version:
   1. the origin's loop: keras load_img -> img_to_array / 255 -> model.predict on one image;
-  2. the batch-predict flow (thread-pool runner) on all test images;
-  3. the decode-only ceiling: the same walk, decoder and decoding processes, no model;
+  2. the batch-predict flow (thread-pool runner) on all test images, cold each time: its decoding
+     pool is shut down and its model forgotten before each run (TensorFlow stays imported);
+  3. the decode-only ceiling: the same walk, decoder and decoding processes, no model, a fresh
+     pool each time; runs of 2 and 3 alternate and their medians are compared;
   4. 12-megapixel JPEGs: draft-mode decode vs full decode + resize;
-  5. peak RSS (VmHWM) of batch-predict on 5,000 vs 50,000 images, each in a fresh process.
+  5. peak RSS (VmHWM) and speed of batch-predict on 5,000 vs 50,000 images, each in a fresh
+     process (TensorFlow imported inside the flow, as `cifar-pipeline predict` does it).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,21 +50,38 @@ def origin_loop(model, paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
-def decode_only(folder: Path) -> float:
-    """The flow's own walk and process-pool decode over the same shards, without the model.
-
-    Starts a fresh decoding pool inside the timing, as the flow's first shard does.
-    """
+def forget_warm_state() -> None:
+    """Shut down this process's decoding pool and forget its loaded models: the next run starts cold."""
     import model_lib.predict
-    from flows.batch_predict import SHARD_FILES
-    from model_lib.predict import decode_shard, image_like_entries, shards
 
     if model_lib.predict._decode_pool is not None:
         model_lib.predict._decode_pool.shutdown()
         model_lib.predict._decode_pool = None
-    started, count = time.perf_counter(), 0
-    for shard in shards(image_like_entries(folder, True, []), SHARD_FILES):
-        count += len(decode_shard(str(folder), shard, 32)().errors)
+    model_lib.predict._models.clear()
+
+
+def cold_flow(folder: Path, model_dir: Path, output: Path) -> dict:
+    """One batch-predict run on `folder` that starts its pool and loads its model itself."""
+    from flows.batch_predict import batch_predict
+
+    forget_warm_state()
+    return batch_predict(str(folder), output_csv=str(output), model=str(model_dir))
+
+
+def decode_only(folder: Path) -> float:
+    """The flow's own walk, decoder, chunks and decoding processes, without the model or the CSV.
+
+    Every chunk of the folder is queued at once, so the pool never waits; a fresh pool starts
+    inside the timing, as the flow's does.
+    """
+    from flows.batch_predict import BATCH_IMAGES
+    from model_lib.images import decode_files_in_pool
+    from model_lib.predict import decode_pool, image_like_entries
+
+    forget_warm_state()
+    started = time.perf_counter()
+    paths = [folder / entry.relative_path for entry in image_like_entries(folder, True, [])]
+    count = sum(len(chunk.errors) for chunk in decode_files_in_pool(paths, 32, decode_pool(), BATCH_IMAGES))
     return count / (time.perf_counter() - started)
 
 
@@ -95,17 +116,19 @@ def large_photos(tmp: Path, count: int, threads: int) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-def peak_rss_mb(folder: Path, model_dir: Path, artifacts: Path) -> float:
+def fresh_process_run(folder: Path, model_dir: Path, artifacts: Path) -> tuple[float, float]:
+    """Peak RSS in MB and images/s of batch-predict in a fresh process."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve, so a child would report its parent's peak.
     code = (
         "import sys; sys.path.insert(0, {!r});"
         "from flows.batch_predict import batch_predict;"
-        "batch_predict({!r}, output_csv={!r}, model={!r});"
-        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+        "rate = batch_predict({!r}, output_csv={!r}, model={!r})['images_per_second'];"
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0], rate)"
     ).format(str(REPO), str(folder), str(artifacts / "rss.csv"), str(model_dir))
     env = {**os.environ, "ARTIFACTS_DIR": str(artifacts)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    return int(done.stdout.strip().splitlines()[-1]) / 1024
+    peak_kb, rate = done.stdout.strip().splitlines()[-1].split()
+    return int(peak_kb) / 1024, float(rate)
 
 
 def subset_folder(source: Path, target: Path, count: int) -> Path:
@@ -122,6 +145,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a registered version folder")
     parser.add_argument("--origin-images", type=int, default=500, help="images timed in the origin's slow loop")
     parser.add_argument("--photos", type=int, default=24, help="12-megapixel JPEGs generated for the draft test")
+    parser.add_argument("--runs", type=int, default=5, help="cold flow runs and ceiling runs, alternating")
     args = parser.parse_args()
     data = Path(args.data)
     threads = os.cpu_count() or 1
@@ -130,7 +154,6 @@ def main() -> None:
         scratch = Path(scratch)
         artifacts = scratch / "artifacts"
         os.environ["ARTIFACTS_DIR"] = str(artifacts)
-        from flows.batch_predict import batch_predict
         from model_lib.registry import load_verified_model
 
         model_dir = Path(args.model).resolve()
@@ -138,24 +161,29 @@ def main() -> None:
         test_paths = image_paths(data / "test")
 
         origin_rate = origin_loop(model, test_paths[: args.origin_images])
-        summary = batch_predict(str(data / "test"), output_csv=str(scratch / "test.csv"), model=str(model_dir))
-        decode_rate = decode_only(data / "test")
+        summaries, decode_rates = [], []
+        for _ in range(args.runs):
+            summaries.append(cold_flow(data / "test", model_dir, scratch / "test.csv"))
+            decode_rates.append(decode_only(data / "test"))
         draft_rate, full_rate = large_photos(scratch, args.photos, threads)
         small = subset_folder(data / "train", scratch / "n5000", 5000)
         large = subset_folder(data / "train", scratch / "n50000", 50000)
-        rss_small = peak_rss_mb(small, model_dir, artifacts)
-        rss_large = peak_rss_mb(large, model_dir, artifacts)
+        rss_small, fresh_rate_small = fresh_process_run(small, model_dir, artifacts)
+        rss_large, fresh_rate_large = fresh_process_run(large, model_dir, artifacts)
 
-    flow_rate = summary["images_per_second"]
+    summary, flow_rates = summaries[0], [s["images_per_second"] for s in summaries]
+    flow_rate, decode_rate = statistics.median(flow_rates), statistics.median(decode_rates)
     results = {
         "machine": f"{threads} CPU cores",
         "model": summary["model"],
         "origin_loop_images_per_s": round(origin_rate, 1),
         "origin_loop_images_timed": args.origin_images,
         "batch_predict_images_per_s": flow_rate,
+        "batch_predict_runs_images_per_s": flow_rates,
         "batch_predict_images": summary["ok"] + summary["error"],
         "speedup_vs_origin": round(flow_rate / origin_rate, 1),
         "decode_only_images_per_s": round(decode_rate, 1),
+        "decode_only_runs_images_per_s": [round(rate, 1) for rate in decode_rates],
         "fraction_of_decode_ceiling": round(flow_rate / decode_rate, 3),
         "photos_12mp_draft_images_per_s": round(draft_rate, 2),
         "photos_12mp_full_decode_images_per_s": round(full_rate, 2),
@@ -163,6 +191,8 @@ def main() -> None:
         "peak_rss_mb_5000": round(rss_small, 1),
         "peak_rss_mb_50000": round(rss_large, 1),
         "rss_growth": round(rss_large / rss_small - 1, 3),
+        "fresh_process_images_per_s_5000": fresh_rate_small,
+        "fresh_process_images_per_s_50000": fresh_rate_large,
     }
     print(json.dumps(results, indent=2))
 

@@ -9,14 +9,23 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from model_lib.predict import default_output_csv, image_like_entries, resolve_model, shards
+from model_lib.predict import (
+    default_output_csv,
+    image_like_entries,
+    resolve_model,
+    shards,
+    start_local_workers,
+    write_shard,
+)
 from model_lib.settings import artifacts_dir
 from tasks.prediction import classify_shard_task, write_csv_task
 
 SHARD_FILES = 2048  # files per shard task: measured best of 512-5000 for 10,000 CIFAR JPEGs on 2 cores
 CONCURRENT_SHARDS = 2  # thread-pool default: one shard decodes while the other predicts
+BATCH_IMAGES = 256  # images decoded per pool job and classified per model call
 
 
 class PredictionErrors(RuntimeError):
@@ -29,7 +38,7 @@ def batch_predict(
     output_csv: str | None = None,
     model: str = "cifar10@champion",
     top_k: int = 3,
-    batch_size: int = 256,
+    batch_size: int = BATCH_IMAGES,
     recursive: bool = True,
     shard_size: int = SHARD_FILES,
     fail_on_error: bool = False,
@@ -50,13 +59,19 @@ def batch_predict(
     output.parent.mkdir(parents=True, exist_ok=True)
     logger.info(f"Classifying {root} with {model_info.version} into {output}")
 
+    if isinstance(FlowRunContext.get().task_runner, ThreadPoolTaskRunner):
+        start_local_workers(model_info)  # shards run in this process: warm it up while the folder is walked
+
     skipped: list[str] = []
     parts_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.parts-", dir=output.parent))
     try:
         futures, parts = [], []
         for index, shard in enumerate(shards(image_like_entries(root, recursive, skipped), shard_size)):
-            parts.append(str(parts_dir / f"{index:06d}.csv"))
-            futures.append(classify_shard_task.submit(str(root), shard, model_info, parts[-1], top_k, batch_size))
+            shard_file, parts = parts_dir / f"{index:06d}.json", [*parts, str(parts_dir / f"{index:06d}.csv")]
+            write_shard(shard, shard_file)
+            futures.append(
+                classify_shard_task.submit(str(root), str(shard_file), model_info, parts[-1], top_k, batch_size)
+            )
         counts = [future.result() for future in futures]
         write_csv_task(parts, str(output), top_k, len(model_info.class_names))
     finally:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from model_lib.fileio import write_json
-from model_lib.images import decode_files_in_pool, walk_folder
+from model_lib.images import decode_files_in_pool, join_decoded, walk_folder
 from model_lib.settings import KERAS_DOWNLOAD
 
 CACHE_FORMAT = 1  # bump when the cached arrays' layout or the decoder's output changes
@@ -272,7 +272,7 @@ def _decode_image_folder(
         for split, items in splits.items():
             paths = [str(path) for path, _ in items]
             labels = np.array([label for _, label in items], np.int32)
-            files = decode_files_in_pool(paths, size, pool, DECODE_CHUNK_FILES)()
+            files = join_decoded(decode_files_in_pool(paths, size, pool, DECODE_CHUNK_FILES), size)
             failures += [f"{path}: {error}" for path, error in zip(paths, files.errors, strict=True) if error]
             log(f"Decoded {len(paths)} {split} images with {workers} processes")
             decoded[split] = (files.pixels[files.decoded], labels[files.decoded])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +38,7 @@ class ImageDecodeError(ValueError):
 
 def is_image_name(name: str) -> bool:
     """Whether a file name has one of the image extensions we decode (case-insensitive)."""
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -132,28 +132,29 @@ def decode_files(paths: Sequence[str | os.PathLike], size: int) -> DecodedFiles:
 
 def decode_files_in_pool(
     paths: Sequence[str | os.PathLike], size: int, pool: Executor | None, chunk_files: int
-) -> Callable[[], DecodedFiles]:
-    """Start `decode_files` over `pool` in chunks of `chunk_files`; returns a function that waits for it.
+) -> Iterator[DecodedFiles]:
+    """Start `decode_files` over `pool` in chunks of `chunk_files`; returns the decoded chunks in order.
 
-    The caller can do other work (load a model) while the pool decodes. Without a pool the
-    returned function decodes in this process. Each worker returns one dense pixel array per
-    chunk, which pickles far cheaper than an array per image.
+    Every chunk is submitted before this returns, so the caller can work on (classify) the first
+    chunks while the pool decodes the rest. Each worker returns one dense pixel array per chunk,
+    which pickles far cheaper than an array per image. Without a pool, each chunk is decoded in
+    this process when the iterator reaches it.
     """
+    starts = range(0, len(paths), chunk_files)
     if pool is None:
-        return lambda: decode_files(paths, size)
-    futures = [pool.submit(decode_files, paths[i : i + chunk_files], size) for i in range(0, len(paths), chunk_files)]
+        return (decode_files(paths[i : i + chunk_files], size) for i in starts)
+    futures = [pool.submit(decode_files, paths[i : i + chunk_files], size) for i in starts]
+    return (future.result() for future in futures)
 
-    def gather() -> DecodedFiles:
-        parts = [future.result() for future in futures]
-        if not parts:
-            return decode_files([], size)
-        return DecodedFiles(
-            np.concatenate([part.pixels for part in parts]),
-            [original for part in parts for original in part.sizes],
-            [error for part in parts for error in part.errors],
-        )
 
-    return gather
+def join_decoded(chunks: Iterable[DecodedFiles], size: int) -> DecodedFiles:
+    """One `DecodedFiles` from consecutive chunks of it."""
+    chunks = list(chunks)
+    return DecodedFiles(
+        np.concatenate([chunk.pixels for chunk in chunks]) if chunks else np.zeros((0, size, size, 3), np.uint8),
+        [original for chunk in chunks for original in chunk.sizes],
+        [error for chunk in chunks for error in chunk.errors],
+    )
 
 
 @dataclass(frozen=True)
@@ -174,20 +175,21 @@ def walk_folder(root: str | os.PathLike, recursive: bool = True) -> Iterator[Fol
     `outside_link` when they resolve outside `root` (or dangle).
     """
     root = Path(root).resolve()
-    yield from _walk(root, root, recursive)
+    yield from _walk(root, str(root), "", recursive)
 
 
-def _walk(root: Path, folder: Path, recursive: bool) -> Iterator[FolderEntry]:
+def _walk(root: Path, folder: str, prefix: str, recursive: bool) -> Iterator[FolderEntry]:
+    # Plain string paths: pathlib costs more than the rest of a walk's work per file.
     with os.scandir(folder) as scanner:
         # A folder sorts as "name/" so the walk yields paths in plain string order of the full path.
         entries = sorted(scanner, key=lambda e: e.name + ("/" if e.is_dir(follow_symlinks=False) else ""))
     for entry in entries:
-        relative = Path(entry.path).relative_to(root).as_posix()
+        relative = prefix + entry.name
         if entry.is_dir(follow_symlinks=False):
             if is_image_name(entry.name):
                 yield FolderEntry(relative, "not_image")
             if recursive:
-                yield from _walk(root, Path(entry.path), recursive)
+                yield from _walk(root, entry.path, relative + "/", recursive)
             continue
         if not is_image_name(entry.name):
             if entry.is_file() or entry.is_dir():

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from model_lib.images import FolderEntry
 from model_lib.predict import ModelInfo, classify_shard, merge_parts
 from tasks.common import retry_on_transient_io
 
 
-@task(name="classify-shard", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_transient_io)
+# NO_CACHE: the tasks write files that the flow deletes, so a cached result would point at nothing.
+@task(
+    name="classify-shard",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_on_transient_io,
+    cache_policy=NO_CACHE,
+)
 def classify_shard_task(
-    input_dir: str, entries: list[FolderEntry], model: ModelInfo, part_path: str, top_k: int, batch_size: int
+    input_dir: str, shard_file: str, model: ModelInfo, part_path: str, top_k: int, batch_size: int
 ) -> dict:
-    """Decode and classify a shard of files; broken files become error rows, never a failed task."""
-    return classify_shard(input_dir, entries, model, part_path, top_k, batch_size)
+    """Decode and classify the shard saved in `shard_file`; broken files become error rows, never a failed task."""
+    return classify_shard(input_dir, shard_file, model, part_path, top_k, batch_size)
 
 
-@task(name="write-csv", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_transient_io)
+@task(
+    name="write-csv", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_transient_io, cache_policy=NO_CACHE
+)
 def write_csv_task(part_paths: list[str], output_csv: str, top_k: int, class_count: int) -> str:
     """Concatenate the shards' rows in path order into a temporary file renamed over the output."""
     from pathlib import Path

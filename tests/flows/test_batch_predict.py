@@ -12,7 +12,7 @@ from flows.batch_predict import PredictionErrors, batch_predict, with_dask
 from model_lib.images import decode_rgb
 from model_lib.models import build_model
 from model_lib.predict import csv_columns
-from model_lib.registry import Registry, RegistryError, load_verified_model
+from model_lib.registry import ChecksumError, Registry, RegistryError, load_verified_model
 from model_lib.train import probe_images
 from tests.catalogue import BROKEN, ODD, SKIPPED, build_catalogue
 
@@ -106,6 +106,15 @@ def test_default_output_and_reference_forms(prefect_harness, registered, catalog
     assert len(set(results.values())) == 1
     with pytest.raises(RegistryError, match="no such version"):
         batch_predict(str(catalogue), model="cifar10@v5")
+
+
+def test_tampered_model_fails_the_run_with_the_file_named(prefect_harness, registered, catalogue, tmp_path):
+    # The model loads in the background at flow start; its failure must still reach the run.
+    model_file = registered / "model.keras"
+    model_file.write_bytes(model_file.read_bytes()[:-1] + b"x")
+    with pytest.raises(ChecksumError, match=r"model\.keras: checksum differs"):
+        batch_predict(str(catalogue), output_csv=str(tmp_path / "never.csv"), model=str(registered))
+    assert not (tmp_path / "never.csv").exists()
 
 
 @pytest.mark.slow

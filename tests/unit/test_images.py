@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_lib.images import ImageDecodeError, decode_files, decode_files_in_pool, decode_rgb, walk_folder
+from model_lib.images import (
+    ImageDecodeError,
+    decode_files,
+    decode_files_in_pool,
+    decode_rgb,
+    join_decoded,
+    walk_folder,
+)
 from tests.catalogue import bomb_png
 
 
@@ -79,7 +86,7 @@ def test_decoding_in_pool_chunks_keeps_file_order_and_records_broken_files(tmp_p
     paths[3].write_bytes(b"not an image")
     in_process = decode_files(paths, 4)
     with ThreadPoolExecutor(2) as pool:
-        pooled = decode_files_in_pool(paths, 4, pool, chunk_files=2)()
+        pooled = join_decoded(decode_files_in_pool(paths, 4, pool, chunk_files=2), 4)
     np.testing.assert_array_equal(pooled.pixels, in_process.pixels)
     assert pooled.sizes == in_process.sizes and pooled.errors == in_process.errors
     assert [bool(error) for error in pooled.errors] == [False, False, False, True, False, False, False]

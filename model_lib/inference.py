@@ -1,0 +1,145 @@
+"""Fast batch inference for a Keras model: BatchNormalization folded away, one traced function.
+
+At inference a BatchNormalization layer is a fixed per-channel map `y = s * x + o`, with
+`s = gamma / sqrt(variance + epsilon)` and `o = beta - mean * s`. TensorFlow runs it as two passes
+over the activations: a quarter of `seed_cnn`'s inference time on CPU, where batch prediction
+shares the cores with decoding. Folded into the weights of the layers around it, it costs nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FOLD_TOLERANCE = 1e-4  # largest probability difference accepted between the folded copy and the model
+CHECK_IMAGES = 8  # random images both models classify before the copy is used
+_CARRIES_OFFSET = ("MaxPooling2D", "Dropout")  # max(a + o) = max(a) + o; dropout is the identity at inference
+
+
+class KerasClassifier:
+    """A Keras model's inference on uint8 pixels as one function traced once for every batch size.
+
+    Keras' `predict_on_batch` traces for the first batch size and again for the next; that second
+    trace alone costs more than classifying a thousand CIFAR images.
+    """
+
+    def __init__(self, model):
+        import tensorflow as tf
+
+        self.model = fold_batch_norms(model)
+        self.input_shape = model.input_shape
+        signature = tf.TensorSpec((None, *model.input_shape[1:]), tf.uint8, name="pixels")
+        self._call = tf.function(lambda pixels: self.model(pixels, training=False), input_signature=[signature])
+
+    def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
+        """Class probabilities for a batch of uint8 pixels."""
+        return self._call(pixels).numpy()
+
+
+def fold_batch_norms(model):
+    """The model with its BatchNormalization layers folded away, or `model` itself where that is not exact.
+
+    Folding applies to a model that is a plain chain of layers:
+    - after a Conv2D or Dense with a linear activation, `s` and `o` go into its kernel and bias;
+    - after one with a ReLU, `s` goes into its kernel and bias when every `s > 0`
+      (`relu(s * z) = s * relu(z)`), and `o` is carried through max pooling, dropout and flatten
+      into the bias of the next Dense or 'valid' Conv2D ('same' padding would pad with zeros
+      that were never shifted).
+
+    Anything else (branches, another layer in between, a negative scale) leaves the model as it
+    is. The copy must classify random pixels like the original within `FOLD_TOLERANCE`, or the
+    original is returned.
+    """
+    plan = _fold_plan(model)
+    if plan is None:
+        return model
+    import keras
+
+    x = inputs = keras.Input(model.input_shape[1:], dtype=model.inputs[0].dtype, name=model.inputs[0].name)
+    built = []
+    for layer_class, config, _ in plan:
+        built.append(layer_class.from_config(config))
+        x = built[-1](x)
+    folded = keras.Model(inputs, x, name=model.name)
+    for layer, (_, _, weights) in zip(built, plan, strict=True):
+        layer.set_weights(weights)
+    pixels = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, *model.input_shape[1:])).astype(np.float32)
+    # Eager calls, not predict(): tracing both models would cost more than folding saves on a small folder.
+    difference = np.abs(np.asarray(folded(pixels, training=False)) - np.asarray(model(pixels, training=False)))
+    return folded if difference.max() <= FOLD_TOLERANCE else model
+
+
+def _chain(model) -> list | None:
+    """The model's layers in order if each one takes the previous one's output, else None."""
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        return None
+    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    previous = model.inputs[0]
+    for layer in layers:
+        try:
+            if layer.input is not previous:
+                return None
+        except (AttributeError, ValueError):  # a layer called more than once has no single input
+            return None
+        previous = layer.output
+    return layers if previous is model.outputs[0] else None
+
+
+def _fold_plan(model) -> list[tuple[type, dict, list[np.ndarray]]] | None:
+    """`(layer class, config, weights)` for each layer of the folded copy; None if nothing folds exactly."""
+    layers = _chain(model)
+    if layers is None or not any(type(layer).__name__ == "BatchNormalization" for layer in layers):
+        return None
+    plan: list[tuple[type, dict, list[np.ndarray]]] = []
+    offset = None  # a BatchNormalization offset not yet absorbed by a bias
+    for layer in layers:
+        kind, config, weights = type(layer).__name__, layer.get_config(), layer.get_weights()
+        if kind == "BatchNormalization":
+            if offset is not None or not plan or layer.axis not in (-1, len(layer.input.shape) - 1):
+                return None
+            scale, shift = _affine(layer)
+            previous_class, previous_config, previous_weights = plan[-1]
+            linear = _kernel_and_bias(previous_class.__name__, previous_config, previous_weights)
+            if linear is None:
+                return None
+            kernel, bias = linear
+            if previous_config["activation"] == "linear":
+                bias = bias * scale + shift
+            elif previous_config["activation"] == "relu" and (scale > 0).all():
+                bias, offset = bias * scale, shift
+            else:
+                return None
+            plan[-1] = (previous_class, {**previous_config, "use_bias": True}, [kernel * scale, bias])
+            continue
+        if offset is not None:
+            if kind == "Flatten" and config.get("data_format", "channels_last") == "channels_last":
+                offset = np.tile(offset, int(np.prod(layer.input.shape[1:-1])))
+            elif kind not in _CARRIES_OFFSET:
+                linear = _kernel_and_bias(kind, config, weights)
+                if linear is None or config.get("padding", "valid") != "valid":
+                    return None
+                kernel, bias = linear
+                # Each output sums kernel * (input + offset): the offset's share is a constant per output.
+                bias = bias + (kernel * offset[:, None]).sum(axis=tuple(range(kernel.ndim - 1)))
+                config, weights, offset = {**config, "use_bias": True}, [kernel, bias], None
+        plan.append((type(layer), config, weights))
+    return plan if offset is None else None
+
+
+def _affine(layer) -> tuple[np.ndarray, np.ndarray]:
+    """A BatchNormalization layer's inference map as `(s, o)`: `y = s * x + o`."""
+    mean, variance = np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)
+    gamma = np.asarray(layer.gamma) if layer.scale else np.ones_like(mean)
+    beta = np.asarray(layer.beta) if layer.center else np.zeros_like(mean)
+    scale = gamma / np.sqrt(variance + layer.epsilon)
+    return scale, beta - mean * scale
+
+
+def _kernel_and_bias(kind: str, config: dict, weights: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """A plain Conv2D's or Dense's kernel and bias (zeros without one); None for any other layer."""
+    if kind not in ("Conv2D", "Dense") or len(weights) not in (1, 2) or config.get("groups", 1) != 1:
+        return None
+    if config.get("data_format", "channels_last") != "channels_last":
+        return None
+    kernel = weights[0]
+    bias = weights[1] if len(weights) == 2 else np.zeros(kernel.shape[-1], kernel.dtype)
+    return kernel, bias
