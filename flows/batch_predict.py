@@ -67,8 +67,9 @@ def batch_predict(
     try:
         futures, parts = [], []
         for index, shard in enumerate(shards(image_like_entries(root, recursive, skipped), shard_size)):
-            shard_file, parts = parts_dir / f"{index:06d}.json", [*parts, str(parts_dir / f"{index:06d}.csv")]
+            shard_file = parts_dir / f"{index:06d}.json"
             write_shard(shard, shard_file)
+            parts.append(str(parts_dir / f"{index:06d}.csv"))
             futures.append(
                 classify_shard_task.submit(str(root), str(shard_file), model_info, parts[-1], top_k, batch_size)
             )
