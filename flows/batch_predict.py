@@ -13,6 +13,7 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from model_lib.predict import (
+    BATCH_IMAGES,
     default_output_csv,
     image_like_entries,
     resolve_model,
@@ -25,7 +26,6 @@ from tasks.prediction import classify_shard_task, write_csv_task
 
 SHARD_FILES = 2048  # files per shard task: measured best of 512-5000 for 10,000 CIFAR JPEGs on 2 cores
 CONCURRENT_SHARDS = 2  # thread-pool default: one shard decodes while the other predicts
-BATCH_IMAGES = 256  # images decoded per pool job and classified per model call
 
 
 class PredictionErrors(RuntimeError):

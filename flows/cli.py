@@ -89,7 +89,7 @@ def predict(
     ] = None,
     model: Annotated[str, typer.Option(help="cifar10, cifar10@latest, cifar10@v3 or a version folder.")] = "cifar10",
     top_k: Annotated[int, typer.Option(help="Ranked labels per image.")] = 3,
-    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Images per decoding job and per model call.")] = 256,
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into sub-folders.")] = True,
     shard_size: Annotated[int, typer.Option(help="Files per shard task.")] = 2048,
     fail_on_error: Annotated[bool, typer.Option(help="Fail the run if any file cannot be classified.")] = False,

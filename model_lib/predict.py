@@ -36,6 +36,7 @@ from model_lib.registry import (
 )
 
 OUTSIDE_LINK_ERROR = "link points outside the input folder (not followed)"
+BATCH_IMAGES = 256  # images decoded per pool job and classified per model call
 
 
 @dataclass(frozen=True)
@@ -204,8 +205,8 @@ def classified_rows(
             ranks = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
             ranked = zip(ranks.tolist(), np.take_along_axis(probabilities, ranks, axis=1).tolist(), strict=True)
             for (labels, values), size, error in zip(ranked, chunk.sizes, chunk.errors, strict=True):
-                names = [model.class_names[c] for c in labels]
-                cells = [] if error else [cell for n, v in zip(names, values, strict=True) for cell in (n, f"{v:.6f}")]
+                pairs = [] if error else zip(labels, values, strict=True)
+                cells = [cell for c, v in pairs for cell in (model.class_names[c], f"{v:.6f}")]
                 yield cells, size, error
 
     rows = inside_rows()
@@ -219,7 +220,7 @@ def classify_shard(
     model: ModelInfo,
     part_path: str,
     top_k: int = 3,
-    batch_size: int = 256,
+    batch_size: int = BATCH_IMAGES,
 ) -> dict:
     """Decode, classify and write the rows (without header) of the shard saved in `shard_file` to `part_path`.
 
