@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from model_lib.fileio import owned_folder, remove_abandoned
 from model_lib.predict import (
     BATCH_IMAGES,
-    default_output_csv,
     image_like_entries,
-    resolve_model,
+    plan_prediction,
     shards,
     start_local_workers,
     write_shard,
@@ -42,20 +40,20 @@ def batch_predict(
     recursive: bool = True,
     shard_size: int = SHARD_FILES,
     fail_on_error: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Classify every image under `input_dir` into a CSV; returns the run's summary.
 
     `model` is a registry reference (`cifar10`, `cifar10@latest`, `cifar10@v3`) or a version
     folder. Broken files get error rows and the run goes on, unless `fail_on_error` is set, in
-    which case the run fails after writing the CSV.
+    which case the run fails after writing the CSV. An existing `output_csv` is replaced only
+    when it is an earlier prediction CSV, unless `overwrite` is set; the model registry, folders
+    and image files are never written.
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    root = Path(input_dir).expanduser().resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: input folder not found")
-    model_info = resolve_model(model, artifacts_dir())
-    output = Path(output_csv).expanduser().resolve() if output_csv else default_output_csv(artifacts_dir(), root)
+    plan = plan_prediction(input_dir, output_csv, model, top_k, batch_size, shard_size, artifacts_dir(), overwrite)
+    root, output, model_info = plan.root, plan.output, plan.model
     output.parent.mkdir(parents=True, exist_ok=True)
     logger.info(f"Classifying {root} with {model_info.version} into {output}")
 
@@ -63,7 +61,8 @@ def batch_predict(
         start_local_workers(model_info)  # shards run in this process: warm it up while the folder is walked
 
     skipped: list[str] = []
-    parts_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.parts-", dir=output.parent))
+    remove_abandoned(output.parent, f".{output.name}.parts-")  # a killed run's leftovers
+    parts_dir = owned_folder(output.parent, f".{output.name}.parts-")
     try:
         futures, parts = [], []
         for index, shard in enumerate(shards(image_like_entries(root, recursive, skipped), shard_size)):

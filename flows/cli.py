@@ -8,19 +8,92 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Annotated
 
 import typer
 
+from model_lib.checks import check_training_request
+from model_lib.config import CHOICES, PROFILES
 from model_lib.settings import artifacts_dir
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ notes (cuInit without a GPU) off the console
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry (and its errors offline)
 
 app = typer.Typer(help="Train, version and serve CIFAR-10-class image classifiers.", no_args_is_help=True)
 models_app = typer.Typer(
     help="Inspect and manage the model registry under ARTIFACTS_DIR/models/.", no_args_is_help=True
 )
 app.add_typer(models_app, name="models")
+DEBUG_ENV = "CIFAR_PIPELINE_DEBUG"  # set to 1 for tracebacks, like --debug
+_debug = False
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help=f"Show tracebacks of errors (or set {DEBUG_ENV}=1).")] = False,
+) -> None:
+    global _debug
+    _debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if _debug:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+
+
+def main() -> None:
+    """The console script: the project's own errors and OS errors print one line and exit 1 (2 for usage)."""
+    try:
+        app()
+    except Exception as error:
+        if _debug or not _expected(error):
+            raise
+        from model_lib.config import ConfigError
+
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
+
+
+def _expected(error: BaseException) -> bool:
+    """Errors that say what is wrong in their message: the project's own, and the OS's (disk, permissions)."""
+    return type(error).__module__.split(".")[0] in ("model_lib", "flows", "tasks") or isinstance(error, OSError)
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with the process's stderr closed: its C++ start-up notes (oneDNN, no CUDA
+    driver) print before any log level applies. An import that fails still raises, after stderr is back."""
+    if _debug or "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _console_without_expected_tracebacks() -> None:
+    """Prefect logs a failed run's traceback on the console; for an expected error the last line says it all.
+
+    The traceback still goes to the Prefect API (the UI shows it); `--debug` keeps it on the console.
+    """
+    if _debug:
+        return
+    import logging
+
+    from prefect.logging.configuration import ensure_logging_setup
+
+    class DropExpectedTracebacks(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and record.exc_info[1] is not None and _expected(record.exc_info[1]):
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    ensure_logging_setup()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(DropExpectedTracebacks())
+
 
 ModelName = Annotated[str, typer.Option("--name", help="Registered model name.")]
 VersionRef = Annotated[str, typer.Argument(help="cifar10, cifar10@latest, cifar10@v3 or a version folder.")]
@@ -28,34 +101,41 @@ VersionRef = Annotated[str, typer.Argument(help="cifar10, cifar10@latest, cifar1
 
 @app.command()
 def train(
-    profile: Annotated[str, typer.Option(help="seed (the origin's recipe), smoke (a minute) or default.")] = "default",
-    architecture: Annotated[str | None, typer.Option(help="seed_cnn, airbench or transfer.")] = None,
+    profile: Annotated[str, typer.Option(help=f"One of: {', '.join(PROFILES)}.")] = "default",
+    architecture: Annotated[str | None, typer.Option(help=f"One of: {', '.join(CHOICES['architecture'])}.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the training split.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per optimiser step.")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     data: Annotated[str | None, typer.Option(help="Image folder, cifar-10-batches-py folder or 'keras'.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for split, weights and augmentation.")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto, float32, mixed_bfloat16 or mixed_float16.")] = None,
+    precision: Annotated[str | None, typer.Option(help=f"One of: {', '.join(CHOICES['precision'])}.")] = None,
     validation_split: Annotated[float | None, typer.Option(help="Fraction held out for validation.")] = None,
     max_train_images: Annotated[int | None, typer.Option(help="Class-balanced cap on training images.")] = None,
     max_test_images: Annotated[int | None, typer.Option(help="Class-balanced cap on test images.")] = None,
     skip_corrupt: Annotated[
         bool | None, typer.Option("--skip-corrupt/--no-skip-corrupt", help="Skip undecodable files, reported.")
     ] = None,
-    name: Annotated[str | None, typer.Option("--name", help="Registered model name (default cifar10).")] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            "--model-name",
+            help="Registered model name (default: cifar10 for CIFAR-10's classes, else the data folder's name).",
+        ),
+    ] = None,  # fmt: skip
     weights: Annotated[
         str | None, typer.Option(help="transfer only: imagenet (downloads), a local weights file, or none.")
     ] = None,
     head_epochs: Annotated[int | None, typer.Option(help="transfer only: epochs before fine-tuning.")] = None,
     fine_tune_learning_rate: Annotated[float | None, typer.Option(help="transfer only: fine-tuning LR.")] = None,
+    learned_margin: Annotated[
+        float | None, typer.Option(help="Accuracy a run must add to the majority-class rate to be registered (0.05).")
+    ] = None,
     promotion_margin: Annotated[float, typer.Option(help="Accuracy a new version must add to the champion's.")] = 0.0,
     export: Annotated[bool, typer.Option(help="Also write TFLite float32/float16/int8 exports.")] = False,
 ) -> None:
     """Run the train-cifar flow locally (Prefect's embedded temporary API; no server needed)."""
-    from flows.train_cifar import train_cifar
-
-    result = train_cifar(
-        profile=profile,
+    overrides = dict(
         architecture=architecture,
         epochs=epochs,
         batch_size=batch_size,
@@ -71,9 +151,14 @@ def train(
         weights=weights,
         head_epochs=head_epochs,
         fine_tune_learning_rate=fine_tune_learning_rate,
-        promotion_margin=promotion_margin,
-        export=export,
+        learned_margin=learned_margin,
     )
+    check_training_request(profile, overrides, artifacts_dir())  # a mistake costs a second, not a Prefect start
+    from flows.train_cifar import train_cifar
+
+    _console_without_expected_tracebacks()
+    _import_tensorflow_quietly()
+    result = train_cifar(profile=profile, **overrides, promotion_margin=promotion_margin, export=export)
     verdict = "champion" if result["champion"] else "challenger"
     typer.echo(
         f"{result['name']} v{result['version']} ({verdict}): test accuracy {result['test_accuracy']:.4f}\n"
@@ -95,11 +180,20 @@ def predict(
     fail_on_error: Annotated[bool, typer.Option(help="Fail the run if any file cannot be classified.")] = False,
     dask_address: Annotated[str | None, typer.Option(help="Run shards on this Dask scheduler.")] = None,
     dask_workers: Annotated[int | None, typer.Option(help="Run shards on a local Dask cluster of N workers.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing --output file even if it is not an earlier prediction CSV.")
+    ] = False,
 ) -> None:
     """Run the batch-predict flow: classify a folder of images into a CSV."""
+    from model_lib.predict import plan_prediction
+
+    # Checked here too, so a mistake costs a second, not a Prefect start-up.
+    plan_prediction(input_dir, output, model, top_k, batch_size, shard_size, artifacts_dir(), overwrite)
     from flows.batch_predict import batch_predict, with_dask
 
     flow = with_dask(dask_address, dask_workers) if dask_address or dask_workers else batch_predict
+    _console_without_expected_tracebacks()
+    _import_tensorflow_quietly()
     summary = flow(
         input_dir=input_dir,
         output_csv=output,
@@ -109,6 +203,7 @@ def predict(
         recursive=recursive,
         shard_size=shard_size,
         fail_on_error=fail_on_error,
+        overwrite=overwrite,
     )
     typer.echo(
         f"{summary['ok']} ok, {summary['error']} error, {summary['skipped']} skipped "
@@ -151,6 +246,11 @@ def serve() -> None:
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
+
+
+def _require_reason(reason: str) -> None:
+    if not reason.strip():
+        raise typer.BadParameter("must say why the champion moves (it is kept in the history)", param_hint="--reason")
 
 
 def _version_dir(ref: str):
@@ -208,11 +308,12 @@ def models_verify(ref: VersionRef) -> None:
 @models_app.command("promote")
 def models_promote(
     ref: Annotated[str, typer.Argument(help="cifar10@v3 (or name@latest).")],
-    reason: Annotated[str, typer.Option(help="Why; recorded in the history.")] = "manual promotion",
+    reason: Annotated[str, typer.Option(help="Why (required); recorded in the history.")],
 ) -> None:
     """Make a version champion by hand."""
     from model_lib.registry import Registry, RegistryError
 
+    _require_reason(reason)
     model_name, _, tag = ref.partition("@")
     try:
         version = Registry(artifacts_dir(), model_name or "cifar10").promote(tag or "latest", reason)
@@ -223,12 +324,13 @@ def models_promote(
 
 @models_app.command("rollback")
 def models_rollback(
+    reason: Annotated[str, typer.Option(help="Why (required); recorded in the history.")],
     name: ModelName = "cifar10",
-    reason: Annotated[str, typer.Option(help="Why; recorded in the history.")] = "manual rollback",
 ) -> None:
     """Move champion back to the previous champion."""
     from model_lib.registry import Registry, RegistryError
 
+    _require_reason(reason)
     try:
         version = Registry(artifacts_dir(), name).rollback(reason)
     except RegistryError as error:

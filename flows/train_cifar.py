@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from model_lib.config import resolve_config
-from model_lib.settings import default_data_source
+from model_lib.checks import check_training_request
+from model_lib.data import suggested_model_name
+from model_lib.settings import artifacts_dir
 from tasks.export import export_task
 from tasks.training import evaluate_task, ingest_task, plot_task, preprocess_task, register_task, train_task
 
@@ -28,22 +29,25 @@ def train_cifar(
     weights: str | None = None,
     head_epochs: int | None = None,
     fine_tune_learning_rate: float | None = None,
+    learned_margin: float | None = None,
     promotion_margin: float = 0.0,
     export: bool = False,
 ) -> dict:
     """Train a model on a profile (plus overrides) and register it; returns the registration.
 
-    `data` defaults to `CIFAR10_DIR`, else Keras' download. `promotion_margin` is the test accuracy
-    a new version must add to the champion's to replace it. `weights`, `head_epochs` and
-    `fine_tune_learning_rate` apply to the `transfer` architecture. `export` adds TFLite exports.
+    `data` defaults to `CIFAR10_DIR`, else Keras' download. `model_name` defaults to cifar10 for
+    CIFAR-10's classes, else the data folder's name. `learned_margin` is the accuracy a run must
+    add to the majority-class rate (validation and test) to be registered at all.
+    `promotion_margin` is the test accuracy a new version must add to the champion's to replace it.
+    `weights`, `head_epochs` and `fine_tune_learning_rate` apply to the `transfer` architecture.
+    `export` adds TFLite exports.
     """
-    config = resolve_config(
-        profile,
+    overrides = dict(
         architecture=architecture,
         epochs=epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,
-        data=data or default_data_source(),
+        data=data,
         seed=seed,
         precision=precision,
         validation_split=validation_split,
@@ -54,11 +58,14 @@ def train_cifar(
         weights=weights,
         head_epochs=head_epochs,
         fine_tune_learning_rate=fine_tune_learning_rate,
-    ).to_dict()
+        learned_margin=learned_margin,
+    )
+    config = check_training_request(profile, overrides, artifacts_dir()).to_dict()
     dataset = ingest_task(config)
+    config["model_name"] = config["model_name"] or suggested_model_name(dataset["source"], dataset["class_names"])
     prepared = preprocess_task(config, dataset)
     trained = train_task(config, dataset, prepared)
-    metrics = evaluate_task(trained, dataset)
+    metrics = evaluate_task(trained, dataset, config["learned_margin"])
     plot_task(trained, dataset, config["seed"])
     registration = register_task(config, dataset, prepared, trained, metrics, promotion_margin)
     if export:

@@ -8,14 +8,18 @@ import json
 from dataclasses import dataclass
 
 
+class ConfigError(ValueError):
+    """An option value the configuration cannot take."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every knob of a training run. Saved beside each run and in each registered manifest."""
 
     profile: str = "default"  # the profile these values started from
-    architecture: str = "airbench"  # key of model_lib.models.ARCHITECTURES
+    architecture: str = "airbench"  # one of CHOICES["architecture"], built by model_lib.models
     data: str = ""  # image folder, cifar-10-batches-py folder or "keras"; "" = CIFAR10_DIR or keras
-    model_name: str = "cifar10"  # registry name the run registers under
+    model_name: str = ""  # registry name; "" = cifar10 for CIFAR-10's classes, else the data folder's name
     network_width: float = 1.0  # multiplier on airbench's channel widths (64/256/256); compute grows ~squared
 
     # data
@@ -24,6 +28,9 @@ class TrainConfig:
     max_test_images: int | None = None  # class-balanced cap on test images; None = all
     validation_split: float = 0.02  # fraction of training images held out, stratified by class
     skip_corrupt: bool = False  # skip undecodable training files (reported) instead of failing
+    # A run must beat always answering the most common class by this much accuracy, on validation
+    # and test, to be registered: 0.05 is 5 points, far above chance on CIFAR's 10,000 test images.
+    learned_margin: float = 0.05
 
     # optimisation
     epochs: int = 10  # passes over the training split
@@ -64,6 +71,21 @@ class TrainConfig:
     precision: str = "auto"  # "auto", "float32", "mixed_bfloat16" or "mixed_float16"
     jit_compile: str = "auto"  # XLA: "auto" (GPUs only; it halved bf16 throughput on this CPU), "on" or "off"
 
+    def __post_init__(self) -> None:
+        """Refuse values no run can use, with the option's name, before any work starts."""
+        for field, choices in CHOICES.items():
+            if getattr(self, field) not in choices:
+                raise ConfigError(f"--{_option(field)} {getattr(self, field)!r}: choose from {', '.join(choices)}")
+        for field in ("epochs", "batch_size", "image_size", "head_epochs", "max_train_images", "max_test_images"):
+            value = getattr(self, field)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{_option(field)} must be at least 1, not {value}")
+        if not 0 <= self.validation_split < 1:
+            raise ConfigError(f"--validation-split must be in [0, 1), not {self.validation_split}")
+        for field in ("learning_rate", "fine_tune_learning_rate", "network_width"):
+            if not getattr(self, field) > 0:
+                raise ConfigError(f"--{_option(field)} must be above 0, not {getattr(self, field)}")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -71,6 +93,19 @@ class TrainConfig:
         """Identity of a run: the same config on the same data resumes the same checkpoint."""
         payload = json.dumps({"config": self.to_dict(), "data": dataset_fingerprint}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+CHOICES = {  # the fields that take one of a few names
+    "architecture": ("airbench", "seed_cnn", "transfer"),  # model_lib.models.ARCHITECTURES
+    "optimizer": ("sgd", "adam"),
+    "lr_schedule": ("warmup_linear", "constant"),
+    "precision": ("auto", "float32", "mixed_bfloat16", "mixed_float16"),
+    "jit_compile": ("auto", "on", "off"),
+}
+
+
+def _option(field: str) -> str:
+    return field.replace("_", "-")
 
 
 SEED_PROFILE = dict(
@@ -126,14 +161,14 @@ def resolve_config(profile: str = "default", **overrides) -> TrainConfig:
     stays the one the recipe was tuned at and a smaller batch does not diverge.
 
     Raises:
-        ValueError: Unknown profile or unknown field.
+        ConfigError: Unknown profile or unknown field.
     """
     if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+        raise ConfigError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(overrides) - fields
     if unknown:
-        raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
     given = {k: v for k, v in overrides.items() if v is not None}
     values = {**PROFILES[profile], **given}
     if values.get("optimizer", TrainConfig.optimizer) == "sgd":

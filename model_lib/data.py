@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ import numpy as np
 
 from model_lib.fileio import write_json
 from model_lib.images import decode_files_in_pool, join_decoded, walk_folder
-from model_lib.settings import KERAS_DOWNLOAD
+from model_lib.settings import DEFAULT_MODEL_NAME, KERAS_DOWNLOAD
 
 CACHE_FORMAT = 1  # bump when the cached arrays' layout or the decoder's output changes
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -162,6 +163,17 @@ def ingest(
     return info
 
 
+def suggested_model_name(source: str, class_names: Sequence[str]) -> str:
+    """The registry name for a model of this data: `cifar10` for CIFAR-10's classes, else the folder's name.
+
+    So one registry holds several datasets' models without mixing them; `--name` overrides it.
+    """
+    if tuple(class_names) == CIFAR10_CLASSES:
+        return DEFAULT_MODEL_NAME
+    folder = Path(source.partition(":")[2]).name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", folder).strip("-_.") or "model"
+
+
 def load_arrays(cache_dir: str | os.PathLike) -> Arrays:
     """Load a cached dataset (memory-mapped; `allow_pickle` stays off)."""
     cache_dir = Path(cache_dir)
@@ -176,7 +188,7 @@ def _stat_key(path: Path) -> tuple[int, int]:
 def _fingerprint(header: dict, files: Sequence[tuple]) -> str:
     digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **header}, sort_keys=True).encode())
     for row in files:
-        digest.update(("\0".join(map(str, row)) + "\n").encode())
+        digest.update(("\0".join(map(str, row)) + "\n").encode("utf-8", "surrogateescape"))  # non-UTF-8 names too
     return digest.hexdigest()[:32]
 
 
@@ -209,12 +221,15 @@ def _list_image_folder(
     root: Path, max_train: int | None, max_test: int | None
 ) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
     train_root = root / "train"
+    _refuse_outside_link(root, train_root)
     class_names = sorted(p.name for p in train_root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_names:
-        raise DatasetError(f"{train_root}: no class folders found")
+    if len(class_names) < 2:
+        found = f"only {class_names[0]!r}" if class_names else "none"
+        raise DatasetError(f"{train_root}: a classifier needs at least 2 class folders, found {found}")
     splits: dict[str, list[tuple[Path, int]]] = {}
     for split, limit in (("train", max_train), ("test", max_test)):
         split_root = root / split
+        _refuse_outside_link(root, split_root)
         if not split_root.is_dir():
             raise DatasetError(f"{split_root}: missing (expected {split}/<class>/ folders)")
         unknown = sorted(
@@ -225,15 +240,25 @@ def _list_image_folder(
         per_class = []
         for label, name in enumerate(class_names):
             class_root = split_root / name
+            _refuse_outside_link(root, class_root)
             entries = list(walk_folder(class_root)) if class_root.is_dir() else []
             outside = [e.relative_path for e in entries if e.kind == "outside_link"]
             if outside:
                 raise DatasetError(f"{class_root / outside[0]}: link points outside the data folder")
             per_class.append([(class_root / e.relative_path, label) for e in entries if e.kind == "image"])
-        if not any(per_class):
-            raise DatasetError(f"{split_root}: no images found")
+        empty = [name for name, items in zip(class_names, per_class, strict=True) if not items]
+        if empty:  # untrainable, or an accuracy that says nothing about the class
+            raise DatasetError(f"{split_root}: no images for class(es) {', '.join(empty)}; every class needs some")
+        if limit is not None and limit < len(class_names):
+            raise DatasetError(f"--max-{split}-images {limit} leaves some of the {len(class_names)} classes empty")
         splits[split] = _take_balanced(per_class, limit)
     return class_names, splits
+
+
+def _refuse_outside_link(root: Path, path: Path) -> None:
+    """A split or class folder that is a link must stay inside the data folder, like a file link."""
+    if path.is_symlink() and not Path(os.path.realpath(path)).is_relative_to(root):
+        raise DatasetError(f"{path}: link points outside the data folder")
 
 
 def _take_balanced(per_class: list[list], limit: int | None) -> list:

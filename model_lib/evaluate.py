@@ -11,6 +11,32 @@ from model_lib.fileio import atomic_open, write_json
 LOSS_EPSILON = 1e-7  # probabilities are clipped to [eps, 1] before the log, as Keras does
 
 
+class NothingLearned(RuntimeError):
+    """The model is no better than always answering the most common class: never register it."""
+
+
+def majority_rate(labels: np.ndarray) -> float:
+    """The accuracy of always answering the most common class."""
+    counts = np.bincount(np.asarray(labels, np.int64))
+    return float(counts.max() / counts.sum()) if counts.sum() else 0.0
+
+
+def check_learned(split: str, accuracy: float, labels: np.ndarray, margin: float) -> None:
+    """Refuse a model whose accuracy on `split` is not above the majority-class rate plus `margin`.
+
+    Raises:
+        NothingLearned: With the figures and what to try.
+    """
+    floor = majority_rate(labels)
+    if not accuracy > floor + margin:
+        raise NothingLearned(
+            f"the model learned nothing: {split} accuracy {accuracy:.4f} is not above the majority-class "
+            f"rate {floor:.4f} + margin {margin} (--learned-margin); nothing was registered. Try "
+            "--precision float32, more --epochs or a lower --learning-rate, and check that the class "
+            "folders really differ"
+        )
+
+
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
     """Test figures from predicted probabilities.
 
@@ -76,13 +102,26 @@ def predict_probabilities(model, images: np.ndarray, batch_size: int = 500) -> n
     return np.asarray(model.predict(np.asarray(images), batch_size=batch_size, verbose=0), np.float32)
 
 
-def evaluate_run(model_path: str, cache_dir: str, class_names: list[str], out_dir: Path) -> dict:
+def evaluate_run(
+    model_path: str, cache_dir: str, class_names: list[str], out_dir: Path, learned_margin: float = 0.0
+) -> dict:
     """Evaluate a saved model on the cached test set and write its metrics files.
 
     Also saves the test probabilities (`test_probabilities.npy`) for the plots.
 
+    Args:
+        model_path: The saved `.keras` model.
+        cache_dir: The ingested dataset.
+        class_names: One name per class index.
+        out_dir: Where the metrics files go.
+        learned_margin: Test accuracy the model must add to the majority-class rate.
+
     Returns:
         The metrics (without the confusion matrix) and `files`, the written paths by name.
+
+    Raises:
+        NothingLearned: Test accuracy not above the majority-class rate plus `learned_margin`
+            (the metrics files are written first, for the post-mortem).
     """
     import keras
 
@@ -94,4 +133,5 @@ def evaluate_run(model_path: str, cache_dir: str, class_names: list[str], out_di
     np.save(out_dir / "test_probabilities.npy", probabilities, allow_pickle=False)
     metrics = classification_metrics(probabilities, np.asarray(arrays.y_test), class_names)
     files = write_metrics(metrics, class_names, out_dir)
+    check_learned("test", metrics["test_accuracy"], np.asarray(arrays.y_test), learned_margin)
     return {**{k: v for k, v in metrics.items() if k != "confusion_matrix"}, "files": files}

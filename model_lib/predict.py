@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from model_lib.config import ConfigError
 from model_lib.fileio import atomic_open, read_json
-from model_lib.images import FolderEntry, decode_files, decode_files_in_pool, walk_folder
+from model_lib.images import FolderEntry, decode_files, decode_files_in_pool, is_image_name, walk_folder
 from model_lib.inference import KerasClassifier
 from model_lib.registry import (
     MANIFEST_FILE,
@@ -49,6 +50,74 @@ class ModelInfo:
     version: str
     class_names: list[str]
     image_size: int
+
+
+@dataclass(frozen=True)
+class PredictionPlan:
+    """A checked prediction request: the folder, the CSV to write and the model."""
+
+    root: Path
+    output: Path
+    model: ModelInfo
+
+
+def plan_prediction(
+    input_dir: str,
+    output_csv: str | None,
+    model: str,
+    top_k: int,
+    batch_size: int,
+    shard_size: int,
+    artifacts_root: Path,
+    overwrite: bool = False,
+) -> PredictionPlan:
+    """Check a prediction request before any work starts (the CLI calls it before Prefect does).
+
+    Raises:
+        ConfigError: A bad option, a missing input folder, or an output the tool must not write.
+        RegistryError: The model reference does not resolve.
+    """
+    for option, value in (("--top-k", top_k), ("--batch-size", batch_size), ("--shard-size", shard_size)):
+        if value < 1:
+            raise ConfigError(f"{option} must be at least 1, not {value}")
+    root = Path(input_dir).expanduser()
+    if not root.is_dir():
+        problem = "not a folder (predict classifies the images in a folder)" if root.exists() else "folder not found"
+        raise ConfigError(f"{root}: {problem}")
+    root = root.resolve()
+    info = resolve_model(model, artifacts_root)
+    if top_k > len(info.class_names):
+        raise ConfigError(f"--top-k {top_k} is more than the model's {len(info.class_names)} classes")
+    output = Path(output_csv).expanduser().resolve() if output_csv else default_output_csv(artifacts_root, root)
+    check_output(output, artifacts_root, overwrite)
+    return PredictionPlan(root, output, info)
+
+
+def check_output(output: Path, artifacts_root: Path, overwrite: bool) -> None:
+    """Refuse an output that would destroy what the tool did not write.
+
+    Never inside the model registry, never an image-like name (an input image), never a folder;
+    an existing file only when it is an earlier prediction CSV, unless `overwrite`.
+    """
+    registry = (artifacts_root / "models").resolve()
+    if output.is_relative_to(registry):
+        raise ConfigError(f"{output}: inside the model registry ({registry}); write the CSV elsewhere")
+    if output.is_dir():
+        raise ConfigError(f"{output}: is a folder; --output takes a CSV file path")
+    if is_image_name(output.name):
+        raise ConfigError(f"{output}: an image file name; --output takes a CSV file path")
+    if output.exists() and not overwrite and not is_prediction_csv(output):
+        raise ConfigError(
+            f"{output}: exists and is not a prediction CSV written by this tool; refusing to overwrite it "
+            "(choose another --output, or pass --overwrite)"
+        )
+
+
+def is_prediction_csv(path: Path) -> bool:
+    """Whether `path` starts with the header this tool writes."""
+    prefix = ",".join(csv_columns(1)[:4])
+    with open(path, "rb") as handle:
+        return handle.read(len(prefix)) == prefix.encode()
 
 
 def resolve_model(reference: str, artifacts_root: Path) -> ModelInfo:
@@ -235,13 +304,52 @@ def classify_shard(
         for entry, (ranked, size, error) in zip(
             entries, classified_rows(input_dir, entries, model, top_k, batch_size), strict=True
         ):
+            path = csv_text(entry.relative_path)
             if error:
                 counts["error"] += 1
-                writer.writerow([entry.relative_path, "error", "", "", *[""] * (2 * top_k), "", "", error])
+                writer.writerow([path, "error", "", "", *[""] * (2 * top_k), "", "", csv_text(error)])
             else:
                 counts["ok"] += 1
-                writer.writerow([entry.relative_path, "ok", ranked[0], ranked[1], *ranked, *size, ""])
+                ranked = [csv_text(cell) if i % 2 == 0 else cell for i, cell in enumerate(ranked)]
+                writer.writerow([path, "ok", ranked[0], ranked[1], *ranked, *size, ""])
     return counts
+
+
+SPREADSHEET_TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "'")  # a leading one makes a spreadsheet evaluate a cell
+
+
+def csv_text(value: str) -> str:
+    """A text cell that is safe in a spreadsheet and valid UTF-8.
+
+    OWASP's rule for CSV injection: a cell starting with `=`, `+`, `-`, `@`, tab or CR gets a
+    leading `'`, so Excel, LibreOffice and Google Sheets show it as text instead of running it as
+    a formula. A cell starting with `'` gets one too, so `read_predictions` can undo it exactly.
+    Bytes of a file name that are not UTF-8 are written as `\\xNN` escapes.
+    """
+    if not value.isascii() and any("\udc80" <= c <= "\udcff" for c in value):  # os.fsdecode's escapes
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "'" + value if value.startswith(SPREADSHEET_TRIGGERS) else value
+
+
+def read_predictions(path: str | Path):
+    """A prediction CSV as a pandas DataFrame, with the text cells as they were before `csv_text`.
+
+    Error rows have empty labels and probabilities (read as NaN) and empty `width`/`height`.
+    """
+    import pandas as pd
+
+    table = pd.read_csv(path, dtype={"path": str, "label": str, "error": str}, keep_default_na=False, na_values={
+        column: [""] for column in ("confidence", "width", "height")
+    })  # fmt: skip
+    for column in [c for c in table.columns if c in ("path", "label", "error") or c.endswith("_label")]:
+        table[column] = table[column].map(_undo_csv_text)
+    return table
+
+
+def _undo_csv_text(cell):
+    if isinstance(cell, str) and len(cell) > 1 and cell[0] == "'" and cell[1] in "".join(SPREADSHEET_TRIGGERS):
+        return cell[1:]
+    return cell
 
 
 def merge_parts(part_paths: list[str], output_csv: Path, top_k: int, class_count: int) -> None:

@@ -44,13 +44,24 @@ def learning_rate_schedule(config: TrainConfig, total_steps: int):
     return WarmupLinear()
 
 
-def make_optimizer(config: TrainConfig, total_steps: int, model=None):
+def make_optimizer(config: TrainConfig, total_steps: int, model=None, precision: str = "float32"):
     """The optimiser named by the config, with its learning-rate schedule.
 
     For SGD, the batch-norm offsets of `model` step `bias_lr_scale` times faster than the other
     weights (airbench's bias scaler): with few epochs they must move far, and having no scale they
     cannot blow up the way a kernel would.
+
+    Under `mixed_float16` the optimiser scales the loss dynamically, so small float16 gradients do
+    not flush to zero. Keras does that by itself only for a model whose own policy is
+    mixed_float16; ours set the policy per layer, so it is done here.
     """
+    import keras
+
+    optimizer = _base_optimizer(config, total_steps, model)
+    return keras.optimizers.LossScaleOptimizer(optimizer) if precision == "mixed_float16" else optimizer
+
+
+def _base_optimizer(config: TrainConfig, total_steps: int, model):
     import keras
 
     learning_rate = learning_rate_schedule(config, total_steps)
@@ -66,7 +77,9 @@ def make_optimizer(config: TrainConfig, total_steps: int, model=None):
     class BiasBoostedSGD(keras.optimizers.SGD):
         def build(self, variables):
             super().build(variables)
-            self._boosted = {self._get_variable_index(variable) for variable in boosted}
+            # Frozen layers' offsets (a transfer backbone's batch norm) are not this optimiser's to step.
+            keys = {self._var_key(variable) for variable in variables}
+            self._boosted = {self._get_variable_index(v) for v in boosted if self._var_key(v) in keys}
 
         def update_step(self, gradient, variable, learning_rate):
             if self._get_variable_index(variable) in self._boosted:

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,14 +22,15 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from model_lib.fileio import read_json, sha256_file, write_json
+from model_lib.fileio import owned_folder, read_json, remove_abandoned, sha256_file, write_json
+from model_lib.settings import DEFAULT_MODEL_NAME
 
-DEFAULT_NAME = "cifar10"
 MODEL_FILE = "model.keras"
 MANIFEST_FILE = "manifest.json"
 REGISTRY_FILE = "registry.json"
 PROBE_FILE = "probe.npz"
-STALE_STAGING_SECONDS = 6 * 3600  # staging folders older than this are leftovers of killed writers
+STAGING_PREFIX = ".staging-"
+STALE_STAGING_SECONDS = 6 * 3600  # staging folders older than this are leftovers, even from another host
 LOCK_TIMEOUT_SECONDS = 300
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 
@@ -91,7 +91,7 @@ class Registry:
         name: The model name; its folder is `artifacts_root/models/<name>`.
     """
 
-    def __init__(self, artifacts_root: str | os.PathLike, name: str = DEFAULT_NAME):
+    def __init__(self, artifacts_root: str | os.PathLike, name: str = DEFAULT_MODEL_NAME):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise RegistryError(f"invalid model name {name!r}: letters, digits, '.', '_' and '-' only")
         self.name = name
@@ -105,7 +105,17 @@ class Registry:
         path = self.root / REGISTRY_FILE
         if not path.is_file():
             return {"name": self.name, "versions": [], "aliases": {"latest": None, "champion": None}, "history": []}
-        return read_json(path)
+        try:
+            state = read_json(path)
+        except (ValueError, UnicodeDecodeError) as error:
+            state = error
+        if not isinstance(state, dict) or not {"versions", "aliases", "history"} <= state.keys():
+            problem = state if isinstance(state, Exception) else "missing its versions, aliases or history"
+            raise RegistryError(
+                f"{path}: corrupt registry ({problem}); the version folders beside it are intact: restore the "
+                "file from a backup, or move it away to start a new registry"
+            )
+        return state
 
     def version_dir(self, version: int) -> Path:
         return self.root / f"v{version}"
@@ -154,8 +164,7 @@ class Registry:
         if MODEL_FILE not in files:
             raise RegistryError(f"a registration needs a {MODEL_FILE}")
         self.root.mkdir(parents=True, exist_ok=True)
-        staging = self.root / f".staging-{uuid.uuid4().hex}"
-        staging.mkdir()
+        staging = owned_folder(self.root, STAGING_PREFIX)
         try:
             for name, source in files.items():
                 target = staging / name
@@ -192,27 +201,49 @@ class Registry:
             shutil.rmtree(staging, ignore_errors=True)
         return Registration(self.name, version, str(self.version_dir(version)), promoted, reason)
 
-    def promote(self, tag: str, reason: str = "manual promotion") -> int:
-        """Make a version champion by hand; recorded in the history."""
+    def promote(self, tag: str, reason: str) -> int:
+        """Make a version champion by hand, after checking its checksums; recorded in the history.
+
+        Raises:
+            RegistryError: Unknown model or version, or an empty reason.
+            ChecksumError: A file of the version is missing or tampered with.
+        """
+        self._check_alias_move(reason)
         with self._lock:
-            version = int(self.resolve(tag).name[1:])
+            version_dir = self.resolve(tag)
+            _require_intact(version_dir)
+            version = int(version_dir.name[1:])
             state = self.state()
             self._move_alias(state, "champion", version, reason, action="promote")
             self._write_state(state)
         return version
 
-    def rollback(self, reason: str = "manual rollback") -> int:
-        """Move champion back to the version that was champion before it; recorded in the history."""
+    def rollback(self, reason: str) -> int:
+        """Move champion back to the version that was champion before it; recorded in the history.
+
+        Raises:
+            RegistryError: Unknown model, no earlier champion, or an empty reason.
+            ChecksumError: A file of the earlier champion is missing or tampered with.
+        """
+        self._check_alias_move(reason)
         with self._lock:
             state = self.state()
             stack = champion_stack(state["history"])
             if len(stack) < 2:
                 raise RegistryError(f"{self.name}: no earlier champion to roll back to")
+            _require_intact(self.version_dir(stack[-2]))
             self._move_alias(state, "champion", stack[-2], reason, action="rollback")
             self._write_state(state)
         return stack[-2]
 
     # ----- internals -------------------------------------------------------------------------
+
+    def _check_alias_move(self, reason: str) -> None:
+        """Before taking the lock (which would create the folder): a real model and a reason."""
+        if not reason.strip():
+            raise RegistryError("--reason must say why the champion moves (it is kept in the history)")
+        if not (self.root / REGISTRY_FILE).is_file():
+            raise RegistryError(f"{self.name}: no such model (no {self.root / REGISTRY_FILE})")
 
     def _existing_dir_versions(self) -> list[int]:
         return [int(m.group(1)) for p in self.root.iterdir() if (m := _VERSION_DIR.match(p.name)) and p.is_dir()]
@@ -233,8 +264,9 @@ class Registry:
                 self._add_version(state, version, manifest.get("created_at", _now()), manifest, False, reason)
 
     def _remove_stale_staging(self) -> None:
+        remove_abandoned(self.root, STAGING_PREFIX)  # a killed writer's, at once
         cutoff = time.time() - STALE_STAGING_SECONDS
-        for path in self.root.glob(".staging-*"):
+        for path in self.root.glob(f"{STAGING_PREFIX}*"):
             if path.stat().st_mtime < cutoff:
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -351,7 +383,7 @@ def parse_reference(ref: str, artifacts_root: str | os.PathLike) -> Path:
     name, _, tag = ref.partition("@")
     if "/" in name or os.sep in name:
         raise RegistryError(f"{ref}: not a version folder (no {MANIFEST_FILE})")
-    return Registry(artifacts_root, name or DEFAULT_NAME).resolve(tag or "champion")
+    return Registry(artifacts_root, name or DEFAULT_MODEL_NAME).resolve(tag or "champion")
 
 
 def verify_version(version_dir: Path) -> list[str]:
@@ -369,15 +401,19 @@ def verify_version(version_dir: Path) -> list[str]:
     return problems
 
 
+def _require_intact(version_dir: Path) -> None:
+    problems = verify_version(version_dir)
+    if problems:
+        raise ChecksumError(f"{version_dir.name} refused: " + "; ".join(problems))
+
+
 def load_verified_model(version_dir: Path):
     """Load a version's Keras model after checking every file's sha256; `safe_mode` stays on.
 
     Raises:
         ChecksumError: A file is missing or its checksum differs; the message names it.
     """
-    problems = verify_version(version_dir)
-    if problems:
-        raise ChecksumError("; ".join(problems))
+    _require_intact(version_dir)
     import keras
 
     return keras.saving.load_model(version_dir / MODEL_FILE, safe_mode=True)

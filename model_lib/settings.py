@@ -8,6 +8,9 @@ from pathlib import Path
 KERAS_DOWNLOAD = "keras"
 """The `data` value that selects Keras' CIFAR-10 download (the online default)."""
 
+DEFAULT_MODEL_NAME = "cifar10"
+"""The registry name of models trained on CIFAR-10, and the name model references default to."""
+
 
 def artifacts_dir() -> Path:
     """Root of every output: `ARTIFACTS_DIR`, default `./artifacts`."""

@@ -12,12 +12,13 @@ import numpy as np
 
 from model_lib.config import TrainConfig
 from model_lib.data import DatasetInfo, load_arrays
+from model_lib.evaluate import check_learned
 from model_lib.fileio import atomic_open, write_json
 from model_lib.models import build_model, with_flip_tta
 from model_lib.precision import choose_precision, cpu_bf16_units, scale_for_replicas, use_xla
 from model_lib.preprocess import load_split, make_datasets
 from model_lib.recipe import lookahead_callback, make_optimizer
-from model_lib.transfer import freeze_backbone
+from model_lib.transfer import backbone_weights, freeze_backbone, recalibrate_batch_norm
 
 PROBE_IMAGES = 16  # fixed inputs whose outputs a reloaded model must reproduce (registry gate)
 PROBE_TOLERANCE = 1e-4  # max absolute difference in probabilities between the two
@@ -152,7 +153,7 @@ def train(
         phase_steps = phase.config.epochs * steps_per_epoch
         with strategy.scope():
             model.compile(
-                optimizer=make_optimizer(phase.config, phase_steps, model),
+                optimizer=make_optimizer(phase.config, phase_steps, model, precision),
                 loss=loss,
                 metrics=["accuracy"],
                 jit_compile=xla,
@@ -172,6 +173,9 @@ def train(
             os.replace(partial, done)
     for phase in phases:  # finished: an identical run started later trains afresh, like BackupAndRestore
         (run_dir / phase.done_marker).unlink(missing_ok=True)
+    if config.architecture == "transfer" and backbone_weights(config.weights) is None:
+        count = recalibrate_batch_norm(model, np.asarray(arrays.x_train[split.train_index]))
+        log(f"Recalibrated {count} batch-norm layers of the backbone trained from scratch")
     history = read_history(history_path)
     final_loss = float(history["loss"].iloc[-1]) if len(history) else float("nan")
     weights_finite = all(np.isfinite(weight).all() for weight in model.get_weights())
@@ -180,6 +184,8 @@ def train(
             f"training diverged (final loss {final_loss:.3g}, weights finite: {weights_finite}); "
             "nothing was registered: lower --learning-rate or raise --batch-size"
         )
+    if val_ds is not None:
+        check_validation(model, val_ds, final_loss, arrays.y_train[split.val_index], num_classes, config.learned_margin)
     train_seconds = float(history["epoch_seconds"].sum())
     log(f"Trained {len(history)} epochs in {train_seconds:.0f}s")
 
@@ -203,6 +209,26 @@ def train(
     )
 
 
+def check_validation(model, val_ds, train_loss: float, val_labels, num_classes: int, margin: float) -> None:
+    """The trained model on the validation split: a loss that exploded, or no more than guessing, stops the run.
+
+    A finite training loss does not prove a usable model: batch norm's moving statistics can
+    differ wildly from the batches' own (validation loss in the thousands), and a model that
+    collapsed onto one class sits at the loss of guessing.
+
+    Raises:
+        TrainingDiverged: Validation loss above `DIVERGENCE_FACTOR` times guessing's.
+        NothingLearned: Validation accuracy not above the majority-class rate plus `margin`.
+    """
+    val_loss, val_accuracy = model.evaluate(val_ds, verbose=0)[:2]
+    if not val_loss <= DIVERGENCE_FACTOR * np.log(num_classes):
+        raise TrainingDiverged(
+            f"validation loss exploded ({val_loss:.3g}, training loss {train_loss:.3g}); nothing was registered: "
+            "try --precision float32 or a lower --learning-rate"
+        )
+    check_learned("validation", float(val_accuracy), np.asarray(val_labels), margin)
+
+
 @dataclass(frozen=True)
 class Phase:
     """A stretch of epochs trained with one optimiser (transfer learning has two)."""
@@ -223,8 +249,12 @@ class Phase:
 
 
 def training_phases(config: TrainConfig) -> list[Phase]:
-    """One phase; or, for transfer learning, the frozen-backbone head phase then fine-tuning."""
-    if config.architecture != "transfer":
+    """One phase; or, for transfer learning, the frozen-backbone head phase then fine-tuning.
+
+    A transfer backbone without pretrained weights (`weights` none) has nothing to protect: it
+    trains whole, in one phase, with the main recipe (a frozen random backbone learns nothing).
+    """
+    if config.architecture != "transfer" or config.weights in ("none", ""):
         return [Phase("train", 0, config.epochs, config)]
     head_epochs = min(config.head_epochs, config.epochs)
     phases = [Phase("head", 0, head_epochs, replace(config, epochs=head_epochs), trainable_backbone_layers=0)]

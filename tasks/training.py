@@ -12,9 +12,11 @@ from model_lib.config import TrainConfig
 from model_lib.data import ingest
 from model_lib.evaluate import evaluate_run
 from model_lib.lineage import code_revision, library_versions
+from model_lib.models import network_parameter_count
 from model_lib.plots import plot_run
 from model_lib.preprocess import prepare_split
 from model_lib.registry import MODEL_FILE, PROBE_FILE, Registry
+from model_lib.runs import claim_run_dir, release_run_dir
 from model_lib.settings import artifacts_dir
 from model_lib.train import train
 from tasks.common import log_info, retry_on_transient_io
@@ -38,10 +40,15 @@ def ingest_task(config: dict) -> dict:
 
 @task(name="preprocess")
 def preprocess_task(config: dict, dataset: dict) -> dict:
-    """Seeded stratified split into this run's folder (same config + data = same folder, to resume)."""
+    """Seeded stratified split into this run's folder (same config + data = same folder, to resume;
+    a fresh one while an identical run is alive).
+
+    Also reads the registry the run will register into, so a corrupt one stops the run now, not
+    after training.
+    """
     cfg = TrainConfig(**config)
-    run_dir = artifacts_dir() / "runs" / cfg.run_key(dataset["fingerprint"])
-    run_dir.mkdir(parents=True, exist_ok=True)
+    Registry(artifacts_dir(), cfg.model_name).state()
+    run_dir = claim_run_dir(artifacts_dir() / "runs", cfg.run_key(dataset["fingerprint"]))
     prepared = prepare_split(dataset["cache_dir"], dataset["class_names"], cfg, run_dir)
     log_info(
         f"Split {prepared['train_count']} train / {prepared['validation_count']} validation / "
@@ -63,10 +70,13 @@ def train_task(config: dict, dataset: dict, prepared: dict) -> dict:
 
 
 @task(name="evaluate")
-def evaluate_task(trained: dict, dataset: dict) -> dict:
-    """Test accuracy and loss, per-class precision/recall/F1 and the confusion matrix (JSON and CSV)."""
+def evaluate_task(trained: dict, dataset: dict, learned_margin: float) -> dict:
+    """Test accuracy and loss, per-class precision/recall/F1 and the confusion matrix (JSON and CSV).
+
+    Fails the run when the model is no better than answering the most common class.
+    """
     metrics = evaluate_run(
-        trained["model_path"], dataset["cache_dir"], dataset["class_names"], Path(trained["run_dir"])
+        trained["model_path"], dataset["cache_dir"], dataset["class_names"], Path(trained["run_dir"]), learned_margin
     )
     log_info(f"Test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}")
     return metrics
@@ -91,7 +101,8 @@ def register_task(
     model = keras.saving.load_model(trained["model_path"], safe_mode=True)
     manifest = {
         "architecture": config["architecture"],
-        "parameter_count": int(model.count_params()),
+        "parameter_count": network_parameter_count(model),
+        "serving_parameter_count": int(model.count_params()),
         "input": {"shape": list(model.input_shape[1:]), "pixels": "RGB 0-255, float32 or uint8"},
         "config": config,
         "metrics": {
@@ -118,6 +129,7 @@ def register_task(
     }
     registry = Registry(artifacts_dir(), config["model_name"])
     registration = registry.register(files, manifest, margin=margin)
+    release_run_dir(run_dir)
     verdict = "became **champion**" if registration.champion else "stays a **challenger**"
     log_info(
         f"Registered {registration.name} v{registration.version}: {verdict.replace('*', '')} ({registration.reason})"

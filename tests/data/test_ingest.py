@@ -1,5 +1,7 @@
 import os
 import pickle
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,25 @@ def test_links_out_of_the_data_folder_are_refused(colour_dataset, tmp_path, arti
         ingest(str(colour_dataset), artifacts, **quiet)
 
 
+@pytest.mark.parametrize("link", ["train/purple", "test/red"])
+def test_class_folder_links_out_of_the_data_folder_are_refused(colour_dataset, tmp_path, artifacts, link):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "000.png").write_bytes((colour_dataset / "train" / "red" / "000.png").read_bytes())
+    target = colour_dataset / link
+    if target.exists():
+        shutil.rmtree(target)
+    os.symlink(outside, target)
+    with pytest.raises(DatasetError, match=rf"{link}: link points outside the data folder"):
+        ingest(str(colour_dataset), artifacts, **quiet)
+
+
+def test_class_folder_links_inside_the_data_folder_are_followed(colour_dataset, artifacts):
+    os.symlink(colour_dataset / "test" / "red", colour_dataset / "test" / "crimson")
+    os.symlink(colour_dataset / "train" / "red", colour_dataset / "train" / "crimson")
+    assert ingest(str(colour_dataset), artifacts, **quiet).class_names == ["blue", "crimson", "green", "red"]
+
+
 def test_capped_subset_is_class_balanced(colour_dataset, artifacts):
     info = ingest(str(colour_dataset), artifacts, max_train_images=9, max_test_images=3, **quiet)
     arrays = load_arrays(info.cache_dir)
@@ -133,3 +154,27 @@ def test_photo_sized_copies_decode_to_the_original_pixels(upscaled_cifar):
     # Swapped channel order, the classic mismatch, is far outside that: 20 levels on average.
     swapped = np.abs(shrunk[..., ::-1] - original).mean(axis=(1, 2, 3))
     assert swapped.mean() > 3 * per_image.mean()
+
+
+def test_a_file_name_that_is_not_utf8_trains_like_any_other(colour_dataset, artifacts):
+    source = colour_dataset / "train" / "red" / "000.png"
+    with open(os.fsencode(source.parent) + b"/r\xf6t.png", "wb") as handle:  # Latin-1 "röt"
+        handle.write(source.read_bytes())
+    assert ingest(str(colour_dataset), artifacts, **quiet).train_count == 37
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda root: [shutil.rmtree(root / s / c) for s in ("train", "test") for c in ("blue", "green")],
+         "a classifier needs at least 2 class folders, found only 'red'"),
+        (lambda root: [p.unlink() for p in (root / "test" / "green").iterdir()], "no images for class(es) green"),
+        (lambda root: shutil.rmtree(root / "test" / "blue"), "test: no images for class(es) blue"),
+    ],
+)  # fmt: skip
+def test_data_that_cannot_give_a_meaningful_accuracy_is_refused(colour_dataset, artifacts, damage, words):
+    damage(colour_dataset)
+    with pytest.raises(DatasetError, match=re.escape(words)):
+        ingest(str(colour_dataset), artifacts, **quiet)
+    with pytest.raises(DatasetError, match=re.escape("--max-test-images 2 leaves some of the 3 classes empty")):
+        ingest(str(write_colour_dataset(colour_dataset.parent / "fresh")), artifacts, max_test_images=2, **quiet)

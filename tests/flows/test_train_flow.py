@@ -1,6 +1,7 @@
 """The train-cifar flow end to end under a Prefect test harness."""
 
 import asyncio
+import errno
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,8 @@ def test_flow_trains_and_registers_a_complete_version(prefect_harness, colour_da
     assert manifest["training"]["precision"] in ("float32", "mixed_bfloat16")
     assert result["test_accuracy"] > 0.6  # three solid colours: far above chance (1/3)
     report = _report_artifact()
-    assert "cifar10 v1: became champion" in report and "| red |" in report
+    assert result["name"] == "colours"  # named after the data folder: its classes are not CIFAR-10's
+    assert "colours v1: became champion" in report and "| red |" in report
 
 
 @pytest.mark.real_data
@@ -72,7 +74,7 @@ def test_flaky_io_is_retried_but_bad_data_fails_at_once_and_leaves_the_champion(
         return real_ingest(*args, **kwargs)
 
     monkeypatch.setattr(tasks.training, "ingest", flaky_ingest)
-    options = dict(profile="smoke", data=str(colour_dataset), epochs=1, batch_size=8, validation_split=0.25)
+    options = dict(profile="smoke", data=str(colour_dataset), epochs=3, batch_size=8, validation_split=0.25)
     first = train_cifar(**options)
     assert len(calls) == 2 and first["champion"]
 
@@ -81,5 +83,11 @@ def test_flaky_io_is_retried_but_bad_data_fails_at_once_and_leaves_the_champion(
     with pytest.raises(DatasetError, match=r"red/000\.png"):
         train_cifar(**options)
     assert len(calls) == 1  # bad data is not retried
-    state = Registry(artifacts).state()
+
+    calls.clear()
+    hiccups.append(OSError(errno.EROFS, "Read-only file system", str(artifacts)))
+    with pytest.raises(OSError, match="Read-only file system"):
+        train_cifar(**options)
+    assert len(calls) == 1  # a permanent OS error is not retried either
+    state = Registry(artifacts, "colours").state()
     assert state["aliases"] == {"latest": 1, "champion": 1} and len(state["versions"]) == 1

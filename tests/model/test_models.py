@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from model_lib.config import resolve_config
-from model_lib.models import ARCHITECTURES, build_model, patch_whitening_kernel, with_flip_tta
+from model_lib.models import ARCHITECTURES, build_model, network_parameter_count, patch_whitening_kernel, with_flip_tta
 from model_lib.recipe import learning_rate_schedule
 from model_lib.train import to_serving_model
 
@@ -38,6 +38,9 @@ def test_flip_tta_returns_the_average_of_both_views():
     expected = (model.predict(IMAGES, verbose=0) + model.predict(IMAGES[:, :, ::-1], verbose=0)) / 2
     np.testing.assert_allclose(tta.predict(IMAGES, verbose=0), expected, atol=1e-6)
     assert not np.allclose(model.predict(IMAGES, verbose=0), expected, atol=1e-4)  # the flip really changes it
+    # The manifest counts the network, not the wrapper's fixed 32x32 mirror matrix.
+    assert (network_parameter_count(tta), tta.count_params()) == (161_098, 161_098 + 32 * 32)
+    assert network_parameter_count(model) == 161_098
 
 
 def test_serving_model_is_a_float32_twin_with_the_trained_weights(tmp_path):

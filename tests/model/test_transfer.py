@@ -34,10 +34,13 @@ def test_imagenet_offline_and_missing_files_explain_what_to_do(monkeypatch, tmp_
         build_model("seed_cnn", 10, weights="imagenet")
 
 
-def test_two_phases_frozen_head_then_fine_tuning(colour_dataset, artifacts):
+def test_two_phases_frozen_head_then_fine_tuning(colour_dataset, artifacts, tmp_path):
+    weights = tmp_path / "pretrained.weights.h5"
+    build_model("transfer", 10).get_layer(BACKBONE_LAYER_NAME).save_weights(weights)
     config, dataset, split_path, run_dir = _prepare(
         colour_dataset, artifacts, architecture="transfer", epochs=2, head_epochs=1, fine_tune_layers=10,
-        optimizer="adam", learning_rate=1e-3, lr_schedule="constant",
+        optimizer="adam", learning_rate=1e-3, lr_schedule="constant", weights=str(weights),
+        learned_margin=-1.0,  # "pretrained" weights that are random: this checks the phases, not learning
     )  # fmt: skip
     assert resolve_config("default", architecture="transfer").weights == "none"
     lines = []
@@ -53,3 +56,12 @@ def test_two_phases_frozen_head_then_fine_tuning(colour_dataset, artifacts):
 
     model = keras.saving.load_model(result.model_path, safe_mode=True)
     assert model.input_shape == (None, 32, 32, 3)  # still raw 32x32 pixels in
+
+
+def test_a_backbone_without_pretrained_weights_trains_whole_in_one_phase():
+    from model_lib.train import training_phases
+
+    phases = training_phases(resolve_config("smoke", architecture="transfer", weights="none", epochs=4))
+    assert [(p.name, p.first_epoch, p.last_epoch, p.trainable_backbone_layers) for p in phases] == [
+        ("train", 0, 4, None)
+    ]

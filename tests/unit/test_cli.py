@@ -29,7 +29,10 @@ def test_models_commands(artifacts, tmp_path):
     assert runner.invoke(app, ["models", "verify", "cifar10@latest"]).exit_code == 0
     rolled = runner.invoke(app, ["models", "rollback", "--reason", "bad canary"])
     assert rolled.exit_code == 0 and "-> v1" in rolled.output
-    assert runner.invoke(app, ["models", "promote", "cifar10@v2"]).exit_code == 0
+    assert runner.invoke(app, ["models", "promote", "cifar10@v2"]).exit_code == 2  # a reason is required
+    empty = runner.invoke(app, ["models", "promote", "cifar10@v2", "--reason", " "])
+    assert empty.exit_code == 2 and "--reason" in empty.output
+    assert runner.invoke(app, ["models", "promote", "cifar10@v2", "--reason", "canary passed"]).exit_code == 0
     assert registry.state()["aliases"]["champion"] == 2
 
     (artifacts / "models" / "cifar10" / "v2" / "probe.npz").write_bytes(b"tampered")
@@ -39,16 +42,54 @@ def test_models_commands(artifacts, tmp_path):
     missing = runner.invoke(app, ["models", "show", "cifar10@v7"])
     assert missing.exit_code == 1 and "no such version" in missing.output
 
+    tampered = runner.invoke(app, ["models", "promote", "cifar10@v2", "--reason", "try"])
+    assert tampered.exit_code == 1 and "v2 refused" in tampered.output and "probe.npz" in tampered.output
+    unknown = runner.invoke(app, ["models", "promote", "nosuch@v1", "--reason", "try"])
+    assert unknown.exit_code == 1 and "nosuch: no such model" in unknown.output
+    assert not (artifacts / "models" / "nosuch").exists()
+
 
 def test_train_command_passes_every_option_to_the_flow(prefect_harness, colour_dataset, artifacts):
     result = runner.invoke(
         app,
         ["train", "--profile", "smoke", "--architecture", "seed_cnn", "--epochs", "1", "--batch-size", "8",
          "--data", str(colour_dataset), "--seed", "3", "--learning-rate", "0.001", "--precision", "float32",
-         "--validation-split", "0.25", "--name", "colours"],
+         "--validation-split", "0.25", "--name", "colours", "--learned-margin", "-1"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "colours v1 (champion)" in result.output
     config = json.loads((artifacts / "models" / "colours" / "v1" / "config.json").read_text())
     assert (config["architecture"], config["epochs"], config["batch_size"], config["seed"]) == ("seed_cnn", 1, 8, 3)
     assert (config["precision"], config["learning_rate"], config["validation_split"]) == ("float32", 0.001, 0.25)
+    assert config["learned_margin"] == -1  # one epoch at this rate learns little: the guard is off for this check
+
+
+def test_project_errors_print_one_line_without_a_traceback_unless_debug(artifacts):
+    import subprocess
+    import sys
+
+    registry = artifacts / "models" / "cifar10"
+    registry.mkdir(parents=True)
+    (registry / "registry.json").write_text('{"versions": [')
+    script = [sys.executable, "-c", "from flows.cli import main; main()"]
+    for command in (
+        ["models", "list"],
+        ["models", "show", "cifar10@v1"],
+        ["predict", str(artifacts), "--model", "cifar10"],
+    ):
+        done = subprocess.run(script + command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, (command, done.stderr)
+        assert done.stderr.strip().splitlines()[-1].startswith(f"error: {registry / 'registry.json'}: corrupt registry")
+        assert "Traceback" not in done.stderr and "Traceback" not in done.stdout, command
+    debug = subprocess.run(script + ["--debug", "models", "list"], capture_output=True, text=True, timeout=120)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "RegistryError" in debug.stderr
+
+
+def test_help_lists_every_choice_from_their_single_declaration():
+    from model_lib.config import CHOICES, PROFILES
+    from model_lib.models import ARCHITECTURES
+
+    assert set(CHOICES["architecture"]) == set(ARCHITECTURES)
+    shown = " ".join(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "250"}).output.split())
+    for choices in (PROFILES, CHOICES["architecture"], CHOICES["precision"]):
+        assert f"One of: {', '.join(choices)}." in shown

@@ -136,14 +136,62 @@ def test_promote_and_rollback_are_recorded(artifacts, files):
         registry.register(files, manifest(accuracy))
     assert registry.state()["aliases"]["champion"] == 3
     assert registry.rollback("v3 misbehaves in production") == 2
-    assert registry.rollback() == 1
+    assert registry.rollback("v2 too") == 1
     with pytest.raises(RegistryError, match="no earlier champion"):
-        registry.rollback()
+        registry.rollback("again")
     assert registry.promote("v3", reason="fixed upstream") == 3
     history = registry.state()["history"]
     assert history[-1] == {**history[-1], "alias": "champion", "from": 1, "to": 3, "why": "fixed upstream"}
     assert any(m["action"] == "rollback" and m["why"] == "v3 misbehaves in production" for m in history)
     assert champion_stack(history) == [1, 3]
+
+
+def test_a_tampered_version_never_becomes_champion(artifacts, files):
+    registry = Registry(artifacts)
+    for accuracy in (0.5, 0.6):
+        registry.register(files, manifest(accuracy))
+    (artifacts / "models" / "cifar10" / "v1" / "probe.npz").write_bytes(b"tampered")
+    with pytest.raises(ChecksumError, match=r"v1 refused: .*probe\.npz: checksum differs"):
+        registry.promote("v1", reason="looks better")
+    with pytest.raises(ChecksumError, match=r"v1 refused"):
+        registry.rollback("v2 misbehaves")
+    with pytest.raises(RegistryError, match="--reason must say why"):
+        registry.promote("v2", reason="  ")
+    state = registry.state()
+    assert state["aliases"]["champion"] == 2 and [m["action"] for m in state["history"]].count("promote") == 0
+
+
+@pytest.mark.parametrize("content", ['{"versions": [', "[]", '{"versions": []}', "\xff\xfe"])
+def test_a_corrupt_registry_file_is_named_with_what_to_do(artifacts, files, content):
+    registry = Registry(artifacts)
+    registry.register(files, manifest(0.5))
+    (registry.root / "registry.json").write_bytes(content.encode("latin-1"))
+    for attempt in (registry.state, lambda: registry.resolve("v1"), lambda: registry.register(files, manifest(0.6))):
+        with pytest.raises(RegistryError, match=r"registry\.json: corrupt registry .* restore the file from a backup"):
+            attempt()
+    assert sorted(p.name for p in registry.root.iterdir() if not p.name.startswith(".")) == ["registry.json", "v1"]
+
+
+def test_an_unknown_model_name_leaves_no_folder_behind(artifacts):
+    for attempt in (lambda r: r.promote("v1", "why"), lambda r: r.rollback("why"), lambda r: r.resolve("v1")):
+        with pytest.raises(RegistryError, match="no such"):
+            attempt(Registry(artifacts, "nosuch"))
+    assert not (artifacts / "models" / "nosuch").exists()
+
+
+def test_a_killed_writers_staging_folder_is_removed_by_the_next_registration(artifacts, files):
+    import socket
+    import subprocess
+    import sys
+
+    registry = Registry(artifacts)
+    registry.register(files, manifest(0.5))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = registry.root / f".staging-0123abcd0123-{ended.stdout.strip()}@{socket.gethostname()}"
+    left.mkdir()
+    (left / "model.keras").write_bytes(b"half copied")
+    registry.register(files, manifest(0.6))
+    assert not left.exists() and not list(registry.root.glob(".staging-*"))
 
 
 @pytest.mark.parametrize("step", ["copied", "checked", "manifest_written", "renamed", "state_written"])

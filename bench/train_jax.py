@@ -1,0 +1,147 @@
+"""The training recipe under Keras' JAX backend on numpy batches: precisions and batch-norm epsilons side by side.
+
+    KERAS_BACKEND=jax python bench/train_jax.py --cifar ../shared/datasets/cifar10 \
+        --runs cifar:default:float32:1e-5,cifar:default:mixed_bfloat16:1e-3,digits:smoke:mixed_bfloat16:1e-3:10
+
+Each run is DATA:PROFILE:PRECISION:BN_EPSILON[:EPOCHS], DATA `cifar` (the folder given by --cifar)
+or `digits` (scikit-learn's digits written as 8x8 greyscale PNGs, as the tests do). For machines
+without TensorFlow, such as the lent GPU machine: ingest, model, optimiser, schedule, lookahead
+and the serving model (flip TTA) are model_lib's own; only the input pipeline differs from
+`train-cifar`'s: numpy flip and reflect-translate per batch instead of tf.data, and no
+per-epoch validation. Prints one JSON line per run (and appends it to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def augment(images: np.ndarray, rng: np.random.Generator, flip: bool, translate: int) -> np.ndarray:
+    """Random mirror and a random shift of up to `translate` pixels with reflected borders, per image."""
+    n, height, width, _ = images.shape
+    if flip:
+        images = np.where((rng.random(n) < 0.5)[:, None, None, None], images[:, :, ::-1], images)
+    if translate:
+        padded = np.pad(images, ((0, 0), (translate, translate), (translate, translate), (0, 0)), mode="reflect")
+        rows = rng.integers(0, 2 * translate + 1, n)[:, None] + np.arange(height)
+        cols = rng.integers(0, 2 * translate + 1, n)[:, None] + np.arange(width)
+        images = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return images
+
+
+def run(data_root: Path, artifacts: Path, profile: str, precision: str, bn_epsilon: float, epochs: int | None) -> dict:
+    import keras
+
+    from model_lib import models
+    from model_lib.config import resolve_config
+    from model_lib.data import ingest, load_arrays
+    from model_lib.preprocess import stratified_split
+    from model_lib.recipe import lookahead_callback, make_optimizer
+    from model_lib.train import to_serving_model
+
+    models.AIRBENCH_BN_EPSILON = bn_epsilon
+    config = resolve_config(profile, data=str(data_root), precision=precision, epochs=epochs)
+    dataset = ingest(config.data, artifacts, config.image_size, config.max_train_images, config.max_test_images,
+                     log=lambda m: None)  # fmt: skip
+    arrays = load_arrays(dataset.cache_dir)
+    split = stratified_split(np.asarray(arrays.y_train), config.validation_split, config.seed)
+    x, y = np.asarray(arrays.x_train[split.train_index]), np.asarray(arrays.y_train[split.train_index])
+    classes = len(dataset.class_names)
+    keras.utils.set_random_seed(config.seed)
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.rng = np.random.default_rng(config.seed)
+            self.order = self.rng.permutation(len(y))
+
+        def __len__(self):
+            return -(-len(y) // config.batch_size)
+
+        def __getitem__(self, index):
+            chosen = self.order[index * config.batch_size : (index + 1) * config.batch_size]
+            images = augment(x[chosen], self.rng, config.augment_flip, config.augment_translate)
+            return images.astype(np.float32), np.eye(classes, dtype=np.float32)[y[chosen]]
+
+        def on_epoch_end(self):
+            self.order = self.rng.permutation(len(y))
+
+    batches = Batches()
+    steps = config.epochs * len(batches)
+    calibration = x[:5000]
+    model = models.build_model(config.architecture, classes, config.image_size, precision, calibration,
+                               width=config.network_width)  # fmt: skip
+    model.compile(
+        optimizer=make_optimizer(config, steps, model, precision),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=["accuracy"],
+    )
+    lookahead = lookahead_callback(config.lookahead_every, config.lookahead_decay, steps)
+    callbacks = [lookahead] if config.lookahead_every else []
+    started = time.perf_counter()
+    history = model.fit(batches, epochs=config.epochs, callbacks=callbacks, verbose=0)
+    fit_seconds = time.perf_counter() - started
+    serving = to_serving_model(model, replace(config), classes, calibration)
+    probabilities = serving.predict(np.asarray(arrays.x_test), batch_size=1000, verbose=0)
+    return {
+        "data": data_root.name,
+        "profile": profile,
+        "precision": precision,
+        "bn_epsilon": bn_epsilon,
+        "epochs": config.epochs,
+        "test_accuracy": round(float((probabilities.argmax(1) == np.asarray(arrays.y_test)).mean()), 4),
+        "final_train_loss": round(float(history.history["loss"][-1]), 4),
+        "final_train_accuracy": round(float(history.history["accuracy"][-1]), 4),
+        "fit_seconds": round(fit_seconds, 1),
+        "backend": keras.backend.backend(),
+        "device": _device(),
+    }
+
+
+def _device() -> str:
+    try:
+        import jax
+
+        return str(jax.devices()[0].device_kind)
+    except ImportError:
+        return "cpu"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cifar", default=os.environ.get("CIFAR10_DIR", str(REPO.parent / "shared/datasets/cifar10")))
+    parser.add_argument("--runs", required=True, help="comma-separated DATA:PROFILE:PRECISION:BN_EPSILON[:EPOCHS]")
+    parser.add_argument("--out", default=None, help="also append each run's JSON line to this file")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        from tests.synthetic import write_digits_dataset
+
+        roots = {"cifar": Path(args.cifar)}
+        for spec in args.runs.split(","):
+            data, profile, precision, epsilon, *epochs = spec.split(":")
+            if data == "digits" and "digits" not in roots:
+                roots["digits"] = write_digits_dataset(Path(scratch) / "digits")
+            result = run(roots[data], Path(scratch) / "artifacts", profile, precision, float(epsilon),
+                         int(epochs[0]) if epochs else None)  # fmt: skip
+            line = json.dumps(result)
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a", encoding="utf-8") as handle:
+                    handle.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

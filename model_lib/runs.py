@@ -1,0 +1,47 @@
+"""Run folders: the same config on the same data maps to one folder, so a crashed run resumes there.
+
+A second identical run started while the first is alive must not share it (their histories and
+checkpoints would mix), so each run claims its folder with an owner file naming its host and
+process. A folder whose owner is dead is taken over (that is the resume); one whose owner lives
+is left alone and the newcomer gets a fresh sibling.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from filelock import FileLock
+
+from model_lib.fileio import process_gone, process_tag
+
+OWNER_FILE = ".owner"  # the `process_tag` of the run using the folder
+
+
+def claim_run_dir(runs_root: Path, key: str) -> Path:
+    """This run's folder: `runs_root/key`, or a fresh `key-<id>` beside it while a live run holds that."""
+    runs_root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(runs_root / f".{key}.lock")):  # one claim at a time per key
+        for folder in (runs_root / key, runs_root / f"{key}-{uuid.uuid4().hex[:8]}"):
+            folder.mkdir(exist_ok=True)
+            if not _held_by_another_live_run(folder / OWNER_FILE):
+                (folder / OWNER_FILE).write_text(process_tag(), encoding="utf-8")
+                return folder
+    raise AssertionError("a fresh folder is never held")
+
+
+def release_run_dir(folder: Path) -> None:
+    """Give the folder up after a finished run, so the next identical run may use it."""
+    owner = folder / OWNER_FILE
+    if owner.is_file() and owner.read_text(encoding="utf-8") == process_tag():
+        owner.unlink()
+
+
+def _held_by_another_live_run(owner: Path) -> bool:
+    try:
+        tag = owner.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return False
+    # This process's own tag: an earlier run of it that failed, so this is its resume. A run on
+    # another machine sharing the folder cannot be checked: it is assumed alive.
+    return tag != process_tag() and not process_gone(tag)

@@ -1,0 +1,202 @@
+"""Adversarial cases at the edges, table-driven: each bad request is refused up front with one clear line."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from model_lib.config import ConfigError
+from model_lib.models import build_model
+from model_lib.predict import plan_prediction
+from model_lib.registry import RegistryError
+from tests.flows.test_batch_predict import register_keras_model
+
+CLI = [sys.executable, "-c", "from flows.cli import main; main()"]  # the console script, in this interpreter
+
+
+def colour_training(colour_dataset, name: str, epochs: int) -> list[str]:
+    """A quick `cifar-pipeline train` on the three-colour folder."""
+    return [*CLI, "train", "--profile", "smoke", "--data", str(colour_dataset), "--epochs", str(epochs),
+            "--batch-size", "8", "--validation-split", "0.25", "--precision", "float32", "--name", name]  # fmt: skip
+
+
+@pytest.fixture
+def setup(artifacts, tmp_path):
+    register_keras_model(artifacts, build_model("seed_cnn", 10), tmp_path)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(inbox / "photo.jpg")
+    (tmp_path / "notes.csv").write_text("my,own,notes\n")
+    (tmp_path / "earlier.csv").write_text("path,status,label,confidence,top1_label\n")
+    (artifacts / "models" / "broken").mkdir(parents=True)
+    (artifacts / "models" / "broken" / "registry.json").write_text('{"versions": [')  # truncated
+    return inbox
+
+
+# (input, --output, other options, error type, words the one line must contain)
+PREDICT_CASES = {
+    "top-k zero": ("inbox", None, {"top_k": 0}, ConfigError, "--top-k must be at least 1, not 0"),
+    "top-k above classes": ("inbox", None, {"top_k": 11}, ConfigError, "--top-k 11 is more than the model's 10"),
+    "batch size zero": ("inbox", None, {"batch_size": 0}, ConfigError, "--batch-size must be at least 1"),
+    "shard size negative": ("inbox", None, {"shard_size": -5}, ConfigError, "--shard-size must be at least 1"),
+    "input is a file": ("inbox/photo.jpg", None, {}, ConfigError, "photo.jpg: not a folder"),
+    "input missing": ("nowhere", None, {}, ConfigError, "nowhere: folder not found"),
+    "unknown model": ("inbox", None, {"model": "nosuch@v1"}, RegistryError, "nosuch@v1: no such version"),
+    "unknown version": ("inbox", None, {"model": "cifar10@v9"}, RegistryError, "no such version"),
+    "output over an input image": ("inbox", "inbox/photo.jpg", {}, ConfigError, "an image file name"),
+    "output over a file it did not write": ("inbox", "notes.csv", {}, ConfigError, "is not a prediction CSV"),
+    "output is a folder": ("inbox", "inbox", {}, ConfigError, "is a folder"),
+    "output inside the registry": ("inbox", "artifacts/models/cifar10/v1/manifest.json", {}, ConfigError,
+                                   "inside the model registry"),
+    "output inside the registry, overwrite": ("inbox", "artifacts/models/cifar10/x.csv", {"overwrite": True},
+                                              ConfigError, "inside the model registry"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(PREDICT_CASES))
+def test_bad_prediction_requests_are_refused_before_any_work(setup, tmp_path, artifacts, case):
+    source, output, options, error, words = PREDICT_CASES[case]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    options = {"model": "cifar10", "top_k": 3, "batch_size": 256, "shard_size": 2048, **options}
+    with pytest.raises(error, match=words.replace("(", r"\(")):
+        plan_prediction(str(tmp_path / source), output and str(tmp_path / output), artifacts_root=artifacts, **options)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
+
+
+def test_an_earlier_prediction_csv_may_be_replaced_and_overwrite_is_explicit(setup, tmp_path, artifacts):
+    options = dict(model="cifar10", top_k=3, batch_size=256, shard_size=2048, artifacts_root=artifacts)
+    assert plan_prediction(str(setup), str(tmp_path / "earlier.csv"), **options).output == tmp_path / "earlier.csv"
+    notes = tmp_path / "notes.csv"
+    assert plan_prediction(str(setup), str(notes), overwrite=True, **options).output == notes
+
+
+@pytest.mark.parametrize(
+    "arguments, code, words",
+    [
+        (["predict", "{inbox}", "--top-k", "0"], 2, "--top-k must be at least 1"),
+        (["predict", "{inbox}", "--output", "{inbox}/photo.jpg"], 2, "an image file name"),
+        (["predict", "{inbox}/photo.jpg"], 2, "not a folder"),
+        (["predict", "{inbox}", "--model", "nosuch"], 1, "nosuch@champion: no version"),
+        (["train", "--profile", "fastest"], 2, "unknown profile 'fastest'; choose from default, seed, fast, smoke"),
+        (["train", "--architecture", "resnet"], 2, "--architecture 'resnet': choose from airbench, seed_cnn"),
+        (["train", "--precision", "half"], 2, "--precision 'half': choose from auto, float32"),
+        (["train", "--epochs", "0"], 2, "--epochs must be at least 1, not 0"),
+        (["train", "--batch-size", "-8"], 2, "--batch-size must be at least 1, not -8"),
+        (["train", "--validation-split", "1.0"], 2, "--validation-split must be in [0, 1), not 1.0"),
+        (["train", "--data", "{inbox}/missing"], 1, "missing: data folder not found"),
+        (["train", "--name", "../escape"], 1, "invalid model name '../escape'"),
+        (["train", "--name", "broken"], 1, "broken/registry.json: corrupt registry"),
+        (["predict", "{inbox}", "--model", "broken@v1"], 1, "broken/registry.json: corrupt registry"),
+    ],
+)
+def test_the_cli_answers_a_usage_error_in_one_line(setup, arguments, code, words):
+    command = [*CLI, *(a.format(inbox=setup) for a in arguments)]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - started
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == code and len(lines) == 1 and words in lines[0], (done.stderr, done.stdout)
+    assert "Prefect" not in done.stderr + done.stdout and seconds < 60  # no server was started
+    assert Path(setup / "photo.jpg").read_bytes()[:2] == b"\xff\xd8"  # the input image is untouched
+
+
+HOSTILE_NAMES = ['=HYPERLINK("evil.example","y").png', "+1.png", "-2.png", "@SUM(A1).png", "'quoted.png", "plain.png"]
+
+
+def test_hostile_file_names_are_neutralised_in_the_csv_and_round_trip(prefect_harness, setup, tmp_path):
+    import os
+
+    import pandas as pd
+
+    from flows.batch_predict import batch_predict
+    from model_lib.predict import read_predictions
+
+    for name in HOSTILE_NAMES:
+        Image.new("RGB", (32, 32), (20, 200, 30)).save(setup / name, format="PNG")
+    not_utf8 = os.fsencode(setup) + b"/caf\xe9.png"  # Latin-1 bytes: not valid UTF-8
+    with open(not_utf8, "wb") as handle:
+        Image.new("RGB", (32, 32)).save(handle, format="PNG")
+    output = tmp_path / "hostile.csv"
+    summary = batch_predict(str(setup), output_csv=str(output))
+    assert (summary["ok"], summary["error"]) == (len(HOSTILE_NAMES) + 2, 0)  # + photo.jpg and the Latin-1 name
+
+    raw = pd.read_csv(output, dtype=str, keep_default_na=False)  # what a spreadsheet sees
+    assert not [cell for cell in raw.to_numpy().ravel() if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert '\'=HYPERLINK("evil.example","y").png' in set(raw["path"])
+    assert "caf\\xe9.png" in set(raw["path"])  # the undecodable byte, escaped
+    table = read_predictions(output)
+    assert set(HOSTILE_NAMES) <= set(table["path"])  # the project's own reader gets the names back
+    assert table["width"].dtype.kind == "i" and table["confidence"].dtype.kind == "f"
+
+
+@pytest.mark.slow
+def test_two_identical_training_commands_at_once_both_register(colour_dataset, artifacts):
+    import os
+
+    from model_lib.registry import Registry
+
+    command = colour_training(colour_dataset, "twins", epochs=2)
+    env = {**os.environ, "ARTIFACTS_DIR": str(artifacts)}
+    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    outputs = [run.communicate(timeout=600)[0].decode() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    state = Registry(artifacts, "twins").state()
+    assert sorted(v["version"] for v in state["versions"]) == [1, 2]
+    folders = [p for p in (artifacts / "runs").iterdir() if p.is_dir()]
+    assert len(folders) == 2 and all((p / "history.csv").read_text().count("\n") == 3 for p in folders)
+
+
+def test_a_failed_run_on_the_console_ends_in_one_line_without_tracebacks_or_chatter(tmp_path, artifacts):
+    import os
+
+    from tests.synthetic import write_uninformative_dataset
+
+    folder = write_uninformative_dataset(tmp_path / "same")
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+    env["ARTIFACTS_DIR"] = str(artifacts)
+    command = [*CLI, "train", "--profile", "smoke", "--data", str(folder), "--epochs", "1", "--batch-size", "8",
+               "--validation-split", "0.5"]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**env, "ARTIFACTS_DIR": str(artifacts)}
+    )
+    console = done.stdout + done.stderr
+    assert done.returncode == 1
+    errors = [line for line in console.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: the model learned nothing: validation accuracy")
+    for noise in ("Traceback", "oneDNN", "cuInit", "absl", "cuda drivers"):
+        assert noise not in console, noise
+    assert "Task run 'train" in console  # the progress a person needs stays
+
+
+@pytest.mark.slow
+def test_a_training_command_killed_mid_epoch_resumes_when_run_again(colour_dataset, artifacts):
+    import os
+    import signal
+
+    from model_lib.train import read_history
+
+    command = colour_training(colour_dataset, "killed", epochs=12)
+    env = {**os.environ, "ARTIFACTS_DIR": str(artifacts)}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list((artifacts / "runs").glob("*/history.csv")):
+        time.sleep(0.5)
+    history = next((artifacts / "runs").glob("*/history.csv"))
+
+    def epochs_logged() -> int:
+        return history.read_text().count("\n") - 1 if history.stat().st_size else 0
+
+    while time.monotonic() < deadline and epochs_logged() < 2:
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)  # no clean-up of any kind
+    first.wait()
+    done_before = epochs_logged()
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Resuming phase train from checkpoint" in second.stdout + second.stderr
+    assert [p for p in (artifacts / "runs").iterdir() if p.is_dir()] == [history.parent]  # the same folder
+    assert read_history(history)["epoch"].tolist() == list(range(12)) and done_before >= 2

@@ -1,0 +1,55 @@
+"""Image folders generated at test time from data that ships with a package (nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DIGITS_TEST_COUNT = 360  # of scikit-learn's 1,797 digits; the other 1,437 train
+
+
+def write_digits_dataset(root: Path, seed: int = 0) -> Path:
+    """scikit-learn's bundled handwritten digits as 8x8 greyscale PNGs in `root/{train,test}/<digit>/`.
+
+    10 classes, 1,437 train and 360 test images, split by a seeded shuffle. Greyscale, tiny and
+    mostly flat background: the kind of user folder that CIFAR-10 never exercises.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    test = set(np.random.default_rng(seed).permutation(len(digits.target))[:DIGITS_TEST_COUNT].tolist())
+    for index, (pixels, digit) in enumerate(zip(digits.images, digits.target, strict=True)):
+        folder = root / ("test" if index in test else "train") / str(digit)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((pixels * 255 / 16).astype(np.uint8), "L").save(folder / f"{index:04d}.png")
+    return root
+
+
+def write_hues_dataset(root: Path, classes: int = 12, train_per_class: int = 6, test_per_class: int = 3) -> Path:
+    """More than 10 classes, few images each, non-square (48x30) RGB: a hue per class plus noise."""
+    import colorsys
+
+    rng = np.random.default_rng(1)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for label in range(classes):
+            folder = root / split / f"hue{label:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            colour = np.array(colorsys.hsv_to_rgb(label / classes, 0.9, 0.9)) * 255
+            for i in range(count):
+                pixels = np.clip(colour + rng.normal(0, 8, (30, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:02d}.jpg", quality=95)
+    return root
+
+
+def write_uninformative_dataset(root: Path, classes: int = 3, per_class: int = 8) -> Path:
+    """Classes whose images are all the same grey picture: nothing to learn, by construction."""
+    pixels = np.full((32, 32, 3), 128, np.uint8)
+    for split in ("train", "test"):
+        for label in range(classes):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    return root
