@@ -250,7 +250,9 @@ def _fail(message: str) -> None:
 
 def _require_reason(reason: str) -> None:
     if not reason.strip():
-        raise typer.BadParameter("must say why the champion moves (it is kept in the history)", param_hint="--reason")
+        from model_lib.config import ConfigError
+
+        raise ConfigError("--reason must say why the champion moves (it is kept in the history)")
 
 
 def _version_dir(ref: str):

@@ -89,6 +89,7 @@ def test_an_earlier_prediction_csv_may_be_replaced_and_overwrite_is_explicit(set
         (["train", "--data", "{inbox}/missing"], 1, "missing: data folder not found"),
         (["train", "--name", "../escape"], 1, "invalid model name '../escape'"),
         (["train", "--name", "broken"], 1, "broken/registry.json: corrupt registry"),
+        (["models", "promote", "cifar10@v1", "--reason", ""], 2, "--reason must say why the champion moves"),
         (["predict", "{inbox}", "--model", "broken@v1"], 1, "broken/registry.json: corrupt registry"),
     ],
 )

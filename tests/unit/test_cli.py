@@ -5,6 +5,7 @@ import json
 from typer.testing import CliRunner
 
 from flows.cli import app
+from model_lib.config import ConfigError
 from model_lib.registry import Registry
 from tests.unit.test_registry import make_model_files, manifest
 
@@ -31,7 +32,7 @@ def test_models_commands(artifacts, tmp_path):
     assert rolled.exit_code == 0 and "-> v1" in rolled.output
     assert runner.invoke(app, ["models", "promote", "cifar10@v2"]).exit_code == 2  # a reason is required
     empty = runner.invoke(app, ["models", "promote", "cifar10@v2", "--reason", " "])
-    assert empty.exit_code == 2 and "--reason" in empty.output
+    assert isinstance(empty.exception, ConfigError) and "--reason must say why" in str(empty.exception)
     assert runner.invoke(app, ["models", "promote", "cifar10@v2", "--reason", "canary passed"]).exit_code == 0
     assert registry.state()["aliases"]["champion"] == 2
 
