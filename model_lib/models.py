@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from model_lib.transfer import transfer_logits
+from model_lib.transfer import from_scratch, transfer_logits
 
 CIFAR_MEAN = (125.3, 123.0, 113.9)  # per-channel pixel mean of CIFAR-10's training set, 0-255
 CIFAR_STD = (63.0, 62.1, 66.7)  # per-channel pixel standard deviation, 0-255
@@ -58,7 +58,7 @@ def build_model(
     import keras
 
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
-    if weights not in ("none", "", None) and architecture != "transfer":
+    if not from_scratch(weights) and architecture != "transfer":
         raise ValueError(f"--weights applies to the transfer architecture only, not {architecture}")
     logits = ARCHITECTURES[architecture](inputs, num_classes, dtype_policy, calibration_images, weights, width)
     outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)

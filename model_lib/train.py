@@ -18,7 +18,7 @@ from model_lib.models import build_model, with_flip_tta
 from model_lib.precision import choose_precision, cpu_bf16_units, scale_for_replicas, use_xla
 from model_lib.preprocess import load_split, make_datasets
 from model_lib.recipe import lookahead_callback, make_optimizer
-from model_lib.transfer import backbone_weights, freeze_backbone, recalibrate_batch_norm
+from model_lib.transfer import freeze_backbone, from_scratch, recalibrate_batch_norm
 
 PROBE_IMAGES = 16  # fixed inputs whose outputs a reloaded model must reproduce (registry gate)
 PROBE_TOLERANCE = 1e-4  # max absolute difference in probabilities between the two
@@ -173,7 +173,7 @@ def train(
             os.replace(partial, done)
     for phase in phases:  # finished: an identical run started later trains afresh, like BackupAndRestore
         (run_dir / phase.done_marker).unlink(missing_ok=True)
-    if config.architecture == "transfer" and backbone_weights(config.weights) is None:
+    if config.architecture == "transfer" and from_scratch(config.weights):
         count = recalibrate_batch_norm(model, np.asarray(arrays.x_train[split.train_index]))
         log(f"Recalibrated {count} batch-norm layers of the backbone trained from scratch")
     history = read_history(history_path)
@@ -254,7 +254,7 @@ def training_phases(config: TrainConfig) -> list[Phase]:
     A transfer backbone without pretrained weights (`weights` none) has nothing to protect: it
     trains whole, in one phase, with the main recipe (a frozen random backbone learns nothing).
     """
-    if config.architecture != "transfer" or config.weights in ("none", ""):
+    if config.architecture != "transfer" or from_scratch(config.weights):
         return [Phase("train", 0, config.epochs, config)]
     head_epochs = min(config.head_epochs, config.epochs)
     phases = [Phase("head", 0, head_epochs, replace(config, epochs=head_epochs), trainable_backbone_layers=0)]

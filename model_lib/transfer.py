@@ -23,13 +23,18 @@ class TransferWeightsError(ValueError):
     """The requested backbone weights cannot be had (offline download, missing file)."""
 
 
+def from_scratch(weights: str | None) -> bool:
+    """Whether the `weights` setting asks for no pretrained backbone weights."""
+    return weights in ("none", "", None)
+
+
 def backbone_weights(weights: str) -> str | None:
     """Map the `weights` setting to Keras Applications' argument.
 
     Raises:
         TransferWeightsError: `weights` is a path that does not exist.
     """
-    if weights in ("none", "", None):
+    if from_scratch(weights):
         return None
     if weights == "imagenet":
         return "imagenet"
