@@ -334,15 +334,18 @@ def csv_text(value: str) -> str:
 def read_predictions(path: str | Path):
     """A prediction CSV as a pandas DataFrame, with the text cells as they were before `csv_text`.
 
-    Error rows have empty labels and probabilities (read as NaN) and empty `width`/`height`.
+    `width` and `height` are integers (pandas' nullable Int64); error rows have them empty (NA),
+    and their labels empty and probabilities NaN.
     """
     import pandas as pd
 
-    table = pd.read_csv(path, dtype={"path": str, "label": str, "error": str}, keep_default_na=False, na_values={
-        column: [""] for column in ("confidence", "width", "height")
-    })  # fmt: skip
-    for column in [c for c in table.columns if c in ("path", "label", "error") or c.endswith("_label")]:
-        table[column] = table[column].map(_undo_csv_text)
+    header = pd.read_csv(path, nrows=0).columns
+    text = [c for c in header if c in ("path", "status", "label", "error") or c.endswith("_label")]
+    # Only empty cells are missing (a file "NA.png" stays a name), and labels stay text ("01" is no 1).
+    dtypes = {**{column: str for column in text}, "width": "Int64", "height": "Int64"}
+    table = pd.read_csv(path, dtype=dtypes, keep_default_na=False, na_values=[""])
+    for column in text:
+        table[column] = table[column].fillna("").map(_undo_csv_text)
     return table
 
 

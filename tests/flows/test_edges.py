@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -110,8 +111,6 @@ HOSTILE_NAMES = ['=HYPERLINK("evil.example","y").png', "+1.png", "-2.png", "@SUM
 def test_hostile_file_names_are_neutralised_in_the_csv_and_round_trip(prefect_harness, setup, tmp_path):
     import os
 
-    import pandas as pd
-
     from flows.batch_predict import batch_predict
     from model_lib.predict import read_predictions
 
@@ -201,3 +200,17 @@ def test_a_training_command_killed_mid_epoch_resumes_when_run_again(colour_datas
     assert "Resuming phase train from checkpoint" in second.stdout + second.stderr
     assert [p for p in (artifacts / "runs").iterdir() if p.is_dir()] == [history.parent]  # the same folder
     assert read_history(history)["epoch"].tolist() == list(range(12)) and done_before >= 2
+
+
+def test_the_prediction_reader_keeps_names_and_labels_as_text_and_sizes_as_integers(tmp_path):
+    from model_lib.predict import read_predictions
+
+    path = tmp_path / "p.csv"
+    path.write_text(
+        "path,status,label,confidence,top1_label,top1_probability,width,height,error\n"
+        "'=a.png,ok,01,0.9,01,0.9,32,32,\nNA.png,ok,7,0.8,7,0.8,640,480,\nb.png,error,,,,,,,truncated image\n"
+    )
+    rows = read_predictions(path).to_dict("records")
+    assert [r["path"] for r in rows] == ["=a.png", "NA.png", "b.png"] and rows[0]["label"] == "01"
+    assert (rows[1]["width"], rows[1]["height"], rows[1]["confidence"]) == (640, 480, 0.8)
+    assert rows[2]["label"] == "" and rows[2]["error"] == "truncated image" and pd.isna(rows[2]["width"])
