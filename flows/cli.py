@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from model_lib.checks import check_training_request
-from model_lib.config import CHOICES, PROFILES
+from model_lib.config import CHOICES, PROFILES, TrainConfig
 from model_lib.settings import artifacts_dir
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ notes (cuInit without a GPU) off the console
@@ -129,7 +129,8 @@ def train(
     head_epochs: Annotated[int | None, typer.Option(help="transfer only: epochs before fine-tuning.")] = None,
     fine_tune_learning_rate: Annotated[float | None, typer.Option(help="transfer only: fine-tuning LR.")] = None,
     learned_margin: Annotated[
-        float | None, typer.Option(help="Accuracy a run must add to the majority-class rate to be registered (0.05).")
+        float | None,
+        typer.Option(help=f"Accuracy to add to the majority-class rate to register ({TrainConfig.learned_margin})."),
     ] = None,
     promotion_margin: Annotated[float, typer.Option(help="Accuracy a new version must add to the champion's.")] = 0.0,
     export: Annotated[bool, typer.Option(help="Also write TFLite float32/float16/int8 exports.")] = False,
