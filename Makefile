@@ -8,7 +8,6 @@ BIN := $(VENV)/bin
 SHARED_CIFAR10 := $(abspath ../shared/datasets/cifar10)
 export CIFAR10_DIR ?= $(if $(wildcard $(SHARED_CIFAR10)/train),$(SHARED_CIFAR10),)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install run test lint
 

@@ -294,8 +294,31 @@ def _callbacks(
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
         *extra_callbacks,
         # Last, so an epoch is in the history before its checkpoint claims it is done.
-        keras.callbacks.BackupAndRestore(str(run_dir / phase.checkpoint)),
+        _kill_safe_backup(str(run_dir / phase.checkpoint), log),
     ]
+
+
+def _kill_safe_backup(backup_dir: str, log: Callable[[str], None]):
+    """Keras' BackupAndRestore, safe against a kill while it writes.
+
+    It keeps the previous checkpoint too (`double_checkpoint`) and falls back to it when the last
+    one is unreadable. A kill during the very first save leaves nothing to fall back to: then
+    the phase starts again from its first epoch instead of failing.
+    """
+    import shutil
+
+    import keras
+
+    class KillSafeBackup(keras.callbacks.BackupAndRestore):
+        def on_train_begin(self, logs=None):
+            try:
+                super().on_train_begin(logs)
+            except (OSError, ValueError) as error:  # h5py's OSError, or cut-short JSON metadata
+                log(f"Checkpoint in {backup_dir} unreadable ({error}); the phase starts again")
+                shutil.rmtree(backup_dir, ignore_errors=True)
+                self.model._initial_epoch = None
+
+    return KillSafeBackup(backup_dir, double_checkpoint=True)
 
 
 def read_history(path: Path):

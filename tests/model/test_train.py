@@ -58,3 +58,30 @@ def test_diverged_training_raises_and_saves_no_model(colour_dataset, artifacts):
     with pytest.raises(TrainingDiverged, match="nothing was registered"):
         train(config, dataset, split_path, run_dir, log=lambda m: None)
     assert not (run_dir / "model.keras").exists()
+
+
+class CrashInEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.optimizer.iterations.numpy() > self.epoch * self.params["steps"]:
+            raise Interrupt(f"simulated crash in epoch {self.epoch + 1}")
+
+
+@pytest.mark.parametrize("saves", [1, 2])
+def test_a_checkpoint_cut_short_by_a_kill_never_blocks_the_resume(colour_dataset, artifacts, saves):
+    config, dataset, split_path, run_dir = _prepare(colour_dataset, artifacts, epochs=4)
+    with pytest.raises(Interrupt):
+        train(config, dataset, split_path, run_dir, log=lambda m: None, extra_callbacks=(CrashInEpoch(saves),))
+    (run_dir / "checkpoint" / "latest.weights.h5").write_bytes(b"\x89HDF\r\n cut short by a kill")
+    lines = []
+    result = train(config, dataset, split_path, run_dir, log=lines.append)
+    epochs = [line.split(":")[0] for line in lines if line.startswith("epoch ")]
+    if saves == 2:  # the previous checkpoint (after epoch 1) is used: epochs 2-4 are trained
+        assert epochs == ["epoch 2/4", "epoch 3/4", "epoch 4/4"]
+    else:  # nothing to fall back to: the phase starts again, and says so
+        assert any("unreadable" in line and "starts again" in line for line in lines)
+        assert epochs == ["epoch 1/4", "epoch 2/4", "epoch 3/4", "epoch 4/4"]
+    assert result.epochs_run == 4 and read_history(run_dir / "history.csv")["epoch"].tolist() == [0, 1, 2, 3]
