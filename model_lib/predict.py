@@ -252,7 +252,8 @@ def classified_rows(
 ) -> Iterator[tuple[list[str], tuple[int, int] | None, str]]:
     """Decode and classify entries in order: `(ranked cells, original size, error)` per entry.
 
-    The ranked cells are the `top_k` labels and probabilities, alternating, empty for an error.
+    The ranked cells are the `top_k` labels (spreadsheet-safe, see `csv_text`) and probabilities,
+    alternating, empty for an error.
     The shard's files are decoded by the pool in chunks of `batch_size`; each chunk is classified
     as soon as it arrives, while the pool decodes the next ones. A link out of the input folder
     is never opened: it is recorded as an error.
@@ -263,6 +264,7 @@ def classified_rows(
         [root / entry.relative_path for entry in inside], model.image_size, decode_pool(), batch_size
     )
     classifier = load_model_once(model)  # loads (or waits for the preload) while the pool decodes
+    safe_names = [csv_text(name) for name in model.class_names]  # once per shard, not once per row
 
     def inside_rows():
         for chunk in chunks:
@@ -275,7 +277,7 @@ def classified_rows(
             ranked = zip(ranks.tolist(), np.take_along_axis(probabilities, ranks, axis=1).tolist(), strict=True)
             for (labels, values), size, error in zip(ranked, chunk.sizes, chunk.errors, strict=True):
                 pairs = [] if error else zip(labels, values, strict=True)
-                cells = [cell for c, v in pairs for cell in (model.class_names[c], f"{v:.6f}")]
+                cells = [cell for c, v in pairs for cell in (safe_names[c], f"{v:.6f}")]
                 yield cells, size, error
 
     rows = inside_rows()
@@ -310,7 +312,6 @@ def classify_shard(
                 writer.writerow([path, "error", "", "", *[""] * (2 * top_k), "", "", csv_text(error)])
             else:
                 counts["ok"] += 1
-                ranked = [csv_text(cell) if i % 2 == 0 else cell for i, cell in enumerate(ranked)]
                 writer.writerow([path, "ok", ranked[0], ranked[1], *ranked, *size, ""])
     return counts
 

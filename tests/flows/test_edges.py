@@ -214,3 +214,19 @@ def test_the_prediction_reader_keeps_names_and_labels_as_text_and_sizes_as_integ
     assert [r["path"] for r in rows] == ["=a.png", "NA.png", "b.png"] and rows[0]["label"] == "01"
     assert (rows[1]["width"], rows[1]["height"], rows[1]["confidence"]) == (640, 480, 0.8)
     assert rows[2]["label"] == "" and rows[2]["error"] == "truncated image" and pd.isna(rows[2]["width"])
+
+
+def test_a_class_name_that_looks_like_a_formula_is_neutralised_too(prefect_harness, tmp_path, artifacts):
+    from flows.batch_predict import batch_predict
+    from model_lib.predict import read_predictions
+
+    classes = ["=cmd", "+plus", "plain"]
+    register_keras_model(artifacts, build_model("seed_cnn", 3), tmp_path, class_names=classes)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    Image.new("RGB", (32, 32), (9, 99, 199)).save(inbox / "a.png")
+    output = tmp_path / "labels.csv"
+    batch_predict(str(inbox), output_csv=str(output), top_k=3)
+    raw = pd.read_csv(output, dtype=str, keep_default_na=False)
+    assert sorted(raw.loc[0, ["top1_label", "top2_label", "top3_label"]]) == ["'+plus", "'=cmd", "plain"]
+    assert sorted(read_predictions(output).loc[0, ["top1_label", "top2_label", "top3_label"]]) == sorted(classes)
