@@ -6,7 +6,7 @@ import shutil
 import time
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -41,14 +41,17 @@ def batch_predict(
     shard_size: int = SHARD_FILES,
     fail_on_error: bool = False,
     overwrite: bool = False,
+    files: list[str] | None = None,
 ) -> dict:
     """Classify every image under `input_dir` into a CSV; returns the run's summary.
 
     `model` is a registry reference (`cifar10`, `cifar10@latest`, `cifar10@v3`) or a version
     folder. Broken files get error rows and the run goes on, unless `fail_on_error` is set, in
-    which case the run fails after writing the CSV. An existing `output_csv` is replaced only
-    when it is an earlier prediction CSV, unless `overwrite` is set; the model registry, folders
-    and image files are never written.
+    which case the run fails after writing the CSV. `output_csv` defaults to a new file per run
+    under `ARTIFACTS_DIR/predictions/`. An existing `output_csv` is replaced only when it is an
+    earlier prediction CSV, unless `overwrite` is set; the model registry, folders and image files
+    are never written. `files` (paths relative to `input_dir`, as the inbox trigger sends them)
+    limits the run to those files.
     """
     logger = get_run_logger()
     started = time.perf_counter()
@@ -65,7 +68,11 @@ def batch_predict(
     parts_dir = owned_folder(output.parent, f".{output.name}.parts-")
     try:
         futures, parts = [], []
-        for index, shard in enumerate(shards(image_like_entries(root, recursive, skipped), shard_size)):
+        entries = image_like_entries(root, recursive, skipped)
+        if files is not None:
+            wanted = set(files)
+            entries = (entry for entry in entries if entry.relative_path in wanted)
+        for index, shard in enumerate(shards(entries, shard_size)):
             shard_file = parts_dir / f"{index:06d}.json"
             write_shard(shard, shard_file)
             parts.append(str(parts_dir / f"{index:06d}.csv"))
@@ -91,6 +98,9 @@ def batch_predict(
     logger.info(
         f"{ok} ok, {errors} error, {len(skipped)} skipped in {seconds:.1f}s "
         f"({summary['images_per_second']} images/s) with {model_info.version}"
+    )
+    create_link_artifact(
+        key="batch-predict-csv", link=output.as_uri(), link_text=output.name, description=f"Predictions for {root}"
     )
     create_markdown_artifact(
         key="batch-predict-summary",

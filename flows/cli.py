@@ -17,6 +17,8 @@ from model_lib.checks import check_training_request
 from model_lib.config import CHOICES, PROFILES, TrainConfig
 from model_lib.settings import artifacts_dir
 
+QUIET_SECONDS = 5.0  # a copy that pauses longer than this between files gives two events
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ notes (cuInit without a GPU) off the console
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry (and its errors offline)
 
@@ -132,6 +134,23 @@ def train(
         float | None,
         typer.Option(help=f"Accuracy to add to the majority-class rate to register ({TrainConfig.learned_margin})."),
     ] = None,
+    max_leakage: Annotated[
+        float | None,
+        typer.Option(
+            help=f"Data gate: fraction of test images allowed as exact copies of train ({TrainConfig.max_leakage})."
+        ),
+    ] = None,
+    min_class_images: Annotated[
+        int | None, typer.Option(help=f"Data gate: training images every class needs ({TrainConfig.min_class_images}).")
+    ] = None,
+    allow_class_change: Annotated[
+        bool | None,
+        typer.Option("--allow-class-change/--no-allow-class-change", help="Data gate: let a previous class vanish."),
+    ] = None,
+    balance_shift_warning: Annotated[
+        float | None,
+        typer.Option(help=f"Warn when class shares shift by more than this ({TrainConfig.balance_shift_warning})."),
+    ] = None,
     promotion_margin: Annotated[float, typer.Option(help="Accuracy a new version must add to the champion's.")] = 0.0,
     export: Annotated[bool, typer.Option(help="Also write TFLite float32/float16/int8 exports.")] = False,
 ) -> None:
@@ -153,6 +172,10 @@ def train(
         head_epochs=head_epochs,
         fine_tune_learning_rate=fine_tune_learning_rate,
         learned_margin=learned_margin,
+        max_leakage=max_leakage,
+        min_class_images=min_class_images,
+        allow_class_change=allow_class_change,
+        balance_shift_warning=balance_shift_warning,
     )
     check_training_request(profile, overrides, artifacts_dir())  # a mistake costs a second, not a Prefect start
     from flows.train_cifar import train_cifar
@@ -228,6 +251,30 @@ def export_command(
     for entry in entries:
         note = f"  FAILED: {entry['reason']}" if entry["status"] != "ok" else ""
         typer.echo(f"{version_dir / entry['file']}: accuracy {entry['test_accuracy']:.4f}{note}")
+
+
+@app.command()
+def watch(
+    data: Annotated[str | None, typer.Option(help="Training data folder: new labelled images start a retrain.")] = None,
+    inbox: Annotated[str | None, typer.Option(help="Inbox folder: new images start batch-predict for them.")] = None,
+    quiet_seconds: Annotated[
+        float, typer.Option(help="Seconds without changes that end a burst of files (one event per burst).")
+    ] = QUIET_SECONDS,
+) -> None:
+    """Watch folders and emit Prefect events that the deployments' triggers in prefect.yaml act on.
+
+    Run it beside the worker (needs PREFECT_API_URL). Each burst of new or changed image files
+    sends one event: `cifar-pipeline.training-data.changed` starts train-cifar/weekly-retrain,
+    `cifar-pipeline.inbox.changed` starts batch-predict/on-demand for the burst's files.
+    """
+    from flows.watch import check_watch_request, watch_folders
+
+    folders = check_watch_request(data, inbox, quiet_seconds)
+    typer.echo("Watching " + ", ".join(f"{role} {path}" for role, path in folders.items()) + " (Ctrl-C stops)")
+    try:
+        watch_folders(folders, quiet_seconds, log=typer.echo)
+    except KeyboardInterrupt:
+        typer.echo("stopped")
 
 
 @app.command()

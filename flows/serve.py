@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from prefect.events import DeploymentEventTrigger
 from prefect.schedules import Cron
 
 from flows.batch_predict import batch_predict
@@ -18,7 +19,7 @@ FLOWS_BY_ENTRYPOINT = {
 
 
 def deployments_from_yaml(path: Path = PREFECT_YAML) -> list:
-    """`RunnerDeployment`s with the names, parameters, schedules and limits that `prefect.yaml` declares."""
+    """`RunnerDeployment`s with the names, parameters, schedules, triggers and limits that `prefect.yaml` declares."""
     declared = yaml.safe_load(path.read_text(encoding="utf-8"))["deployments"]
     return [
         FLOWS_BY_ENTRYPOINT[spec["entrypoint"]].to_deployment(
@@ -31,6 +32,7 @@ def deployments_from_yaml(path: Path = PREFECT_YAML) -> list:
                 Cron(schedule["cron"], timezone=schedule.get("timezone"), active=schedule.get("active", True))
                 for schedule in spec.get("schedules") or []
             ],
+            triggers=[DeploymentEventTrigger(**trigger) for trigger in spec.get("triggers") or []],
         )
         for spec in declared
     ]

@@ -32,6 +32,12 @@ class TrainConfig:
     # and test, to be registered: 0.05 is 5 points, far above chance on CIFAR's 10,000 test images.
     learned_margin: float = 0.05
 
+    # data gates, checked on the data report before training (see model_lib/data_report.py)
+    max_leakage: float = 0.0  # fraction of test images allowed to be exact pixel copies of training images
+    min_class_images: int = 10  # training images every class needs (before the validation split)
+    allow_class_change: bool = False  # let a class of the previous registered version vanish
+    balance_shift_warning: float = 0.1  # class-share change (total variation distance) that logs a warning
+
     # optimisation
     epochs: int = 10  # passes over the training split
     batch_size: int = 512  # images per optimiser step
@@ -80,6 +86,11 @@ class TrainConfig:
             value = getattr(self, field)
             if value is not None and value < 1:
                 raise ConfigError(f"--{_option(field)} must be at least 1, not {value}")
+        for field in ("max_leakage", "balance_shift_warning"):
+            if not 0 <= getattr(self, field) <= 1:
+                raise ConfigError(f"--{_option(field)} is a fraction in [0, 1], not {getattr(self, field)}")
+        if self.min_class_images < 1:
+            raise ConfigError(f"--min-class-images must be at least 1, not {self.min_class_images}")
         if not 0 <= self.validation_split < 1:
             raise ConfigError(f"--validation-split must be in [0, 1), not {self.validation_split}")
         for field in ("learning_rate", "fine_tune_learning_rate", "network_width"):

@@ -29,10 +29,11 @@ from model_lib.fileio import write_json
 from model_lib.images import decode_files_in_pool, join_decoded, walk_folder
 from model_lib.settings import DEFAULT_MODEL_NAME, KERAS_DOWNLOAD
 
-CACHE_FORMAT = 1  # bump when the cached arrays' layout or the decoder's output changes
+CACHE_FORMAT = 2  # bump when the cached arrays' layout or the decoder's output changes
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DECODE_CHUNK_FILES = 512  # files per worker task: large enough to amortise process IPC
 ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
+FILE_TABLE = "files.csv"  # one row per cached image: split, path, class, original size and kind, pixel hash
 
 
 class DatasetError(ValueError):
@@ -126,7 +127,7 @@ def ingest(
         if cached:
             log(f"Dataset {fingerprint[:12]} served from cache ({cached.train_count} train images)")
             return cached
-        arrays, skipped = _decode_image_folder(splits, image_size, skip_corrupt, workers, log)
+        arrays, skipped, files = _decode_image_folder(root, splits, class_names, image_size, skip_corrupt, workers, log)
         source = f"image_folder:{root}"
     else:
         if kind == "cifar_batches":
@@ -148,6 +149,13 @@ def ingest(
             log(f"Dataset {fingerprint[:12]} served from cache")
             return cached
         skipped = []
+        files = [
+            {"split": split, "path": f"{split}/{i}", "class": class_names[label], "width": shape[1],
+             "height": shape[0], "kind": "array"}
+            for split, labels, shape in (("train", arrays.y_train, arrays.x_train.shape[1:]),
+                                         ("test", arrays.y_test, arrays.x_test.shape[1:]))
+            for i, label in enumerate(labels)
+        ]  # fmt: skip
     info = DatasetInfo(
         cache_dir=str(datasets_dir / fingerprint),
         fingerprint=fingerprint,
@@ -158,7 +166,9 @@ def ingest(
         image_shape=list(arrays.x_train.shape[1:]),
         skipped_files=skipped,
     )
-    _write_cache(Path(info.cache_dir), arrays, info)
+    hashes = [pixel_hash(image) for split in (arrays.x_train, arrays.x_test) for image in split]
+    files = [{**row, "pixels": digest} for row, digest in zip(files, hashes, strict=True)]
+    _write_cache(Path(info.cache_dir), arrays, info, files)
     log(f"Dataset {fingerprint[:12]} cached: {info.train_count} train, {info.test_count} test images")
     return info
 
@@ -172,6 +182,26 @@ def suggested_model_name(source: str, class_names: Sequence[str]) -> str:
         return DEFAULT_MODEL_NAME
     folder = Path(source.partition(":")[2]).name
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", folder).strip("-_.") or "model"
+
+
+def pixel_hash(image: np.ndarray) -> str:
+    """A 64-bit content hash of decoded pixels: equal images (exact duplicates) have equal hashes."""
+    return hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=8).hexdigest()
+
+
+def load_file_table(cache_dir: str | os.PathLike):
+    """The cached dataset's file table (a pandas DataFrame in the arrays' order: train rows, then test)."""
+    return read_file_table(Path(cache_dir) / FILE_TABLE)
+
+
+def read_file_table(path: str | os.PathLike):
+    """A file table as ingest writes it, plain or gzipped (text columns stay text)."""
+    import pandas as pd
+
+    return pd.read_csv(
+        path, dtype={"path": str, "class": str, "pixels": str}, keep_default_na=False,
+        encoding="utf-8", encoding_errors="surrogateescape",  # non-UTF-8 file names survive the round trip
+    )  # fmt: skip
 
 
 def load_arrays(cache_dir: str | os.PathLike) -> Arrays:
@@ -200,13 +230,18 @@ def _load_info(cache_dir: Path) -> DatasetInfo | None:
         return DatasetInfo(**{**json.load(handle), "cache_dir": str(cache_dir), "from_cache": True})
 
 
-def _write_cache(cache_dir: Path, arrays: Arrays, info: DatasetInfo) -> None:
+def _write_cache(cache_dir: Path, arrays: Arrays, info: DatasetInfo, files: list[dict]) -> None:
+    import pandas as pd
+
     # Assemble in a hidden sibling, then rename: a reader never sees a half-written cache.
     staging = cache_dir.parent / f".tmp-{cache_dir.name}-{uuid.uuid4().hex}"
     staging.mkdir(parents=True)
     try:
         for name in ARRAY_NAMES:
             np.save(staging / f"{name}.npy", getattr(arrays, name), allow_pickle=False)
+        pd.DataFrame(files, columns=["split", "path", "class", "width", "height", "kind", "pixels"]).to_csv(
+            staging / FILE_TABLE, index=False, encoding="utf-8", errors="surrogateescape"
+        )
         write_json(staging / "dataset.json", info.to_dict())
         try:
             os.rename(staging, cache_dir)
@@ -283,15 +318,18 @@ def _balanced_subset(x: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[n
 
 
 def _decode_image_folder(
+    root: Path,
     splits: dict[str, list[tuple[Path, int]]],
+    class_names: list[str],
     size: int,
     skip_corrupt: bool,
     workers: int | None,
     log: Callable[[str], None],
-) -> tuple[Arrays, list[str]]:
+) -> tuple[Arrays, list[str], list[dict]]:
     workers = workers or os.cpu_count() or 1
     decoded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     failures: list[str] = []
+    rows: list[dict] = []
     # spawn, not fork: the caller may hold threads (Prefect, TensorFlow) that fork would copy broken.
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         for split, items in splits.items():
@@ -299,6 +337,13 @@ def _decode_image_folder(
             labels = np.array([label for _, label in items], np.int32)
             files = join_decoded(decode_files_in_pool(paths, size, pool, DECODE_CHUNK_FILES), size)
             failures += [f"{path}: {error}" for path, error in zip(paths, files.errors, strict=True) if error]
+            rows += [
+                {"split": split, "path": Path(path).relative_to(root).as_posix(), "class": class_names[label],
+                 "width": original[0], "height": original[1], "kind": kind}
+                for path, label, original, kind, error in zip(paths, labels, files.sizes, files.kinds, files.errors,
+                                                              strict=True)
+                if not error
+            ]  # fmt: skip
             log(f"Decoded {len(paths)} {split} images with {workers} processes")
             decoded[split] = (files.pixels[files.decoded], labels[files.decoded])
     if failures and not skip_corrupt:
@@ -308,7 +353,7 @@ def _decode_image_folder(
         )
     for failure in failures:
         log(f"Skipped {failure}")
-    return Arrays(*decoded["train"], *decoded["test"]), failures
+    return Arrays(*decoded["train"], *decoded["test"]), failures, rows
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):

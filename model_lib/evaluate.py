@@ -102,6 +102,15 @@ def predict_probabilities(model, images: np.ndarray, batch_size: int = 500) -> n
     return np.asarray(model.predict(np.asarray(images), batch_size=batch_size, verbose=0), np.float32)
 
 
+def score_model(model, cache_dir: str, class_names: list[str]) -> tuple[dict, np.ndarray]:
+    """A loaded model's metrics (see `classification_metrics`) and probabilities on a cached test set."""
+    from model_lib.data import load_arrays
+
+    arrays = load_arrays(cache_dir)
+    probabilities = predict_probabilities(model, arrays.x_test)
+    return classification_metrics(probabilities, np.asarray(arrays.y_test), class_names), probabilities
+
+
 def evaluate_run(
     model_path: str, cache_dir: str, class_names: list[str], out_dir: Path, learned_margin: float = 0.0
 ) -> dict:
@@ -117,7 +126,9 @@ def evaluate_run(
         learned_margin: Test accuracy the model must add to the majority-class rate.
 
     Returns:
-        The metrics (without the confusion matrix) and `files`, the written paths by name.
+        The metrics (without the confusion matrix), `majority_rate` and `promotion_floor` (the
+        majority-class rate plus `learned_margin`, which the registry's gate also applies) and
+        `files`, the written paths by name.
 
     Raises:
         NothingLearned: Test accuracy not above the majority-class rate plus `learned_margin`
@@ -127,11 +138,11 @@ def evaluate_run(
 
     from model_lib.data import load_arrays
 
-    arrays = load_arrays(cache_dir)
     model = keras.saving.load_model(model_path, safe_mode=True)
-    probabilities = predict_probabilities(model, arrays.x_test)
+    metrics, probabilities = score_model(model, cache_dir, class_names)
     np.save(out_dir / "test_probabilities.npy", probabilities, allow_pickle=False)
-    metrics = classification_metrics(probabilities, np.asarray(arrays.y_test), class_names)
     files = write_metrics(metrics, class_names, out_dir)
-    check_learned("test", metrics["test_accuracy"], np.asarray(arrays.y_test), learned_margin)
-    return {**{k: v for k, v in metrics.items() if k != "confusion_matrix"}, "files": files}
+    labels = np.asarray(load_arrays(cache_dir).y_test)
+    check_learned("test", metrics["test_accuracy"], labels, learned_margin)
+    floors = {"majority_rate": majority_rate(labels), "promotion_floor": majority_rate(labels) + learned_margin}
+    return {**{k: v for k, v in metrics.items() if k != "confusion_matrix"}, **floors, "files": files}

@@ -56,7 +56,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_rgb(path: str | os.PathLike, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]]:
+def decode_rgb(path: str | os.PathLike, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int], str]:
     """Decode an image file into RGB uint8 pixels.
 
     Args:
@@ -64,7 +64,8 @@ def decode_rgb(path: str | os.PathLike, size: tuple[int, int] | None) -> tuple[n
         size: `(width, height)` to resize to, or None to keep the decoded size.
 
     Returns:
-        The pixels as a `(height, width, 3)` uint8 array, and the original `(width, height)`.
+        The pixels as a `(height, width, 3)` uint8 array, the original `(width, height)`, and the
+        file's format and mode as Pillow names them (`JPEG RGB`, `PNG P`, ...).
 
     Raises:
         ImageDecodeError: The file is empty, not an image, truncated, corrupt, or larger than
@@ -78,7 +79,7 @@ def decode_rgb(path: str | os.PathLike, size: tuple[int, int] | None) -> tuple[n
             # Pillow only warns between 1x and 2x its pixel limit; treat that as the bomb it is.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                original_size = image.size
+                original_size, kind = image.size, f"{image.format} {image.mode}"
                 if size is not None and image.format == "JPEG":
                     image.draft("RGB", (size[0] * DRAFT_OVERSAMPLE, size[1] * DRAFT_OVERSAMPLE))
                 if "exif" in image.info or image.format == "TIFF":  # parsing EXIF costs a third of a small decode
@@ -86,7 +87,7 @@ def decode_rgb(path: str | os.PathLike, size: tuple[int, int] | None) -> tuple[n
                 image = _to_rgb(image)
                 if size is not None and image.size != tuple(size):
                     image = image.resize(size, RESIZE_FILTER, reducing_gap=3.0)
-                return np.asarray(image, dtype=np.uint8), original_size
+                return np.asarray(image, dtype=np.uint8), original_size, kind
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -105,6 +106,8 @@ class DecodedFiles:
     """`(files, size, size, 3)` uint8."""
     sizes: list[tuple[int, int] | None]
     """Each file's original `(width, height)`; None where it failed."""
+    kinds: list[str]
+    """Each file's format and mode (`JPEG RGB`); "" where it failed."""
     errors: list[str]
     """"" where the file decoded, else why it did not."""
 
@@ -118,16 +121,19 @@ def decode_files(paths: Sequence[str | os.PathLike], size: int) -> DecodedFiles:
     """Decode files to `size`x`size` RGB with `decode_rgb`; a broken file is recorded, never raised."""
     pixels = np.zeros((len(paths), size, size, 3), np.uint8)
     sizes: list[tuple[int, int] | None] = []
+    kinds: list[str] = []
     errors: list[str] = []
     for i, path in enumerate(paths):
         try:
-            pixels[i], original = decode_rgb(path, (size, size))
+            pixels[i], original, kind = decode_rgb(path, (size, size))
             sizes.append(original)
+            kinds.append(kind)
             errors.append("")
         except ImageDecodeError as error:
             sizes.append(None)
+            kinds.append("")
             errors.append(error.reason)
-    return DecodedFiles(pixels, sizes, errors)
+    return DecodedFiles(pixels, sizes, kinds, errors)
 
 
 def decode_files_in_pool(
@@ -153,6 +159,7 @@ def join_decoded(chunks: Iterable[DecodedFiles], size: int) -> DecodedFiles:
     return DecodedFiles(
         np.concatenate([chunk.pixels for chunk in chunks]) if chunks else np.zeros((0, size, size, 3), np.uint8),
         [original for chunk in chunks for original in chunk.sizes],
+        [kind for chunk in chunks for kind in chunk.kinds],
         [error for chunk in chunks for error in chunk.errors],
     )
 

@@ -13,9 +13,11 @@ import gc
 import json
 import os
 import threading
+import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from itertools import islice
 from multiprocessing import current_process, get_context
 from pathlib import Path
@@ -367,5 +369,7 @@ def merge_parts(part_paths: list[str], output_csv: Path, top_k: int, class_count
 
 
 def default_output_csv(artifacts_root: Path, input_dir: Path) -> Path:
-    """`ARTIFACTS_DIR/predictions/<folder name>.csv`."""
-    return artifacts_root / "predictions" / f"{input_dir.resolve().name or 'root'}.csv"
+    """`ARTIFACTS_DIR/predictions/<folder name>-<UTC time>-<random>.csv`: one per run, never colliding,
+    sorting by time."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return artifacts_root / "predictions" / f"{input_dir.resolve().name or 'root'}-{stamp}-{uuid.uuid4().hex[:6]}.csv"

@@ -236,6 +236,18 @@ class Registry:
             self._write_state(state)
         return stack[-2]
 
+    def record_score(self, version: int, test_fingerprint: str, score: dict) -> None:
+        """Store a version's score on another test set (`accuracy`, `loss`, `count`), for the gate.
+
+        Raises:
+            RegistryError: Unknown version.
+        """
+        with self._lock:
+            state = self.state()
+            entry = _entry(state, version)
+            entry.setdefault("scores", {})[test_fingerprint] = {**score, "when": _now()}
+            self._write_state(state)
+
     # ----- internals -------------------------------------------------------------------------
 
     def _check_alias_move(self, reason: str) -> None:
@@ -271,25 +283,47 @@ class Registry:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _gate(self, state: dict, manifest: dict, margin: float) -> tuple[bool, str]:
-        """Gate part (b): accuracy against the champion's, on the same test set only."""
-        accuracy = manifest["metrics"]["test_accuracy"]
+        """Gate part (b): above the promotion floor, then better than the champion on the same images.
+
+        The champion's score on this version's test set is its own when the test sets are equal,
+        else the one `record_score` stored after re-scoring it on this test set. A champion with
+        other classes is never compared by accuracy: the operator decides.
+        """
+        metrics, dataset = manifest["metrics"], manifest["dataset"]
+        accuracy = metrics["test_accuracy"]
+        floor = metrics.get("promotion_floor")
+        if floor is not None and not accuracy > floor:
+            return False, (
+                f"test accuracy {accuracy:.4f} is not above the promotion floor {floor:.4f} (the majority-class "
+                "rate plus --learned-margin): no better than guessing"
+            )
         champion = state["aliases"]["champion"]
         if champion is None:
-            return True, "first version"
-        entry = next(e for e in state["versions"] if e["version"] == champion)
-        fingerprint = manifest["dataset"].get("test_fingerprint")
-        if fingerprint != entry.get("test_fingerprint"):
+            return True, "first version" + (f", above the promotion floor {floor:.4f}" if floor is not None else "")
+        entry = _entry(state, champion)
+        ours, theirs = dataset.get("class_names"), entry.get("class_names")
+        if ours is not None and theirs is not None and list(ours) != list(theirs):
+            added, removed = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+            change = "; ".join(
+                part for part in (f"added {', '.join(added)}" if added else "",
+                                  f"removed {', '.join(removed)}" if removed else "") if part
+            ) or "same classes in another order"  # fmt: skip
             return False, (
-                f"test set differs from champion v{champion}'s (fingerprint {fingerprint} vs "
-                f"{entry.get('test_fingerprint')}): accuracies not compared; promote by hand if intended"
+                f"classes differ from champion v{champion}'s ({change}): accuracies are not comparable; the "
+                "operator decides (cifar-pipeline models promote)"
             )
-        bar = entry["test_accuracy"] + margin
+        fingerprint = dataset.get("test_fingerprint")
+        score = champion_scores(entry).get(fingerprint)
+        if score is None:
+            return False, (
+                f"champion v{champion} was not scored on this test set ({fingerprint}): accuracies not compared; "
+                "promote by hand if intended"
+            )
+        where = f"on test set {str(fingerprint)[:12]} ({dataset.get('test_count', '?')} images)"
+        bar = score + margin
         if accuracy >= bar:
-            return (
-                True,
-                f"test accuracy {accuracy:.4f} >= champion v{champion}'s {entry['test_accuracy']:.4f} + {margin}",
-            )
-        return False, f"test accuracy {accuracy:.4f} < champion v{champion}'s {entry['test_accuracy']:.4f} + {margin}"
+            return True, f"test accuracy {accuracy:.4f} >= champion v{champion}'s {score:.4f} + {margin} {where}"
+        return False, f"test accuracy {accuracy:.4f} < champion v{champion}'s {score:.4f} + {margin} {where}"
 
     def _add_version(self, state: dict, version: int, created_at: str, manifest: dict, promoted: bool, reason: str):
         state["versions"].append(
@@ -299,6 +333,7 @@ class Registry:
                 "architecture": manifest.get("architecture"),
                 "test_accuracy": manifest.get("metrics", {}).get("test_accuracy"),
                 "test_fingerprint": manifest.get("dataset", {}).get("test_fingerprint"),
+                "class_names": manifest.get("dataset", {}).get("class_names"),
                 "gate": reason,
             }
         )
@@ -329,6 +364,20 @@ class Registry:
 
     def _write_state(self, state: dict) -> None:
         write_json(self.root / REGISTRY_FILE, state)
+
+
+def _entry(state: dict, version: int) -> dict:
+    for entry in state["versions"]:
+        if entry["version"] == version:
+            return entry
+    raise RegistryError(f"v{version}: no such version")
+
+
+def champion_scores(entry: dict) -> dict[str, float]:
+    """A version's test accuracy by test-set fingerprint: its own test set's and any recorded since."""
+    scores = {entry.get("test_fingerprint"): entry.get("test_accuracy")}
+    scores |= {fingerprint: score["accuracy"] for fingerprint, score in entry.get("scores", {}).items()}
+    return scores
 
 
 def registry_lock(model_root: Path) -> FileLock:

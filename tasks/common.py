@@ -12,6 +12,11 @@ def log_info(message: str) -> None:
     get_run_logger().info(message)
 
 
+def log_warning(message: str) -> None:
+    """Log a warning to the current Prefect run."""
+    get_run_logger().warning(message)
+
+
 # OS errors that a retry cannot cure: the disk stays read-only, full or forbidden, the file missing.
 PERMANENT_ERRNOS = frozenset(
     {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.EISDIR, errno.ENOTDIR}

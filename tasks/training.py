@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from prefect import task
@@ -9,21 +10,38 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from model_lib.config import TrainConfig
-from model_lib.data import ingest
-from model_lib.evaluate import evaluate_run
+from model_lib.data import ingest, load_file_table
+from model_lib.data_report import (
+    FILES_FILE,
+    REPORT_FILE,
+    REPORT_MARKDOWN,
+    build_report,
+    check_gates,
+    data_report_markdown,
+    load_previous,
+    write_report,
+)
+from model_lib.evaluate import evaluate_run, score_model
 from model_lib.lineage import code_revision, library_versions
 from model_lib.models import network_parameter_count
 from model_lib.plots import plot_run
 from model_lib.preprocess import prepare_split
-from model_lib.registry import MODEL_FILE, PROBE_FILE, Registry
+from model_lib.registry import (
+    MODEL_FILE,
+    PROBE_FILE,
+    ChecksumError,
+    Registry,
+    champion_scores,
+    load_verified_model,
+)
 from model_lib.runs import claim_run_dir, release_run_dir
 from model_lib.settings import artifacts_dir
 from model_lib.train import train
-from tasks.common import log_info, retry_on_transient_io
+from tasks.common import log_info, log_warning, retry_on_transient_io
 
 RUN_FILES = (
     "config.json", "history.csv", "metrics.json", "per_class.csv", "confusion_matrix.csv",
-    "curves.png", "confusion_matrix.png", "samples.png",
+    "curves.png", "confusion_matrix.png", "samples.png", REPORT_FILE, REPORT_MARKDOWN, FILES_FILE,
 )  # fmt: skip
 
 
@@ -57,6 +75,42 @@ def preprocess_task(config: dict, dataset: dict) -> dict:
     return {"run_dir": str(run_dir), **prepared}
 
 
+@task(name="data-report")
+def data_report_task(config: dict, dataset: dict, run_dir: str) -> dict:
+    """Report on the data (counts, changes since the previous version, duplicates, leakage, sizes) and
+    check its gates before any training; publishes the report as a Markdown artifact.
+
+    Returns:
+        The gates' verdict: `passed`, `failures`, `warnings`, `thresholds`.
+
+    Raises:
+        DataGateError: A gate failed (leakage, a too-small class, a vanished class).
+    """
+    cfg = TrainConfig(**config)
+    files = load_file_table(dataset["cache_dir"])
+    registry = Registry(artifacts_dir(), cfg.model_name)
+    latest = registry.state()["aliases"]["latest"]
+    previous = load_previous(latest, registry.version_dir(latest)) if latest else None
+    report = build_report(files, dataset["class_names"], dataset["skipped_files"], previous, cfg)
+    write_report(report, files, Path(run_dir))
+    for warning in report["gates"]["warnings"]:
+        log_warning(f"Data: {warning}")
+    verdict = "passed" if report["gates"]["passed"] else "failed"
+    create_markdown_artifact(
+        key=artifact_key(cfg.model_name, "data-report"),
+        markdown=data_report_markdown(report),
+        description=f"{cfg.model_name}: data gates {verdict}",
+    )
+    check_gates(report)
+    log_info(f"Data gates passed ({len(report['gates']['warnings'])} warning(s)); report in {run_dir}")
+    return report["gates"]
+
+
+def artifact_key(model_name: str, kind: str) -> str:
+    """A Prefect artifact key per model name (keys allow lowercase letters, digits and dashes only)."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{model_name.lower()}-{kind}").strip("-")
+
+
 @task(name="train")
 def train_task(config: dict, dataset: dict, prepared: dict) -> dict:
     """Train (GPU when present), checkpointing every epoch; resumes an interrupted identical run."""
@@ -82,6 +136,46 @@ def evaluate_task(trained: dict, dataset: dict, learned_margin: float) -> dict:
     return metrics
 
 
+@task(name="evaluate-champion", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_transient_io)
+def evaluate_champion_task(model_name: str, dataset: dict, test_fingerprint: str) -> dict | None:
+    """Score the current champion on this run's test set, so the gate compares both on the same images.
+
+    The score is stored in the registry under the test set's fingerprint and reused, never
+    recomputed. Nothing is scored when there is no champion or its classes differ from the data's
+    (the gate then leaves the decision to the operator).
+
+    Returns:
+        `version`, `accuracy` and `recomputed`, or None when nothing was scored.
+    """
+    registry = Registry(artifacts_dir(), model_name)
+    state = registry.state()
+    champion = state["aliases"]["champion"]
+    if champion is None:
+        log_info(f"{model_name} has no champion yet: nothing to compare with")
+        return None
+    entry = next(e for e in state["versions"] if e["version"] == champion)
+    if entry.get("class_names") not in (None, dataset["class_names"]):
+        log_info(f"Champion v{champion} has other classes than this data: not scored (the gate will say why)")
+        return None
+    known = champion_scores(entry).get(test_fingerprint)
+    if known is not None:
+        log_info(f"Champion v{champion} already scored {known:.4f} on this test set ({test_fingerprint[:12]})")
+        return {"version": champion, "accuracy": known, "recomputed": False}
+    try:
+        model = load_verified_model(registry.version_dir(champion))
+    except ChecksumError as error:  # never score (or serve) a tampered model; the gate will refuse to compare
+        log_warning(f"Champion v{champion} not scored: {error}")
+        return None
+    metrics, _ = score_model(model, dataset["cache_dir"], dataset["class_names"])
+    score = {"accuracy": metrics["test_accuracy"], "loss": metrics["test_loss"], "count": metrics["test_count"]}
+    registry.record_score(champion, test_fingerprint, score)
+    log_info(
+        f"Champion v{champion} scores {score['accuracy']:.4f} on this run's test set ({test_fingerprint[:12]}, "
+        f"{score['count']} images)"
+    )
+    return {"version": champion, "accuracy": score["accuracy"], "recomputed": True}
+
+
 @task(name="plot")
 def plot_task(trained: dict, dataset: dict, seed: int) -> dict:
     """Training curves, confusion-matrix heat map and sample predictions (PNG)."""
@@ -90,7 +184,7 @@ def plot_task(trained: dict, dataset: dict, seed: int) -> dict:
 
 @task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_transient_io)
 def register_task(
-    config: dict, dataset: dict, prepared: dict, trained: dict, metrics: dict, margin: float = 0.0
+    config: dict, dataset: dict, prepared: dict, trained: dict, metrics: dict, gates: dict, margin: float = 0.0
 ) -> dict:
     """Register the model with its metrics, plots and lineage; publish the run's report artifact."""
     import keras
@@ -108,6 +202,8 @@ def register_task(
         "metrics": {
             "test_accuracy": metrics["test_accuracy"],
             "test_loss": metrics["test_loss"],
+            "majority_rate": metrics["majority_rate"],
+            "promotion_floor": metrics["promotion_floor"],
             "per_class": metrics["per_class"],
             "train_seconds": trained["train_seconds"],
             "epochs_run": trained["epochs_run"],
@@ -122,7 +218,9 @@ def register_task(
             "test_count": prepared["test_count"],
             "class_names": dataset["class_names"],
             "skipped_files": dataset["skipped_files"],
+            "gates": gates,
         },
+        "run_key": TrainConfig(**config).run_key(dataset["fingerprint"]),
         "code": code_revision(),
         "libraries": library_versions(),
         "flow_run_id": str(flow_run.id) if flow_run.id else None,
@@ -135,7 +233,7 @@ def register_task(
         f"Registered {registration.name} v{registration.version}: {verdict.replace('*', '')} ({registration.reason})"
     )
     create_markdown_artifact(
-        key="train-cifar-report",
+        key=artifact_key(registration.name, "report"),
         markdown=report_markdown(registration, manifest),
         description=f"{registration.name} v{registration.version}: test accuracy {metrics['test_accuracy']:.4f}",
     )
@@ -154,6 +252,7 @@ def report_markdown(registration, manifest: dict) -> str:
     metrics, data, training = manifest["metrics"], manifest["dataset"], manifest["training"]
     counts = f"{data['train_count']} train, {data['validation_count']} validation, {data['test_count']} test"
     verdict = "became champion" if registration.champion else "stays a challenger"
+    data_verdict = "; ".join(["passed" if data["gates"]["passed"] else "failed", *data["gates"]["warnings"]])
     rows = "\n".join(
         f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
         for c in metrics["per_class"]
@@ -161,6 +260,8 @@ def report_markdown(registration, manifest: dict) -> str:
     return f"""# {registration.name} v{registration.version}: {verdict}
 
 **Gate:** {registration.reason}
+
+**Data gates:** {data_verdict} (full report: `data_report.md`)
 
 | metric | value |
 |---|---|

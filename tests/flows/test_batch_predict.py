@@ -1,6 +1,7 @@
 """The batch-predict flow on a catalogue of broken and odd files, and on real CIFAR-10 images."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,9 @@ def test_default_output_and_reference_forms(prefect_harness, registered, catalog
         summary = batch_predict(str(catalogue / "odd"), model=reference, top_k=2)
         results[reference] = Path(summary["output_csv"]).read_bytes()
         assert summary["model"] == "cifar10 v1"
-    assert Path(summary["output_csv"]) == artifacts / "predictions" / "odd.csv"
+    outputs = sorted((artifacts / "predictions").iterdir())  # one CSV per run, none overwritten
+    assert len(outputs) == 5 and Path(summary["output_csv"]) == outputs[-1]
+    assert all(re.fullmatch(r"odd-\d{8}-\d{6}-[0-9a-f]{6}\.csv", path.name) for path in outputs)
     assert len(set(results.values())) == 1
     with pytest.raises(RegistryError, match="no such version"):
         batch_predict(str(catalogue), model="cifar10@v5")

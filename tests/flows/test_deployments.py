@@ -1,8 +1,10 @@
-"""End to end: a real Prefect server and process worker run both deployments from prefect.yaml."""
+"""End to end: a real Prefect server and process worker run both deployments from prefect.yaml, and
+`cifar-pipeline watch` turns new files into events that the deployments' triggers act on."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -93,13 +95,42 @@ def read_deployment(api: str, name: str):
         return client.read_deployment_by_name(name)
 
 
+def flow_runs(api: str, deployment: str) -> list:
+    """Every flow run of a deployment, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deployment_id = read_deployment(api, deployment).id
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+        )
+
+
+def triggered(api: str, deployment: str) -> list:
+    """The deployment's flow runs that an automation (a deployment trigger) created."""
+    return [run for run in flow_runs(api, deployment) if run.created_by and run.created_by.type == "AUTOMATION"]
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(2)
+    raise TimeoutError(f"no {what} after {timeout}s")
+
+
 def prefect(*args: str, env: dict, timeout: float = 120) -> str:
     done = subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     return done.stdout
 
 
-def test_deployments_run_on_a_real_server_and_worker(cifar_slice, tmp_path):
+def test_deployments_run_on_a_real_server_and_worker_and_new_files_trigger_them(cifar_slice, cifar_dir, tmp_path):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
@@ -114,7 +145,7 @@ def test_deployments_run_on_a_real_server_and_worker(cifar_slice, tmp_path):
         "COLUMNS": "200",
     }
     server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
-    server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
+    server_log, worker_log, watch_log = tmp_path / "server.log", tmp_path / "worker.log", tmp_path / "watch.log"
     command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with background(command, server_env, server_log) as server:
         wait_healthy(api, server, server_log)
@@ -145,5 +176,36 @@ def test_deployments_run_on_a_real_server_and_worker(cifar_slice, tmp_path):
                         "--watch", "--watch-timeout", "600", env=env, timeout=660)  # fmt: skip
                 table = pd.read_csv(output)
                 assert len(table) == 10 and set(table["status"]) == {"ok"}
+
+                inbox = tmp_path / "inbox"
+                inbox.mkdir()
+                watcher = [str(Path(sys.executable).parent / "cifar-pipeline"), "watch", "--data", str(cifar_slice),
+                           "--inbox", str(inbox), "--quiet-seconds", "2"]  # fmt: skip
+                with background(watcher, env, watch_log):
+                    wait_for(lambda: "Watching" in watch_log.read_text(), 60, "watcher start")
+                    new_images = sorted((cifar_slice / "test" / "dog").iterdir())[:3]
+                    for path in new_images:  # a burst: one event, one run for exactly these files
+                        shutil.copyfile(path, inbox / path.name)
+                    run = wait_for(lambda: triggered(api, "batch-predict/on-demand"), 120, "triggered batch-predict")
+                    assert len(run) == 1 and sorted(run[0].parameters["files"]) == [p.name for p in new_images]
+                    wait_for(lambda: triggered(api, "batch-predict/on-demand")[0].state.is_final(), 300, "finished run")
+                    assert triggered(api, "batch-predict/on-demand")[0].state.is_completed()
+                    (written,) = (tmp_path / "artifacts" / "predictions").glob("inbox-*.csv")  # under ARTIFACTS_DIR
+                    table = pd.read_csv(written)
+                    assert sorted(table["path"]) == [p.name for p in new_images] and set(table["status"]) == {"ok"}
+
+                    for path in sorted((cifar_dir / "train" / "cat").iterdir())[100:120]:
+                        shutil.copyfile(path, cifar_slice / "train" / "cat" / path.name)
+                    wait_for(lambda: triggered(api, "train-cifar/weekly-retrain"), 120, "retrain")
+                    time.sleep(15)  # the rest of the burst, had it sent more events, would have started more runs
+                    retrains = triggered(api, "train-cifar/weekly-retrain")
+                    assert len(retrains) == 1, [r.name for r in retrains]
+                    assert retrains[0].parameters["data"] == str(cifar_slice.resolve())
+                    assert retrains[0].parameters["skip_unchanged"] is True
+                    prefect("flow-run", "cancel", str(retrains[0].id), env=env)  # a default-profile run: not here
+                    assert (
+                        "1 file change(s)" not in watch_log.read_text() and "20 file change(s)" in watch_log.read_text()
+                    )
             finally:
                 print(worker_log.read_text()[-6000:])
+                print(watch_log.read_text()[-3000:] if watch_log.exists() else "")

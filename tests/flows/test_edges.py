@@ -1,5 +1,6 @@
 """Adversarial cases at the edges, table-driven: each bad request is refused up front with one clear line."""
 
+import os
 import subprocess
 import sys
 import time
@@ -92,12 +93,19 @@ def test_an_earlier_prediction_csv_may_be_replaced_and_overwrite_is_explicit(set
         (["train", "--name", "broken"], 1, "broken/registry.json: corrupt registry"),
         (["models", "promote", "cifar10@v1", "--reason", ""], 2, "--reason must say why the champion moves"),
         (["predict", "{inbox}", "--model", "broken@v1"], 1, "broken/registry.json: corrupt registry"),
+        (["train", "--max-leakage", "1.5"], 2, "--max-leakage is a fraction in [0, 1], not 1.5"),
+        (["train", "--min-class-images", "0"], 2, "--min-class-images must be at least 1, not 0"),
+        (["watch"], 2, "watch needs --data, --inbox or both"),
+        (["watch", "--inbox", "{inbox}/missing"], 2, "missing: folder not found"),
+        (["watch", "--inbox", "{inbox}", "--quiet-seconds", "0"], 2, "--quiet-seconds must be above 0"),
+        (["watch", "--inbox", "{inbox}"], 2, "watch sends events to a server: set PREFECT_API_URL"),
     ],
 )
 def test_the_cli_answers_a_usage_error_in_one_line(setup, arguments, code, words):
     command = [*CLI, *(a.format(inbox=setup) for a in arguments)]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # `watch` needs one: here there is none
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     seconds = time.perf_counter() - started
     lines = done.stderr.strip().splitlines()
     assert done.returncode == code and len(lines) == 1 and words in lines[0], (done.stderr, done.stdout)
@@ -157,8 +165,24 @@ def test_a_failed_run_on_the_console_ends_in_one_line_without_tracebacks_or_chat
     folder = write_uninformative_dataset(tmp_path / "same")
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED")}
     env["ARTIFACTS_DIR"] = str(artifacts)
-    command = [*CLI, "train", "--profile", "smoke", "--data", str(folder), "--epochs", "1", "--batch-size", "8",
-               "--validation-split", "0.5"]  # fmt: skip
+    command = [
+        *CLI,
+        "train",
+        "--profile",
+        "smoke",
+        "--data",
+        str(folder),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--validation-split",
+        "0.5",
+        "--max-leakage",
+        "1",
+        "--min-class-images",
+        "1",
+    ]  # past the data gates
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=600, env={**env, "ARTIFACTS_DIR": str(artifacts)}
     )

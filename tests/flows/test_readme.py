@@ -48,5 +48,7 @@ def test_transfer_train_export_and_tflite_predict_as_the_readme_shows(cifar_dir,
     predict = [str(photos) if a == "~/photos" else a.replace("/v3/", f"/v{version}/") for a in predict]
     output = run(predict)
     assert "12 ok, 0 error" in output and "model_int8.tflite" in output
-    table = pd.read_csv(artifacts / "predictions" / "photos.csv")
+    written = Path(output.strip().splitlines()[-1].strip())
+    assert written.parent == artifacts / "predictions" and written.name.startswith("photos-")
+    table = pd.read_csv(written)
     assert len(table) == 12 and set(table["status"]) == {"ok"}

@@ -11,17 +11,18 @@ from model_lib.fileio import read_json
 from model_lib.registry import verify_version
 
 VERSION_FILES = {"model.keras", "manifest.json", "probe.npz", "metrics.json", "per_class.csv", "confusion_matrix.csv",
-                 "history.csv", "config.json", "curves.png", "confusion_matrix.png", "samples.png"}  # fmt: skip
+                 "history.csv", "config.json", "curves.png", "confusion_matrix.png", "samples.png", "data_report.json",
+                 "data_report.md", "data_files.csv.gz"}  # fmt: skip
 
 
-def _report_artifact() -> str:
+def _report_artifact(key: str) -> str:
     from prefect.client.orchestration import get_client
 
     async def read():
         async with get_client() as client:
             return await client.read_latest_artifacts()
 
-    return next(a.data for a in asyncio.run(read()) if a.key == "train-cifar-report")
+    return next(a.data for a in asyncio.run(read()) if a.key == key)
 
 
 def test_flow_trains_and_registers_a_complete_version(prefect_harness, colour_dataset, artifacts):
@@ -36,9 +37,14 @@ def test_flow_trains_and_registers_a_complete_version(prefect_harness, colour_da
     assert manifest["flow_run_id"] and manifest["libraries"]["tensorflow"].startswith("2.21")
     assert manifest["training"]["precision"] in ("float32", "mixed_bfloat16")
     assert result["test_accuracy"] > 0.6  # three solid colours: far above chance (1/3)
-    report = _report_artifact()
+    report = _report_artifact("colours-report")  # artifact keys are per model name: registries never mix
     assert result["name"] == "colours"  # named after the data folder: its classes are not CIFAR-10's
-    assert "colours v1: became champion" in report and "| red |" in report
+    assert "colours v1: became champion" in report and "| red |" in report and "**Data gates:** passed" in report
+    data_report = _report_artifact("colours-data-report")
+    assert "| red | 12 | 4 |" in data_report and "kinds PNG RGB (48)" in data_report
+    assert manifest["dataset"]["gates"]["passed"] and manifest["metrics"]["promotion_floor"] == pytest.approx(
+        1 / 3 + 0.05
+    )
 
 
 @pytest.mark.real_data

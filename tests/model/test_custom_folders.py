@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from flows.train_cifar import train_cifar
+from model_lib.data_report import DataGateError
 from model_lib.evaluate import NothingLearned, check_learned, majority_rate
 from model_lib.fileio import read_json
 from model_lib.registry import Registry
@@ -42,7 +43,9 @@ def test_greyscale_digits_train_the_transfer_architecture(prefect_harness, digit
 
 def test_many_classes_of_few_non_square_images(prefect_harness, tmp_path, artifacts):
     folder = write_hues_dataset(tmp_path / "My Hues!")
-    result = train_cifar(profile="smoke", data=str(folder), epochs=8, batch_size=12, validation_split=0.2)
+    result = train_cifar(
+        profile="smoke", data=str(folder), epochs=8, batch_size=12, validation_split=0.2, min_class_images=6
+    )  # 6 training images per class, below the gate's default 10
     manifest = read_json(Path(result["path"]) / "manifest.json")
     assert result["name"] == "My-Hues" and len(manifest["dataset"]["class_names"]) == 12
     assert manifest["input"]["shape"] == [32, 32, 3]  # 48x30 images resized to the model's input
@@ -51,8 +54,13 @@ def test_many_classes_of_few_non_square_images(prefect_harness, tmp_path, artifa
 
 def test_a_run_that_learned_nothing_is_refused_and_registers_nothing(prefect_harness, tmp_path, artifacts):
     folder = write_uninformative_dataset(tmp_path / "same")
+    options = dict(profile="smoke", data=str(folder), epochs=1, batch_size=8, validation_split=0.5)
+    # Every test image equals a training image: the data gates stop it before training ...
+    with pytest.raises(DataGateError, match=r"test leakage: 24 test image\(s\) \(100\.00%\)"):
+        train_cifar(**options)
+    # ... and with the gates relaxed, the learned-nothing guard does.
     with pytest.raises(NothingLearned, match=r"validation accuracy .* majority-class rate 0\.3333 \+ margin 0\.05"):
-        train_cifar(profile="smoke", data=str(folder), epochs=1, batch_size=8, validation_split=0.5)
+        train_cifar(**options, max_leakage=1.0, min_class_images=1)
     assert Registry(artifacts, "same").state()["versions"] == []
     assert not (artifacts / "models" / "same").exists()
 

@@ -25,8 +25,8 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 3  # rotate 180 degrees to display
     Image.fromarray(pixels).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
-    decoded, original = decode_rgb(tmp_path / "rotated.jpg", None)
-    assert original == (60, 20)
+    decoded, original, kind = decode_rgb(tmp_path / "rotated.jpg", None)
+    assert original == (60, 20) and kind == "JPEG RGB"
     assert decoded[10, 5, 2] > 200 and decoded[10, 55, 0] > 200  # now blue on the left, red on the right
 
 
@@ -39,7 +39,7 @@ def test_alpha_is_composited_on_white_and_sixteen_bit_is_scaled(tmp_path):
 
 def test_large_jpeg_is_decoded_in_draft_mode_and_resized(tmp_path):
     Image.new("RGB", (4000, 3000), (10, 120, 250)).save(tmp_path / "big.jpg")
-    decoded, original = decode_rgb(tmp_path / "big.jpg", (32, 32))
+    decoded, original, _ = decode_rgb(tmp_path / "big.jpg", (32, 32))
     assert decoded.shape == (32, 32, 3) and original == (4000, 3000)
     assert np.abs(decoded.astype(int) - (10, 120, 250)).max() < 8
 

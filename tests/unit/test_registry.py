@@ -42,14 +42,17 @@ def make_model_files(folder: Path, seed: int = 0, wrong_probe: bool = False) -> 
     }
 
 
-def manifest(accuracy: float, test_fingerprint: str = "testset-A") -> dict:
+def manifest(
+    accuracy: float, test_fingerprint: str = "testset-A", floor: float | None = None, classes=("a", "b", "c")
+) -> dict:
     return {
         "architecture": "tiny",
         "parameter_count": 147,
         "config": {"epochs": 1},
-        "metrics": {"test_accuracy": accuracy, "test_loss": 1.0, "per_class": [], "train_seconds": 1.0},
+        "metrics": {"test_accuracy": accuracy, "test_loss": 1.0, "per_class": [], "train_seconds": 1.0,
+                    "promotion_floor": floor},
         "dataset": {"source": "synthetic", "fingerprint": "data-1", "test_fingerprint": test_fingerprint,
-                    "train_count": 1, "validation_count": 1, "test_count": 1, "class_names": ["a", "b", "c"]},
+                    "train_count": 1, "validation_count": 1, "test_count": 1, "class_names": list(classes)},
         "code": {"git_commit": None, "dirty": None},
         "libraries": {"python": "3"},
         "flow_run_id": None,
@@ -89,12 +92,37 @@ def test_gate_compares_with_the_champion(artifacts, files, accuracy, margin, pro
         assert "v2 stays challenger" in state["history"][-1]["why"]
 
 
-def test_gate_refuses_to_compare_across_test_sets(artifacts, files):
+def test_gate_compares_across_test_sets_only_with_the_champions_recorded_score(artifacts, files):
     registry = Registry(artifacts)
     registry.register(files, manifest(0.5))
     registration = registry.register(files, manifest(0.99, test_fingerprint="testset-B"))
-    assert not registration.champion and "test set differs" in registration.reason
-    assert registry.state()["aliases"]["champion"] == 1
+    assert not registration.champion and "not scored on this test set (testset-B)" in registration.reason
+    registry.record_score(1, "testset-B", {"accuracy": 0.7, "loss": 0.9, "count": 100})
+    refused = registry.register(files, manifest(0.65, test_fingerprint="testset-B"))
+    promoted = registry.register(files, manifest(0.72, test_fingerprint="testset-B"))
+    assert not refused.champion and "0.6500 < champion v1's 0.7000 + 0.0 on test set testset-B" in refused.reason
+    assert promoted.champion and ">= champion v1's 0.7000" in promoted.reason
+    state = registry.state()
+    assert state["versions"][0]["scores"]["testset-B"]["accuracy"] == 0.7
+    assert state["aliases"]["champion"] == 4 and "on test set testset-B" in state["history"][-1]["why"]
+
+
+@pytest.mark.parametrize("classes", [("a", "b", "c", "d"), ("a", "b")])
+def test_gate_never_compares_a_champion_with_other_classes(artifacts, files, classes):
+    registry = Registry(artifacts)
+    registry.register(files, manifest(0.5))
+    registration = registry.register(files, manifest(0.99, classes=classes))
+    assert not registration.champion and "classes differ from champion v1's" in registration.reason
+    assert ("added d" if len(classes) == 4 else "removed c") in registration.reason
+
+
+def test_no_version_below_the_promotion_floor_becomes_champion_not_even_the_first(artifacts, files):
+    registry = Registry(artifacts)
+    first = registry.register(files, manifest(0.12, floor=0.15))
+    assert not first.champion and "not above the promotion floor 0.1500" in first.reason
+    assert registry.state()["aliases"] == {"latest": 1, "champion": None}
+    second = registry.register(files, manifest(0.40, floor=0.15))
+    assert second.champion and "first version, above the promotion floor" in second.reason
 
 
 def test_gate_requires_the_reloaded_model_to_reproduce_the_trained_outputs(artifacts, tmp_path):
