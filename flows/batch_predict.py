@@ -42,6 +42,7 @@ def batch_predict(
     fail_on_error: bool = False,
     overwrite: bool = False,
     files: list[str] | None = None,
+    unsure_below: float | None = None,
 ) -> dict:
     """Classify every image under `input_dir` into a CSV; returns the run's summary.
 
@@ -51,11 +52,15 @@ def batch_predict(
     under `ARTIFACTS_DIR/predictions/`. An existing `output_csv` is replaced only when it is an
     earlier prediction CSV, unless `overwrite` is set; the model registry, folders and image files
     are never written. `files` (paths relative to `input_dir`, as the inbox trigger sends them)
-    limits the run to those files.
+    limits the run to those files. Each row's `flag` is `out_of_distribution` (the image's texture
+    is unlike the training images'), `low_confidence` (calibrated confidence below the threshold
+    stored with the model, or `unsure_below` when given) or `ok`.
     """
     logger = get_run_logger()
     started = time.perf_counter()
-    plan = plan_prediction(input_dir, output_csv, model, top_k, batch_size, shard_size, artifacts_dir(), overwrite)
+    plan = plan_prediction(
+        input_dir, output_csv, model, top_k, batch_size, shard_size, artifacts_dir(), overwrite, unsure_below
+    )
     root, output, model_info = plan.root, plan.output, plan.model
     output.parent.mkdir(parents=True, exist_ok=True)
     logger.info(f"Classifying {root} with {model_info.version} into {output}")
@@ -86,17 +91,19 @@ def batch_predict(
 
     seconds = time.perf_counter() - started
     ok, errors = sum(c["ok"] for c in counts), sum(c["error"] for c in counts)
+    flagged = sum(c["flagged"] for c in counts)
     summary = {
         "output_csv": str(output),
         "model": model_info.version,
         "ok": ok,
+        "flagged": flagged,
         "error": errors,
         "skipped": len(skipped),
         "seconds": round(seconds, 2),
         "images_per_second": round((ok + errors) / seconds, 1) if seconds else 0.0,
     }
     logger.info(
-        f"{ok} ok, {errors} error, {len(skipped)} skipped in {seconds:.1f}s "
+        f"{ok} ok ({flagged} flagged unsure), {errors} error, {len(skipped)} skipped in {seconds:.1f}s "
         f"({summary['images_per_second']} images/s) with {model_info.version}"
     )
     create_link_artifact(
@@ -108,7 +115,7 @@ def batch_predict(
             ["# Batch prediction", "", "| | |", "|---|---|"]
             + [f"| {key} | {value} |" for key, value in summary.items()]
         ),
-        description=f"{ok} ok, {errors} error, {len(skipped)} skipped",
+        description=f"{ok} ok ({flagged} flagged unsure), {errors} error, {len(skipped)} skipped",
     )
     if fail_on_error and errors:
         raise PredictionErrors(f"{errors} file(s) could not be classified; see the error rows in {output}")

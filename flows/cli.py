@@ -194,7 +194,7 @@ def train(
 def predict(
     input_dir: Annotated[str, typer.Argument(help="Folder of images to classify.")],
     output: Annotated[
-        str | None, typer.Option(help="CSV path (default ARTIFACTS_DIR/predictions/<folder>.csv).")
+        str | None, typer.Option(help="CSV path (default: a new ARTIFACTS_DIR/predictions/<folder>-<time>-<id>.csv).")
     ] = None,
     model: Annotated[str, typer.Option(help="cifar10, cifar10@latest, cifar10@v3 or a version folder.")] = "cifar10",
     top_k: Annotated[int, typer.Option(help="Ranked labels per image.")] = 3,
@@ -207,12 +207,18 @@ def predict(
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing --output file even if it is not an earlier prediction CSV.")
     ] = False,
+    unsure_below: Annotated[
+        float | None,
+        typer.Option(
+            help="Flag rows low_confidence below this confidence (default: the model's calibrated threshold)."
+        ),
+    ] = None,
 ) -> None:
     """Run the batch-predict flow: classify a folder of images into a CSV."""
     from model_lib.predict import plan_prediction
 
     # Checked here too, so a mistake costs a second, not a Prefect start-up.
-    plan_prediction(input_dir, output, model, top_k, batch_size, shard_size, artifacts_dir(), overwrite)
+    plan_prediction(input_dir, output, model, top_k, batch_size, shard_size, artifacts_dir(), overwrite, unsure_below)
     from flows.batch_predict import batch_predict, with_dask
 
     flow = with_dask(dask_address, dask_workers) if dask_address or dask_workers else batch_predict
@@ -228,10 +234,12 @@ def predict(
         shard_size=shard_size,
         fail_on_error=fail_on_error,
         overwrite=overwrite,
+        unsure_below=unsure_below,
     )
     typer.echo(
-        f"{summary['ok']} ok, {summary['error']} error, {summary['skipped']} skipped "
-        f"({summary['images_per_second']} images/s, {summary['model']})\n  {summary['output_csv']}"
+        f"{summary['ok']} ok ({summary['flagged']} flagged unsure), {summary['error']} error, "
+        f"{summary['skipped']} skipped ({summary['images_per_second']} images/s, {summary['model']})\n"
+        f"  {summary['output_csv']}"
     )
 
 

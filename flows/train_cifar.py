@@ -1,5 +1,6 @@
 """The `train-cifar` flow: ingest -> split -> data report and gates -> train -> evaluate (and re-score the
-champion on the same test set) -> plot -> register."""
+champion on the same test set) -> plot -> register; calibration folds a temperature into the model after
+training."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from model_lib.registry import MANIFEST_FILE, Registry
 from model_lib.settings import artifacts_dir
 from tasks.export import export_task
 from tasks.training import (
+    calibrate_task,
     data_report_task,
     evaluate_champion_task,
     evaluate_task,
@@ -94,10 +96,11 @@ def train_cifar(
     prepared = preprocess_task(config, dataset)
     gates = data_report_task(config, dataset, prepared["run_dir"])
     trained = train_task(config, dataset, prepared)
+    calibration = calibrate_task(trained, dataset, prepared)
     metrics = evaluate_task(trained, dataset, config["learned_margin"])
     evaluate_champion_task(config["model_name"], dataset, prepared["test_fingerprint"])
     plot_task(trained, dataset, config["seed"])
-    registration = register_task(config, dataset, prepared, trained, metrics, gates, promotion_margin)
+    registration = register_task(config, dataset, prepared, trained, metrics, gates, calibration, promotion_margin)
     if export:
         registration["exports"] = export_task(registration["path"])
     return registration

@@ -1,4 +1,5 @@
-"""Plot: training curves, confusion-matrix heat map and a grid of labelled test images (PNG)."""
+"""Plot: training curves, confusion-matrix heat map, a grid of labelled test images and the
+reliability diagram (PNG)."""
 
 from __future__ import annotations
 
@@ -98,8 +99,26 @@ def plot_samples(
     return _save(figure, path)
 
 
+def plot_reliability(curves: dict[str, np.ndarray], labels: np.ndarray, path: Path, bins: int = 10) -> str:
+    """Accuracy against confidence per equal-width confidence bin, a line per model (before/after calibration)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
+    for name, probabilities in curves.items():
+        confidence = probabilities.max(axis=1)
+        correct = probabilities.argmax(axis=1) == labels
+        index = np.minimum((confidence * bins).astype(int), bins - 1)
+        filled = [b for b in range(bins) if (index == b).any()]
+        axis.plot([confidence[index == b].mean() for b in filled], [correct[index == b].mean() for b in filled],
+                  marker="o", label=name)  # fmt: skip
+    axis.set(xlabel="confidence (top-1 probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    axis.legend(loc="upper left")
+    return _save(figure, path)
+
+
 def plot_run(run_dir: Path, cache_dir: str, class_names: list[str], seed: int = 0) -> dict[str, str]:
     """All plots of a finished, evaluated run; returns their paths by name."""
+    from model_lib.calibrate import UNCALIBRATED_PROBABILITIES
     from model_lib.data import load_arrays
     from model_lib.fileio import read_json
     from model_lib.train import read_history
@@ -118,4 +137,14 @@ def plot_run(run_dir: Path, cache_dir: str, class_names: list[str], seed: int = 
             run_dir / "samples.png",
             seed,
         ),
+        "reliability": plot_reliability(
+            {
+                "uncalibrated": np.load(run_dir / UNCALIBRATED_PROBABILITIES, allow_pickle=False),
+                "calibrated": probabilities,
+            }
+            if (run_dir / UNCALIBRATED_PROBABILITIES).is_file()
+            else {"model": probabilities},
+            np.asarray(arrays.y_test),
+            run_dir / "reliability.png",
+        ),  # fmt: skip
     }

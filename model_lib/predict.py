@@ -16,7 +16,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from itertools import islice
 from multiprocessing import current_process, get_context
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model_lib.calibrate import flags
 from model_lib.config import ConfigError
 from model_lib.fileio import atomic_open, read_json
 from model_lib.images import FolderEntry, decode_files, decode_files_in_pool, is_image_name, walk_folder
@@ -52,6 +53,14 @@ class ModelInfo:
     version: str
     class_names: list[str]
     image_size: int
+    unsure_below: float | None = None  # calibrated confidence below which a row is flagged low_confidence
+    texture_range: list[float] | None = None  # image texture outside it is flagged out_of_distribution
+
+    @property
+    def provenance(self) -> str:
+        """The CSV's `model` cell: the reference asked for, and the version and file that answered it."""
+        label = self.version.split(" (")[0]
+        return f"{self.reference} -> {label} {self.model_file}"
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ def plan_prediction(
     shard_size: int,
     artifacts_root: Path,
     overwrite: bool = False,
+    unsure_below: float | None = None,
 ) -> PredictionPlan:
     """Check a prediction request before any work starts (the CLI calls it before Prefect does).
 
@@ -87,7 +97,11 @@ def plan_prediction(
         problem = "not a folder (predict classifies the images in a folder)" if root.exists() else "folder not found"
         raise ConfigError(f"{root}: {problem}")
     root = root.resolve()
+    if unsure_below is not None and not 0 <= unsure_below <= 1:
+        raise ConfigError(f"--unsure-below is a probability in [0, 1], not {unsure_below}")
     info = resolve_model(model, artifacts_root)
+    if unsure_below is not None:
+        info = replace(info, unsure_below=unsure_below, texture_range=info.texture_range or [0.0, float("inf")])
     if top_k > len(info.class_names):
         raise ConfigError(f"--top-k {top_k} is more than the model's {len(info.class_names)} classes")
     output = Path(output_csv).expanduser().resolve() if output_csv else default_output_csv(artifacts_root, root)
@@ -140,6 +154,7 @@ def resolve_model(reference: str, artifacts_root: Path) -> ModelInfo:
     if model_file not in manifest["files"]:
         raise RegistryError(f"{version_dir / model_file}: not listed in the version's manifest")
     label = f"{manifest.get('name', version_dir.parent.name)} v{manifest['version']}"
+    calibration = manifest.get("calibration") or {}
     return ModelInfo(
         reference=reference,
         path=str(version_dir),
@@ -147,6 +162,8 @@ def resolve_model(reference: str, artifacts_root: Path) -> ModelInfo:
         version=label if model_file == MODEL_FILE else f"{label} ({model_file})",
         class_names=list(manifest["dataset"]["class_names"]),
         image_size=int(manifest["config"]["image_size"]),
+        unsure_below=calibration.get("unsure_threshold"),
+        texture_range=calibration.get("texture_range"),
     )
 
 
@@ -180,7 +197,7 @@ def load_model_once(model: ModelInfo):
 def csv_columns(top_k: int) -> list[str]:
     """The CSV header for `top_k` ranked predictions."""
     ranked = [name for rank in range(1, top_k + 1) for name in (f"top{rank}_label", f"top{rank}_probability")]
-    return ["path", "status", "label", "confidence", *ranked, "width", "height", "error"]
+    return ["path", "status", "label", "confidence", "flag", *ranked, "width", "height", "error", "model"]
 
 
 def shards(entries: Iterable[FolderEntry], shard_size: int) -> Iterator[list[FolderEntry]]:
@@ -251,8 +268,8 @@ def read_shard(path: str | Path) -> list[FolderEntry]:
 
 def classified_rows(
     input_dir: str, entries: list[FolderEntry], model: ModelInfo, top_k: int, batch_size: int
-) -> Iterator[tuple[list[str], tuple[int, int] | None, str]]:
-    """Decode and classify entries in order: `(ranked cells, original size, error)` per entry.
+) -> Iterator[tuple[list[str], str, tuple[int, int] | None, str]]:
+    """Decode and classify entries in order: `(ranked cells, flag, original size, error)` per entry.
 
     The ranked cells are the `top_k` labels (spreadsheet-safe, see `csv_text`) and probabilities,
     alternating, empty for an error.
@@ -277,14 +294,15 @@ def classified_rows(
             # Ranked per chunk, formatted from Python floats: numpy calls per row took ~0.1 s per 10,000 rows.
             ranks = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
             ranked = zip(ranks.tolist(), np.take_along_axis(probabilities, ranks, axis=1).tolist(), strict=True)
-            for (labels, values), size, error in zip(ranked, chunk.sizes, chunk.errors, strict=True):
+            row_flags = flags(probabilities, chunk.pixels, model.unsure_below, model.texture_range)
+            for (labels, values), flag, size, error in zip(ranked, row_flags, chunk.sizes, chunk.errors, strict=True):
                 pairs = [] if error else zip(labels, values, strict=True)
                 cells = [cell for c, v in pairs for cell in (safe_names[c], f"{v:.6f}")]
-                yield cells, size, error
+                yield cells, "" if error else flag, size, error
 
     rows = inside_rows()
     for entry in entries:
-        yield ([], None, OUTSIDE_LINK_ERROR) if entry.kind == "outside_link" else next(rows)
+        yield ([], "", None, OUTSIDE_LINK_ERROR) if entry.kind == "outside_link" else next(rows)
 
 
 def classify_shard(
@@ -298,23 +316,25 @@ def classify_shard(
     """Decode, classify and write the rows (without header) of the shard saved in `shard_file` to `part_path`.
 
     Returns:
-        Counts: `ok`, `error`.
+        Counts: `ok`, `error`, and `flagged` (ok rows flagged `low_confidence` or `out_of_distribution`).
     """
     entries = read_shard(shard_file)
     top_k = min(top_k, len(model.class_names))
-    counts = {"ok": 0, "error": 0}
+    counts = {"ok": 0, "error": 0, "flagged": 0}
+    provenance = csv_text(model.provenance)
     with open(part_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        for entry, (ranked, size, error) in zip(
+        for entry, (ranked, flag, size, error) in zip(
             entries, classified_rows(input_dir, entries, model, top_k, batch_size), strict=True
         ):
             path = csv_text(entry.relative_path)
             if error:
                 counts["error"] += 1
-                writer.writerow([path, "error", "", "", *[""] * (2 * top_k), "", "", csv_text(error)])
+                writer.writerow([path, "error", "", "", "", *[""] * (2 * top_k), "", "", csv_text(error), provenance])
             else:
                 counts["ok"] += 1
-                writer.writerow([path, "ok", ranked[0], ranked[1], *ranked, *size, ""])
+                counts["flagged"] += flag not in ("ok", "")
+                writer.writerow([path, "ok", ranked[0], ranked[1], flag, *ranked, *size, "", provenance])
     return counts
 
 
@@ -343,7 +363,7 @@ def read_predictions(path: str | Path):
     import pandas as pd
 
     header = pd.read_csv(path, nrows=0).columns
-    text = [c for c in header if c in ("path", "status", "label", "error") or c.endswith("_label")]
+    text = [c for c in header if c in ("path", "status", "label", "flag", "error", "model") or c.endswith("_label")]
     # Only empty cells are missing (a file "NA.png" stays a name), and labels stay text ("01" is no 1).
     dtypes = {**{column: str for column in text}, "width": "Int64", "height": "Int64"}
     table = pd.read_csv(path, dtype=dtypes, keep_default_na=False, na_values=[""])

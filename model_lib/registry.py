@@ -299,7 +299,8 @@ class Registry:
             )
         champion = state["aliases"]["champion"]
         if champion is None:
-            return True, "first version" + (f", above the promotion floor {floor:.4f}" if floor is not None else "")
+            first = "first version" if not state["versions"] else "no champion yet"
+            return True, first + (f", above the promotion floor {floor:.4f}" if floor is not None else "")
         entry = _entry(state, champion)
         ours, theirs = dataset.get("class_names"), entry.get("class_names")
         if ours is not None and theirs is not None and list(ours) != list(theirs):

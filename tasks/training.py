@@ -9,6 +9,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from model_lib.calibrate import CALIBRATION_FILE, calibrate_run
 from model_lib.config import TrainConfig
 from model_lib.data import ingest, load_file_table
 from model_lib.data_report import (
@@ -41,7 +42,8 @@ from tasks.common import log_info, log_warning, retry_on_transient_io
 
 RUN_FILES = (
     "config.json", "history.csv", "metrics.json", "per_class.csv", "confusion_matrix.csv",
-    "curves.png", "confusion_matrix.png", "samples.png", REPORT_FILE, REPORT_MARKDOWN, FILES_FILE,
+    "curves.png", "confusion_matrix.png", "samples.png", "reliability.png", CALIBRATION_FILE, REPORT_FILE,
+    REPORT_MARKDOWN, FILES_FILE,
 )  # fmt: skip
 
 
@@ -123,6 +125,25 @@ def train_task(config: dict, dataset: dict, prepared: dict) -> dict:
     return result.to_dict()
 
 
+@task(name="calibrate")
+def calibrate_task(trained: dict, dataset: dict, prepared: dict) -> dict:
+    """Fit a temperature on the validation split and fold it into the saved model; choose the unsure flags' rules.
+
+    Returns:
+        The calibration record: temperature, test ECE and NLL before and after, the flags' thresholds.
+    """
+    record = calibrate_run(
+        trained["model_path"], trained["probe_path"], dataset["cache_dir"], prepared["split_path"],
+        Path(trained["run_dir"]),
+    )  # fmt: skip
+    log_info(
+        f"Calibrated: temperature {record['temperature']:.3f} ({record['fitted_on']}); test ECE "
+        f"{record['test_ece_before']:.4f} -> {record['test_ece_after']:.4f}, NLL {record['test_nll_before']:.4f} -> "
+        f"{record['test_nll_after']:.4f}"
+    )
+    return record
+
+
 @task(name="evaluate")
 def evaluate_task(trained: dict, dataset: dict, learned_margin: float) -> dict:
     """Test accuracy and loss, per-class precision/recall/F1 and the confusion matrix (JSON and CSV).
@@ -184,7 +205,14 @@ def plot_task(trained: dict, dataset: dict, seed: int) -> dict:
 
 @task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_transient_io)
 def register_task(
-    config: dict, dataset: dict, prepared: dict, trained: dict, metrics: dict, gates: dict, margin: float = 0.0
+    config: dict,
+    dataset: dict,
+    prepared: dict,
+    trained: dict,
+    metrics: dict,
+    gates: dict,
+    calibration: dict,
+    margin: float = 0.0,
 ) -> dict:
     """Register the model with its metrics, plots and lineage; publish the run's report artifact."""
     import keras
@@ -209,6 +237,7 @@ def register_task(
             "epochs_run": trained["epochs_run"],
         },
         "training": {"precision": trained["precision"], "device": trained["device"]},
+        "calibration": calibration,
         "dataset": {
             "source": dataset["source"],
             "fingerprint": dataset["fingerprint"],
@@ -250,6 +279,11 @@ def register_task(
 def report_markdown(registration, manifest: dict) -> str:
     """The run's Markdown report: verdict, headline metrics, per-class table and file locations."""
     metrics, data, training = manifest["metrics"], manifest["dataset"], manifest["training"]
+    calibration = manifest["calibration"]
+    calibrated = (
+        f"temperature {calibration['temperature']:.3f}; test ECE {calibration['test_ece_before']:.4f} -> "
+        f"{calibration['test_ece_after']:.4f}"
+    )
     counts = f"{data['train_count']} train, {data['validation_count']} validation, {data['test_count']} test"
     verdict = "became champion" if registration.champion else "stays a challenger"
     data_verdict = "; ".join(["passed" if data["gates"]["passed"] else "failed", *data["gates"]["warnings"]])
@@ -267,6 +301,7 @@ def report_markdown(registration, manifest: dict) -> str:
 |---|---|
 | test accuracy | {metrics["test_accuracy"]:.4f} |
 | test loss | {metrics["test_loss"]:.4f} |
+| calibration | {calibrated} |
 | epochs | {metrics["epochs_run"]} |
 | training time | {metrics["train_seconds"]:.0f} s ({training["precision"]}, {training["device"]}) |
 | architecture | {manifest["architecture"]} ({manifest["parameter_count"]:,} parameters) |
@@ -276,5 +311,6 @@ def report_markdown(registration, manifest: dict) -> str:
 |---|---|---|---|---|
 {rows}
 
-Files: `{registration.path}` (model, manifest, metrics, plots: `curves.png`, `confusion_matrix.png`, `samples.png`).
+Files: `{registration.path}` (model, manifest, metrics, plots: `curves.png`, `confusion_matrix.png`,
+`samples.png`, `reliability.png`).
 """

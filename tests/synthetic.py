@@ -53,3 +53,26 @@ def write_uninformative_dataset(root: Path, classes: int = 3, per_class: int = 8
             for i in range(per_class):
                 Image.fromarray(pixels).save(folder / f"{i:02d}.png")
     return root
+
+
+def unlike_images(per_kind: int = 40, size: int = 32) -> dict[str, np.ndarray]:
+    """Random noise, flat colours and smooth two-colour gradients (uint8 arrays by kind): unlike any photo."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, size)
+    shapes = [ramp[None, :, None] + 0 * ramp[:, None, None], (ramp[None, :, None] + ramp[:, None, None]) / 2]
+    images: dict[str, list] = {"noise": [], "flat": [], "gradient": []}
+    for i in range(per_kind):
+        low, high = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        images["noise"].append(rng.integers(0, 256, (size, size, 3)))
+        images["flat"].append(np.broadcast_to(low, (size, size, 3)))
+        images["gradient"].append(low * (1 - shapes[i % 2]) + high * shapes[i % 2])
+    return {kind: np.asarray(arrays).astype(np.uint8) for kind, arrays in images.items()}
+
+
+def write_unlike_images(folder: Path, per_kind: int = 40) -> Path:
+    """`unlike_images` as PNG files `<kind>_<i>.png` in `folder`."""
+    folder.mkdir(parents=True)
+    for kind, arrays in unlike_images(per_kind).items():
+        for i, pixels in enumerate(arrays):
+            Image.fromarray(pixels).save(folder / f"{kind}_{i:02d}.png")
+    return folder

@@ -16,6 +16,7 @@ from model_lib.predict import csv_columns
 from model_lib.registry import ChecksumError, Registry, RegistryError, load_verified_model
 from model_lib.train import probe_images
 from tests.catalogue import BROKEN, ODD, SKIPPED, build_catalogue
+from tests.synthetic import write_unlike_images
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -101,7 +102,9 @@ def test_default_output_and_reference_forms(prefect_harness, registered, catalog
     results = {}
     for reference in ("cifar10", "cifar10@champion", "cifar10@latest", "cifar10@v1", str(registered)):
         summary = batch_predict(str(catalogue / "odd"), model=reference, top_k=2)
-        results[reference] = Path(summary["output_csv"]).read_bytes()
+        table = pd.read_csv(summary["output_csv"])
+        assert (table["model"] == f"{reference} -> cifar10 v1 model.keras").all()  # provenance: asked and answered
+        results[reference] = table.drop(columns="model").to_csv()
         assert summary["model"] == "cifar10 v1"
     outputs = sorted((artifacts / "predictions").iterdir())  # one CSV per run, none overwritten
     assert len(outputs) == 5 and Path(summary["output_csv"]) == outputs[-1]
@@ -152,3 +155,18 @@ def test_upscaled_photos_get_the_models_output_on_the_shared_decoding(
     assert (rows["label"][clear] == names[clear]).all()
     truth = rows["path"].str.split("/").str[0]
     assert (rows["label"] == truth).mean() > 0.2
+
+    # Calibrated and flagged: the temperature is a stock layer of the saved model (its outputs are the
+    # ones compared above), and real photos are rarely out of distribution while synthetic images are.
+    manifest = json.loads((Path(trained["path"]) / "manifest.json").read_text())
+    calibration = manifest["calibration"]
+    assert "temperature" in {layer.name for inner in model.layers for layer in getattr(inner, "layers", [])}
+    assert calibration["test_ece_after"] < calibration["test_ece_before"]
+    assert (rows["flag"] == "out_of_distribution").mean() <= 0.02
+    assert set(rows["flag"]) <= {"ok", "low_confidence", "out_of_distribution"}
+    assert (rows["model"] == f"{trained['path']} -> cifar10 v1 model.keras").all()
+    synthetic = write_unlike_images(photos.parent / "unlike")
+    flagged = pd.read_csv(batch_predict(str(synthetic), model=trained["path"])["output_csv"])
+    kinds = flagged["path"].str.split("_").str[0]
+    for kind in ("noise", "flat", "gradient"):
+        assert (flagged["flag"][kinds == kind] == "out_of_distribution").mean() >= 0.95, kind

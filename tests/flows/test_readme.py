@@ -47,8 +47,15 @@ def test_transfer_train_export_and_tflite_predict_as_the_readme_shows(cifar_dir,
     predict = readme_command("cifar-pipeline predict ~/photos --model")
     predict = [str(photos) if a == "~/photos" else a.replace("/v3/", f"/v{version}/") for a in predict]
     output = run(predict)
-    assert "12 ok, 0 error" in output and "model_int8.tflite" in output
+    assert re.search(r"12 ok \(\d+ flagged unsure\), 0 error", output) and "model_int8.tflite" in output
     written = Path(output.strip().splitlines()[-1].strip())
     assert written.parent == artifacts / "predictions" and written.name.startswith("photos-")
     table = pd.read_csv(written)
     assert len(table) == 12 and set(table["status"]) == {"ok"}
+
+    unsure = readme_command("cifar-pipeline predict ~/photos --unsure-below")
+    output = run([str(photos) if a == "~/photos" else a for a in unsure])
+    table = pd.read_csv(Path(output.strip().splitlines()[-1].strip()))
+    low = table["confidence"] < 0.7
+    assert (table.loc[low, "flag"] != "ok").all() and set(table.loc[~low, "flag"]) <= {"ok", "out_of_distribution"}
+    assert f"12 ok ({(table['flag'] != 'ok').sum()} flagged unsure)" in output

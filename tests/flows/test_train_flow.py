@@ -12,7 +12,7 @@ from model_lib.registry import verify_version
 
 VERSION_FILES = {"model.keras", "manifest.json", "probe.npz", "metrics.json", "per_class.csv", "confusion_matrix.csv",
                  "history.csv", "config.json", "curves.png", "confusion_matrix.png", "samples.png", "data_report.json",
-                 "data_report.md", "data_files.csv.gz"}  # fmt: skip
+                 "data_report.md", "data_files.csv.gz", "calibration.json", "reliability.png"}  # fmt: skip
 
 
 def _report_artifact(key: str) -> str:

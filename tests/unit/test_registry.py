@@ -122,7 +122,7 @@ def test_no_version_below_the_promotion_floor_becomes_champion_not_even_the_firs
     assert not first.champion and "not above the promotion floor 0.1500" in first.reason
     assert registry.state()["aliases"] == {"latest": 1, "champion": None}
     second = registry.register(files, manifest(0.40, floor=0.15))
-    assert second.champion and "first version, above the promotion floor" in second.reason
+    assert second.champion and "no champion yet, above the promotion floor 0.1500" in second.reason
 
 
 def test_gate_requires_the_reloaded_model_to_reproduce_the_trained_outputs(artifacts, tmp_path):

@@ -1,0 +1,232 @@
+"""Calibration: a temperature fitted on the validation split and folded into the saved model, and the
+rules that flag a prediction as unsure.
+
+Two flags, both chosen on data the model did not train on and stored in the manifest:
+* `out_of_distribution`: the image's texture (mean absolute difference between neighbouring
+  pixels, 0-255, on the pixels the model sees) is outside the range of 99.6% of the training
+  images: random noise above it, flat colours and smooth gradients below it;
+* `low_confidence`: the calibrated top-1 probability is below the value that 97% of correct
+  validation predictions reach.
+
+Temperature scaling divides the logits by one number T before the softmax: the ranking of classes,
+hence the accuracy, does not change; confidences become honest (a label-smoothed model is
+under-confident, T < 1 sharpens it). The fold is a stock `Rescaling(1/T)` layer before the
+softmax, so the model still loads with `safe_mode` and exports to TFLite.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from model_lib.evaluate import LOSS_EPSILON
+from model_lib.fileio import atomic_open, write_json
+
+ECE_BINS = 10  # equal-width confidence bins of the expected calibration error
+LOG_T_RANGE = (-3.0, 3.0)  # natural-log bounds of the temperature search: T from 0.05 to 20
+MIN_CALIBRATION_IMAGES = 50  # fewer validation images than this fit no temperature (T stays 1)
+UNSURE_PASS_RATE = 0.97  # the low-confidence threshold lets this share of correct validation predictions pass
+TEXTURE_QUANTILES = (0.002, 0.998)  # training images' texture range kept in-distribution: 99.6% of them
+TEXTURE_SAMPLE = 20_000  # training images the texture range is measured on
+CALIBRATION_FILE = "calibration.json"
+UNCALIBRATED_PROBABILITIES = "test_probabilities_uncalibrated.npy"
+TEMPERATURE_LAYER = "temperature"
+PROBABILITIES_LAYER = "probabilities"  # the softmax every architecture ends in (model_lib.models)
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE: the mean gap between confidence and accuracy over equal-width confidence bins, weighted by size."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == np.asarray(labels)
+    index = np.minimum((confidence * bins).astype(int), bins - 1)
+    gaps = [abs(confidence[index == b].mean() - correct[index == b].mean()) * (index == b).sum() for b in range(bins)
+            if (index == b).any()]  # fmt: skip
+    return float(sum(gaps) / len(labels)) if len(labels) else 0.0
+
+
+def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    picked = probabilities[np.arange(len(labels)), np.asarray(labels)]
+    return float(-np.log(np.clip(picked, LOSS_EPSILON, 1.0)).mean())
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def probabilities_at(view_logits: list[np.ndarray], temperature: float) -> np.ndarray:
+    """The model's output at a temperature: the mean over its views (image, mirror) of softmax(logits / T)."""
+    return np.mean([_softmax(logits / temperature) for logits in view_logits], axis=0)
+
+
+def fit_temperature(view_logits: list[np.ndarray], labels: np.ndarray) -> float:
+    """The temperature that minimises the negative log-likelihood (golden-section search on log T)."""
+    ratio = (np.sqrt(5) - 1) / 2
+    low, high = LOG_T_RANGE
+
+    def loss(log_t: float) -> float:
+        return negative_log_likelihood(probabilities_at(view_logits, float(np.exp(log_t))), labels)
+
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    loss_a, loss_b = loss(a), loss(b)
+    for _ in range(40):  # the bracket shrinks to 0.618^40 of 6: far below any meaningful difference
+        if loss_a < loss_b:
+            high, b, loss_b = b, a, loss_a
+            a = high - ratio * (high - low)
+            loss_a = loss(a)
+        else:
+            low, a, loss_a = a, b, loss_b
+            b = low + ratio * (high - low)
+            loss_b = loss(b)
+    return float(np.exp((low + high) / 2))
+
+
+def unsure_threshold(probabilities: np.ndarray, labels: np.ndarray, pass_rate: float = UNSURE_PASS_RATE) -> float:
+    """The confidence below which a prediction is flagged unsure: `pass_rate` of correct predictions are above it."""
+    correct = probabilities.argmax(axis=1) == np.asarray(labels)
+    confidences = probabilities.max(axis=1)[correct]
+    return float(np.quantile(confidences, 1 - pass_rate)) if len(confidences) else 0.0
+
+
+def texture(images: np.ndarray) -> np.ndarray:
+    """Per image: the mean absolute difference between horizontally and vertically neighbouring pixel values."""
+    x = np.asarray(images, np.float32)
+    return (np.abs(np.diff(x, axis=1)).mean(axis=(1, 2, 3)) + np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3))) / 2
+
+
+def texture_range(train_images: np.ndarray) -> list[float]:
+    """The texture range of `TEXTURE_QUANTILES` of the training images: outside it, an image is not like them."""
+    sample = np.asarray(train_images[:TEXTURE_SAMPLE])
+    return [round(float(q), 4) for q in np.quantile(texture(sample), TEXTURE_QUANTILES)]
+
+
+def flags(probabilities: np.ndarray, pixels: np.ndarray, unsure_below: float | None, textures) -> list[str]:
+    """Each prediction's flag: `out_of_distribution`, `low_confidence` or `ok`; "" where the model has no rule."""
+    if unsure_below is None or textures is None:
+        return [""] * len(probabilities)
+    low, high = textures
+    image_texture = texture(pixels)
+    confidence = probabilities.max(axis=1)
+    return [
+        "out_of_distribution" if not low <= t <= high else "low_confidence" if c < unsure_below else "ok"
+        for t, c in zip(image_texture.tolist(), confidence.tolist(), strict=True)
+    ]
+
+
+def _parts(model):
+    """(the network that ends in the softmax, whether a flip-TTA wrapper surrounds it)."""
+    import keras
+
+    inner = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return (inner[0], True) if len(inner) == 1 else (model, False)
+
+
+def _logits_and_temperature(network):
+    """The network's logits tensor (before any folded temperature) and the temperature already folded in."""
+    names = {layer.name for layer in network.layers}
+    if TEMPERATURE_LAYER in names:
+        layer = network.get_layer(TEMPERATURE_LAYER)
+        return layer.input, 1.0 / float(layer.scale)
+    return network.get_layer(PROBABILITIES_LAYER).input, 1.0
+
+
+def view_logits(model, images: np.ndarray, batch_size: int = 500) -> list[np.ndarray]:
+    """The logits (before temperature) of each view the model averages: the image, and its mirror under flip TTA."""
+    import keras
+
+    network, tta = _parts(model)
+    logits, _ = _logits_and_temperature(network)
+    logit_model = keras.Model(network.inputs, logits)
+    views = [images, images[:, :, ::-1]] if tta else [images]
+    return [np.asarray(logit_model.predict(view, batch_size=batch_size, verbose=0), np.float64) for view in views]
+
+
+def with_temperature(model, temperature: float):
+    """The same model with `softmax(logits / temperature)` as its output, from stock layers only."""
+    import keras
+
+    from model_lib.models import with_flip_tta
+
+    network, tta = _parts(model)
+    logits, _ = _logits_and_temperature(network)
+    scaled = keras.layers.Rescaling(1.0 / temperature, dtype="float32", name=TEMPERATURE_LAYER)(logits)
+    outputs = keras.layers.Activation("softmax", dtype="float32", name=PROBABILITIES_LAYER)(scaled)
+    calibrated = keras.Model(network.inputs, outputs, name=network.name)
+    return with_flip_tta(calibrated) if tta else calibrated
+
+
+def calibrate(
+    model, val_images: np.ndarray, val_labels: np.ndarray, test_images, test_labels, train_images
+) -> tuple[object, dict, np.ndarray]:
+    """Fit a temperature on validation images, fold it into the model, and measure the change on the test set.
+
+    Args:
+        model: The serving model (pixels in, probabilities out), with or without flip TTA.
+        val_images, val_labels: The validation split the temperature and threshold are chosen on.
+        test_images, test_labels: The test set the before/after figures are measured on.
+        train_images: The training images the texture range is measured on.
+
+    Returns:
+        The calibrated model; a JSON-friendly record: `temperature`, `fitted_on`, test `ece` and
+        `nll` before and after, `unsure_threshold` (on the calibrated confidences) and
+        `texture_range`; and the test probabilities before calibration. With fewer than
+        `MIN_CALIBRATION_IMAGES` validation images, the temperature stays as it was.
+    """
+    val, test = view_logits(model, np.asarray(val_images)), view_logits(model, np.asarray(test_images))
+    _, folded = _logits_and_temperature(_parts(model)[0])
+    enough = len(val_labels) >= MIN_CALIBRATION_IMAGES
+    temperature = fit_temperature(val, val_labels) if enough else folded
+    before, after = probabilities_at(test, folded), probabilities_at(test, temperature)
+    record = {
+        "temperature": round(temperature, 6),
+        "fitted_on": f"validation split ({len(val_labels)} images)" if enough
+        else f"not fitted: {len(val_labels)} validation images, fewer than {MIN_CALIBRATION_IMAGES}",
+        "test_ece_before": round(expected_calibration_error(before, test_labels), 6),
+        "test_ece_after": round(expected_calibration_error(after, test_labels), 6),
+        "test_nll_before": round(negative_log_likelihood(before, test_labels), 6),
+        "test_nll_after": round(negative_log_likelihood(after, test_labels), 6),
+        "unsure_threshold": round(unsure_threshold(probabilities_at(val, temperature), val_labels), 6) if enough
+        else None,
+        "unsure_pass_rate": UNSURE_PASS_RATE,
+        "texture_range": texture_range(train_images),
+    }  # fmt: skip
+    return (with_temperature(model, temperature) if enough else model), record, before.astype(np.float32)
+
+
+def calibrate_run(model_path: str, probe_path: str, cache_dir: str, split_path: str, out_dir: Path) -> dict:
+    """Calibrate a run's saved model in place: the model and its probe outputs are replaced atomically.
+
+    Also writes `calibration.json` and the uncalibrated test probabilities (for the reliability
+    diagram) into `out_dir`.
+
+    Returns:
+        The calibration record (see `calibrate`).
+    """
+    import keras
+
+    from model_lib.data import load_arrays
+    from model_lib.preprocess import load_split
+
+    arrays, split = load_arrays(cache_dir), load_split(Path(split_path))
+    model = keras.saving.load_model(model_path, safe_mode=True)
+    val_images, val_labels = np.asarray(arrays.x_train[split.val_index]), np.asarray(arrays.y_train[split.val_index])
+    test_images, test_labels = np.asarray(arrays.x_test), np.asarray(arrays.y_test)
+    calibrated, record, uncalibrated = calibrate(
+        model, val_images, val_labels, test_images, test_labels, arrays.x_train
+    )
+    np.save(out_dir / UNCALIBRATED_PROBABILITIES, uncalibrated, allow_pickle=False)
+    if calibrated is not model:
+        tmp = Path(model_path).with_name(f".calibrated.{os.getpid()}.keras")
+        try:
+            calibrated.save(tmp)
+            os.replace(tmp, model_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        with np.load(probe_path, allow_pickle=False) as probe:
+            inputs = probe["inputs"]
+        with atomic_open(probe_path, "wb") as handle:
+            np.savez(handle, inputs=inputs, outputs=calibrated.predict(inputs, verbose=0))
+    write_json(out_dir / CALIBRATION_FILE, record)
+    return record

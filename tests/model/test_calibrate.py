@@ -1,0 +1,90 @@
+"""Calibration: the temperature fit, its fold into a saved model (safe_mode reload), ECE and the flags."""
+
+import numpy as np
+import pytest
+
+from model_lib.calibrate import (
+    calibrate,
+    expected_calibration_error,
+    fit_temperature,
+    flags,
+    probabilities_at,
+    texture,
+    view_logits,
+    with_temperature,
+)
+from model_lib.models import build_model, with_flip_tta
+
+
+def test_the_fit_recovers_the_temperature_that_generated_the_labels():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4000, 10))
+    truth = probabilities_at([logits], 2.5)
+    labels = np.array([rng.choice(10, p=row) for row in truth])
+    assert fit_temperature([logits], labels) == pytest.approx(2.5, rel=0.1)
+
+
+def test_ece_is_the_weighted_gap_between_confidence_and_accuracy():
+    probabilities = np.array([[0.9, 0.1]] * 10 + [[0.3, 0.7]] * 10)  # bins 0.9 and 0.7
+    labels = np.array([0] * 9 + [1] + [1] * 5 + [0] * 5)  # 90% right at 0.9, 50% right at 0.7
+    assert expected_calibration_error(probabilities, labels) == pytest.approx(0.5 * 0.0 + 0.5 * 0.2)
+    assert expected_calibration_error(np.eye(3), np.arange(3)) == 0.0
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_the_temperature_is_folded_with_stock_layers_and_survives_a_safe_mode_reload(tmp_path, tta):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = build_model("seed_cnn", 4)
+    model = with_flip_tta(model) if tta else model
+    images = np.random.default_rng(1).integers(0, 256, (16, 32, 32, 3)).astype(np.uint8)
+    views = view_logits(model, images)
+    assert len(views) == (2 if tta else 1)
+    np.testing.assert_allclose(probabilities_at(views, 1.0), model.predict(images, verbose=0), atol=1e-5)
+    calibrated = with_temperature(model, 0.25)
+    calibrated.save(tmp_path / "calibrated.keras")
+    reloaded = keras.saving.load_model(tmp_path / "calibrated.keras", safe_mode=True)
+    np.testing.assert_allclose(reloaded.predict(images, verbose=0), probabilities_at(views, 0.25), atol=1e-5)
+    # A second calibration replaces the temperature instead of stacking on it.
+    again = with_temperature(reloaded, 2.0)
+    np.testing.assert_allclose(again.predict(images, verbose=0), probabilities_at(views, 2.0), atol=1e-5)
+
+
+def test_calibrate_sharpens_an_underconfident_model_and_chooses_the_thresholds():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    logits = keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling2D()(inputs))
+    outputs = keras.layers.Activation("softmax", name="probabilities")(keras.layers.Rescaling(0.02)(logits))
+    model = keras.Model(inputs, outputs)  # colour -> class, but with confidences squashed towards 1/3
+    model.get_layer("head").set_weights([np.eye(3, dtype=np.float32) * 2, np.full(3, -170.0, np.float32)])
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 600)
+    signal = np.eye(3)[labels][:, None, None, :] * 60 + rng.normal(0, 25, (600, 1, 1, 3))  # overlapping classes
+    images = np.clip(signal + rng.normal(100, 30, (600, 32, 32, 3)), 0, 255)
+    images = images.astype(np.uint8)
+    calibrated, record, before = calibrate(model, images[:300], labels[:300], images[300:], labels[300:], images[:300])
+    assert record["temperature"] < 0.5 and record["test_ece_after"] < record["test_ece_before"]
+    assert record["test_nll_after"] < record["test_nll_before"]
+    assert 0 < record["unsure_threshold"] < 1 and record["fitted_on"] == "validation split (300 images)"
+    low, high = record["texture_range"]
+    assert low < float(np.median(texture(images))) < high
+    np.testing.assert_allclose(before, model.predict(images[300:], verbose=0), atol=1e-5)
+    _, untouched, _ = calibrate(model, images[:10], labels[:10], images[300:], labels[300:], images[:300])
+    assert untouched["temperature"] == 1.0 and untouched["unsure_threshold"] is None
+
+
+def test_flags_mark_unlike_images_out_of_distribution_and_doubtful_ones_low_confidence():
+    rng = np.random.default_rng(0)
+    photo_like = np.clip(rng.normal(128, 15, (2, 32, 32, 3)), 0, 255).astype(np.uint8)
+    noise = rng.integers(0, 256, (1, 32, 32, 3)).astype(np.uint8)
+    flat = np.full((1, 32, 32, 3), 90, np.uint8)
+    pixels = np.concatenate([photo_like, noise, flat])
+    probabilities = np.array([[0.9, 0.1], [0.55, 0.45], [0.99, 0.01], [0.99, 0.01]])
+    band = [2.0, 40.0]
+    assert flags(probabilities, pixels, 0.6, band) == ["ok", "low_confidence", "out_of_distribution"] * 1 + [
+        "out_of_distribution"
+    ]
+    assert flags(probabilities, pixels, None, None) == [""] * 4  # a model registered before calibration
