@@ -19,8 +19,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_lib.calibrate import calibrate, flags  # noqa: E402
+from model_lib.calibrate import calibrate  # noqa: E402
 from model_lib.data import load_arrays  # noqa: E402
+from model_lib.flags import flags  # noqa: E402
 from model_lib.preprocess import load_split  # noqa: E402
 from tests.synthetic import unlike_images  # noqa: E402
 

@@ -46,15 +46,25 @@ def batch_predict(
 ) -> dict:
     """Classify every image under `input_dir` into a CSV; returns the run's summary.
 
-    `model` is a registry reference (`cifar10`, `cifar10@latest`, `cifar10@v3`) or a version
-    folder. Broken files get error rows and the run goes on, unless `fail_on_error` is set, in
-    which case the run fails after writing the CSV. `output_csv` defaults to a new file per run
-    under `ARTIFACTS_DIR/predictions/`. An existing `output_csv` is replaced only when it is an
-    earlier prediction CSV, unless `overwrite` is set; the model registry, folders and image files
-    are never written. `files` (paths relative to `input_dir`, as the inbox trigger sends them)
-    limits the run to those files. Each row's `flag` is `out_of_distribution` (the image's texture
-    is unlike the training images'), `low_confidence` (calibrated confidence below the threshold
-    stored with the model, or `unsure_below` when given) or `ok`.
+    Broken files get error rows and the run goes on. The model registry, folders and image files
+    are never written. Each ok row's `flag` is `out_of_distribution` (the image's texture is unlike
+    the training images'), `low_confidence` (calibrated confidence below the model's threshold) or
+    `ok`.
+
+    Args:
+        input_dir: The folder of images (walked recursively by default; links out of it are refused).
+        output_csv: The CSV to write; empty means a new file per run under ARTIFACTS_DIR/predictions/.
+            An existing file is replaced only when it is an earlier prediction CSV, unless overwrite.
+        model: A registry reference (cifar10, cifar10@champion, cifar10@latest, cifar10@v3), a
+            version folder, or a registered .tflite export.
+        top_k: Ranked labels and probabilities per row.
+        batch_size: Images per decoding job and per model call.
+        recursive: Descend into sub-folders.
+        shard_size: Files per shard task.
+        fail_on_error: Fail the run (after writing the CSV) when any file could not be classified.
+        overwrite: Replace an existing output_csv even if it is not an earlier prediction CSV.
+        files: Only these files (paths relative to input_dir), as the inbox trigger sends them.
+        unsure_below: Flag rows low_confidence below this confidence instead of the model's threshold.
     """
     logger = get_run_logger()
     started = time.perf_counter()

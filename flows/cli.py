@@ -151,6 +151,10 @@ def train(
         float | None,
         typer.Option(help=f"Warn when class shares shift by more than this ({TrainConfig.balance_shift_warning})."),
     ] = None,
+    deterministic: Annotated[
+        bool | None,
+        typer.Option("--deterministic/--no-deterministic", help="TensorFlow op determinism: same accuracy, slower."),
+    ] = None,
     promotion_margin: Annotated[float, typer.Option(help="Accuracy a new version must add to the champion's.")] = 0.0,
     export: Annotated[bool, typer.Option(help="Also write TFLite float32/float16/int8 exports.")] = False,
 ) -> None:
@@ -176,6 +180,7 @@ def train(
         min_class_images=min_class_images,
         allow_class_change=allow_class_change,
         balance_shift_warning=balance_shift_warning,
+        deterministic=deterministic,
     )
     check_training_request(profile, overrides, artifacts_dir())  # a mistake costs a second, not a Prefect start
     from flows.train_cifar import train_cifar
@@ -291,12 +296,15 @@ def serve() -> None:
 
     Uses the deployments declared in prefect.yaml. Needs a Prefect API (PREFECT_API_URL, e.g. a
     `prefect server start`) to see the schedule fire and to trigger runs from the UI or CLI.
+    Refuses when `prefect deploy` already gave those deployments to a work pool.
     """
     from prefect import serve as prefect_serve
 
-    from flows.serve import deployments_from_yaml
+    from flows.serve import deployments_from_yaml, refuse_pool_deployments
 
-    prefect_serve(*deployments_from_yaml())
+    deployments = deployments_from_yaml()
+    refuse_pool_deployments(deployments)
+    prefect_serve(*deployments)
 
 
 def _fail(message: str) -> None:
@@ -321,12 +329,18 @@ def _version_dir(ref: str):
         _fail(str(error))
 
 
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
+
+
 @models_app.command("list")
-def models_list(name: ModelName = "cifar10") -> None:
+def models_list(name: ModelName = "cifar10", as_json: JsonOption = False) -> None:
     """Versions with alias marks, test accuracy and date."""
     from model_lib.registry import Registry
 
     state = Registry(artifacts_dir(), name).state()
+    if as_json:
+        typer.echo(json.dumps({"name": name, "aliases": state["aliases"], "versions": state["versions"]}, indent=2))
+        return
     if not state["versions"]:
         typer.echo(f"{name}: no versions registered under {artifacts_dir() / 'models' / name}")
         return
@@ -341,12 +355,43 @@ def models_list(name: ModelName = "cifar10") -> None:
 
 
 @models_app.command("show")
-def models_show(ref: VersionRef) -> None:
-    """The version's manifest."""
+def models_show(ref: VersionRef, as_json: JsonOption = False) -> None:
+    """The version's manifest (`--json`), or its headline figures."""
     from model_lib.fileio import read_json
     from model_lib.registry import MANIFEST_FILE
 
-    typer.echo(json.dumps(read_json(_version_dir(ref) / MANIFEST_FILE), indent=2))
+    version_dir = _version_dir(ref)
+    manifest = read_json(version_dir / MANIFEST_FILE)
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+        return
+    metrics, data = manifest["metrics"], manifest["dataset"]
+    calibration = manifest.get("calibration") or {}
+    typer.echo(
+        f"{manifest.get('name')} v{manifest['version']} ({manifest.get('architecture')}, {manifest['created_at']})\n"
+        f"  test accuracy {metrics['test_accuracy']:.4f} on {data.get('test_count', '?')} images "
+        f"(test set {str(data.get('test_fingerprint'))[:12]})\n"
+        f"  calibrated: temperature {calibration.get('temperature', '-')}, "
+        f"test ECE {calibration.get('test_ece_after', '-')}\n"
+        f"  profile {manifest['config'].get('profile')}, {metrics.get('epochs_run', '?')} epochs\n"
+        f"  {version_dir}  (--json for the whole manifest)"
+    )
+
+
+@models_app.command("compare")
+def models_compare(
+    first: Annotated[str, typer.Argument(help="A version: cifar10@v3, cifar10@champion or a folder.")],
+    second: Annotated[str, typer.Argument(help="The version to compare it with.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Two versions side by side: metrics, per-class F1 changes, config differences, data fingerprints."""
+    from model_lib.compare import compare_manifests, comparison_text
+    from model_lib.fileio import read_json
+    from model_lib.registry import MANIFEST_FILE
+
+    manifests = [read_json(_version_dir(ref) / MANIFEST_FILE) for ref in (first, second)]
+    comparison = compare_manifests(*manifests)
+    typer.echo(json.dumps(comparison, indent=2) if as_json else "\n".join(comparison_text(comparison)))
 
 
 @models_app.command("verify")

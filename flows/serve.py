@@ -36,3 +36,28 @@ def deployments_from_yaml(path: Path = PREFECT_YAML) -> list:
         )
         for spec in declared
     ]
+
+
+def refuse_pool_deployments(deployments: list) -> None:
+    """Refuse to serve a deployment name that `prefect deploy` gave to a work pool: serving would take it over.
+
+    Raises:
+        ConfigError: Naming the deployment, its pool and what to do.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from model_lib.config import ConfigError
+
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            name = f"{deployment.flow_name}/{deployment.name}"
+            try:
+                existing = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                raise ConfigError(
+                    f"{name} belongs to work pool {existing.work_pool_name} (prefect deploy): serve would take it "
+                    f"over; use the pool's worker, or `prefect deployment delete {name}` first"
+                )

@@ -4,10 +4,12 @@ training."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect import flow, get_run_logger
 
 from model_lib.checks import check_training_request
-from model_lib.config import TrainConfig
+from model_lib.config import CHOICES, PROFILES, TrainConfig
 from model_lib.data import suggested_model_name
 from model_lib.fileio import read_json
 from model_lib.registry import MANIFEST_FILE, Registry
@@ -25,17 +27,21 @@ from tasks.training import (
     train_task,
 )
 
+Profile = Literal[tuple(PROFILES)]
+Architecture = Literal[CHOICES["architecture"]]
+Precision = Literal[CHOICES["precision"]]
+
 
 @flow(name="train-cifar")
 def train_cifar(
-    profile: str = "default",
-    architecture: str | None = None,
+    profile: Profile = "default",
+    architecture: Architecture | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
     learning_rate: float | None = None,
     data: str | None = None,
     seed: int | None = None,
-    precision: str | None = None,
+    precision: Precision | None = None,
     validation_split: float | None = None,
     max_train_images: int | None = None,
     max_test_images: int | None = None,
@@ -49,21 +55,49 @@ def train_cifar(
     min_class_images: int | None = None,
     allow_class_change: bool | None = None,
     balance_shift_warning: float | None = None,
+    deterministic: bool | None = None,
     promotion_margin: float = 0.0,
     export: bool = False,
     skip_unchanged: bool = False,
 ) -> dict:
     """Train a model on a profile (plus overrides) and register it; returns the registration.
 
-    `data` defaults to `CIFAR10_DIR`, else Keras' download. `model_name` defaults to cifar10 for
-    CIFAR-10's classes, else the data folder's name. `learned_margin` is the accuracy a run must
-    add to the majority-class rate (validation and test) to be registered at all.
-    `promotion_margin` is the test accuracy a new version must add to the champion's to replace it.
-    `weights`, `head_epochs` and `fine_tune_learning_rate` apply to the `transfer` architecture.
-    `max_leakage`, `min_class_images`, `allow_class_change` and `balance_shift_warning` set the
-    data gates checked before training. `export` adds TFLite exports. `skip_unchanged` ends the run
-    without training when the latest registered version came from the same config and data (set by
-    the data trigger, so a burst of events or a queued duplicate never trains twice).
+    Every override left empty takes the profile's value (see the README's profile table).
+
+    Args:
+        profile: The recipe to start from: default (airbench94, about 25 min on 2 CPU cores), fast,
+            seed (the origin notebook's) or smoke (a minute, for checks).
+        architecture: The network: airbench, seed_cnn or transfer (MobileNetV3Small backbone).
+        epochs: Passes over the training split.
+        batch_size: Images per optimiser step (with SGD the learning rate scales with it).
+        learning_rate: Peak learning rate per step.
+        data: Image folder (train/<class>/, test/<class>/), cifar-10-batches-py folder, or keras
+            (download); empty means CIFAR10_DIR, else keras.
+        seed: Seeds the split, weights, shuffling and augmentation.
+        precision: auto (decided once per machine), float32, mixed_bfloat16 or mixed_float16.
+        validation_split: Fraction of training images held out (stratified) for validation and
+            calibration.
+        max_train_images: Class-balanced cap on training images; empty means all.
+        max_test_images: Class-balanced cap on test images; empty means all.
+        skip_corrupt: Skip undecodable files (listed in the data report) instead of failing.
+        model_name: Registry name; empty means cifar10 for CIFAR-10's classes, else the data folder's name.
+        weights: transfer only: imagenet (downloads), a local weights file, or none.
+        head_epochs: transfer only: epochs training the new head before fine-tuning.
+        fine_tune_learning_rate: transfer only: constant learning rate while fine-tuning.
+        learned_margin: Accuracy a run must add to the majority-class rate (validation and test)
+            to be registered, and a version to become champion (default 0.05).
+        max_leakage: Data gate: fraction of test images allowed to be exact copies of training
+            images (default 0).
+        min_class_images: Data gate: training images every class needs (default 10).
+        allow_class_change: Data gate: let a class of the previous registered version vanish.
+        balance_shift_warning: Warn when the class shares moved more than this since the previous
+            version (total variation distance, default 0.1).
+        deterministic: TensorFlow op determinism: the same model on every run of the same config.
+        promotion_margin: Test accuracy a new version must add to the champion's (on the same test
+            images) to replace it.
+        export: Also write TFLite float32, float16 and int8 exports beside the version.
+        skip_unchanged: End at once when the latest version came from the same config and data
+            (set by the data trigger, so a queued duplicate never trains twice).
     """
     overrides = dict(
         architecture=architecture,
@@ -86,6 +120,7 @@ def train_cifar(
         min_class_images=min_class_images,
         allow_class_change=allow_class_change,
         balance_shift_warning=balance_shift_warning,
+        deterministic=deterministic,
     )
     config = check_training_request(profile, overrides, artifacts_dir()).to_dict()
     dataset = ingest_task(config)

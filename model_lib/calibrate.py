@@ -1,12 +1,9 @@
 """Calibration: a temperature fitted on the validation split and folded into the saved model, and the
 rules that flag a prediction as unsure.
 
-Two flags, both chosen on data the model did not train on and stored in the manifest:
-* `out_of_distribution`: the image's texture (mean absolute difference between neighbouring
-  pixels, 0-255, on the pixels the model sees) is outside the range of 99.6% of the training
-  images: random noise above it, flat colours and smooth gradients below it;
-* `low_confidence`: the calibrated top-1 probability is below the value that 97% of correct
-  validation predictions reach.
+Both flags' rules (see `model_lib.flags`) are chosen here, on data the model did not train on, and
+stored in the manifest: the texture range of the training images, and the calibrated confidence
+that 97% of correct validation predictions reach.
 
 Temperature scaling divides the logits by one number T before the softmax: the ranking of classes,
 hence the accuracy, does not change; confidences become honest (a label-smoothed model is
@@ -23,15 +20,14 @@ import numpy as np
 
 from model_lib.evaluate import LOSS_EPSILON
 from model_lib.fileio import atomic_open, write_json
+from model_lib.flags import texture_range
+from model_lib.runs import UNCALIBRATED_PROBABILITIES
 
 ECE_BINS = 10  # equal-width confidence bins of the expected calibration error
 LOG_T_RANGE = (-3.0, 3.0)  # natural-log bounds of the temperature search: T from 0.05 to 20
 MIN_CALIBRATION_IMAGES = 50  # fewer validation images than this fit no temperature (T stays 1)
 UNSURE_PASS_RATE = 0.97  # the low-confidence threshold lets this share of correct validation predictions pass
-TEXTURE_QUANTILES = (0.002, 0.998)  # training images' texture range kept in-distribution: 99.6% of them
-TEXTURE_SAMPLE = 20_000  # training images the texture range is measured on
 CALIBRATION_FILE = "calibration.json"
-UNCALIBRATED_PROBABILITIES = "test_probabilities_uncalibrated.npy"
 TEMPERATURE_LAYER = "temperature"
 PROBABILITIES_LAYER = "probabilities"  # the softmax every architecture ends in (model_lib.models)
 
@@ -88,31 +84,6 @@ def unsure_threshold(probabilities: np.ndarray, labels: np.ndarray, pass_rate: f
     correct = probabilities.argmax(axis=1) == np.asarray(labels)
     confidences = probabilities.max(axis=1)[correct]
     return float(np.quantile(confidences, 1 - pass_rate)) if len(confidences) else 0.0
-
-
-def texture(images: np.ndarray) -> np.ndarray:
-    """Per image: the mean absolute difference between horizontally and vertically neighbouring pixel values."""
-    x = np.asarray(images, np.float32)
-    return (np.abs(np.diff(x, axis=1)).mean(axis=(1, 2, 3)) + np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3))) / 2
-
-
-def texture_range(train_images: np.ndarray) -> list[float]:
-    """The texture range of `TEXTURE_QUANTILES` of the training images: outside it, an image is not like them."""
-    sample = np.asarray(train_images[:TEXTURE_SAMPLE])
-    return [round(float(q), 4) for q in np.quantile(texture(sample), TEXTURE_QUANTILES)]
-
-
-def flags(probabilities: np.ndarray, pixels: np.ndarray, unsure_below: float | None, textures) -> list[str]:
-    """Each prediction's flag: `out_of_distribution`, `low_confidence` or `ok`; "" where the model has no rule."""
-    if unsure_below is None or textures is None:
-        return [""] * len(probabilities)
-    low, high = textures
-    image_texture = texture(pixels)
-    confidence = probabilities.max(axis=1)
-    return [
-        "out_of_distribution" if not low <= t <= high else "low_confidence" if c < unsure_below else "ok"
-        for t, c in zip(image_texture.tolist(), confidence.tolist(), strict=True)
-    ]
 
 
 def _parts(model):

@@ -7,7 +7,6 @@ is recorded as failed, with the reason.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from model_lib.data import load_arrays
 from model_lib.fileio import read_json
+from model_lib.inference import TFLiteClassifier
 from model_lib.registry import MANIFEST_FILE, attach_to_version, load_verified_model
 
 EXPORT_FORMATS = ("float32", "float16", "int8")
@@ -45,43 +45,6 @@ def convert(model, export_format: str, calibration_images: np.ndarray) -> bytes:
     elif export_format != "float32":
         raise ValueError(f"unknown export format {export_format!r}; choose from {', '.join(EXPORT_FORMATS)}")
     return converter.convert()
-
-
-class TFLiteClassifier:
-    """A `.tflite` classifier with Keras' `predict` interface: uint8 or float pixels in, probabilities out."""
-
-    def __init__(self, path: str | Path):
-        from ai_edge_litert.interpreter import Interpreter
-
-        self._interpreter = Interpreter(model_path=str(path))
-        self._input = self._interpreter.get_input_details()[0]
-        self._output = self._interpreter.get_output_details()[0]
-        self.input_shape = (None, *self._input["shape"][1:])
-        self.input_dtype = np.dtype(self._input["dtype"])
-        self._lock = threading.Lock()  # one interpreter, one invocation at a time
-        self._batch = None
-
-    def predict(self, images: np.ndarray, batch_size: int = 256, verbose: int = 0) -> np.ndarray:
-        outputs = [self._run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-        return np.concatenate(outputs) if outputs else np.zeros((0, self._output["shape"][-1]), np.float32)
-
-    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
-        return self._run(images)
-
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        kind = self._input["dtype"]
-        values = np.clip(np.rint(batch), 0, 255) if np.issubdtype(kind, np.integer) else batch
-        with self._lock:
-            if self._batch != len(batch):
-                self._interpreter.resize_tensor_input(self._input["index"], [len(batch), *self._input["shape"][1:]])
-                self._interpreter.allocate_tensors()
-                self._output = self._interpreter.get_output_details()[0]
-                self._batch = len(batch)
-            self._interpreter.set_tensor(self._input["index"], values.astype(kind))
-            self._interpreter.invoke()
-            raw = self._interpreter.get_tensor(self._output["index"])
-        scale, zero = self._output["quantization"]
-        return (raw.astype(np.float32) - zero) * scale if scale else raw.astype(np.float32)
 
 
 def export_version(

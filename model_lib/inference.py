@@ -1,4 +1,5 @@
-"""Fast batch inference for a Keras model: BatchNormalization folded away, one traced function.
+"""Batch inference on uint8 pixels: a Keras model (BatchNormalization folded away, one traced
+function) or a TFLite export through the LiteRT interpreter, behind one interface.
 
 At inference a BatchNormalization layer is a fixed per-channel map `y = s * x + o`, with
 `s = gamma / sqrt(variance + epsilon)` and `o = beta - mean * s`. TensorFlow runs it as two passes
@@ -7,6 +8,9 @@ shares the cores with decoding. Folded into the weights of the layers around it,
 """
 
 from __future__ import annotations
+
+import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -143,3 +147,40 @@ def _kernel_and_bias(kind: str, config: dict, weights: list[np.ndarray]) -> tupl
     kernel = weights[0]
     bias = weights[1] if len(weights) == 2 else np.zeros(kernel.shape[-1], kernel.dtype)
     return kernel, bias
+
+
+class TFLiteClassifier:
+    """A `.tflite` classifier with Keras' `predict` interface: uint8 or float pixels in, probabilities out."""
+
+    def __init__(self, path: str | Path):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interpreter = Interpreter(model_path=str(path))
+        self._input = self._interpreter.get_input_details()[0]
+        self._output = self._interpreter.get_output_details()[0]
+        self.input_shape = (None, *self._input["shape"][1:])
+        self.input_dtype = np.dtype(self._input["dtype"])
+        self._lock = threading.Lock()  # one interpreter, one invocation at a time
+        self._batch = None
+
+    def predict(self, images: np.ndarray, batch_size: int = 256, verbose: int = 0) -> np.ndarray:
+        outputs = [self._run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        return np.concatenate(outputs) if outputs else np.zeros((0, self._output["shape"][-1]), np.float32)
+
+    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+        return self._run(images)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        kind = self._input["dtype"]
+        values = np.clip(np.rint(batch), 0, 255) if np.issubdtype(kind, np.integer) else batch
+        with self._lock:
+            if self._batch != len(batch):
+                self._interpreter.resize_tensor_input(self._input["index"], [len(batch), *self._input["shape"][1:]])
+                self._interpreter.allocate_tensors()
+                self._output = self._interpreter.get_output_details()[0]
+                self._batch = len(batch)
+            self._interpreter.set_tensor(self._input["index"], values.astype(kind))
+            self._interpreter.invoke()
+            raw = self._interpreter.get_tensor(self._output["index"])
+        scale, zero = self._output["quantization"]
+        return (raw.astype(np.float32) - zero) * scale if scale else raw.astype(np.float32)

@@ -118,10 +118,9 @@ def plot_reliability(curves: dict[str, np.ndarray], labels: np.ndarray, path: Pa
 
 def plot_run(run_dir: Path, cache_dir: str, class_names: list[str], seed: int = 0) -> dict[str, str]:
     """All plots of a finished, evaluated run; returns their paths by name."""
-    from model_lib.calibrate import UNCALIBRATED_PROBABILITIES
     from model_lib.data import load_arrays
     from model_lib.fileio import read_json
-    from model_lib.train import read_history
+    from model_lib.runs import UNCALIBRATED_PROBABILITIES, read_history
 
     arrays = load_arrays(cache_dir)
     probabilities = np.load(run_dir / "test_probabilities.npy", allow_pickle=False)

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from model_lib.calibrate import flags
 from model_lib.config import ConfigError
 from model_lib.fileio import atomic_open, read_json
+from model_lib.flags import flags
 from model_lib.images import FolderEntry, decode_files, decode_files_in_pool, is_image_name, walk_folder
-from model_lib.inference import KerasClassifier
+from model_lib.inference import KerasClassifier, TFLiteClassifier
 from model_lib.registry import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -179,8 +179,6 @@ def load_model_once(model: ModelInfo):
             if model.model_file == MODEL_FILE:
                 loaded = KerasClassifier(load_verified_model(Path(model.path)))
             else:
-                from model_lib.export import TFLiteClassifier
-
                 problems = [p for p in verify_version(Path(model.path)) if model.model_file in p]
                 if problems:
                     raise ChecksumError("; ".join(problems))

@@ -29,6 +29,7 @@ MODEL_FILE = "model.keras"
 MANIFEST_FILE = "manifest.json"
 REGISTRY_FILE = "registry.json"
 PROBE_FILE = "probe.npz"
+PROBE_TOLERANCE = 1e-4  # max absolute difference in probabilities between the trained and the reloaded model
 STAGING_PREFIX = ".staging-"
 STALE_STAGING_SECONDS = 6 * 3600  # staging folders older than this are leftovers, even from another host
 LOCK_TIMEOUT_SECONDS = 300
@@ -65,8 +66,6 @@ def _crash_point(step: str) -> None:
 def check_reloads(version_dir: Path) -> tuple[bool, str]:
     """Gate part (a): the saved model loads with `safe_mode` and reproduces the probe's outputs."""
     import keras
-
-    from model_lib.train import PROBE_TOLERANCE
 
     probe_path = version_dir / PROBE_FILE
     if not probe_path.is_file():

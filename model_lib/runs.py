@@ -16,6 +16,7 @@ from filelock import FileLock
 from model_lib.fileio import process_gone, process_tag
 
 OWNER_FILE = ".owner"  # the `process_tag` of the run using the folder
+UNCALIBRATED_PROBABILITIES = "test_probabilities_uncalibrated.npy"  # beside the calibrated ones, for the plots
 
 
 def claim_run_dir(runs_root: Path, key: str) -> Path:
@@ -45,3 +46,11 @@ def _held_by_another_live_run(owner: Path) -> bool:
     # This process's own tag: an earlier run of it that failed, so this is its resume. A run on
     # another machine sharing the folder cannot be checked: it is assumed alive.
     return tag != process_tag() and not process_gone(tag)
+
+
+def read_history(path: Path):
+    """A run's per-epoch history as a DataFrame; an epoch redone after a resume keeps its last row."""
+    import pandas as pd
+
+    history = pd.read_csv(path)
+    return history.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)

@@ -18,10 +18,10 @@ from model_lib.models import build_model, with_flip_tta
 from model_lib.precision import choose_precision, cpu_bf16_units, scale_for_replicas, use_xla
 from model_lib.preprocess import load_split, make_datasets
 from model_lib.recipe import lookahead_callback, make_optimizer
+from model_lib.runs import read_history
 from model_lib.transfer import freeze_backbone, from_scratch, recalibrate_batch_norm
 
 PROBE_IMAGES = 16  # fixed inputs whose outputs a reloaded model must reproduce (registry gate)
-PROBE_TOLERANCE = 1e-4  # max absolute difference in probabilities between the two
 DIVERGENCE_FACTOR = 10  # a final loss this many times uniform guessing's (ln of the class count) means divergence
 
 
@@ -118,6 +118,10 @@ def train(
         replicas = strategy.num_replicas_in_sync
         log(f"{replicas} replicas: global batch {config.batch_size}, learning rate {config.learning_rate}")
     keras.utils.set_random_seed(config.seed)
+    if config.deterministic:  # process-wide: the multi-threaded kernels' reductions run in a fixed order
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
 
     arrays = load_arrays(dataset.cache_dir)
     split = load_split(split_path)
@@ -319,14 +323,6 @@ def _kill_safe_backup(backup_dir: str, log: Callable[[str], None]):
                 self.model._initial_epoch = None
 
     return KillSafeBackup(backup_dir, double_checkpoint=True)
-
-
-def read_history(path: Path):
-    """The per-epoch history as a DataFrame; an epoch redone after a resume keeps its last row."""
-    import pandas as pd
-
-    history = pd.read_csv(path)
-    return history.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
 
 
 def to_serving_model(trained, config: TrainConfig, num_classes: int, calibration_images: np.ndarray):

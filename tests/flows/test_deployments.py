@@ -18,6 +18,7 @@ import pandas as pd
 import psutil
 import pytest
 
+from model_lib.config import CHOICES, PROFILES
 from model_lib.fileio import read_json
 from model_lib.registry import verify_version
 from tests.conftest import REPO
@@ -159,6 +160,16 @@ def test_deployments_run_on_a_real_server_and_worker_and_new_files_trigger_them(
             assert training.global_concurrency_limit.limit == 1 and training.work_pool_name == POOL
             assert training.parameters == {"profile": "default"}
             assert read_deployment(api, "batch-predict/on-demand").schedules == []
+            # The UI's parameter forms: every parameter described, choices as enums from their one declaration.
+            for name in ("train-cifar/weekly-retrain", "batch-predict/on-demand"):
+                schema = read_deployment(api, name).parameter_openapi_schema["properties"]
+                assert [p for p, spec in schema.items() if not spec.get("description")] == [], name
+            schema = training.parameter_openapi_schema["properties"]
+            assert schema["profile"]["enum"] == list(PROFILES)
+            assert schema["precision"]["anyOf"][0]["enum"] == list(CHOICES["precision"])
+            serve = subprocess.run([str(Path(sys.executable).parent / "cifar-pipeline"), "serve"], env=env,
+                                   capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert serve.returncode == 2 and "belongs to work pool cifar-process-pool" in serve.stderr, serve.stderr
 
             try:
                 prefect("deployment", "run", "train-cifar/weekly-retrain", "--param", "profile=smoke",

@@ -141,12 +141,13 @@ def test_hostile_file_names_are_neutralised_in_the_csv_and_round_trip(prefect_ha
 
 
 @pytest.mark.slow
-def test_two_identical_training_commands_at_once_both_register(colour_dataset, artifacts):
+def test_two_identical_training_commands_at_once_both_register_and_deterministic_ones_agree(colour_dataset, artifacts):
     import os
 
+    from model_lib.fileio import read_json
     from model_lib.registry import Registry
 
-    command = colour_training(colour_dataset, "twins", epochs=2)
+    command = [*colour_training(colour_dataset, "twins", epochs=2), "--deterministic"]
     env = {**os.environ, "ARTIFACTS_DIR": str(artifacts)}
     runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
     outputs = [run.communicate(timeout=600)[0].decode() for run in runs]
@@ -155,6 +156,9 @@ def test_two_identical_training_commands_at_once_both_register(colour_dataset, a
     assert sorted(v["version"] for v in state["versions"]) == [1, 2]
     folders = [p for p in (artifacts / "runs").iterdir() if p.is_dir()]
     assert len(folders) == 2 and all((p / "history.csv").read_text().count("\n") == 3 for p in folders)
+    # Same config, seed, data and machine with op determinism: the same model, to the last digit.
+    metrics = [read_json(artifacts / "models" / "twins" / f"v{v}" / "manifest.json")["metrics"] for v in (1, 2)]
+    assert metrics[0]["test_loss"] == metrics[1]["test_loss"] and metrics[0]["per_class"] == metrics[1]["per_class"]
 
 
 def test_a_failed_run_on_the_console_ends_in_one_line_without_tracebacks_or_chatter(tmp_path, artifacts):
@@ -200,11 +204,13 @@ def test_a_training_command_killed_mid_epoch_resumes_when_run_again(colour_datas
     import os
     import signal
 
-    from model_lib.train import read_history
+    from model_lib.runs import read_history
 
     command = colour_training(colour_dataset, "killed", epochs=12)
     env = {**os.environ, "ARTIFACTS_DIR": str(artifacts)}
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list((artifacts / "runs").glob("*/history.csv")):
         time.sleep(0.5)
@@ -215,7 +221,7 @@ def test_a_training_command_killed_mid_epoch_resumes_when_run_again(colour_datas
 
     while time.monotonic() < deadline and epochs_logged() < 2:
         time.sleep(0.2)
-    os.kill(first.pid, signal.SIGKILL)  # no clean-up of any kind
+    os.killpg(first.pid, signal.SIGKILL)  # no clean-up of any kind, and its temporary Prefect server goes too
     first.wait()
     done_before = epochs_logged()
 

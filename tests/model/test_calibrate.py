@@ -7,12 +7,11 @@ from model_lib.calibrate import (
     calibrate,
     expected_calibration_error,
     fit_temperature,
-    flags,
     probabilities_at,
-    texture,
     view_logits,
     with_temperature,
 )
+from model_lib.flags import flags, texture
 from model_lib.models import build_model, with_flip_tta
 
 

@@ -10,8 +10,9 @@ import model_lib.export
 from flows.batch_predict import batch_predict
 from flows.train_cifar import train_cifar
 from model_lib.data import load_arrays
-from model_lib.export import TFLiteClassifier, export_version
+from model_lib.export import export_version
 from model_lib.fileio import read_json, sha256_file
+from model_lib.inference import TFLiteClassifier
 from model_lib.registry import load_verified_model, verify_version
 
 

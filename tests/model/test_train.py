@@ -8,7 +8,8 @@ import pytest
 from model_lib.config import resolve_config
 from model_lib.data import ingest
 from model_lib.preprocess import prepare_split
-from model_lib.train import read_history, train
+from model_lib.runs import read_history
+from model_lib.train import train
 
 
 class Interrupt(Exception):

@@ -5,7 +5,8 @@ import pytest
 
 from model_lib.config import resolve_config
 from model_lib.models import build_model
-from model_lib.train import read_history, train
+from model_lib.runs import read_history
+from model_lib.train import train
 from model_lib.transfer import BACKBONE_LAYER_NAME, TransferWeightsError
 from tests.model.test_train import _prepare
 

@@ -24,8 +24,19 @@ def test_models_commands(artifacts, tmp_path):
     assert rows[0][:2] == ["v1", "0.5000"]  # no alias marks on v1
     assert rows[1][0] == "v2" and "latest,champion" in rows[1][1] and rows[1][2] == "0.7000"
 
-    shown = runner.invoke(app, ["models", "show", "cifar10@v1"])
+    shown = runner.invoke(app, ["models", "show", "cifar10@v1", "--json"])
     assert shown.exit_code == 0 and json.loads(shown.output)["version"] == 1
+    summary = runner.invoke(app, ["models", "show", "cifar10@v1"])
+    assert summary.exit_code == 0 and "cifar10 v1 (tiny" in summary.output and "test accuracy 0.5000" in summary.output
+    listed = json.loads(runner.invoke(app, ["models", "list", "--json"]).output)
+    assert listed["aliases"] == {"latest": 2, "champion": 2} and [v["version"] for v in listed["versions"]] == [1, 2]
+
+    compared = runner.invoke(app, ["models", "compare", "cifar10@v1", "cifar10@latest"])
+    assert compared.exit_code == 0, compared.output
+    assert compared.output.split("\n")[1].split() == ["test_accuracy", "0.5000", "0.7000", "+0.2000"]
+    as_json = json.loads(runner.invoke(app, ["models", "compare", "cifar10@v1", "cifar10@v2", "--json"]).output)
+    assert as_json["versions"] == ["cifar10 v1", "cifar10 v2"] and as_json["same_test_set"] is True
+    assert as_json["metrics"]["test_accuracy"]["change"] == 0.2 and as_json["config"] == {}
 
     assert runner.invoke(app, ["models", "verify", "cifar10@latest"]).exit_code == 0
     rolled = runner.invoke(app, ["models", "rollback", "--reason", "bad canary"])

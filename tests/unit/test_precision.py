@@ -1,6 +1,14 @@
 import pytest
 
-from model_lib.precision import choose_precision, cpu_bf16_units, measure_bf16_speedup, scale_for_replicas, use_xla
+from model_lib.precision import (
+    cached_bf16_speedup,
+    choose_precision,
+    cpu_bf16_units,
+    machine_key,
+    measure_bf16_speedup,
+    scale_for_replicas,
+    use_xla,
+)
 
 
 def _never_measured() -> float:
@@ -25,6 +33,28 @@ def test_avx512_bf16_without_amx_goes_by_the_measured_speed():
 def test_the_bf16_probe_times_both_policies_on_this_cpu():
     speedup = measure_bf16_speedup()
     assert 0.05 < speedup < 20 and measure_bf16_speedup() == speedup  # measured once per process
+
+
+def test_the_probe_runs_once_per_machine_and_every_later_run_decides_alike(tmp_path):
+    speeds = iter([1.15, 0.95, 1.8])
+    calls = []
+
+    def probe() -> float:
+        calls.append(1)
+        return next(speeds)
+
+    first = cached_bf16_speedup(tmp_path, probe, key="cpu A")
+    again = [cached_bf16_speedup(tmp_path, probe, key="cpu A") for _ in range(3)]
+    other = cached_bf16_speedup(tmp_path, probe, key="cpu B")
+    assert (first, again, other, len(calls)) == (1.15, [1.15] * 3, 0.95, 2)
+    (tmp_path / "precision_probe.json").write_text("{ damaged")
+    assert cached_bf16_speedup(tmp_path, probe, key="cpu A") == 1.8  # measured again, not trusted
+
+
+def test_the_machine_key_names_the_cpu_its_cores_and_its_flags():
+    info = "model name\t: AMD EPYC\nflags\t: sse avx512_bf16\n\nmodel name\t: AMD EPYC\nflags\t: sse avx512_bf16\n"
+    assert machine_key(info).startswith("AMD EPYC x2 flags:")
+    assert machine_key(info) != machine_key(info.replace("avx512_bf16", "amx_bf16"))
 
 
 def test_gpu_choice_and_explicit_override():

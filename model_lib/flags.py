@@ -1,0 +1,40 @@
+"""The unsure flags of a prediction: `out_of_distribution`, `low_confidence` or `ok`.
+
+* `out_of_distribution`: the image's texture (mean absolute difference between neighbouring
+  pixels, 0-255, on the pixels the model sees) is outside the range of 99.6% of the training
+  images: random noise lies above it, flat colours and smooth gradients below it;
+* `low_confidence`: the calibrated top-1 probability is below the model's threshold (chosen by
+  `model_lib.calibrate` on the validation split).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TEXTURE_QUANTILES = (0.002, 0.998)  # training images' texture range kept in-distribution: 99.6% of them
+TEXTURE_SAMPLE = 20_000  # training images the texture range is measured on
+
+
+def texture(images: np.ndarray) -> np.ndarray:
+    """Per image: the mean absolute difference between horizontally and vertically neighbouring pixel values."""
+    x = np.asarray(images, np.float32)
+    return (np.abs(np.diff(x, axis=1)).mean(axis=(1, 2, 3)) + np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3))) / 2
+
+
+def texture_range(train_images: np.ndarray) -> list[float]:
+    """The texture range of `TEXTURE_QUANTILES` of the training images: outside it, an image is not like them."""
+    sample = np.asarray(train_images[:TEXTURE_SAMPLE])
+    return [round(float(q), 4) for q in np.quantile(texture(sample), TEXTURE_QUANTILES)]
+
+
+def flags(probabilities: np.ndarray, pixels: np.ndarray, unsure_below: float | None, textures) -> list[str]:
+    """Each prediction's flag: `out_of_distribution`, `low_confidence` or `ok`; "" where the model has no rule."""
+    if unsure_below is None or textures is None:
+        return [""] * len(probabilities)
+    low, high = textures
+    image_texture = texture(pixels)
+    confidence = probabilities.max(axis=1)
+    return [
+        "out_of_distribution" if not low <= t <= high else "low_confidence" if c < unsure_below else "ok"
+        for t, c in zip(image_texture.tolist(), confidence.tolist(), strict=True)
+    ]
