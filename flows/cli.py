@@ -14,8 +14,8 @@ from typing import Annotated
 import typer
 
 from model_lib.checks import check_training_request
-from model_lib.config import CHOICES, PROFILES, TrainConfig
-from model_lib.settings import artifacts_dir
+from model_lib.config import CHOICES, PROFILE_TIMES, PROFILES, TrainConfig
+from model_lib.settings import PROGRESS_SECONDS, artifacts_dir
 
 QUIET_SECONDS = 5.0  # a copy that pauses longer than this between files gives two events
 
@@ -183,6 +183,11 @@ def train(
         deterministic=deterministic,
     )
     check_training_request(profile, overrides, artifacts_dir())  # a mistake costs a second, not a Prefect start
+    typer.echo(
+        f"Training profile {profile}: {PROFILE_TIMES[profile]} on a 2-core CPU with CIFAR-10 (less with "
+        f"--max-train-images or a GPU); a progress line at least every {PROGRESS_SECONDS} s of an epoch.",
+        err=True,
+    )
     from flows.train_cifar import train_cifar
 
     _console_without_expected_tracebacks()

@@ -165,6 +165,10 @@ PROFILES: dict[str, dict] = {
 }
 
 
+# Wall time of each profile's `train` on a 2-core CPU with the shared CIFAR-10 (bench/RESULTS.md).
+PROFILE_TIMES = {"default": "about 25 min", "seed": "about 20-25 min", "fast": "about 2-3 min", "smoke": "about 1 min"}
+
+
 def resolve_config(profile: str = "default", **overrides) -> TrainConfig:
     """Build a config from a profile plus overrides; `None` overrides are ignored.
 

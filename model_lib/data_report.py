@@ -16,8 +16,8 @@ from model_lib.config import TrainConfig
 from model_lib.data import read_file_table
 from model_lib.fileio import atomic_open, read_json, sha256_file, write_json
 
-REPORT_FILE = "data_report.json"
-REPORT_MARKDOWN = "data_report.md"
+DATA_REPORT_FILE = "data_report.json"
+DATA_REPORT_MARKDOWN = "data_report.md"
 FILES_FILE = "data_files.csv.gz"  # the data's file table, kept with each version to diff the next one against
 EXAMPLES = 10  # file names listed per finding; the counts are always complete
 
@@ -51,7 +51,7 @@ def load_previous(version: int, version_dir: Path) -> PreviousData:
             return False
         return True
 
-    counts = read_json(version_dir / REPORT_FILE)["class_counts"] if intact(REPORT_FILE) else None
+    counts = read_json(version_dir / DATA_REPORT_FILE)["class_counts"] if intact(DATA_REPORT_FILE) else None
     files = read_file_table(version_dir / FILES_FILE) if intact(FILES_FILE) else None
     return PreviousData(version, counts, files, "; ".join(notes))
 
@@ -212,12 +212,12 @@ def check_gates(report: dict) -> None:
 def write_report(report: dict, files: pd.DataFrame, out_dir: Path) -> dict[str, str]:
     """Write the report (JSON and Markdown) and the file table into `out_dir`; return the paths by name."""
     paths = {
-        REPORT_FILE: out_dir / REPORT_FILE,
-        REPORT_MARKDOWN: out_dir / REPORT_MARKDOWN,
+        DATA_REPORT_FILE: out_dir / DATA_REPORT_FILE,
+        DATA_REPORT_MARKDOWN: out_dir / DATA_REPORT_MARKDOWN,
         FILES_FILE: out_dir / FILES_FILE,
     }
-    write_json(paths[REPORT_FILE], report)
-    with atomic_open(paths[REPORT_MARKDOWN], "w", encoding="utf-8", errors="backslashreplace") as handle:
+    write_json(paths[DATA_REPORT_FILE], report)
+    with atomic_open(paths[DATA_REPORT_MARKDOWN], "w", encoding="utf-8", errors="backslashreplace") as handle:
         handle.write(data_report_markdown(report))
     write_file_table(files, paths[FILES_FILE])
     return {name: str(path) for name, path in paths.items()}

@@ -51,7 +51,8 @@ def build_manifest(
         "config": config,
         "metrics": {
             key: metrics[key] for key in ("test_accuracy", "test_loss", "majority_rate", "promotion_floor", "per_class")
-        } | {"train_seconds": trained["train_seconds"], "epochs_run": trained["epochs_run"]},
+        }
+        | {"train_seconds": trained["train_seconds"], "epochs_run": trained["epochs_run"]},
         "training": {"precision": trained["precision"], "device": trained["device"]},
         "calibration": calibration,
         "dataset": {

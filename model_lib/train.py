@@ -19,6 +19,7 @@ from model_lib.precision import choose_precision, cpu_bf16_units, scale_for_repl
 from model_lib.preprocess import load_split, make_datasets
 from model_lib.recipe import lookahead_callback, make_optimizer
 from model_lib.runs import read_history
+from model_lib.settings import PROGRESS_SECONDS
 from model_lib.transfer import freeze_backbone, from_scratch, recalibrate_batch_norm
 
 PROBE_IMAGES = 16  # fixed inputs whose outputs a reloaded model must reproduce (registry gate)
@@ -66,14 +67,27 @@ def _devices() -> tuple[object, str, list[tuple[int, int]]]:
     return tf.distribute.get_strategy(), f"CPU ({os.cpu_count()} cores)", capabilities
 
 
-def _epoch_logger(log: Callable[[str], None], epochs: int):
+def _epoch_logger(log: Callable[[str], None], epochs: int, steps_per_epoch: int, batch_size: int):
     import keras
 
     class EpochLogger(keras.callbacks.Callback):
-        """One line per epoch with the figures a person watching the run wants; records its seconds."""
+        """One line per epoch with the figures a person watching the run wants, and a progress line at most
+        every `PROGRESS_SECONDS` within an epoch (steps, images/s, time left), so a long epoch is never silent.
+        Records each epoch's seconds."""
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
+            self.epoch = epoch
+            self.started = self.last_line = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            now = time.perf_counter()
+            if now - self.last_line < PROGRESS_SECONDS or batch + 1 >= steps_per_epoch:
+                return
+            self.last_line = now
+            rate = (batch + 1) * batch_size / (now - self.started)
+            left = (steps_per_epoch - batch - 1) * batch_size / rate
+            log(f"epoch {self.epoch + 1}/{epochs}: step {batch + 1}/{steps_per_epoch}, {rate:.0f} images/s, "
+                f"about {left:.0f}s left in this epoch")  # fmt: skip
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.perf_counter() - self.started
@@ -280,7 +294,9 @@ def _callbacks(
 
     monitor = "val_loss" if validating else "loss"
     # The logger goes first: it adds epoch_seconds for the CSV log.
-    callbacks = [_epoch_logger(log, config.epochs), keras.callbacks.TerminateOnNaN()]
+    steps_per_epoch = phase_steps // max(1, phase.config.epochs)
+    epoch_logger = _epoch_logger(log, config.epochs, steps_per_epoch, phase.config.batch_size)
+    callbacks = [epoch_logger, keras.callbacks.TerminateOnNaN()]
     if phase.config.lookahead_every:
         callbacks.append(lookahead_callback(phase.config.lookahead_every, phase.config.lookahead_decay, phase_steps))
     if config.early_stopping_patience:

@@ -6,16 +6,16 @@ import re
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from model_lib.calibrate import CALIBRATION_FILE, calibrate_run
 from model_lib.config import TrainConfig
 from model_lib.data import ingest, load_file_table
 from model_lib.data_report import (
+    DATA_REPORT_FILE,
+    DATA_REPORT_MARKDOWN,
     FILES_FILE,
-    REPORT_FILE,
-    REPORT_MARKDOWN,
     build_report,
     check_gates,
     data_report_markdown,
@@ -23,8 +23,6 @@ from model_lib.data_report import (
     write_report,
 )
 from model_lib.evaluate import evaluate_run, score_model
-from model_lib.lineage import code_revision, library_versions
-from model_lib.models import network_parameter_count
 from model_lib.plots import plot_run
 from model_lib.preprocess import prepare_split
 from model_lib.registry import (
@@ -32,9 +30,11 @@ from model_lib.registry import (
     PROBE_FILE,
     ChecksumError,
     Registry,
+    attach_to_version,
     champion_scores,
     load_verified_model,
 )
+from model_lib.report import REPORT_FILE, build_manifest, report_markdown
 from model_lib.runs import claim_run_dir, release_run_dir
 from model_lib.settings import artifacts_dir
 from model_lib.train import train
@@ -42,8 +42,8 @@ from tasks.common import log_info, log_warning, retry_on_transient_io
 
 RUN_FILES = (
     "config.json", "history.csv", "metrics.json", "per_class.csv", "confusion_matrix.csv",
-    "curves.png", "confusion_matrix.png", "samples.png", "reliability.png", CALIBRATION_FILE, REPORT_FILE,
-    REPORT_MARKDOWN, FILES_FILE,
+    "curves.png", "confusion_matrix.png", "samples.png", "reliability.png", CALIBRATION_FILE, DATA_REPORT_FILE,
+    DATA_REPORT_MARKDOWN, FILES_FILE,
 )  # fmt: skip
 
 
@@ -214,57 +214,35 @@ def register_task(
     calibration: dict,
     margin: float = 0.0,
 ) -> dict:
-    """Register the model with its metrics, plots and lineage; publish the run's report artifact."""
+    """Register the model with its metrics, plots, TensorBoard logs and lineage; add its report.md; publish
+    the report (plots embedded) and the per-class table as Prefect artifacts named after the model."""
     import keras
 
     run_dir = Path(trained["run_dir"])
     files = {MODEL_FILE: trained["model_path"], PROBE_FILE: trained["probe_path"]}
     files |= {name: run_dir / name for name in RUN_FILES if (run_dir / name).is_file()}
+    files |= {path.relative_to(run_dir).as_posix(): path for path in sorted((run_dir / "tensorboard").rglob("*"))
+              if path.is_file()}  # fmt: skip
     model = keras.saving.load_model(trained["model_path"], safe_mode=True)
-    manifest = {
-        "architecture": config["architecture"],
-        "parameter_count": network_parameter_count(model),
-        "serving_parameter_count": int(model.count_params()),
-        "input": {"shape": list(model.input_shape[1:]), "pixels": "RGB 0-255, float32 or uint8"},
-        "config": config,
-        "metrics": {
-            "test_accuracy": metrics["test_accuracy"],
-            "test_loss": metrics["test_loss"],
-            "majority_rate": metrics["majority_rate"],
-            "promotion_floor": metrics["promotion_floor"],
-            "per_class": metrics["per_class"],
-            "train_seconds": trained["train_seconds"],
-            "epochs_run": trained["epochs_run"],
-        },
-        "training": {"precision": trained["precision"], "device": trained["device"]},
-        "calibration": calibration,
-        "dataset": {
-            "source": dataset["source"],
-            "fingerprint": dataset["fingerprint"],
-            "test_fingerprint": prepared["test_fingerprint"],
-            "train_count": prepared["train_count"],
-            "validation_count": prepared["validation_count"],
-            "test_count": prepared["test_count"],
-            "class_names": dataset["class_names"],
-            "skipped_files": dataset["skipped_files"],
-            "gates": gates,
-        },
-        "run_key": TrainConfig(**config).run_key(dataset["fingerprint"]),
-        "code": code_revision(),
-        "libraries": library_versions(),
-        "flow_run_id": str(flow_run.id) if flow_run.id else None,
-    }
-    registry = Registry(artifacts_dir(), config["model_name"])
-    registration = registry.register(files, manifest, margin=margin)
+    run_id = str(flow_run.id) if flow_run.id else None
+    manifest = build_manifest(config, dataset, prepared, trained, metrics, gates, calibration, model, run_id)
+    registration = Registry(artifacts_dir(), config["model_name"]).register(files, manifest, margin=margin)
     release_run_dir(run_dir)
-    verdict = "became **champion**" if registration.champion else "stays a **challenger**"
-    log_info(
-        f"Registered {registration.name} v{registration.version}: {verdict.replace('*', '')} ({registration.reason})"
-    )
+    version_dir = Path(registration.path)
+    fields = (registration.name, registration.version, registration.champion, registration.reason, manifest)
+    (run_dir / REPORT_FILE).write_text(report_markdown(*fields, version_dir), encoding="utf-8")
+    attach_to_version(version_dir, {REPORT_FILE: run_dir / REPORT_FILE}, "report", [{"file": REPORT_FILE}])
+    verdict = "became champion" if registration.champion else "stays a challenger"
+    log_info(f"Registered {registration.name} v{registration.version}: {verdict} ({registration.reason})")
     create_markdown_artifact(
         key=artifact_key(registration.name, "report"),
-        markdown=report_markdown(registration, manifest),
+        markdown=report_markdown(*fields, version_dir, embed=True),
         description=f"{registration.name} v{registration.version}: test accuracy {metrics['test_accuracy']:.4f}",
+    )
+    create_table_artifact(
+        key=artifact_key(registration.name, "per-class"),
+        table=metrics["per_class"],
+        description=f"{registration.name} v{registration.version}: per-class precision, recall and F1 on the test set",
     )
     return {
         "name": registration.name,
@@ -274,43 +252,3 @@ def register_task(
         "reason": registration.reason,
         "test_accuracy": metrics["test_accuracy"],
     }
-
-
-def report_markdown(registration, manifest: dict) -> str:
-    """The run's Markdown report: verdict, headline metrics, per-class table and file locations."""
-    metrics, data, training = manifest["metrics"], manifest["dataset"], manifest["training"]
-    calibration = manifest["calibration"]
-    calibrated = (
-        f"temperature {calibration['temperature']:.3f}; test ECE {calibration['test_ece_before']:.4f} -> "
-        f"{calibration['test_ece_after']:.4f}"
-    )
-    counts = f"{data['train_count']} train, {data['validation_count']} validation, {data['test_count']} test"
-    verdict = "became champion" if registration.champion else "stays a challenger"
-    data_verdict = "; ".join(["passed" if data["gates"]["passed"] else "failed", *data["gates"]["warnings"]])
-    rows = "\n".join(
-        f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
-        for c in metrics["per_class"]
-    )
-    return f"""# {registration.name} v{registration.version}: {verdict}
-
-**Gate:** {registration.reason}
-
-**Data gates:** {data_verdict} (full report: `data_report.md`)
-
-| metric | value |
-|---|---|
-| test accuracy | {metrics["test_accuracy"]:.4f} |
-| test loss | {metrics["test_loss"]:.4f} |
-| calibration | {calibrated} |
-| epochs | {metrics["epochs_run"]} |
-| training time | {metrics["train_seconds"]:.0f} s ({training["precision"]}, {training["device"]}) |
-| architecture | {manifest["architecture"]} ({manifest["parameter_count"]:,} parameters) |
-| data | {data["source"]} ({counts}) |
-
-| class | precision | recall | F1 | support |
-|---|---|---|---|---|
-{rows}
-
-Files: `{registration.path}` (model, manifest, metrics, plots: `curves.png`, `confusion_matrix.png`,
-`samples.png`, `reliability.png`).
-"""

@@ -197,6 +197,7 @@ def test_a_failed_run_on_the_console_ends_in_one_line_without_tracebacks_or_chat
     for noise in ("Traceback", "oneDNN", "cuInit", "absl", "cuda drivers"):
         assert noise not in console, noise
     assert "Task run 'train" in console  # the progress a person needs stays
+    assert done.stderr.startswith("Training profile smoke: about 1 min on a 2-core CPU")  # said before Prefect starts
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 import asyncio
 import errno
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from model_lib.registry import verify_version
 
 VERSION_FILES = {"model.keras", "manifest.json", "probe.npz", "metrics.json", "per_class.csv", "confusion_matrix.csv",
                  "history.csv", "config.json", "curves.png", "confusion_matrix.png", "samples.png", "data_report.json",
-                 "data_report.md", "data_files.csv.gz", "calibration.json", "reliability.png"}  # fmt: skip
+                 "data_report.md", "data_files.csv.gz", "calibration.json", "reliability.png", "report.md"}  # fmt: skip
 
 
 def _report_artifact(key: str) -> str:
@@ -23,6 +24,10 @@ def _report_artifact(key: str) -> str:
             return await client.read_latest_artifacts()
 
     return next(a.data for a in asyncio.run(read()) if a.key == key)
+
+
+def manifest_after(version_dir: Path) -> dict:
+    return read_json(version_dir / "manifest.json")
 
 
 def test_flow_trains_and_registers_a_complete_version(prefect_harness, colour_dataset, artifacts):
@@ -40,6 +45,13 @@ def test_flow_trains_and_registers_a_complete_version(prefect_harness, colour_da
     report = _report_artifact("colours-report")  # artifact keys are per model name: registries never mix
     assert result["name"] == "colours"  # named after the data folder: its classes are not CIFAR-10's
     assert "colours v1: became champion" in report and "| red |" in report and "**Data gates:** passed" in report
+    assert report.count("](data:image/png;base64,") == 4  # the plots travel inside the artifact
+    in_folder = (version_dir / "report.md").read_text()
+    assert "![training curves](curves.png)" in in_folder and "colours v1: became champion" in in_folder
+    assert "report.md" in manifest_after(version_dir)["files"] and verify_version(version_dir) == []
+    assert any(p.name.startswith("events.out.tfevents") for p in (version_dir / "tensorboard").rglob("*"))
+    per_class = json.loads(_report_artifact("colours-per-class"))
+    assert [row["class"] for row in per_class] == ["blue", "green", "red"]
     data_report = _report_artifact("colours-data-report")
     assert "| red | 12 | 4 |" in data_report and "kinds PNG RGB (48)" in data_report
     assert manifest["dataset"]["gates"]["passed"] and manifest["metrics"]["promotion_floor"] == pytest.approx(

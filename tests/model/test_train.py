@@ -86,3 +86,15 @@ def test_a_checkpoint_cut_short_by_a_kill_never_blocks_the_resume(colour_dataset
         assert any("unreadable" in line and "starts again" in line for line in lines)
         assert epochs == ["epoch 1/4", "epoch 2/4", "epoch 3/4", "epoch 4/4"]
     assert result.epochs_run == 4 and read_history(run_dir / "history.csv")["epoch"].tolist() == [0, 1, 2, 3]
+
+
+def test_a_long_epoch_reports_progress_with_rate_and_time_left(colour_dataset, artifacts, monkeypatch):
+    import model_lib.train
+
+    monkeypatch.setattr(model_lib.train, "PROGRESS_SECONDS", 0.0)  # a line after every step, to see them here
+    config, dataset, split_path, run_dir = _prepare(colour_dataset, artifacts, epochs=1, learned_margin=-1.0)
+    lines = []
+    train(config, dataset, split_path, run_dir, log=lines.append)
+    progress = [line for line in lines if " step " in line]
+    assert progress and progress[0].startswith("epoch 1/1: step 1/4, ")  # 27 training images, 8 per step
+    assert all("images/s, about " in line and line.endswith("s left in this epoch") for line in progress)
