@@ -22,15 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model_lib.calibrate import calibrate  # noqa: E402
 from model_lib.data import load_arrays  # noqa: E402
 from model_lib.flags import flags  # noqa: E402
+from model_lib.precision import machine_key  # noqa: E402
 from model_lib.preprocess import load_split  # noqa: E402
 from tests.synthetic import unlike_images  # noqa: E402
-
-
-def cpu_model() -> str:
-    """The CPU's model name and core count (timings are only comparable on one host)."""
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")]  # fmt: skip
-    return f"{names[0] if names else 'unknown CPU'}, {len(names)} cores"
 
 
 def main() -> None:
@@ -58,7 +52,7 @@ def main() -> None:
     after = calibrated.predict(x_test, batch_size=500, verbose=0).argmax(axis=1)
     result = {
         "run_dir": str(args.run_dir),
-        "host": cpu_model(),
+        "host": machine_key(),  # timings compare only on one host
         "calibration": record,
         "calibration_seconds": round(seconds, 1),
         "test_accuracy_before": round(float((before == y_test).mean()), 4),

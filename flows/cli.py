@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from model_lib.checks import check_training_request
-from model_lib.config import CHOICES, PROFILE_TIMES, PROFILES, TrainConfig
+from model_lib.config import CHOICES, PROFILE_TIMES, PROFILES, TrainConfig, config_overrides
 from model_lib.settings import PROGRESS_SECONDS, artifacts_dir
 
 QUIET_SECONDS = 5.0  # a copy that pauses longer than this between files gives two events
@@ -117,7 +117,7 @@ def train(
     skip_corrupt: Annotated[
         bool | None, typer.Option("--skip-corrupt/--no-skip-corrupt", help="Skip undecodable files, reported.")
     ] = None,
-    name: Annotated[
+    model_name: Annotated[
         str | None,
         typer.Option(
             "--name",
@@ -159,29 +159,7 @@ def train(
     export: Annotated[bool, typer.Option(help="Also write TFLite float32/float16/int8 exports.")] = False,
 ) -> None:
     """Run the train-cifar flow locally (Prefect's embedded temporary API; no server needed)."""
-    overrides = dict(
-        architecture=architecture,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        data=data,
-        seed=seed,
-        precision=precision,
-        validation_split=validation_split,
-        max_train_images=max_train_images,
-        max_test_images=max_test_images,
-        skip_corrupt=skip_corrupt,
-        model_name=name,
-        weights=weights,
-        head_epochs=head_epochs,
-        fine_tune_learning_rate=fine_tune_learning_rate,
-        learned_margin=learned_margin,
-        max_leakage=max_leakage,
-        min_class_images=min_class_images,
-        allow_class_change=allow_class_change,
-        balance_shift_warning=balance_shift_warning,
-        deterministic=deterministic,
-    )
+    overrides = config_overrides(locals())  # the options named like config fields
     check_training_request(profile, overrides, artifacts_dir())  # a mistake costs a second, not a Prefect start
     typer.echo(
         f"Training profile {profile}: {PROFILE_TIMES[profile]} on a 2-core CPU with CIFAR-10 (less with "

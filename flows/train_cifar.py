@@ -9,7 +9,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 
 from model_lib.checks import check_training_request
-from model_lib.config import CHOICES, PROFILES, TrainConfig
+from model_lib.config import CHOICES, PROFILES, TrainConfig, config_overrides
 from model_lib.data import suggested_model_name
 from model_lib.fileio import read_json
 from model_lib.registry import MANIFEST_FILE, Registry
@@ -99,29 +99,7 @@ def train_cifar(
         skip_unchanged: End at once when the latest version came from the same config and data
             (set by the data trigger, so a queued duplicate never trains twice).
     """
-    overrides = dict(
-        architecture=architecture,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        data=data,
-        seed=seed,
-        precision=precision,
-        validation_split=validation_split,
-        max_train_images=max_train_images,
-        max_test_images=max_test_images,
-        skip_corrupt=skip_corrupt,
-        model_name=model_name,
-        weights=weights,
-        head_epochs=head_epochs,
-        fine_tune_learning_rate=fine_tune_learning_rate,
-        learned_margin=learned_margin,
-        max_leakage=max_leakage,
-        min_class_images=min_class_images,
-        allow_class_change=allow_class_change,
-        balance_shift_warning=balance_shift_warning,
-        deterministic=deterministic,
-    )
+    overrides = config_overrides(locals())  # every parameter named like a config field, declared once above
     config = check_training_request(profile, overrides, artifacts_dir()).to_dict()
     dataset = ingest_task(config)
     config["model_name"] = config["model_name"] or suggested_model_name(dataset["source"], dataset["class_names"])

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from model_lib.evaluate import LOSS_EPSILON
+from model_lib.evaluate import ECE_BINS, negative_log_likelihood, reliability_bins
 from model_lib.fileio import atomic_open, write_json
 from model_lib.flags import texture_range
 from model_lib.runs import UNCALIBRATED_PROBABILITIES
 
-ECE_BINS = 10  # equal-width confidence bins of the expected calibration error
 LOG_T_RANGE = (-3.0, 3.0)  # natural-log bounds of the temperature search: T from 0.05 to 20
 MIN_CALIBRATION_IMAGES = 50  # fewer validation images than this fit no temperature (T stays 1)
 UNSURE_PASS_RATE = 0.97  # the low-confidence threshold lets this share of correct validation predictions pass
@@ -34,17 +33,11 @@ PROBABILITIES_LAYER = "probabilities"  # the softmax every architecture ends in 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE: the mean gap between confidence and accuracy over equal-width confidence bins, weighted by size."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == np.asarray(labels)
-    index = np.minimum((confidence * bins).astype(int), bins - 1)
-    gaps = [abs(confidence[index == b].mean() - correct[index == b].mean()) * (index == b).sum() for b in range(bins)
-            if (index == b).any()]  # fmt: skip
+    gaps = [
+        abs(confidence - accuracy) * count
+        for confidence, accuracy, count in reliability_bins(probabilities, labels, bins)
+    ]
     return float(sum(gaps) / len(labels)) if len(labels) else 0.0
-
-
-def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    picked = probabilities[np.arange(len(labels)), np.asarray(labels)]
-    return float(-np.log(np.clip(picked, LOSS_EPSILON, 1.0)).mean())
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

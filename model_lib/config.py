@@ -169,6 +169,13 @@ PROFILES: dict[str, dict] = {
 PROFILE_TIMES = {"default": "about 25 min", "seed": "about 20-25 min", "fast": "about 2-3 min", "smoke": "about 1 min"}
 
 
+def config_overrides(values: dict) -> dict:
+    """The entries of `values` that name `TrainConfig` fields other than `profile` (the base the overrides
+    apply to), e.g. from a command's or a flow's parameters."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"profile"}
+    return {name: value for name, value in values.items() if name in fields}
+
+
 def resolve_config(profile: str = "default", **overrides) -> TrainConfig:
     """Build a config from a profile plus overrides; `None` overrides are ignored.
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from model_lib.fileio import atomic_open, write_json
 
+ECE_BINS = 10  # equal-width confidence bins of the expected calibration error and the reliability diagram
 LOSS_EPSILON = 1e-7  # probabilities are clipped to [eps, 1] before the log, as Keras does
 
 
@@ -37,6 +38,24 @@ def check_learned(split: str, accuracy: float, labels: np.ndarray, margin: float
         )
 
 
+def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean categorical cross-entropy of the true classes (no smoothing), probabilities clipped as Keras does."""
+    picked = probabilities[np.arange(len(labels)), np.asarray(labels, np.int64)]
+    return float(-np.log(np.clip(picked, LOSS_EPSILON, 1.0)).mean())
+
+
+def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int) -> list[tuple[float, float, int]]:
+    """Per non-empty equal-width bin of top-1 confidence: (mean confidence, accuracy, images)."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == np.asarray(labels)
+    index = np.minimum((confidence * bins).astype(int), bins - 1)
+    return [
+        (float(confidence[index == b].mean()), float(correct[index == b].mean()), int((index == b).sum()))
+        for b in range(bins)
+        if (index == b).any()
+    ]
+
+
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
     """Test figures from predicted probabilities.
 
@@ -59,10 +78,9 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, class_
         precision = np.nan_to_num(true_positive / confusion.sum(axis=0))
         recall = np.nan_to_num(true_positive / confusion.sum(axis=1))
         f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
-    picked = np.clip(probabilities[np.arange(len(labels)), labels], LOSS_EPSILON, 1.0)
     return {
         "test_accuracy": float((predicted == labels).mean()),
-        "test_loss": float(-np.log(picked).mean()),
+        "test_loss": negative_log_likelihood(probabilities, labels),
         "test_count": int(len(labels)),
         "per_class": [
             {
@@ -144,5 +162,6 @@ def evaluate_run(
     files = write_metrics(metrics, class_names, out_dir)
     labels = np.asarray(load_arrays(cache_dir).y_test)
     check_learned("test", metrics["test_accuracy"], labels, learned_margin)
-    floors = {"majority_rate": majority_rate(labels), "promotion_floor": majority_rate(labels) + learned_margin}
+    majority = majority_rate(labels)
+    floors = {"majority_rate": majority, "promotion_floor": majority + learned_margin}
     return {**{k: v for k, v in metrics.items() if k != "confusion_matrix"}, **floors, "files": files}

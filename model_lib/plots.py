@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model_lib.evaluate import ECE_BINS, reliability_bins
+
 SAMPLE_GRID = (4, 8)  # rows, columns of the sample-prediction grid
 FIGURE_DPI = 110
 
@@ -99,18 +101,14 @@ def plot_samples(
     return _save(figure, path)
 
 
-def plot_reliability(curves: dict[str, np.ndarray], labels: np.ndarray, path: Path, bins: int = 10) -> str:
+def plot_reliability(curves: dict[str, np.ndarray], labels: np.ndarray, path: Path, bins: int = ECE_BINS) -> str:
     """Accuracy against confidence per equal-width confidence bin, a line per model (before/after calibration)."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(5, 5))
     axis.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
     for name, probabilities in curves.items():
-        confidence = probabilities.max(axis=1)
-        correct = probabilities.argmax(axis=1) == labels
-        index = np.minimum((confidence * bins).astype(int), bins - 1)
-        filled = [b for b in range(bins) if (index == b).any()]
-        axis.plot([confidence[index == b].mean() for b in filled], [correct[index == b].mean() for b in filled],
-                  marker="o", label=name)  # fmt: skip
+        confidence, accuracy, _ = zip(*reliability_bins(probabilities, labels, bins), strict=True)
+        axis.plot(confidence, accuracy, marker="o", label=name)
     axis.set(xlabel="confidence (top-1 probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
     axis.legend(loc="upper left")
     return _save(figure, path)
