@@ -11,6 +11,14 @@ Measures on the CIFAR-10 test JPEGs with one registered model version:
   4. 12-megapixel JPEGs: draft-mode decode vs full decode + resize;
   5. peak RSS (VmHWM) and speed of batch-predict on 5,000 vs 50,000 images, each in a fresh
      process (TensorFlow imported inside the flow, as `cifar-pipeline predict` does it).
+
+    python bench/predict_speed.py --model artifacts/models/cifar10/v2 --engines
+
+compares instead the engines a version can run on (exports written by `cifar-pipeline export`):
+the Keras model, each TFLite export, and what `--engine auto` picks; for each, batch-predict on all
+test JPEGs (cold runs, alternating) with its accuracy from the CSV, and the model-only ceiling
+(the same classifier on pre-decoded pixels); plus the Keras network without its flip TTA, the
+accuracy/speed trade-off of mirroring at prediction time.
 """
 
 from __future__ import annotations
@@ -138,6 +146,62 @@ def subset_folder(source: Path, target: Path, count: int) -> Path:
     return target
 
 
+def engine_comparison(data: Path, model_dir: Path, scratch: Path, runs: int) -> dict:
+    """Batch-predict and model-only speed and accuracy for each engine of one version (see the docstring)."""
+    from model_lib.calibrate import _parts
+    from model_lib.fileio import read_json
+    from model_lib.images import decode_files
+    from model_lib.inference import KerasClassifier, TFLiteClassifier
+    from model_lib.prediction_csv import read_predictions
+    from model_lib.registry import load_verified_model
+
+    manifest = read_json(model_dir / "manifest.json")
+    class_names = manifest["dataset"]["class_names"]
+    exports = [e["file"] for e in manifest.get("exports", []) if e["status"] == "ok"]
+    variants = {"keras": {"model": str(model_dir), "engine": "keras"}, "auto": {"model": str(model_dir)}}
+    variants.update({name: {"model": str(model_dir / name)} for name in exports})
+    paths = image_paths(data / "test")
+    decoded = decode_files(paths, int(manifest["config"]["image_size"]))
+    labels = np.array([class_names.index(path.parent.name) for path in paths])
+
+    def model_only(classifier, batch: int = 256) -> tuple[float, float]:
+        classifier.predict_on_batch(decoded.pixels[:batch])
+        started = time.perf_counter()
+        scores = [classifier.predict_on_batch(decoded.pixels[i : i + batch]) for i in range(0, len(paths), batch)]
+        rate = len(paths) / (time.perf_counter() - started)
+        return round(rate, 1), round(float((np.concatenate(scores).argmax(axis=1) == labels).mean()), 4)
+
+    from flows.batch_predict import batch_predict
+
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    results: dict[str, dict] = {}
+    for _ in range(runs):  # alternating, so a slow moment of the machine is shared out
+        for name, options in variants.items():
+            forget_warm_state()
+            summary = batch_predict(str(data / "test"), output_csv=str(scratch / f"{name}.csv"), **options)
+            rates[name].append(summary["images_per_second"])
+            table = read_predictions(summary["output_csv"])
+            truth = table["path"].str.split("/").str[0]
+            results[name] = {"model": summary["model"], "accuracy": round(float((table["label"] == truth).mean()), 4)}
+    keras_model = load_verified_model(model_dir)
+    ceilings = {"keras": model_only(KerasClassifier(keras_model))}
+    ceilings.update({name: model_only(TFLiteClassifier(model_dir / name)) for name in exports})
+    network, tta = _parts(keras_model)
+    if tta:
+        ceilings["keras without flip TTA"] = model_only(KerasClassifier(network))
+    for name, result in results.items():
+        result["batch_predict_images_per_s"] = statistics.median(rates[name])
+        result["runs"] = rates[name]
+    baseline = results["keras"]["batch_predict_images_per_s"]
+    for result in results.values():
+        result["speedup_vs_keras"] = round(result["batch_predict_images_per_s"] / baseline, 2)
+    return {
+        "batch_predict": results,
+        "model_only_images_per_s_and_accuracy": ceilings,
+        "images": len(paths),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("CIFAR10_DIR", str(REPO.parent / "shared/datasets/cifar10")))
@@ -145,9 +209,18 @@ def main() -> None:
     parser.add_argument("--origin-images", type=int, default=500, help="images timed in the origin's slow loop")
     parser.add_argument("--photos", type=int, default=24, help="12-megapixel JPEGs generated for the draft test")
     parser.add_argument("--runs", type=int, default=5, help="cold flow runs and ceiling runs, alternating")
+    parser.add_argument("--engines", action="store_true", help="compare the version's engines instead (see above)")
     args = parser.parse_args()
     data = Path(args.data)
     threads = os.cpu_count() or 1
+    if args.engines:
+        from model_lib.precision import machine_key
+
+        with tempfile.TemporaryDirectory() as scratch:
+            os.environ["ARTIFACTS_DIR"] = str(Path(scratch) / "artifacts")
+            results = engine_comparison(data, Path(args.model).resolve(), Path(scratch), args.runs)
+        print(json.dumps({"machine": machine_key(), "cores": threads, **results}, indent=2))
+        return
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)

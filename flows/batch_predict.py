@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import shutil
 import time
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from model_lib.config import ENGINES
 from model_lib.fileio import owned_folder, remove_abandoned
 from model_lib.predict import (
     BATCH_IMAGES,
@@ -19,10 +21,12 @@ from model_lib.predict import (
     start_local_workers,
     write_shard,
 )
+from model_lib.progress import Progress, register, unregister
 from model_lib.settings import artifacts_dir
 from tasks.prediction import classify_shard_task, write_csv_task
 
 SHARD_FILES = 2048  # files per shard task: measured best of 512-5000 for 10,000 CIFAR JPEGs on 2 cores
+Engine = Literal[ENGINES]
 CONCURRENT_SHARDS = 2  # thread-pool default: one shard decodes while the other predicts
 
 
@@ -43,6 +47,7 @@ def batch_predict(
     overwrite: bool = False,
     files: list[str] | None = None,
     unsure_below: float | None = None,
+    engine: Engine = "auto",
 ) -> dict:
     """Classify every image under `input_dir` into a CSV; returns the run's summary.
 
@@ -65,14 +70,20 @@ def batch_predict(
         overwrite: Replace an existing output_csv even if it is not an earlier prediction CSV.
         files: Only these files (paths relative to input_dir), as the inbox trigger sends them.
         unsure_below: Flag rows low_confidence below this confidence instead of the model's threshold.
+        engine: auto runs the version's fastest TFLite export that passed parity with the Keras
+            model (accuracy and top-1 labels, see the manifest's exports), else the Keras model;
+            keras always runs model.keras.
     """
     logger = get_run_logger()
     started = time.perf_counter()
     plan = plan_prediction(
-        input_dir, output_csv, model, top_k, batch_size, shard_size, artifacts_dir(), overwrite, unsure_below
-    )
+        input_dir, output_csv, model, top_k, batch_size, shard_size, artifacts_dir(), overwrite, unsure_below,
+        engine,
+    )  # fmt: skip
     root, output, model_info = plan.root, plan.output, plan.model
     output.parent.mkdir(parents=True, exist_ok=True)
+    for note in model_info.notes:
+        logger.warning(note)
     logger.info(f"Classifying {root} with {model_info.version} into {output}")
 
     if isinstance(FlowRunContext.get().task_runner, ThreadPoolTaskRunner):
@@ -81,6 +92,9 @@ def batch_predict(
     skipped: list[str] = []
     remove_abandoned(output.parent, f".{output.name}.parts-")  # a killed run's leftovers
     parts_dir = owned_folder(output.parent, f".{output.name}.parts-")
+    progress_key = parts_dir.name  # unique per run: shard tasks in this process find the run's progress
+    progress = Progress("classifying images", 0, "images", logger.info)  # the total grows as the walk goes
+    register(progress_key, progress)
     try:
         futures, parts = [], []
         entries = image_like_entries(root, recursive, skipped)
@@ -91,12 +105,17 @@ def batch_predict(
             shard_file = parts_dir / f"{index:06d}.json"
             write_shard(shard, shard_file)
             parts.append(str(parts_dir / f"{index:06d}.csv"))
+            progress.add_total(len(shard))
             futures.append(
-                classify_shard_task.submit(str(root), str(shard_file), model_info, parts[-1], top_k, batch_size)
+                classify_shard_task.submit(
+                    str(root), str(shard_file), model_info, parts[-1], top_k, batch_size, progress_key
+                )
             )
         counts = [future.result() for future in futures]
         write_csv_task(parts, str(output), top_k, len(model_info.class_names))
     finally:
+        unregister(progress_key)
+        progress.close()
         shutil.rmtree(parts_dir, ignore_errors=True)
 
     seconds = time.perf_counter() - started

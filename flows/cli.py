@@ -14,8 +14,9 @@ from typing import Annotated
 import typer
 
 from model_lib.checks import check_training_request
-from model_lib.config import CHOICES, PROFILE_TIMES, PROFILES, TrainConfig, config_overrides
-from model_lib.settings import PROGRESS_SECONDS, artifacts_dir
+from model_lib.config import CHOICES, ENGINES, PROFILE_TIMES, PROFILES, TrainConfig, config_overrides
+from model_lib.progress import PROGRESS_SECONDS
+from model_lib.settings import artifacts_dir
 
 QUIET_SECONDS = 5.0  # a copy that pauses longer than this between files gives two events
 
@@ -163,7 +164,7 @@ def train(
     check_training_request(profile, overrides, artifacts_dir())  # a mistake costs a second, not a Prefect start
     typer.echo(
         f"Training profile {profile}: {PROFILE_TIMES[profile]} on a 2-core CPU with CIFAR-10 (less with "
-        f"--max-train-images or a GPU); a progress line at least every {PROGRESS_SECONDS} s of an epoch.",
+        f"--max-train-images or a GPU); progress as a bar on a terminal, else a line every {PROGRESS_SECONDS} s.",
         err=True,
     )
     from flows.train_cifar import train_cifar
@@ -201,12 +202,22 @@ def predict(
             help="Flag rows low_confidence below this confidence (default: the model's calibrated threshold)."
         ),
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help=f"One of: {', '.join(ENGINES)}. auto runs the version's fastest TFLite export that passed "
+            "parity with the Keras model (written by `export`), keras always the Keras model."
+        ),
+    ] = ENGINES[0],
 ) -> None:
     """Run the batch-predict flow: classify a folder of images into a CSV."""
     from model_lib.predict import plan_prediction
 
     # Checked here too, so a mistake costs a second, not a Prefect start-up.
-    plan_prediction(input_dir, output, model, top_k, batch_size, shard_size, artifacts_dir(), overwrite, unsure_below)
+    plan = plan_prediction(
+        input_dir, output, model, top_k, batch_size, shard_size, artifacts_dir(), overwrite, unsure_below, engine
+    )
+    typer.echo(f"Classifying {plan.root} with {plan.model.version}; starting Prefect and the model...", err=True)
     from flows.batch_predict import batch_predict, with_dask
 
     flow = with_dask(dask_address, dask_workers) if dask_address or dask_workers else batch_predict
@@ -223,6 +234,7 @@ def predict(
         fail_on_error=fail_on_error,
         overwrite=overwrite,
         unsure_below=unsure_below,
+        engine=engine,
     )
     typer.echo(
         f"{summary['ok']} ok ({summary['flagged']} flagged unsure), {summary['error']} error, "

@@ -107,6 +107,7 @@ class TrainConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+ENGINES = ("auto", "keras")  # batch prediction: auto runs an export that passed parity (model_lib.export)
 CHOICES = {  # the fields that take one of a few names
     "architecture": ("airbench", "seed_cnn", "transfer"),  # model_lib.models.ARCHITECTURES
     "optimizer": ("sgd", "adam"),

@@ -27,6 +27,7 @@ import numpy as np
 
 from model_lib.fileio import write_json
 from model_lib.images import decode_files_in_pool, join_decoded, walk_folder
+from model_lib.progress import Progress
 from model_lib.settings import DEFAULT_MODEL_NAME, KERAS_DOWNLOAD
 
 CACHE_FORMAT = 2  # bump when the cached arrays' layout or the decoder's output changes
@@ -331,11 +332,17 @@ def _decode_image_folder(
     failures: list[str] = []
     rows: list[dict] = []
     # spawn, not fork: the caller may hold threads (Prefect, TensorFlow) that fork would copy broken.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    total = sum(len(items) for items in splits.values())
+    with (
+        ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool,
+        Progress("decoding images", total, "files", log) as progress,
+    ):
         for split, items in splits.items():
             paths = [str(path) for path, _ in items]
             labels = np.array([label for _, label in items], np.int32)
-            files = join_decoded(decode_files_in_pool(paths, size, pool, DECODE_CHUNK_FILES), size)
+            chunks = decode_files_in_pool(paths, size, pool, DECODE_CHUNK_FILES)
+            counted = (progress.advance(len(chunk.errors), f"decoding {split} images") or chunk for chunk in chunks)
+            files = join_decoded(counted, size)
             failures += [f"{path}: {error}" for path, error in zip(paths, files.errors, strict=True) if error]
             rows += [
                 {"split": split, "path": Path(path).relative_to(root).as_posix(), "class": class_names[label],

@@ -2,7 +2,10 @@
 
 Each export's test accuracy is measured with the LiteRT interpreter on the version's own test set
 (the cached dataset its manifest names); an int8 model more than `INT8_MAX_DROP` below float32
-is recorded as failed, with the reason.
+is recorded as failed, with the reason. An export passes parity when it is within
+`PARITY_MAX_DROP` of the Keras model's test accuracy and gives the same top-1 label on at least
+`PARITY_MIN_AGREEMENT` of the test images: batch prediction then runs the fastest such export
+in place of the Keras model (`serving_export`).
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import numpy as np
 
 from model_lib.data import load_arrays
 from model_lib.fileio import read_json
-from model_lib.inference import TFLiteClassifier
+from model_lib.inference import KerasClassifier, TFLiteClassifier
 from model_lib.registry import MANIFEST_FILE, attach_to_version, load_verified_model
 
 EXPORT_FORMATS = ("float32", "float16", "int8")
 INT8_MAX_DROP = 0.01  # int8 may lose at most one point of test accuracy against float32
 CALIBRATION_IMAGES = 200  # training images the int8 quantiser calibrates its ranges on
+PARITY_MAX_DROP = 0.003  # test accuracy an export may lose against the Keras model and still serve
+PARITY_MIN_AGREEMENT = 0.98  # share of test images on which an export that serves matches Keras' top-1
+SERVING_ORDER = ("int8", "float16", "float32")  # fastest first: int8 ran 3.2x Keras on 2 cores (bench/RESULTS.md)
 
 
 def convert(model, export_format: str, calibration_images: np.ndarray) -> bytes:
@@ -74,18 +80,21 @@ def export_version(
     model = load_verified_model(version_dir)
     calibration = np.asarray(arrays.x_train[:: max(1, len(arrays.y_train) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES])
     x_test, y_test = np.asarray(arrays.x_test), np.asarray(arrays.y_test)
-    keras_accuracy = manifest["metrics"]["test_accuracy"]
+    keras_top1 = _top1(KerasClassifier(model), x_test)
+    keras_accuracy = float((keras_top1 == y_test).mean())
     entries, files = [], {}
     with tempfile.TemporaryDirectory() as scratch:
         for export_format in formats:
             path = Path(scratch) / f"model_{export_format}.tflite"
             path.write_bytes(convert(model, export_format, calibration))
-            accuracy = float((TFLiteClassifier(path).predict(x_test).argmax(axis=1) == y_test).mean())
+            top1 = _top1(TFLiteClassifier(path), x_test)
+            accuracy, agreement = float((top1 == y_test).mean()), float((top1 == keras_top1).mean())
             entries.append({"format": export_format, "file": path.name, "size_bytes": path.stat().st_size,
-                            "test_accuracy": accuracy, "status": "ok", "reason": ""})  # fmt: skip
+                            "test_accuracy": accuracy, "agreement": agreement, "status": "ok",
+                            "reason": ""})  # fmt: skip
             files[path.name] = path
             log(f"{export_format}: {path.stat().st_size / 1e6:.2f} MB, test accuracy {accuracy:.4f} "
-                f"(Keras {keras_accuracy:.4f})")  # fmt: skip
+                f"(Keras {keras_accuracy:.4f}), same top-1 as Keras on {agreement:.2%}")  # fmt: skip
         reference = next((e["test_accuracy"] for e in entries if e["format"] == "float32"), keras_accuracy)
         for entry in entries:
             if entry["format"] == "int8" and TFLiteClassifier(files[entry["file"]]).input_dtype != np.uint8:
@@ -100,7 +109,28 @@ def export_version(
                     f"below float32's {reference:.4f}"
                 )
                 log(f"int8 export marked failed: {entry['reason']}")
+            entry["parity"] = (
+                entry["status"] == "ok"
+                and entry["test_accuracy"] >= keras_accuracy - PARITY_MAX_DROP
+                and entry["agreement"] >= PARITY_MIN_AGREEMENT
+            )
         checksums = attach_to_version(version_dir, files, "exports", entries)
     for entry in entries:
         entry["sha256"] = checksums[entry["file"]]
     return entries
+
+
+def serving_exports(manifest: dict) -> list[str]:
+    """The files of the exports recorded in a version's manifest that passed parity, fastest first."""
+    passed = {entry["format"]: entry["file"] for entry in manifest.get("exports", []) if entry.get("parity")}
+    return [passed[fmt] for fmt in SERVING_ORDER if fmt in passed and passed[fmt] in manifest["files"]]
+
+
+def serving_export(manifest: dict) -> str | None:
+    """The file of the fastest export that passed parity, or None."""
+    return next(iter(serving_exports(manifest)), None)
+
+
+def _top1(classifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    batches = [classifier.predict_on_batch(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    return np.concatenate(batches).argmax(axis=1) if batches else np.zeros(0, np.int64)

@@ -9,6 +9,7 @@ shares the cores with decoding. Folded into the weights of the layers around it,
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -155,7 +156,8 @@ class TFLiteClassifier:
     def __init__(self, path: str | Path):
         from ai_edge_litert.interpreter import Interpreter
 
-        self._interpreter = Interpreter(model_path=str(path))
+        # One thread by default; every core ran the default model's int8 export 1.8x faster on 2 cores.
+        self._interpreter = Interpreter(model_path=str(path), num_threads=len(os.sched_getaffinity(0)))
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         self.input_shape = (None, *self._input["shape"][1:])

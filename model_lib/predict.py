@@ -13,22 +13,23 @@ import gc
 import json
 import os
 import threading
-import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from itertools import islice
 from multiprocessing import current_process, get_context
 from pathlib import Path
 
 import numpy as np
 
-from model_lib.config import ConfigError
-from model_lib.fileio import atomic_open, read_json
+from model_lib.config import ENGINES, ConfigError
+from model_lib.export import serving_exports
+from model_lib.fileio import read_json, sha256_file
 from model_lib.flags import flags
-from model_lib.images import FolderEntry, decode_files, decode_files_in_pool, is_image_name, walk_folder
+from model_lib.images import FolderEntry, decode_files, decode_files_in_pool, walk_folder
 from model_lib.inference import KerasClassifier, TFLiteClassifier
+from model_lib.prediction_csv import check_output, csv_text, default_output_csv
+from model_lib.progress import Progress, find
 from model_lib.registry import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -55,6 +56,7 @@ class ModelInfo:
     image_size: int
     unsure_below: float | None = None  # calibrated confidence below which a row is flagged low_confidence
     texture_range: list[float] | None = None  # image texture outside it is flagged out_of_distribution
+    notes: tuple[str, ...] = ()  # warnings from resolving the reference (an export passed over, and why)
 
     @property
     def provenance(self) -> str:
@@ -82,6 +84,7 @@ def plan_prediction(
     artifacts_root: Path,
     overwrite: bool = False,
     unsure_below: float | None = None,
+    engine: str = "auto",
 ) -> PredictionPlan:
     """Check a prediction request before any work starts (the CLI calls it before Prefect does).
 
@@ -99,7 +102,9 @@ def plan_prediction(
     root = root.resolve()
     if unsure_below is not None and not 0 <= unsure_below <= 1:
         raise ConfigError(f"--unsure-below is a probability in [0, 1], not {unsure_below}")
-    info = resolve_model(model, artifacts_root)
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    info = resolve_model(model, artifacts_root, engine)
     if unsure_below is not None:
         info = replace(info, unsure_below=unsure_below, texture_range=info.texture_range or [0.0, float("inf")])
     if top_k > len(info.class_names):
@@ -109,35 +114,11 @@ def plan_prediction(
     return PredictionPlan(root, output, info)
 
 
-def check_output(output: Path, artifacts_root: Path, overwrite: bool) -> None:
-    """Refuse an output that would destroy what the tool did not write.
-
-    Never inside the model registry, never an image-like name (an input image), never a folder;
-    an existing file only when it is an earlier prediction CSV, unless `overwrite`.
-    """
-    registry = (artifacts_root / "models").resolve()
-    if output.is_relative_to(registry):
-        raise ConfigError(f"{output}: inside the model registry ({registry}); write the CSV elsewhere")
-    if output.is_dir():
-        raise ConfigError(f"{output}: is a folder; --output takes a CSV file path")
-    if is_image_name(output.name):
-        raise ConfigError(f"{output}: an image file name; --output takes a CSV file path")
-    if output.exists() and not overwrite and not is_prediction_csv(output):
-        raise ConfigError(
-            f"{output}: exists and is not a prediction CSV written by this tool; refusing to overwrite it "
-            "(choose another --output, or pass --overwrite)"
-        )
-
-
-def is_prediction_csv(path: Path) -> bool:
-    """Whether `path` starts with the header this tool writes."""
-    prefix = ",".join(csv_columns(1)[:4])
-    with open(path, "rb") as handle:
-        return handle.read(len(prefix)) == prefix.encode()
-
-
-def resolve_model(reference: str, artifacts_root: Path) -> ModelInfo:
+def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") -> ModelInfo:
     """Resolve a registry reference, a version folder or a `.tflite` export to the model and its metadata.
+
+    A reference to a version runs, under the `auto` engine, its fastest TFLite export that passed
+    parity with the Keras model (see `model_lib.export`), and `model.keras` otherwise or under `keras`.
 
     Raises:
         RegistryError: The reference does not resolve, or a `.tflite` file is not a registered export.
@@ -151,6 +132,13 @@ def resolve_model(reference: str, artifacts_root: Path) -> ModelInfo:
     else:
         version_dir = parse_reference(reference, artifacts_root)
     manifest = read_json(version_dir / MANIFEST_FILE)
+    notes = []
+    if model_file == MODEL_FILE and engine == "auto":
+        for candidate_file in serving_exports(manifest):
+            if sha256_file(version_dir / candidate_file) == manifest["files"][candidate_file]:
+                model_file = candidate_file
+                break
+            notes.append(f"{version_dir / candidate_file}: checksum differs from the manifest; not used")
     if model_file not in manifest["files"]:
         raise RegistryError(f"{version_dir / model_file}: not listed in the version's manifest")
     label = f"{manifest.get('name', version_dir.parent.name)} v{manifest['version']}"
@@ -164,6 +152,7 @@ def resolve_model(reference: str, artifacts_root: Path) -> ModelInfo:
         image_size=int(manifest["config"]["image_size"]),
         unsure_below=calibration.get("unsure_threshold"),
         texture_range=calibration.get("texture_range"),
+        notes=tuple(notes),
     )
 
 
@@ -190,12 +179,6 @@ def load_model_once(model: ModelInfo):
             # full collection scanning them stalled every shard thread ~0.3 s. Stop scanning them.
             gc.freeze()
         return _models[key]
-
-
-def csv_columns(top_k: int) -> list[str]:
-    """The CSV header for `top_k` ranked predictions."""
-    ranked = [name for rank in range(1, top_k + 1) for name in (f"top{rank}_label", f"top{rank}_probability")]
-    return ["path", "status", "label", "confidence", "flag", *ranked, "width", "height", "error", "model"]
 
 
 def shards(entries: Iterable[FolderEntry], shard_size: int) -> Iterator[list[FolderEntry]]:
@@ -265,7 +248,12 @@ def read_shard(path: str | Path) -> list[FolderEntry]:
 
 
 def classified_rows(
-    input_dir: str, entries: list[FolderEntry], model: ModelInfo, top_k: int, batch_size: int
+    input_dir: str,
+    entries: list[FolderEntry],
+    model: ModelInfo,
+    top_k: int,
+    batch_size: int,
+    progress: Progress | None = None,
 ) -> Iterator[tuple[list[str], str, tuple[int, int] | None, str]]:
     """Decode and classify entries in order: `(ranked cells, flag, original size, error)` per entry.
 
@@ -293,6 +281,8 @@ def classified_rows(
             ranks = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
             ranked = zip(ranks.tolist(), np.take_along_axis(probabilities, ranks, axis=1).tolist(), strict=True)
             row_flags = flags(probabilities, chunk.pixels, model.unsure_below, model.texture_range)
+            if progress is not None:
+                progress.advance(len(chunk.errors))
             for (labels, values), flag, size, error in zip(ranked, row_flags, chunk.sizes, chunk.errors, strict=True):
                 pairs = [] if error else zip(labels, values, strict=True)
                 cells = [cell for c, v in pairs for cell in (safe_names[c], f"{v:.6f}")]
@@ -310,8 +300,11 @@ def classify_shard(
     part_path: str,
     top_k: int = 3,
     batch_size: int = BATCH_IMAGES,
+    progress_key: str | None = None,
 ) -> dict:
     """Decode, classify and write the rows (without header) of the shard saved in `shard_file` to `part_path`.
+
+    Classified images advance the progress registered under `progress_key` in this process, if any.
 
     Returns:
         Counts: `ok`, `error`, and `flagged` (ok rows flagged `low_confidence` or `out_of_distribution`).
@@ -323,7 +316,7 @@ def classify_shard(
     with open(part_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         for entry, (ranked, flag, size, error) in zip(
-            entries, classified_rows(input_dir, entries, model, top_k, batch_size), strict=True
+            entries, classified_rows(input_dir, entries, model, top_k, batch_size, find(progress_key)), strict=True
         ):
             path = csv_text(entry.relative_path)
             if error:
@@ -334,60 +327,3 @@ def classify_shard(
                 counts["flagged"] += flag not in ("ok", "")
                 writer.writerow([path, "ok", ranked[0], ranked[1], flag, *ranked, *size, "", provenance])
     return counts
-
-
-SPREADSHEET_TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "'")  # a leading one makes a spreadsheet evaluate a cell
-
-
-def csv_text(value: str) -> str:
-    """A text cell that is safe in a spreadsheet and valid UTF-8.
-
-    OWASP's rule for CSV injection: a cell starting with `=`, `+`, `-`, `@`, tab or CR gets a
-    leading `'`, so Excel, LibreOffice and Google Sheets show it as text instead of running it as
-    a formula. A cell starting with `'` gets one too, so `read_predictions` can undo it exactly.
-    Bytes of a file name that are not UTF-8 are written as `\\xNN` escapes.
-    """
-    if not value.isascii() and any("\udc80" <= c <= "\udcff" for c in value):  # os.fsdecode's escapes
-        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "'" + value if value.startswith(SPREADSHEET_TRIGGERS) else value
-
-
-def read_predictions(path: str | Path):
-    """A prediction CSV as a pandas DataFrame, with the text cells as they were before `csv_text`.
-
-    `width` and `height` are integers (pandas' nullable Int64); error rows have them empty (NA),
-    and their labels empty and probabilities NaN.
-    """
-    import pandas as pd
-
-    header = pd.read_csv(path, nrows=0).columns
-    text = [c for c in header if c in ("path", "status", "label", "flag", "error", "model") or c.endswith("_label")]
-    # Only empty cells are missing (a file "NA.png" stays a name), and labels stay text ("01" is no 1).
-    dtypes = {**{column: str for column in text}, "width": "Int64", "height": "Int64"}
-    table = pd.read_csv(path, dtype=dtypes, keep_default_na=False, na_values=[""])
-    for column in text:
-        table[column] = table[column].fillna("").map(_undo_csv_text)
-    return table
-
-
-def _undo_csv_text(cell):
-    if isinstance(cell, str) and len(cell) > 1 and cell[0] == "'" and cell[1] in "".join(SPREADSHEET_TRIGGERS):
-        return cell[1:]
-    return cell
-
-
-def merge_parts(part_paths: list[str], output_csv: Path, top_k: int, class_count: int) -> None:
-    """Concatenate part files in order under a header, atomically replacing `output_csv`."""
-    with atomic_open(output_csv, "w", newline="", encoding="utf-8") as out:
-        csv.writer(out).writerow(csv_columns(min(top_k, class_count)))
-        for part in part_paths:
-            with open(part, encoding="utf-8", newline="") as handle:
-                while chunk := handle.read(1 << 20):
-                    out.write(chunk)
-
-
-def default_output_csv(artifacts_root: Path, input_dir: Path) -> Path:
-    """`ARTIFACTS_DIR/predictions/<folder name>-<UTC time>-<random>.csv`: one per run, never colliding,
-    sorting by time."""
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    return artifacts_root / "predictions" / f"{input_dir.resolve().name or 'root'}-{stamp}-{uuid.uuid4().hex[:6]}.csv"

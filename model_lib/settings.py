@@ -8,9 +8,6 @@ from pathlib import Path
 KERAS_DOWNLOAD = "keras"
 """The `data` value that selects Keras' CIFAR-10 download (the online default)."""
 
-PROGRESS_SECONDS = 15
-"""Within a training epoch, at most one progress line this often (on the terminal and in the Prefect UI)."""
-
 DEFAULT_MODEL_NAME = "cifar10"
 """The registry name of models trained on CIFAR-10, and the name model references default to."""
 

@@ -17,9 +17,9 @@ from model_lib.fileio import atomic_open, write_json
 from model_lib.models import build_model, with_flip_tta
 from model_lib.precision import choose_precision, cpu_bf16_units, scale_for_replicas, use_xla
 from model_lib.preprocess import load_split, make_datasets
+from model_lib.progress import PROGRESS_SECONDS, Progress
 from model_lib.recipe import lookahead_callback, make_optimizer
 from model_lib.runs import read_history
-from model_lib.settings import PROGRESS_SECONDS
 from model_lib.transfer import freeze_backbone, from_scratch, recalibrate_batch_norm
 
 PROBE_IMAGES = 16  # fixed inputs whose outputs a reloaded model must reproduce (registry gate)
@@ -67,27 +67,26 @@ def _devices() -> tuple[object, str, list[tuple[int, int]]]:
     return tf.distribute.get_strategy(), f"CPU ({os.cpu_count()} cores)", capabilities
 
 
-def _epoch_logger(log: Callable[[str], None], epochs: int, steps_per_epoch: int, batch_size: int):
+def _epoch_logger(log: Callable[[str], None], epochs: int, steps_per_epoch: int):
     import keras
 
     class EpochLogger(keras.callbacks.Callback):
-        """One line per epoch with the figures a person watching the run wants, and a progress line at most
-        every `PROGRESS_SECONDS` within an epoch (steps, images/s, time left), so a long epoch is never silent.
-        Records each epoch's seconds."""
+        """One line per epoch with the figures a person watching the run wants, and progress within epochs
+        (a bar on a terminal, else a line at most every `PROGRESS_SECONDS`), so a long epoch is never
+        silent. Records each epoch's seconds."""
+
+        progress = None
 
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch
-            self.started = self.last_line = time.perf_counter()
+            self.started = time.perf_counter()
+            if self.progress is None:  # the first epoch of this call: later ones if it resumed
+                total = (epochs - epoch) * steps_per_epoch
+                self.progress = Progress(f"epoch {epoch + 1}/{epochs}", total, "steps", log, every=PROGRESS_SECONDS)
 
         def on_train_batch_end(self, batch, logs=None):
-            now = time.perf_counter()
-            if now - self.last_line < PROGRESS_SECONDS or batch + 1 >= steps_per_epoch:
-                return
-            self.last_line = now
-            rate = (batch + 1) * batch_size / (now - self.started)
-            left = (steps_per_epoch - batch - 1) * batch_size / rate
-            log(f"epoch {self.epoch + 1}/{epochs}: step {batch + 1}/{steps_per_epoch}, {rate:.0f} images/s, "
-                f"about {left:.0f}s left in this epoch")  # fmt: skip
+            where = f"epoch {self.epoch + 1}/{epochs} step {batch + 1}/{steps_per_epoch}"
+            self.progress.advance(1, where)
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.perf_counter() - self.started
@@ -96,6 +95,10 @@ def _epoch_logger(log: Callable[[str], None], epochs: int, steps_per_epoch: int,
             log(f"epoch {epoch + 1}/{epochs}: {figures} lr={lr:.3g} {seconds:.1f}s")
             if logs is not None:
                 logs["epoch_seconds"] = seconds
+
+        def on_train_end(self, logs=None):
+            if self.progress is not None:
+                self.progress.close()
 
     return EpochLogger()
 
@@ -295,7 +298,7 @@ def _callbacks(
     monitor = "val_loss" if validating else "loss"
     # The logger goes first: it adds epoch_seconds for the CSV log.
     steps_per_epoch = phase_steps // max(1, phase.config.epochs)
-    epoch_logger = _epoch_logger(log, config.epochs, steps_per_epoch, phase.config.batch_size)
+    epoch_logger = _epoch_logger(log, config.epochs, steps_per_epoch)
     callbacks = [epoch_logger, keras.callbacks.TerminateOnNaN()]
     if phase.config.lookahead_every:
         callbacks.append(lookahead_callback(phase.config.lookahead_every, phase.config.lookahead_decay, phase_steps))

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from model_lib.predict import ModelInfo, classify_shard, merge_parts
+from model_lib.predict import ModelInfo, classify_shard
+from model_lib.prediction_csv import merge_parts
 from tasks.common import retry_on_transient_io
 
 
@@ -18,10 +19,26 @@ from tasks.common import retry_on_transient_io
     cache_policy=NO_CACHE,
 )
 def classify_shard_task(
-    input_dir: str, shard_file: str, model: ModelInfo, part_path: str, top_k: int, batch_size: int
+    input_dir: str,
+    shard_file: str,
+    model: ModelInfo,
+    part_path: str,
+    top_k: int,
+    batch_size: int,
+    progress_key: str | None = None,
 ) -> dict:
-    """Decode and classify the shard saved in `shard_file`; broken files become error rows, never a failed task."""
-    return classify_shard(input_dir, shard_file, model, part_path, top_k, batch_size)
+    """Decode and classify the shard saved in `shard_file`; broken files become error rows, never a failed task.
+
+    Args:
+        input_dir: The folder the shard's paths are relative to.
+        shard_file: The shard's entries, saved by the flow.
+        model: The resolved model.
+        part_path: Where the shard's CSV rows go.
+        top_k: Ranked labels per row.
+        batch_size: Images per decoding job and model call.
+        progress_key: The flow's progress in this process (a bar or log lines), advanced per batch.
+    """
+    return classify_shard(input_dir, shard_file, model, part_path, top_k, batch_size, progress_key)
 
 
 @task(

@@ -12,7 +12,7 @@ import tasks.prediction
 from flows.batch_predict import PredictionErrors, batch_predict, with_dask
 from model_lib.images import decode_rgb
 from model_lib.models import build_model
-from model_lib.predict import csv_columns
+from model_lib.prediction_csv import csv_columns
 from model_lib.registry import ChecksumError, Registry, RegistryError, load_verified_model
 from model_lib.train import probe_images
 from tests.catalogue import BROKEN, ODD, SKIPPED, build_catalogue

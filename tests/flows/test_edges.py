@@ -120,7 +120,7 @@ def test_hostile_file_names_are_neutralised_in_the_csv_and_round_trip(prefect_ha
     import os
 
     from flows.batch_predict import batch_predict
-    from model_lib.predict import read_predictions
+    from model_lib.prediction_csv import read_predictions
 
     for name in HOSTILE_NAMES:
         Image.new("RGB", (32, 32), (20, 200, 30)).save(setup / name, format="PNG")
@@ -230,7 +230,7 @@ def test_a_training_command_killed_mid_epoch_resumes_when_run_again(colour_datas
 
 
 def test_the_prediction_reader_keeps_names_and_labels_as_text_and_sizes_as_integers(tmp_path):
-    from model_lib.predict import read_predictions
+    from model_lib.prediction_csv import read_predictions
 
     path = tmp_path / "p.csv"
     path.write_text(
@@ -245,7 +245,7 @@ def test_the_prediction_reader_keeps_names_and_labels_as_text_and_sizes_as_integ
 
 def test_a_class_name_that_looks_like_a_formula_is_neutralised_too(prefect_harness, tmp_path, artifacts):
     from flows.batch_predict import batch_predict
-    from model_lib.predict import read_predictions
+    from model_lib.prediction_csv import read_predictions
 
     classes = ["=cmd", "+plus", "plain"]
     register_keras_model(artifacts, build_model("seed_cnn", 3), tmp_path, class_names=classes)

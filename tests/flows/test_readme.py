@@ -1,5 +1,7 @@
-"""The README's transfer and export commands, run as written (training with smoke-sized options), offline."""
+"""The documented transfer, export, list and predict commands (README.md, docs/), run as written
+(training with smoke-sized options), offline; tests/unit/test_docs.py parses every other one."""
 
+import json
 import os
 import re
 import shlex
@@ -10,15 +12,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+from model_lib.export import serving_export
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def readme_command(starts: str) -> list[str]:
-    """The README line that starts with `starts`, without its comment, as arguments after `cifar-pipeline`."""
-    lines = [line.split("#")[0].strip() for line in README.read_text().splitlines()]
-    matches = [line for line in lines if line.startswith(starts)]
-    assert len(matches) == 1, f"README has {len(matches)} lines starting {starts!r}"
-    return shlex.split(matches[0])[1:]
+def readme_command(starts: str, exact: bool = False) -> list[str]:
+    """The documented line (README.md or docs/) that starts with `starts`, without its comment, as
+    arguments after `cifar-pipeline` (`exact`: the whole line). A line shown in several places must read the
+    same in each."""
+    lines = [line.split("#")[0].strip() for doc in DOCUMENTS for line in doc.read_text().splitlines()]
+    matches = {line for line in lines if line == starts or (not exact and line.startswith(starts))}
+    assert len(matches) == 1, f"README and docs/ have {len(matches)} different lines starting {starts!r}"
+    return shlex.split(matches.pop())[1:]
 
 
 @pytest.mark.real_data
@@ -59,3 +66,11 @@ def test_transfer_train_export_and_tflite_predict_as_the_readme_shows(cifar_dir,
     low = table["confidence"] < 0.7
     assert (table.loc[low, "flag"] != "ok").all() and set(table.loc[~low, "flag"]) <= {"ok", "out_of_distribution"}
     assert f"12 ok ({(table['flag'] != 'ok').sum()} flagged unsure)" in output
+
+    listed = run(readme_command("cifar-pipeline models list"))
+    assert re.search(rf"\bv?{version}\b.*champion", listed)
+    plain = readme_command("cifar-pipeline predict ~/photos", exact=True)
+    output = run([str(photos) if a == "~/photos" else a for a in plain])
+    manifest = artifacts / "models" / "cifar10" / f"v{version}" / "manifest.json"
+    chosen = serving_export(json.loads(manifest.read_text()))  # auto: int8 if it kept parity on this tiny model
+    assert f"cifar10 v{version} ({chosen})" in output if chosen else f"cifar10 v{version})" in output

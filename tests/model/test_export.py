@@ -10,7 +10,7 @@ import model_lib.export
 from flows.batch_predict import batch_predict
 from flows.train_cifar import train_cifar
 from model_lib.data import load_arrays
-from model_lib.export import export_version
+from model_lib.export import EXPORT_FORMATS, export_version, serving_export
 from model_lib.fileio import read_json, sha256_file
 from model_lib.inference import TFLiteClassifier
 from model_lib.registry import load_verified_model, verify_version
@@ -30,7 +30,8 @@ def test_exports_match_keras_and_are_recorded(exported, artifacts):
     assert set(entries) == {"float32", "float16", "int8"} and result["exports"][0]["format"] == "float32"
     keras_model = load_verified_model(version_dir)
     x_test = np.asarray(load_arrays(artifacts / "datasets" / manifest["dataset"]["fingerprint"]).x_test)
-    keras_top1 = keras_model.predict(x_test, verbose=0).argmax(axis=1)
+    keras_probabilities = keras_model.predict(x_test, verbose=0)
+    keras_top1 = keras_probabilities.argmax(axis=1)
     for export_format, entry in entries.items():
         path = version_dir / entry["file"]
         assert entry["size_bytes"] == path.stat().st_size and entry["sha256"] == sha256_file(path)
@@ -38,7 +39,14 @@ def test_exports_match_keras_and_are_recorded(exported, artifacts):
         assert 0 <= entry["test_accuracy"] <= 1 and entry["status"] in ("ok", "failed")
         probabilities = TFLiteClassifier(path).predict(x_test)
         agreement = (probabilities.argmax(axis=1) == keras_top1).mean()
-        assert agreement >= (0.99 if export_format != "int8" else 0.9), (export_format, agreement)
+        assert entry["agreement"] == pytest.approx(agreement), export_format  # what serving relies on
+        # A 4-epoch model's classes are often within a few hundredths of each other, where int8's
+        # 1/256 output steps may reorder them: compare probabilities, and labels where Keras is decisive.
+        error = np.abs(probabilities - keras_probabilities).max()
+        assert error <= (1e-3 if export_format != "int8" else 0.05), (export_format, error)
+        top2 = np.sort(keras_probabilities, axis=1)[:, -2:]
+        decisive = top2[:, 1] - top2[:, 0] > 2 * error
+        assert (probabilities.argmax(axis=1) == keras_top1)[decisive].all(), export_format
     assert entries["int8"]["size_bytes"] < entries["float32"]["size_bytes"] / 2
     assert verify_version(version_dir) == []
 
@@ -48,8 +56,10 @@ def test_int8_too_far_below_float32_is_marked_failed(exported, artifacts, monkey
     monkeypatch.setattr(model_lib.export, "INT8_MAX_DROP", -1.0)  # any int8 result is now "too far below"
     entries = export_version(version_dir, artifacts, ("float32", "int8"), log=lambda m: None)
     int8 = next(entry for entry in entries if entry["format"] == "int8")
-    assert int8["status"] == "failed" and "below float32" in int8["reason"]
-    assert read_json(version_dir / "manifest.json")["exports"][1]["status"] == "failed"
+    assert int8["status"] == "failed" and "below float32" in int8["reason"] and int8["parity"] is False
+    manifest = read_json(version_dir / "manifest.json")
+    assert manifest["exports"][1]["status"] == "failed"
+    assert serving_export(manifest) != "model_int8.tflite"  # a failed export never serves
 
 
 def test_unquantized_int8_is_marked_failed(exported, artifacts, monkeypatch):
@@ -62,12 +72,40 @@ def test_unquantized_int8_is_marked_failed(exported, artifacts, monkeypatch):
     assert entries[0]["status"] == "failed" and "unquantized" in entries[0]["reason"]
 
 
+def test_serving_export_is_the_fastest_that_passed_parity():
+    def manifest(*passed):
+        exports = [{"format": f, "file": f"model_{f}.tflite", "parity": f in passed} for f in EXPORT_FORMATS]
+        return {"exports": exports, "files": {e["file"]: "sha" for e in exports}}
+
+    assert serving_export(manifest("float32", "float16", "int8")) == "model_int8.tflite"
+    assert serving_export(manifest("float32", "float16")) == "model_float16.tflite"
+    assert serving_export(manifest()) is None and serving_export({"files": {}}) is None
+    unlisted = manifest("int8")
+    del unlisted["files"]["model_int8.tflite"]
+    assert serving_export(unlisted) is None  # a file the manifest does not vouch for never serves
+
+
 def test_batch_predict_runs_a_tflite_export(exported, colour_dataset, tmp_path):
     version_dir, _ = exported
-    keras_csv = pd.read_csv(batch_predict(str(colour_dataset / "test"), output_csv=str(tmp_path / "k.csv"),
-                                          model=str(version_dir))["output_csv"])  # fmt: skip
+    auto = batch_predict(str(colour_dataset / "test"), output_csv=str(tmp_path / "a.csv"), model=str(version_dir))
+    chosen = serving_export(read_json(version_dir / "manifest.json"))
+    assert chosen is not None and auto["model"].endswith(f"({chosen})")  # float16 always matches this model
+    assert pd.read_csv(auto["output_csv"])["model"].str.endswith(chosen).all()
+    keras = batch_predict(str(colour_dataset / "test"), output_csv=str(tmp_path / "k.csv"), model=str(version_dir),
+                          engine="keras")  # fmt: skip
+    assert keras["model"].endswith("v1")
+    keras_csv = pd.read_csv(keras["output_csv"])
     summary = batch_predict(str(colour_dataset / "test"), output_csv=str(tmp_path / "t.csv"),
                             model=str(version_dir / "model_int8.tflite"))  # fmt: skip
     assert summary["model"].endswith("(model_int8.tflite)")
     tflite_csv = pd.read_csv(summary["output_csv"])
-    assert (tflite_csv["status"] == "ok").all() and (tflite_csv["label"] == keras_csv["label"]).mean() >= 0.9
+    assert (tflite_csv["status"] == "ok").all()
+    decisive = keras_csv["top1_probability"] - keras_csv["top2_probability"] > 0.1  # int8 errs by <= 0.05 (above)
+    assert (tflite_csv["label"] == keras_csv["label"])[decisive].all()
+
+    # A tampered export is passed over, with a warning, for the next one (or the Keras model).
+    chosen_path = version_dir / chosen
+    chosen_path.write_bytes(chosen_path.read_bytes() + b"tampered")
+    fallback = batch_predict(str(colour_dataset / "test"), output_csv=str(tmp_path / "f.csv"), model=str(version_dir))
+    assert not fallback["model"].endswith(f"({chosen})") and fallback["ok"] == len(keras_csv)
+    assert not pd.read_csv(fallback["output_csv"])["model"].str.endswith(chosen).any()

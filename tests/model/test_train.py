@@ -96,5 +96,6 @@ def test_a_long_epoch_reports_progress_with_rate_and_time_left(colour_dataset, a
     lines = []
     train(config, dataset, split_path, run_dir, log=lines.append)
     progress = [line for line in lines if " step " in line]
-    assert progress and progress[0].startswith("epoch 1/1: step 1/4, ")  # 27 training images, 8 per step
-    assert all("images/s, about " in line and line.endswith("s left in this epoch") for line in progress)
+    assert progress and progress[0].startswith("epoch 1/1 step 1/4: 1/4 steps, ")  # 27 training images, 8 per step
+    assert all(" steps/s, about " in line and line.endswith("s left") for line in progress)
+    assert len(progress) == 3  # the last step's line is the epoch's own summary

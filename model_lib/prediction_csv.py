@@ -1,0 +1,104 @@
+"""The prediction CSV: its columns, spreadsheet-safe cells, where it goes, what it may replace, and
+reading it back.
+"""
+
+from __future__ import annotations
+
+import csv
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from model_lib.config import ConfigError
+from model_lib.fileio import atomic_open
+from model_lib.images import is_image_name
+
+
+def check_output(output: Path, artifacts_root: Path, overwrite: bool) -> None:
+    """Refuse an output that would destroy what the tool did not write.
+
+    Never inside the model registry, never an image-like name (an input image), never a folder;
+    an existing file only when it is an earlier prediction CSV, unless `overwrite`.
+    """
+    registry = (artifacts_root / "models").resolve()
+    if output.is_relative_to(registry):
+        raise ConfigError(f"{output}: inside the model registry ({registry}); write the CSV elsewhere")
+    if output.is_dir():
+        raise ConfigError(f"{output}: is a folder; --output takes a CSV file path")
+    if is_image_name(output.name):
+        raise ConfigError(f"{output}: an image file name; --output takes a CSV file path")
+    if output.exists() and not overwrite and not is_prediction_csv(output):
+        raise ConfigError(
+            f"{output}: exists and is not a prediction CSV written by this tool; refusing to overwrite it "
+            "(choose another --output, or pass --overwrite)"
+        )
+
+
+def is_prediction_csv(path: Path) -> bool:
+    """Whether `path` starts with the header this tool writes."""
+    prefix = ",".join(csv_columns(1)[:4])
+    with open(path, "rb") as handle:
+        return handle.read(len(prefix)) == prefix.encode()
+
+
+def csv_columns(top_k: int) -> list[str]:
+    """The CSV header for `top_k` ranked predictions."""
+    ranked = [name for rank in range(1, top_k + 1) for name in (f"top{rank}_label", f"top{rank}_probability")]
+    return ["path", "status", "label", "confidence", "flag", *ranked, "width", "height", "error", "model"]
+
+
+SPREADSHEET_TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "'")  # a leading one makes a spreadsheet evaluate a cell
+
+
+def csv_text(value: str) -> str:
+    """A text cell that is safe in a spreadsheet and valid UTF-8.
+
+    OWASP's rule for CSV injection: a cell starting with `=`, `+`, `-`, `@`, tab or CR gets a
+    leading `'`, so Excel, LibreOffice and Google Sheets show it as text instead of running it as
+    a formula. A cell starting with `'` gets one too, so `read_predictions` can undo it exactly.
+    Bytes of a file name that are not UTF-8 are written as `\\xNN` escapes.
+    """
+    if not value.isascii() and any("\udc80" <= c <= "\udcff" for c in value):  # os.fsdecode's escapes
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "'" + value if value.startswith(SPREADSHEET_TRIGGERS) else value
+
+
+def read_predictions(path: str | Path):
+    """A prediction CSV as a pandas DataFrame, with the text cells as they were before `csv_text`.
+
+    `width` and `height` are integers (pandas' nullable Int64); error rows have them empty (NA),
+    and their labels empty and probabilities NaN.
+    """
+    import pandas as pd
+
+    header = pd.read_csv(path, nrows=0).columns
+    text = [c for c in header if c in ("path", "status", "label", "flag", "error", "model") or c.endswith("_label")]
+    # Only empty cells are missing (a file "NA.png" stays a name), and labels stay text ("01" is no 1).
+    dtypes = {**{column: str for column in text}, "width": "Int64", "height": "Int64"}
+    table = pd.read_csv(path, dtype=dtypes, keep_default_na=False, na_values=[""])
+    for column in text:
+        table[column] = table[column].fillna("").map(_undo_csv_text)
+    return table
+
+
+def _undo_csv_text(cell):
+    if isinstance(cell, str) and len(cell) > 1 and cell[0] == "'" and cell[1] in "".join(SPREADSHEET_TRIGGERS):
+        return cell[1:]
+    return cell
+
+
+def merge_parts(part_paths: list[str], output_csv: Path, top_k: int, class_count: int) -> None:
+    """Concatenate part files in order under a header, atomically replacing `output_csv`."""
+    with atomic_open(output_csv, "w", newline="", encoding="utf-8") as out:
+        csv.writer(out).writerow(csv_columns(min(top_k, class_count)))
+        for part in part_paths:
+            with open(part, encoding="utf-8", newline="") as handle:
+                while chunk := handle.read(1 << 20):
+                    out.write(chunk)
+
+
+def default_output_csv(artifacts_root: Path, input_dir: Path) -> Path:
+    """`ARTIFACTS_DIR/predictions/<folder name>-<UTC time>-<random>.csv`: one per run, never colliding,
+    sorting by time."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return artifacts_root / "predictions" / f"{input_dir.resolve().name or 'root'}-{stamp}-{uuid.uuid4().hex[:6]}.csv"

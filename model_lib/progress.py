@@ -1,0 +1,123 @@
+"""Progress of a long loop (training steps, decoded files, classified images) where the person is looking.
+
+On a terminal: a rich progress bar with the count, rate and time left, drawn on stderr and gone
+when the loop ends. Elsewhere (a Prefect worker, a pipe, CI): a log line at most every
+`PROGRESS_SECONDS` with the same figures, so the Prefect UI shows life without flooding it.
+Thread-safe: the shard threads of batch prediction advance one bar.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+PROGRESS_SECONDS = 15  # off a terminal, at most one progress line this often (a log, the Prefect UI)
+_active: dict[str, Progress] = {}  # by key, for tasks that get only a key (see `find`)
+_active_lock = threading.Lock()
+
+
+def on_terminal() -> bool:
+    """Whether a person watches stderr (a TTY that can redraw a bar)."""
+    return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+
+
+class Progress:
+    """Counts work done out of a total; shows it as a bar on a terminal, as rate-limited log lines elsewhere.
+
+    Args:
+        description: What is counted, e.g. "decoding train images"; `advance` may change it.
+        total: How much there is (may grow with `add_total`).
+        unit: The counted thing, plural ("files", "images", "steps").
+        log: Where the lines go off a terminal.
+        terminal: Draw a bar (default: when stderr is a terminal).
+        every: Seconds between log lines (default `PROGRESS_SECONDS`, read when the loop starts).
+    """
+
+    def __init__(
+        self,
+        description: str,
+        total: int,
+        unit: str,
+        log: Callable[[str], None],
+        terminal: bool | None = None,
+        every: float | None = None,
+    ):
+        self.description, self.total, self.unit, self.log = description, total, unit, log
+        self.every = PROGRESS_SECONDS if every is None else every
+        self.done = 0
+        self.started = self.last_line = time.perf_counter()
+        self._lock = threading.Lock()
+        self._bar = self._task = None
+        if on_terminal() if terminal is None else terminal:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn(f"{{task.fields[rate]}} {unit}/s"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,  # the log lines stay; the bar goes when the loop ends
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(description, total=total, rate="-")
+
+    def advance(self, count: int = 1, description: str | None = None) -> None:
+        """Count `count` more done, optionally under a new description."""
+        with self._lock:
+            self.done += count
+            if description is not None:
+                self.description = description
+            now = time.perf_counter()
+            rate = self.done / (now - self.started) if now > self.started else 0.0
+            if self._bar is not None:
+                self._bar.update(self._task, completed=self.done, description=self.description, rate=f"{rate:,.0f}")
+                return
+            if now - self.last_line < self.every or self.done >= self.total:
+                return  # the loop's own summary line says when it is done
+            self.last_line = now
+            left = (self.total - self.done) / rate if rate else float("inf")
+        self.log(f"{self.description}: {self.done:,}/{self.total:,} {self.unit}, {rate:,.0f} {self.unit}/s, "
+                 f"about {left:.0f}s left")  # fmt: skip
+
+    def add_total(self, count: int) -> None:
+        """Make the total `count` larger (work discovered while the loop runs)."""
+        with self._lock:
+            self.total += count
+            if self._bar is not None:
+                self._bar.update(self._task, total=self.total)
+
+    def close(self) -> None:
+        """Remove the bar (a log-only progress has nothing to remove)."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def register(key: str, progress: Progress) -> None:
+    """Make `progress` findable by `key` in this process (until `unregister`)."""
+    with _active_lock:
+        _active[key] = progress
+
+
+def unregister(key: str) -> None:
+    with _active_lock:
+        _active.pop(key, None)
+
+
+def find(key: str | None) -> Progress | None:
+    """The progress registered under `key` in this process; None elsewhere (a Dask worker) or without a key."""
+    with _active_lock:
+        return _active.get(key) if key else None

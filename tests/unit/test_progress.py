@@ -1,0 +1,65 @@
+"""Progress: a rich bar on a terminal, rate-limited log lines elsewhere, safe across threads."""
+
+import os
+import pty
+import sys
+import threading
+
+import model_lib.progress
+from model_lib.data import ingest
+from model_lib.progress import Progress, find, register, unregister
+
+
+def test_off_a_terminal_lines_carry_count_rate_and_time_left_at_a_bounded_rate():
+    lines = []
+    with Progress("decoding train images", 10, "files", lines.append, terminal=False, every=0.0) as progress:
+        for _ in range(10):
+            progress.advance()
+    assert len(lines) == 9  # the tenth is the loop's own summary, not a progress line
+    assert lines[0].startswith("decoding train images: 1/10 files, ") and lines[0].endswith("s left")
+    quiet = []
+    with Progress("x", 10, "files", quiet.append, terminal=False, every=3600.0) as progress:
+        progress.advance(5)
+    assert quiet == []
+
+
+def test_threads_advance_one_count_and_the_total_can_grow():
+    progress = Progress("classifying images", 0, "images", lambda line: None, terminal=False)
+    register("run-1", progress)
+    try:
+        assert find("run-1") is progress and find("run-2") is None and find(None) is None
+        progress.add_total(4000)
+        workers = [threading.Thread(target=lambda: [find("run-1").advance() for _ in range(1000)]) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert (progress.done, progress.total) == (4000, 4000)
+    finally:
+        unregister("run-1")
+    assert find("run-1") is None
+
+
+def test_on_a_terminal_a_bar_is_drawn_and_no_lines_are_logged(monkeypatch):
+    leader, follower = pty.openpty()
+    terminal = os.fdopen(follower, "w")
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setenv("TERM", "xterm")
+    lines = []
+    assert model_lib.progress.on_terminal()
+    with Progress("decoding test images", 50, "files", lines.append, every=0.0) as progress:
+        for _ in range(50):
+            progress.advance()
+    terminal.flush()
+    drawn = os.read(leader, 1 << 16).decode(errors="replace")
+    terminal.close()
+    os.close(leader)
+    assert lines == [] and "decoding test images" in drawn and "files/s" in drawn
+
+
+def test_ingest_reports_decoding_progress(colour_dataset, artifacts, monkeypatch):
+    monkeypatch.setattr(model_lib.progress, "PROGRESS_SECONDS", 0.0)
+    lines = []
+    ingest(str(colour_dataset), artifacts, log=lines.append)
+    progress = [line for line in lines if line.startswith("decoding ") and " files, " in line]
+    assert progress and progress[0].startswith("decoding train images: ")
