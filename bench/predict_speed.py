@@ -60,12 +60,9 @@ def origin_loop(model, paths: list[Path]) -> float:
 
 def forget_warm_state() -> None:
     """Shut down this process's decoding pool and forget its loaded models: the next run starts cold."""
-    import model_lib.predict
+    from model_lib.predict import reset_workers
 
-    if model_lib.predict._decode_pool is not None:
-        model_lib.predict._decode_pool.shutdown()
-        model_lib.predict._decode_pool = None
-    model_lib.predict._models.clear()
+    reset_workers()
 
 
 def cold_flow(folder: Path, model_dir: Path, output: Path) -> dict:
@@ -148,10 +145,10 @@ def subset_folder(source: Path, target: Path, count: int) -> Path:
 
 def engine_comparison(data: Path, model_dir: Path, scratch: Path, runs: int) -> dict:
     """Batch-predict and model-only speed and accuracy for each engine of one version (see the docstring)."""
-    from model_lib.calibrate import _parts
     from model_lib.fileio import read_json
     from model_lib.images import decode_files
     from model_lib.inference import KerasClassifier, TFLiteClassifier
+    from model_lib.models import unwrap_flip_tta
     from model_lib.prediction_csv import read_predictions
     from model_lib.registry import load_verified_model
 
@@ -186,7 +183,7 @@ def engine_comparison(data: Path, model_dir: Path, scratch: Path, runs: int) -> 
     keras_model = load_verified_model(model_dir)
     ceilings = {"keras": model_only(KerasClassifier(keras_model))}
     ceilings.update({name: model_only(TFLiteClassifier(model_dir / name)) for name in exports})
-    network, tta = _parts(keras_model)
+    network, tta = unwrap_flip_tta(keras_model)
     if tta:
         ceilings["keras without flip TTA"] = model_only(KerasClassifier(network))
     for name, result in results.items():

@@ -102,16 +102,16 @@ def train_cifar(
     overrides = config_overrides(locals())  # every parameter named like a config field, declared once above
     config = check_training_request(profile, overrides, artifacts_dir()).to_dict()
     dataset = ingest_task(config)
-    config["model_name"] = config["model_name"] or suggested_model_name(dataset["source"], dataset["class_names"])
-    if skip_unchanged and (same := latest_with_run_key(config, dataset["fingerprint"])):
+    config["model_name"] = config["model_name"] or suggested_model_name(dataset.source, dataset.class_names)
+    if skip_unchanged and (same := latest_with_run_key(config, dataset.fingerprint)):
         get_run_logger().info(f"Nothing to do: {config['model_name']} v{same} was trained on this config and data")
         return {"name": config["model_name"], "skipped": f"v{same} was trained on this config and data"}
     prepared = preprocess_task(config, dataset)
-    gates = data_report_task(config, dataset, prepared["run_dir"])
+    gates = data_report_task(config, dataset, prepared.run_dir)
     trained = train_task(config, dataset, prepared)
     calibration = calibrate_task(trained, dataset, prepared)
     metrics = evaluate_task(trained, dataset, config["learned_margin"])
-    evaluate_champion_task(config["model_name"], dataset, prepared["test_fingerprint"])
+    evaluate_champion_task(config["model_name"], dataset, prepared.test_fingerprint)
     plot_task(trained, dataset, config["seed"])
     registration = register_task(config, dataset, prepared, trained, metrics, gates, calibration, promotion_margin)
     if export:

@@ -21,6 +21,7 @@ import numpy as np
 from model_lib.evaluate import ECE_BINS, negative_log_likelihood, reliability_bins
 from model_lib.fileio import atomic_open, write_json
 from model_lib.flags import texture_range
+from model_lib.models import unwrap_flip_tta
 from model_lib.runs import UNCALIBRATED_PROBABILITIES
 
 LOG_T_RANGE = (-3.0, 3.0)  # natural-log bounds of the temperature search: T from 0.05 to 20
@@ -79,14 +80,6 @@ def unsure_threshold(probabilities: np.ndarray, labels: np.ndarray, pass_rate: f
     return float(np.quantile(confidences, 1 - pass_rate)) if len(confidences) else 0.0
 
 
-def _parts(model):
-    """(the network that ends in the softmax, whether a flip-TTA wrapper surrounds it)."""
-    import keras
-
-    inner = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    return (inner[0], True) if len(inner) == 1 else (model, False)
-
-
 def _logits_and_temperature(network):
     """The network's logits tensor (before any folded temperature) and the temperature already folded in."""
     names = {layer.name for layer in network.layers}
@@ -100,7 +93,7 @@ def view_logits(model, images: np.ndarray, batch_size: int = 500) -> list[np.nda
     """The logits (before temperature) of each view the model averages: the image, and its mirror under flip TTA."""
     import keras
 
-    network, tta = _parts(model)
+    network, tta = unwrap_flip_tta(model)
     logits, _ = _logits_and_temperature(network)
     logit_model = keras.Model(network.inputs, logits)
     views = [images, images[:, :, ::-1]] if tta else [images]
@@ -113,7 +106,7 @@ def with_temperature(model, temperature: float):
 
     from model_lib.models import with_flip_tta
 
-    network, tta = _parts(model)
+    network, tta = unwrap_flip_tta(model)
     logits, _ = _logits_and_temperature(network)
     scaled = keras.layers.Rescaling(1.0 / temperature, dtype="float32", name=TEMPERATURE_LAYER)(logits)
     outputs = keras.layers.Activation("softmax", dtype="float32", name=PROBABILITIES_LAYER)(scaled)
@@ -139,7 +132,7 @@ def calibrate(
         `MIN_CALIBRATION_IMAGES` validation images, the temperature stays as it was.
     """
     val, test = view_logits(model, np.asarray(val_images)), view_logits(model, np.asarray(test_images))
-    _, folded = _logits_and_temperature(_parts(model)[0])
+    _, folded = _logits_and_temperature(unwrap_flip_tta(model)[0])
     enough = len(val_labels) >= MIN_CALIBRATION_IMAGES
     temperature = fit_temperature(val, val_labels) if enough else folded
     before, after = probabilities_at(test, folded), probabilities_at(test, temperature)

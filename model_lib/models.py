@@ -169,9 +169,15 @@ def with_flip_tta(model):
     return keras.Model(inputs, outputs, name=f"{model.name}_flip_tta")
 
 
-def network_parameter_count(model) -> int:
-    """Parameters of the trained network: a flip-TTA wrapper's fixed mirror matrix is not one of them."""
+def unwrap_flip_tta(model):
+    """`(the network that ends in the softmax, whether a flip-TTA wrapper surrounded it)`."""
     import keras
 
     inner = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    return int((inner[0] if len(inner) == 1 else model).count_params())
+    return (inner[0], True) if len(inner) == 1 else (model, False)
+
+
+def network_parameter_count(model) -> int:
+    """Parameters of the trained network: a flip-TTA wrapper's fixed mirror matrix is not one of them."""
+
+    return int(unwrap_flip_tta(model)[0].count_params())

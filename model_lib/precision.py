@@ -1,4 +1,4 @@
-"""Precision and compilation choices for training: dtype policy, XLA, multi-replica scaling.
+"""Devices, precision and compilation choices for training: dtype policy, XLA, multi-replica scaling.
 
 On CPUs, bf16 pays off only where the hardware multiplies bf16 natively and fast. AMX does.
 AVX-512 BF16 alone is not enough to know: measured on two 2-core machines with that flag and no
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -159,3 +160,23 @@ def scale_for_replicas(config: TrainConfig, replicas: int) -> TrainConfig:
     if replicas <= 1:
         return config
     return replace(config, batch_size=config.batch_size * replicas, learning_rate=config.learning_rate * replicas)
+
+
+def devices() -> tuple[object, str, list[tuple[int, int]]]:
+    """The distribution strategy, a description of the devices, and the GPUs' compute capabilities."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    capabilities = []
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised in this process: growth was set the first time
+            pass
+        details = tf.config.experimental.get_device_details(gpu)
+        capabilities.append(tuple(details.get("compute_capability", (0, 0))))
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy(), f"{len(gpus)} GPUs (MirroredStrategy)", capabilities
+    if gpus:
+        return tf.distribute.get_strategy(), f"GPU {gpus[0].name}", capabilities
+    return tf.distribute.get_strategy(), f"CPU ({os.cpu_count()} cores)", capabilities

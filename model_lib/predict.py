@@ -216,6 +216,17 @@ def decode_pool() -> ProcessPoolExecutor | None:
         return _decode_pool
 
 
+def reset_workers() -> None:
+    """Shut down this process's decoding pool and forget its loaded models: the next run starts cold."""
+    global _decode_pool
+    with _decode_pool_lock:
+        if _decode_pool is not None:
+            _decode_pool.shutdown()
+            _decode_pool = None
+    with _models_lock:
+        _models.clear()
+
+
 def start_local_workers(model: ModelInfo) -> None:
     """Start this process's decoding pool and load the model in the background.
 

@@ -126,22 +126,31 @@ def make_datasets(x: np.ndarray, y: np.ndarray, split: Split, num_classes: int, 
     return train, val
 
 
-def prepare_split(cache_dir: str, class_names: list[str], config: TrainConfig, out_dir: Path) -> dict:
-    """Write the run's stratified split and describe the data a run will see.
+@dataclass(frozen=True)
+class PreparedSplit:
+    """What preprocessing hands to training, calibration and registration."""
 
-    Returns:
-        `split_path`, the train/validation/test counts and the test set's content fingerprint.
-    """
+    run_dir: str  # this run's folder
+    split_path: str  # the .npz of train and validation indices
+    train_count: int  # images
+    validation_count: int  # images
+    test_count: int  # images
+    test_fingerprint: str  # content hash of the test set: scores on equal fingerprints are comparable
+
+
+def prepare_split(cache_dir: str, class_names: list[str], config: TrainConfig, out_dir: Path) -> PreparedSplit:
+    """Write the run's stratified split into `out_dir` and describe the data a run will see."""
     from model_lib.data import load_arrays
 
     arrays = load_arrays(cache_dir)
     split = stratified_split(np.asarray(arrays.y_train), config.validation_split, config.seed)
     split_path = out_dir / "split.npz"
     save_split(split, split_path)
-    return {
-        "split_path": str(split_path),
-        "train_count": int(len(split.train_index)),
-        "validation_count": int(len(split.val_index)),
-        "test_count": int(len(arrays.y_test)),
-        "test_fingerprint": test_set_fingerprint(arrays.x_test, arrays.y_test, class_names),
-    }
+    return PreparedSplit(
+        run_dir=str(out_dir),
+        split_path=str(split_path),
+        train_count=int(len(split.train_index)),
+        validation_count=int(len(split.val_index)),
+        test_count=int(len(arrays.y_test)),
+        test_fingerprint=test_set_fingerprint(arrays.x_test, arrays.y_test, class_names),
+    )

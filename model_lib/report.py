@@ -6,7 +6,10 @@ import base64
 from pathlib import Path
 
 from model_lib.config import TrainConfig
+from model_lib.data import DatasetInfo
 from model_lib.lineage import code_revision, library_versions
+from model_lib.preprocess import PreparedSplit
+from model_lib.runs import TrainResult
 
 REPORT_FILE = "report.md"
 PLOTS = {  # file -> caption, in the order the report shows them
@@ -19,9 +22,9 @@ PLOTS = {  # file -> caption, in the order the report shows them
 
 def build_manifest(
     config: dict,
-    dataset: dict,
-    prepared: dict,
-    trained: dict,
+    dataset: DatasetInfo,
+    prepared: PreparedSplit,
+    trained: TrainResult,
     metrics: dict,
     gates: dict,
     calibration: dict,
@@ -32,7 +35,7 @@ def build_manifest(
 
     Args:
         config: The run's `TrainConfig` as a dict.
-        dataset: Ingest's `DatasetInfo` as a dict.
+        dataset: What ingest produced.
         prepared: The split's counts and test-set fingerprint.
         trained: The training result (seconds, epochs, precision, device).
         metrics: The evaluation's metrics, with the majority rate and promotion floor.
@@ -52,21 +55,21 @@ def build_manifest(
         "metrics": {
             key: metrics[key] for key in ("test_accuracy", "test_loss", "majority_rate", "promotion_floor", "per_class")
         }
-        | {"train_seconds": trained["train_seconds"], "epochs_run": trained["epochs_run"]},
-        "training": {"precision": trained["precision"], "device": trained["device"]},
+        | {"train_seconds": trained.train_seconds, "epochs_run": trained.epochs_run},
+        "training": {"precision": trained.precision, "device": trained.device},
         "calibration": calibration,
         "dataset": {
-            "source": dataset["source"],
-            "fingerprint": dataset["fingerprint"],
-            "test_fingerprint": prepared["test_fingerprint"],
-            "train_count": prepared["train_count"],
-            "validation_count": prepared["validation_count"],
-            "test_count": prepared["test_count"],
-            "class_names": dataset["class_names"],
-            "skipped_files": dataset["skipped_files"],
+            "source": dataset.source,
+            "fingerprint": dataset.fingerprint,
+            "test_fingerprint": prepared.test_fingerprint,
+            "train_count": prepared.train_count,
+            "validation_count": prepared.validation_count,
+            "test_count": prepared.test_count,
+            "class_names": dataset.class_names,
+            "skipped_files": dataset.skipped_files,
             "gates": gates,
         },
-        "run_key": TrainConfig(**config).run_key(dataset["fingerprint"]),
+        "run_key": TrainConfig(**config).run_key(dataset.fingerprint),
         "code": code_revision(),
         "libraries": library_versions(),
         "flow_run_id": flow_run_id,

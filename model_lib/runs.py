@@ -3,12 +3,14 @@
 A second identical run started while the first is alive must not share it (their histories and
 checkpoints would mix), so each run claims its folder with an owner file naming its host and
 process. A folder whose owner is dead is taken over (that is the resume); one whose owner lives
-is left alone and the newcomer gets a fresh sibling.
+is left alone and the newcomer gets a fresh sibling. `TrainResult` says what a finished run left
+in its folder.
 """
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
@@ -54,3 +56,17 @@ def read_history(path: Path):
 
     history = pd.read_csv(path)
     return history.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Paths and figures a training run hands to evaluation and registration."""
+
+    run_dir: str
+    model_path: str
+    probe_path: str
+    history_path: str
+    epochs_run: int
+    train_seconds: float
+    precision: str
+    device: str

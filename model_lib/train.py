@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +15,11 @@ from model_lib.data import DatasetInfo, load_arrays
 from model_lib.evaluate import check_learned
 from model_lib.fileio import atomic_open, write_json
 from model_lib.models import build_model, with_flip_tta
-from model_lib.precision import choose_precision, cpu_bf16_units, scale_for_replicas, use_xla
+from model_lib.precision import choose_precision, cpu_bf16_units, devices, scale_for_replicas, use_xla
 from model_lib.preprocess import load_split, make_datasets
 from model_lib.progress import PROGRESS_SECONDS, Progress
 from model_lib.recipe import lookahead_callback, make_optimizer
-from model_lib.runs import read_history
+from model_lib.runs import TrainResult, read_history
 from model_lib.transfer import freeze_backbone, from_scratch, recalibrate_batch_norm
 
 PROBE_IMAGES = 16  # fixed inputs whose outputs a reloaded model must reproduce (registry gate)
@@ -28,43 +28,6 @@ DIVERGENCE_FACTOR = 10  # a final loss this many times uniform guessing's (ln of
 
 class TrainingDiverged(RuntimeError):
     """The loss blew up or became NaN: the model is useless and must not be registered."""
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """Paths and figures a training run hands to evaluation and registration."""
-
-    run_dir: str
-    model_path: str
-    probe_path: str
-    history_path: str
-    epochs_run: int
-    train_seconds: float
-    precision: str
-    device: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _devices() -> tuple[object, str, list[tuple[int, int]]]:
-    """The distribution strategy, a description of the devices, and the GPUs' compute capabilities."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    capabilities = []
-    for gpu in gpus:
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # already initialised in this process: growth was set the first time
-            pass
-        details = tf.config.experimental.get_device_details(gpu)
-        capabilities.append(tuple(details.get("compute_capability", (0, 0))))
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy(), f"{len(gpus)} GPUs (MirroredStrategy)", capabilities
-    if gpus:
-        return tf.distribute.get_strategy(), f"GPU {gpus[0].name}", capabilities
-    return tf.distribute.get_strategy(), f"CPU ({os.cpu_count()} cores)", capabilities
 
 
 def _epoch_logger(log: Callable[[str], None], epochs: int, steps_per_epoch: int):
@@ -126,7 +89,57 @@ def train(
     """
     import keras
 
-    strategy, device, capabilities = _devices()
+    strategy, device, precision, xla, config = _set_up(config, log)
+    arrays, split = load_arrays(dataset.cache_dir), load_split(split_path)
+    num_classes = len(dataset.class_names)
+    train_ds, val_ds = make_datasets(arrays.x_train, arrays.y_train, split, num_classes, config)
+    phases = training_phases(config)
+    history_path = _start_run_folder(run_dir, config, phases)
+
+    calibration = np.asarray(arrays.x_train[split.train_index[:5000]])
+    with strategy.scope():
+        model = build_model(
+            config.architecture, num_classes, config.image_size, precision, calibration, config.weights,
+            config.network_width,
+        )  # fmt: skip
+    steps_per_epoch = int(np.ceil(len(split.train_index) / config.batch_size))
+    for phase in phases:
+        _fit_phase(model, phase, config, strategy, precision, xla, train_ds, val_ds, steps_per_epoch, run_dir, log,
+                   extra_callbacks, several_phases=len(phases) > 1)  # fmt: skip
+    for phase in phases:  # finished: an identical run started later trains afresh, like BackupAndRestore
+        (run_dir / phase.done_marker).unlink(missing_ok=True)
+    if config.architecture == "transfer" and from_scratch(config.weights):
+        count = recalibrate_batch_norm(model, np.asarray(arrays.x_train[split.train_index]))
+        log(f"Recalibrated {count} batch-norm layers of the backbone trained from scratch")
+
+    history = read_history(history_path)
+    final_loss = _check_converged(model, history, num_classes)
+    if val_ds is not None:
+        check_validation(model, val_ds, final_loss, arrays.y_train[split.val_index], num_classes, config.learned_margin)
+    train_seconds = float(history["epoch_seconds"].sum())
+    log(f"Trained {len(history)} epochs in {train_seconds:.0f}s")
+
+    serving = to_serving_model(model, config, num_classes, calibration)
+    model_path, probe_path = _save_outputs(serving, run_dir, np.asarray(arrays.x_test[:PROBE_IMAGES]), config.seed)
+    keras.backend.clear_session()
+    return TrainResult(
+        run_dir=str(run_dir),
+        model_path=str(model_path),
+        probe_path=str(probe_path),
+        history_path=str(history_path),
+        epochs_run=len(history),
+        train_seconds=round(train_seconds, 2),
+        precision=precision,
+        device=device,
+    )
+
+
+def _set_up(config: TrainConfig, log: Callable[[str], None]):
+    """Devices, precision, XLA, seeds and determinism: `(strategy, device, precision, xla, config)`, the
+    config scaled for the number of replicas."""
+    import keras
+
+    strategy, device, capabilities = devices()
     precision, why = choose_precision(config.precision, capabilities, cpu_bf16_units())
     xla = use_xla(config.jit_compile, bool(capabilities))
     log(f"Training {config.architecture} on {device}, precision {precision} ({why}), XLA {'on' if xla else 'off'}")
@@ -139,65 +152,61 @@ def train(
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
+    return strategy, device, precision, xla, config
 
-    arrays = load_arrays(dataset.cache_dir)
-    split = load_split(split_path)
-    num_classes = len(dataset.class_names)
-    train_ds, val_ds = make_datasets(arrays.x_train, arrays.y_train, split, num_classes, config)
-    steps_per_epoch = int(np.ceil(len(split.train_index) / config.batch_size))
 
+def _start_run_folder(run_dir: Path, config: TrainConfig, phases: list[Phase]) -> Path:
+    """Write the config into the run folder; a fresh start (no checkpoint) drops an old history. Returns its path."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", config.to_dict())
     history_path = run_dir / "history.csv"
-    phases = training_phases(config)
     if not any((run_dir / name).exists() for phase in phases for name in (phase.checkpoint, phase.done_marker)):
         history_path.unlink(missing_ok=True)  # a fresh start must not append to an old history
+    return history_path
 
-    calibration = np.asarray(arrays.x_train[split.train_index[:5000]])
+
+def _fit_phase(
+    model, phase: Phase, config: TrainConfig, strategy, precision: str, xla: bool, train_ds, val_ds,
+    steps_per_epoch: int, run_dir: Path, log: Callable[[str], None], extra_callbacks: tuple, several_phases: bool,
+) -> None:  # fmt: skip
+    """Train one phase, from its checkpoint if one exists; a phase finished earlier only loads its weights."""
+    import keras
+
+    done = run_dir / phase.done_marker
+    if done.exists():
+        model.load_weights(done)
+        log(f"Phase {phase.name} already finished; its weights are loaded")
+        return
+    if (run_dir / phase.checkpoint).exists():
+        log(f"Resuming phase {phase.name} from checkpoint in {run_dir / phase.checkpoint}")
+    if phase.trainable_backbone_layers is not None:
+        count = freeze_backbone(model, phase.trainable_backbone_layers)
+        log(f"Phase {phase.name}: {count} backbone layers trainable, learning rate {phase.config.learning_rate}")
+    phase_steps = phase.config.epochs * steps_per_epoch
     with strategy.scope():
-        model = build_model(
-            config.architecture, num_classes, config.image_size, precision, calibration, config.weights,
-            config.network_width,
-        )  # fmt: skip
-    loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
-    for phase in phases:
-        done = run_dir / phase.done_marker
-        if done.exists():
-            model.load_weights(done)
-            log(f"Phase {phase.name} already finished; its weights are loaded")
-            continue
-        if (run_dir / phase.checkpoint).exists():
-            log(f"Resuming phase {phase.name} from checkpoint in {run_dir / phase.checkpoint}")
-        if phase.trainable_backbone_layers is not None:
-            count = freeze_backbone(model, phase.trainable_backbone_layers)
-            log(f"Phase {phase.name}: {count} backbone layers trainable, learning rate {phase.config.learning_rate}")
-        phase_steps = phase.config.epochs * steps_per_epoch
-        with strategy.scope():
-            model.compile(
-                optimizer=make_optimizer(phase.config, phase_steps, model, precision),
-                loss=loss,
-                metrics=["accuracy"],
-                jit_compile=xla,
-            )
-        model.fit(
-            train_ds,
-            validation_data=val_ds,
-            initial_epoch=phase.first_epoch,
-            epochs=phase.last_epoch,
-            callbacks=_callbacks(config, phase, phase_steps, run_dir, val_ds is not None, log, extra_callbacks),
-            shuffle=False,
-            verbose=0,
+        model.compile(
+            optimizer=make_optimizer(phase.config, phase_steps, model, precision),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
+            metrics=["accuracy"],
+            jit_compile=xla,
         )
-        if len(phases) > 1:
-            partial = done.with_name(f".{phase.name}.partial.weights.h5")
-            model.save_weights(partial)
-            os.replace(partial, done)
-    for phase in phases:  # finished: an identical run started later trains afresh, like BackupAndRestore
-        (run_dir / phase.done_marker).unlink(missing_ok=True)
-    if config.architecture == "transfer" and from_scratch(config.weights):
-        count = recalibrate_batch_norm(model, np.asarray(arrays.x_train[split.train_index]))
-        log(f"Recalibrated {count} batch-norm layers of the backbone trained from scratch")
-    history = read_history(history_path)
+    model.fit(
+        train_ds,
+        validation_data=val_ds,
+        initial_epoch=phase.first_epoch,
+        epochs=phase.last_epoch,
+        callbacks=_callbacks(config, phase, phase_steps, run_dir, val_ds is not None, log, extra_callbacks),
+        shuffle=False,
+        verbose=0,
+    )
+    if several_phases:
+        partial = done.with_name(f".{phase.name}.partial.weights.h5")
+        model.save_weights(partial)
+        os.replace(partial, done)
+
+
+def _check_converged(model, history, num_classes: int) -> float:
+    """The final training loss; raises TrainingDiverged for non-finite weights or a loss far worse than guessing."""
     final_loss = float(history["loss"].iloc[-1]) if len(history) else float("nan")
     weights_finite = all(np.isfinite(weight).all() for weight in model.get_weights())
     if not weights_finite or not final_loss <= DIVERGENCE_FACTOR * np.log(num_classes):
@@ -205,29 +214,18 @@ def train(
             f"training diverged (final loss {final_loss:.3g}, weights finite: {weights_finite}); "
             "nothing was registered: lower --learning-rate or raise --batch-size"
         )
-    if val_ds is not None:
-        check_validation(model, val_ds, final_loss, arrays.y_train[split.val_index], num_classes, config.learned_margin)
-    train_seconds = float(history["epoch_seconds"].sum())
-    log(f"Trained {len(history)} epochs in {train_seconds:.0f}s")
+    return final_loss
 
-    serving = to_serving_model(model, config, num_classes, calibration)
+
+def _save_outputs(serving, run_dir: Path, test_images: np.ndarray, seed: int) -> tuple[Path, Path]:
+    """Save the serving model and its probe (fixed inputs and outputs a reloaded model must reproduce)."""
     model_path = run_dir / "model.keras"
     save_model_atomic(serving, model_path)
     probe_path = run_dir / "probe.npz"
-    probe_inputs = probe_images(np.asarray(arrays.x_test[:PROBE_IMAGES]), config.seed)
+    probe_inputs = probe_images(test_images, seed)
     with atomic_open(probe_path, "wb") as handle:
         np.savez(handle, inputs=probe_inputs, outputs=serving.predict(probe_inputs, verbose=0))
-    keras.backend.clear_session()
-    return TrainResult(
-        run_dir=str(run_dir),
-        model_path=str(model_path),
-        probe_path=str(probe_path),
-        history_path=str(history_path),
-        epochs_run=len(history),
-        train_seconds=round(train_seconds, 2),
-        precision=precision,
-        device=device,
-    )
+    return model_path, probe_path
 
 
 def check_validation(model, val_ds, train_loss: float, val_labels, num_classes: int, margin: float) -> None:

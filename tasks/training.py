@@ -1,4 +1,8 @@
-"""The train-cifar tasks: ingest -> preprocess -> train -> evaluate -> plot -> register."""
+"""The train-cifar tasks: ingest -> preprocess -> train -> evaluate -> plot -> register.
+
+Tasks hand each other typed results (`DatasetInfo`, `PreparedSplit`, `TrainResult`); the records
+that are also written as JSON (gates, calibration, metrics) stay dicts.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from prefect.runtime import flow_run
 
 from model_lib.calibrate import CALIBRATION_FILE, calibrate_run
 from model_lib.config import TrainConfig
-from model_lib.data import ingest, load_file_table
+from model_lib.data import DatasetInfo, ingest, load_file_table
 from model_lib.data_report import (
     DATA_REPORT_FILE,
     DATA_REPORT_MARKDOWN,
@@ -24,7 +28,7 @@ from model_lib.data_report import (
 )
 from model_lib.evaluate import evaluate_run, score_model
 from model_lib.plots import plot_run
-from model_lib.preprocess import prepare_split
+from model_lib.preprocess import PreparedSplit, prepare_split
 from model_lib.registry import (
     MODEL_FILE,
     PROBE_FILE,
@@ -35,7 +39,7 @@ from model_lib.registry import (
     load_verified_model,
 )
 from model_lib.report import REPORT_FILE, build_manifest, report_markdown
-from model_lib.runs import claim_run_dir, release_run_dir
+from model_lib.runs import TrainResult, claim_run_dir, release_run_dir
 from model_lib.settings import artifacts_dir
 from model_lib.train import train
 from tasks.common import log_info, log_warning, retry_on_transient_io
@@ -48,18 +52,18 @@ RUN_FILES = (
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_transient_io)
-def ingest_task(config: dict) -> dict:
+def ingest_task(config: dict) -> DatasetInfo:
     """Decode the dataset once into the content-addressed cache; later runs load the cache."""
     cfg = TrainConfig(**config)
     info = ingest(
         cfg.data, artifacts_dir(), cfg.image_size, cfg.max_train_images, cfg.max_test_images, cfg.skip_corrupt,
         log=log_info,
     )  # fmt: skip
-    return info.to_dict()
+    return info
 
 
 @task(name="preprocess")
-def preprocess_task(config: dict, dataset: dict) -> dict:
+def preprocess_task(config: dict, dataset: DatasetInfo) -> PreparedSplit:
     """Seeded stratified split into this run's folder (same config + data = same folder, to resume;
     a fresh one while an identical run is alive).
 
@@ -68,17 +72,17 @@ def preprocess_task(config: dict, dataset: dict) -> dict:
     """
     cfg = TrainConfig(**config)
     Registry(artifacts_dir(), cfg.model_name).state()
-    run_dir = claim_run_dir(artifacts_dir() / "runs", cfg.run_key(dataset["fingerprint"]))
-    prepared = prepare_split(dataset["cache_dir"], dataset["class_names"], cfg, run_dir)
+    run_dir = claim_run_dir(artifacts_dir() / "runs", cfg.run_key(dataset.fingerprint))
+    prepared = prepare_split(dataset.cache_dir, dataset.class_names, cfg, run_dir)
     log_info(
-        f"Split {prepared['train_count']} train / {prepared['validation_count']} validation / "
-        f"{prepared['test_count']} test images into {run_dir}"
+        f"Split {prepared.train_count} train / {prepared.validation_count} validation / "
+        f"{prepared.test_count} test images into {run_dir}"
     )
-    return {"run_dir": str(run_dir), **prepared}
+    return prepared
 
 
 @task(name="data-report")
-def data_report_task(config: dict, dataset: dict, run_dir: str) -> dict:
+def data_report_task(config: dict, dataset: DatasetInfo, run_dir: str) -> dict:
     """Report on the data (counts, changes since the previous version, duplicates, leakage, sizes) and
     check its gates before any training; publishes the report as a Markdown artifact.
 
@@ -89,11 +93,11 @@ def data_report_task(config: dict, dataset: dict, run_dir: str) -> dict:
         DataGateError: A gate failed (leakage, a too-small class, a vanished class).
     """
     cfg = TrainConfig(**config)
-    files = load_file_table(dataset["cache_dir"])
+    files = load_file_table(dataset.cache_dir)
     registry = Registry(artifacts_dir(), cfg.model_name)
     latest = registry.state()["aliases"]["latest"]
     previous = load_previous(latest, registry.version_dir(latest)) if latest else None
-    report = build_report(files, dataset["class_names"], dataset["skipped_files"], previous, cfg)
+    report = build_report(files, dataset.class_names, dataset.skipped_files, previous, cfg)
     write_report(report, files, Path(run_dir))
     for warning in report["gates"]["warnings"]:
         log_warning(f"Data: {warning}")
@@ -114,28 +118,21 @@ def artifact_key(model_name: str, kind: str) -> str:
 
 
 @task(name="train")
-def train_task(config: dict, dataset: dict, prepared: dict) -> dict:
+def train_task(config: dict, dataset: DatasetInfo, prepared: PreparedSplit) -> TrainResult:
     """Train (GPU when present), checkpointing every epoch; resumes an interrupted identical run."""
-    from model_lib.data import DatasetInfo
-
-    result = train(
-        TrainConfig(**config), DatasetInfo(**dataset), Path(prepared["split_path"]), Path(prepared["run_dir"]),
-        log=log_info,
-    )  # fmt: skip
-    return result.to_dict()
+    return train(TrainConfig(**config), dataset, Path(prepared.split_path), Path(prepared.run_dir), log=log_info)
 
 
 @task(name="calibrate")
-def calibrate_task(trained: dict, dataset: dict, prepared: dict) -> dict:
+def calibrate_task(trained: TrainResult, dataset: DatasetInfo, prepared: PreparedSplit) -> dict:
     """Fit a temperature on the validation split and fold it into the saved model; choose the unsure flags' rules.
 
     Returns:
         The calibration record: temperature, test ECE and NLL before and after, the flags' thresholds.
     """
     record = calibrate_run(
-        trained["model_path"], trained["probe_path"], dataset["cache_dir"], prepared["split_path"],
-        Path(trained["run_dir"]),
-    )  # fmt: skip
+        trained.model_path, trained.probe_path, dataset.cache_dir, prepared.split_path, Path(trained.run_dir)
+    )
     log_info(
         f"Calibrated: temperature {record['temperature']:.3f} ({record['fitted_on']}); test ECE "
         f"{record['test_ece_before']:.4f} -> {record['test_ece_after']:.4f}, NLL {record['test_nll_before']:.4f} -> "
@@ -145,20 +142,20 @@ def calibrate_task(trained: dict, dataset: dict, prepared: dict) -> dict:
 
 
 @task(name="evaluate")
-def evaluate_task(trained: dict, dataset: dict, learned_margin: float) -> dict:
+def evaluate_task(trained: TrainResult, dataset: DatasetInfo, learned_margin: float) -> dict:
     """Test accuracy and loss, per-class precision/recall/F1 and the confusion matrix (JSON and CSV).
 
     Fails the run when the model is no better than answering the most common class.
     """
     metrics = evaluate_run(
-        trained["model_path"], dataset["cache_dir"], dataset["class_names"], Path(trained["run_dir"]), learned_margin
+        trained.model_path, dataset.cache_dir, dataset.class_names, Path(trained.run_dir), learned_margin
     )
     log_info(f"Test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}")
     return metrics
 
 
 @task(name="evaluate-champion", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_transient_io)
-def evaluate_champion_task(model_name: str, dataset: dict, test_fingerprint: str) -> dict | None:
+def evaluate_champion_task(model_name: str, dataset: DatasetInfo, test_fingerprint: str) -> dict | None:
     """Score the current champion on this run's test set, so the gate compares both on the same images.
 
     The score is stored in the registry under the test set's fingerprint and reused, never
@@ -175,7 +172,7 @@ def evaluate_champion_task(model_name: str, dataset: dict, test_fingerprint: str
         log_info(f"{model_name} has no champion yet: nothing to compare with")
         return None
     entry = next(e for e in state["versions"] if e["version"] == champion)
-    if entry.get("class_names") not in (None, dataset["class_names"]):
+    if entry.get("class_names") not in (None, dataset.class_names):
         log_info(f"Champion v{champion} has other classes than this data: not scored (the gate will say why)")
         return None
     known = champion_scores(entry).get(test_fingerprint)
@@ -187,7 +184,7 @@ def evaluate_champion_task(model_name: str, dataset: dict, test_fingerprint: str
     except ChecksumError as error:  # never score (or serve) a tampered model; the gate will refuse to compare
         log_warning(f"Champion v{champion} not scored: {error}")
         return None
-    metrics, _ = score_model(model, dataset["cache_dir"], dataset["class_names"])
+    metrics, _ = score_model(model, dataset.cache_dir, dataset.class_names)
     score = {"accuracy": metrics["test_accuracy"], "loss": metrics["test_loss"], "count": metrics["test_count"]}
     registry.record_score(champion, test_fingerprint, score)
     log_info(
@@ -198,17 +195,17 @@ def evaluate_champion_task(model_name: str, dataset: dict, test_fingerprint: str
 
 
 @task(name="plot")
-def plot_task(trained: dict, dataset: dict, seed: int) -> dict:
+def plot_task(trained: TrainResult, dataset: DatasetInfo, seed: int) -> dict:
     """Training curves, confusion-matrix heat map and sample predictions (PNG)."""
-    return plot_run(Path(trained["run_dir"]), dataset["cache_dir"], dataset["class_names"], seed)
+    return plot_run(Path(trained.run_dir), dataset.cache_dir, dataset.class_names, seed)
 
 
 @task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_transient_io)
 def register_task(
     config: dict,
-    dataset: dict,
-    prepared: dict,
-    trained: dict,
+    dataset: DatasetInfo,
+    prepared: PreparedSplit,
+    trained: TrainResult,
     metrics: dict,
     gates: dict,
     calibration: dict,
@@ -218,12 +215,12 @@ def register_task(
     the report (plots embedded) and the per-class table as Prefect artifacts named after the model."""
     import keras
 
-    run_dir = Path(trained["run_dir"])
-    files = {MODEL_FILE: trained["model_path"], PROBE_FILE: trained["probe_path"]}
+    run_dir = Path(trained.run_dir)
+    files = {MODEL_FILE: trained.model_path, PROBE_FILE: trained.probe_path}
     files |= {name: run_dir / name for name in RUN_FILES if (run_dir / name).is_file()}
     files |= {path.relative_to(run_dir).as_posix(): path for path in sorted((run_dir / "tensorboard").rglob("*"))
               if path.is_file()}  # fmt: skip
-    model = keras.saving.load_model(trained["model_path"], safe_mode=True)
+    model = keras.saving.load_model(trained.model_path, safe_mode=True)
     run_id = str(flow_run.id) if flow_run.id else None
     manifest = build_manifest(config, dataset, prepared, trained, metrics, gates, calibration, model, run_id)
     registration = Registry(artifacts_dir(), config["model_name"]).register(files, manifest, margin=margin)

@@ -28,7 +28,7 @@ def _prepare(colour_dataset, artifacts, **overrides):
     run_dir = artifacts / "runs" / config.run_key(dataset.fingerprint)
     run_dir.mkdir(parents=True)
     prepared = prepare_split(dataset.cache_dir, dataset.class_names, config, run_dir)
-    return config, dataset, Path(prepared["split_path"]), run_dir
+    return config, dataset, Path(prepared.split_path), run_dir
 
 
 def test_interrupted_run_resumes_where_it_stopped(colour_dataset, artifacts):
