@@ -154,7 +154,10 @@ def train(
     ] = None,
     deterministic: Annotated[
         bool | None,
-        typer.Option("--deterministic/--no-deterministic", help="TensorFlow op determinism: same accuracy, slower."),
+        typer.Option(
+            "--deterministic/--no-deterministic",
+            help="Op determinism and serial augmentation: the same model every run.",
+        ),
     ] = None,
     promotion_margin: Annotated[float, typer.Option(help="Accuracy a new version must add to the champion's.")] = 0.0,
     export: Annotated[bool, typer.Option(help="Also write TFLite float32/float16/int8 exports.")] = False,

@@ -92,7 +92,8 @@ def train_cifar(
         allow_class_change: Data gate: let a class of the previous registered version vanish.
         balance_shift_warning: Warn when the class shares moved more than this since the previous
             version (total variation distance, default 0.1).
-        deterministic: TensorFlow op determinism: the same model on every run of the same config.
+        deterministic: TensorFlow op determinism and serial augmentation: the same model on every run of
+            the same config, seed, data and machine.
         promotion_margin: Test accuracy a new version must add to the champion's (on the same test
             images) to replace it.
         export: Also write TFLite float32, float16 and int8 exports beside the version.

@@ -74,7 +74,7 @@ class TrainConfig:
 
     # runtime
     seed: int = 0  # seeds the split, weights, shuffling and augmentation
-    deterministic: bool = False  # TensorFlow op determinism: the same accuracy every run, slower (bench/RESULTS.md)
+    deterministic: bool = False  # op determinism and serial augmentation: the same model every run (docs/training.md)
     precision: str = "auto"  # "auto", "float32", "mixed_bfloat16" or "mixed_float16"
     jit_compile: str = "auto"  # XLA: "auto" (GPUs only; it halved bf16 throughput on this CPU), "on" or "off"
 

@@ -110,9 +110,10 @@ def make_datasets(x: np.ndarray, y: np.ndarray, split: Split, num_classes: int, 
     )
     augmenter = batch_augmenter(config)
     if augmenter is not None:
-        train = train.map(
-            lambda images, labels: (augmenter(images, training=True), labels), num_parallel_calls=parallel
-        )
+        # Keras' random layers draw from a seed state each call advances: parallel calls would take the
+        # draws in whatever order the threads run, so a deterministic run augments one batch at a time.
+        calls = None if config.deterministic else parallel
+        train = train.map(lambda images, labels: (augmenter(images, training=True), labels), num_parallel_calls=calls)
     train = train.prefetch(PREFETCH_BATCHES).with_options(options)
     val = None
     if len(split.val_index):

@@ -144,9 +144,10 @@ def test_hostile_file_names_are_neutralised_in_the_csv_and_round_trip(prefect_ha
 def test_two_identical_training_commands_at_once_both_register_and_deterministic_ones_agree(colour_dataset, artifacts):
     import os
 
+    from model_lib.fileio import read_json
     from model_lib.registry import Registry
 
-    command = colour_training(colour_dataset, "twins", epochs=2)
+    command = [*colour_training(colour_dataset, "twins", epochs=2), "--deterministic"]
     env = {**os.environ, "ARTIFACTS_DIR": str(artifacts)}
     runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
     outputs = [run.communicate(timeout=600)[0].decode() for run in runs]
@@ -155,6 +156,9 @@ def test_two_identical_training_commands_at_once_both_register_and_deterministic
     assert sorted(v["version"] for v in state["versions"]) == [1, 2]
     folders = [p for p in (artifacts / "runs").iterdir() if p.is_dir()]
     assert len(folders) == 2 and all((p / "history.csv").read_text().count("\n") == 3 for p in folders)
+    # Same config, seed, data and machine with --deterministic, even at the same moment: the same model.
+    metrics = [read_json(artifacts / "models" / "twins" / f"v{v}" / "manifest.json")["metrics"] for v in (1, 2)]
+    assert metrics[0]["test_loss"] == metrics[1]["test_loss"] and metrics[0]["per_class"] == metrics[1]["per_class"]
 
 
 def test_a_failed_run_on_the_console_ends_in_one_line_without_tracebacks_or_chatter(tmp_path, artifacts):

@@ -99,3 +99,43 @@ def test_a_long_epoch_reports_progress_with_rate_and_time_left(colour_dataset, a
     assert progress and progress[0].startswith("epoch 1/1 step 1/4: 1/4 steps, ")  # 27 training images, 8 per step
     assert all(" steps/s, about " in line and line.endswith("s left") for line in progress)
     assert len(progress) == 3  # the last step's line is the epoch's own summary
+
+
+def test_a_deterministic_pipeline_augments_the_same_batches_while_the_cores_are_busy():
+    """Keras' random layers advance a seed state on each call: parallel augmentation calls took the
+    draws in thread order, which is why two concurrent --deterministic runs once differed."""
+    import hashlib
+    import threading
+
+    import numpy as np
+
+    from model_lib.preprocess import make_datasets, stratified_split
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (2000, 32, 32, 3), dtype=np.uint8), np.arange(2000) % 10
+    config = resolve_config("smoke", deterministic=True, seed=0, batch_size=64)
+    split = stratified_split(y, config.validation_split, config.seed)
+    stop = threading.Event()
+
+    def burn():  # contention, as when another run shares the cores
+        matrix = rng.random((300, 300))
+        while not stop.is_set():
+            matrix @ matrix
+
+    def digest() -> str:
+        keras.utils.set_random_seed(0)
+        train_ds, _ = make_datasets(x, y, split, 10, config)
+        hashed = hashlib.sha256()
+        for images, _ in train_ds.take(6):
+            hashed.update(np.asarray(images).tobytes())
+        return hashed.hexdigest()
+
+    burners = [threading.Thread(target=burn) for _ in range(3)]
+    for burner in burners:
+        burner.start()
+    try:
+        assert len({digest() for _ in range(4)}) == 1
+    finally:
+        stop.set()
+        for burner in burners:
+            burner.join()
