@@ -77,6 +77,8 @@ def export_version(
             "train or ingest on the same data first so exports can be calibrated and measured"
         )
     arrays = load_arrays(cache_dir)
+    log(f"Exporting {version_dir}: the Keras model's labels on {len(arrays.y_test)} test images first, then "
+        f"{', '.join(formats)}, each measured on them")  # fmt: skip
     model = load_verified_model(version_dir)
     calibration = np.asarray(arrays.x_train[:: max(1, len(arrays.y_train) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES])
     x_test, y_test = np.asarray(arrays.x_test), np.asarray(arrays.y_test)
