@@ -13,6 +13,7 @@ from model_lib.config import CHOICES, PROFILES, TrainConfig, config_overrides
 from model_lib.data import suggested_model_name
 from model_lib.fileio import read_json
 from model_lib.registry import MANIFEST_FILE, Registry
+from model_lib.report import RunRecord
 from model_lib.settings import artifacts_dir
 from tasks.export import export_task
 from tasks.training import (
@@ -114,7 +115,8 @@ def train_cifar(
     metrics = evaluate_task(trained, dataset, config["learned_margin"])
     evaluate_champion_task(config["model_name"], dataset, prepared.test_fingerprint)
     plot_task(trained, dataset, config["seed"])
-    registration = register_task(config, dataset, prepared, trained, metrics, gates, calibration, promotion_margin)
+    run = RunRecord(config, dataset, prepared, trained, metrics, gates, calibration)
+    registration = register_task(run, promotion_margin)
     if export:
         registration["exports"] = export_task(registration["path"])
     return registration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
 from pathlib import Path
 
 from model_lib.config import TrainConfig
@@ -20,32 +21,30 @@ PLOTS = {  # file -> caption, in the order the report shows them
 }
 
 
-def build_manifest(
-    config: dict,
-    dataset: DatasetInfo,
-    prepared: PreparedSplit,
-    trained: TrainResult,
-    metrics: dict,
-    gates: dict,
-    calibration: dict,
-    model,
-    flow_run_id: str | None,
-) -> dict:
+@dataclass(frozen=True)
+class RunRecord:
+    """Everything a trained, evaluated run hands to registration."""
+
+    config: dict  # the run's TrainConfig as a dict
+    dataset: DatasetInfo  # what ingest produced
+    prepared: PreparedSplit  # the split's counts and test-set fingerprint
+    trained: TrainResult  # the model's paths, and seconds, epochs, precision, device
+    metrics: dict  # the evaluation's metrics, with the majority rate and promotion floor
+    gates: dict  # the data gates' verdict
+    calibration: dict  # the calibration record
+
+
+def build_manifest(run: RunRecord, model, flow_run_id: str | None) -> dict:
     """The manifest fields of a trained, evaluated run (the registry adds version, date and checksums).
 
     Args:
-        config: The run's `TrainConfig` as a dict.
-        dataset: What ingest produced.
-        prepared: The split's counts and test-set fingerprint.
-        trained: The training result (seconds, epochs, precision, device).
-        metrics: The evaluation's metrics, with the majority rate and promotion floor.
-        gates: The data gates' verdict.
-        calibration: The calibration record.
+        run: The run's results.
         model: The saved Keras model (for its input shape and parameter counts).
         flow_run_id: The Prefect flow run, when there is one.
     """
     from model_lib.models import network_parameter_count
 
+    config, dataset, prepared, trained, metrics = run.config, run.dataset, run.prepared, run.trained, run.metrics
     return {
         "architecture": config["architecture"],
         "parameter_count": network_parameter_count(model),
@@ -57,7 +56,7 @@ def build_manifest(
         }
         | {"train_seconds": trained.train_seconds, "epochs_run": trained.epochs_run},
         "training": {"precision": trained.precision, "device": trained.device},
-        "calibration": calibration,
+        "calibration": run.calibration,
         "dataset": {
             "source": dataset.source,
             "fingerprint": dataset.fingerprint,
@@ -67,7 +66,7 @@ def build_manifest(
             "test_count": prepared.test_count,
             "class_names": dataset.class_names,
             "skipped_files": dataset.skipped_files,
-            "gates": gates,
+            "gates": run.gates,
         },
         "run_key": TrainConfig(**config).run_key(dataset.fingerprint),
         "code": code_revision(),

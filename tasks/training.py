@@ -38,7 +38,7 @@ from model_lib.registry import (
     champion_scores,
     load_verified_model,
 )
-from model_lib.report import REPORT_FILE, build_manifest, report_markdown
+from model_lib.report import REPORT_FILE, RunRecord, build_manifest, report_markdown
 from model_lib.runs import TrainResult, claim_run_dir, release_run_dir
 from model_lib.settings import artifacts_dir
 from model_lib.train import train
@@ -201,20 +201,12 @@ def plot_task(trained: TrainResult, dataset: DatasetInfo, seed: int) -> dict:
 
 
 @task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_transient_io)
-def register_task(
-    config: dict,
-    dataset: DatasetInfo,
-    prepared: PreparedSplit,
-    trained: TrainResult,
-    metrics: dict,
-    gates: dict,
-    calibration: dict,
-    margin: float = 0.0,
-) -> dict:
+def register_task(run: RunRecord, margin: float = 0.0) -> dict:
     """Register the model with its metrics, plots, TensorBoard logs and lineage; add its report.md; publish
     the report (plots embedded) and the per-class table as Prefect artifacts named after the model."""
     import keras
 
+    config, trained, metrics = run.config, run.trained, run.metrics
     run_dir = Path(trained.run_dir)
     files = {MODEL_FILE: trained.model_path, PROBE_FILE: trained.probe_path}
     files |= {name: run_dir / name for name in RUN_FILES if (run_dir / name).is_file()}
@@ -222,7 +214,7 @@ def register_task(
               if path.is_file()}  # fmt: skip
     model = keras.saving.load_model(trained.model_path, safe_mode=True)
     run_id = str(flow_run.id) if flow_run.id else None
-    manifest = build_manifest(config, dataset, prepared, trained, metrics, gates, calibration, model, run_id)
+    manifest = build_manifest(run, model, run_id)
     registration = Registry(artifacts_dir(), config["model_name"]).register(files, manifest, margin=margin)
     release_run_dir(run_dir)
     version_dir = Path(registration.path)
