@@ -157,7 +157,8 @@ class TFLiteClassifier:
         from ai_edge_litert.interpreter import Interpreter
 
         # One thread by default; every core ran the default model's int8 export 1.8x faster on 2 cores.
-        self._interpreter = Interpreter(model_path=str(path), num_threads=len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self._interpreter = Interpreter(model_path=str(path), num_threads=cores)
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         self.input_shape = (None, *self._input["shape"][1:])

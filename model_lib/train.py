@@ -60,8 +60,13 @@ def _epoch_logger(log: Callable[[str], None], epochs: int, steps_per_epoch: int)
                 logs["epoch_seconds"] = seconds
 
         def on_train_end(self, logs=None):
+            self.close()
+
+        def close(self):
+            """Remove the bar (Keras skips on_train_end when fit raises; a bar left behind hides the cursor)."""
             if self.progress is not None:
                 self.progress.close()
+                self.progress = None
 
     return EpochLogger()
 
@@ -190,15 +195,19 @@ def _fit_phase(
             metrics=["accuracy"],
             jit_compile=xla,
         )
-    model.fit(
-        train_ds,
-        validation_data=val_ds,
-        initial_epoch=phase.first_epoch,
-        epochs=phase.last_epoch,
-        callbacks=_callbacks(config, phase, phase_steps, run_dir, val_ds is not None, log, extra_callbacks),
-        shuffle=False,
-        verbose=0,
-    )
+    callbacks = _callbacks(config, phase, phase_steps, run_dir, val_ds is not None, log, extra_callbacks)
+    try:
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            initial_epoch=phase.first_epoch,
+            epochs=phase.last_epoch,
+            callbacks=callbacks,
+            shuffle=False,
+            verbose=0,
+        )
+    finally:
+        callbacks[0].close()  # the epoch logger
     if several_phases:
         partial = done.with_name(f".{phase.name}.partial.weights.h5")
         model.save_weights(partial)

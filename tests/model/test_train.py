@@ -31,10 +31,26 @@ def _prepare(colour_dataset, artifacts, **overrides):
     return config, dataset, Path(prepared.split_path), run_dir
 
 
-def test_interrupted_run_resumes_where_it_stopped(colour_dataset, artifacts):
+def test_interrupted_run_resumes_where_it_stopped(colour_dataset, artifacts, monkeypatch):
+    import model_lib.train
+
+    opened = []
+
+    class Recorded(model_lib.train.Progress):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.closed = False
+            opened.append(self)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    monkeypatch.setattr(model_lib.train, "Progress", Recorded)
     config, dataset, split_path, run_dir = _prepare(colour_dataset, artifacts, epochs=3)
     with pytest.raises(Interrupt):
         train(config, dataset, split_path, run_dir, log=lambda m: None, extra_callbacks=(CrashInSecondEpoch(),))
+    assert opened and all(progress.closed for progress in opened)  # a crash never leaves a bar on the terminal
     assert (run_dir / "checkpoint").is_dir() and not (run_dir / "model.keras").exists()
     assert read_history(run_dir / "history.csv")["epoch"].tolist() == [0]
 
