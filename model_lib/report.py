@@ -55,7 +55,7 @@ def build_manifest(run: RunRecord, model, flow_run_id: str | None) -> dict:
             key: metrics[key] for key in ("test_accuracy", "test_loss", "majority_rate", "promotion_floor", "per_class")
         }
         | {"train_seconds": trained.train_seconds, "epochs_run": trained.epochs_run},
-        "training": {"precision": trained.precision, "device": trained.device},
+        "training": {"precision": trained.precision, "device": trained.device, "backend": trained.backend},
         "calibration": run.calibration,
         "dataset": {
             "source": dataset.source,
@@ -86,6 +86,7 @@ def report_markdown(
             instead of relative links (for `report.md` in the version folder).
     """
     metrics, data, training = manifest["metrics"], manifest["dataset"], manifest["training"]
+    backend = f"Keras on {training.get('backend', 'tensorflow')}"  # versions before the field: TensorFlow
     calibration = manifest.get("calibration") or {}
     calibrated = (
         f"temperature {calibration['temperature']:.3f}; test ECE {calibration['test_ece_before']:.4f} -> "
@@ -118,7 +119,7 @@ def report_markdown(
 | test loss | {metrics["test_loss"]:.4f} |
 | calibration | {calibrated} |
 | epochs | {metrics["epochs_run"]} |
-| training time | {metrics["train_seconds"]:.0f} s ({training["precision"]}, {training["device"]}) |
+| training time | {metrics["train_seconds"]:.0f} s ({training["precision"]}, {training["device"]}, {backend}) |
 | architecture | {manifest["architecture"]} ({manifest["parameter_count"]:,} parameters) |
 | data | {data["source"]} ({counts}) |
 

@@ -70,3 +70,4 @@ class TrainResult:
     train_seconds: float
     precision: str
     device: str
+    backend: str  # Keras' backend that trained the model: tensorflow or jax

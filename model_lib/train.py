@@ -136,6 +136,7 @@ def train(
         train_seconds=round(train_seconds, 2),
         precision=precision,
         device=device,
+        backend=keras.backend.backend(),
     )
 
 
