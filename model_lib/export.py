@@ -84,12 +84,13 @@ def export_version(
     x_test, y_test = np.asarray(arrays.x_test), np.asarray(arrays.y_test)
     keras_top1 = _top1(KerasClassifier(model), x_test)
     keras_accuracy = float((keras_top1 == y_test).mean())
-    entries, files = [], {}
+    entries, files, input_dtypes = [], {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         for export_format in formats:
             path = Path(scratch) / f"model_{export_format}.tflite"
             path.write_bytes(convert(model, export_format, calibration))
-            top1 = _top1(TFLiteClassifier(path), x_test)
+            classifier = TFLiteClassifier(path)
+            top1, input_dtypes[path.name] = _top1(classifier, x_test), classifier.input_dtype
             accuracy, agreement = float((top1 == y_test).mean()), float((top1 == keras_top1).mean())
             entries.append({"format": export_format, "file": path.name, "size_bytes": path.stat().st_size,
                             "test_accuracy": accuracy, "agreement": agreement, "status": "ok",
@@ -99,7 +100,7 @@ def export_version(
                 f"(Keras {keras_accuracy:.4f}), same top-1 as Keras on {agreement:.2%}")  # fmt: skip
         reference = next((e["test_accuracy"] for e in entries if e["format"] == "float32"), keras_accuracy)
         for entry in entries:
-            if entry["format"] == "int8" and TFLiteClassifier(files[entry["file"]]).input_dtype != np.uint8:
+            if entry["format"] == "int8" and input_dtypes[entry["file"]] != np.uint8:
                 # The converter falls back to float silently, e.g. when weights hold NaN or inf.
                 entry["status"] = "failed"
                 entry["reason"] = "the converter left the model unquantized (non-finite weights or unsupported ops)"

@@ -24,7 +24,7 @@ import numpy as np
 
 from model_lib.config import ENGINES, ConfigError
 from model_lib.export import serving_exports
-from model_lib.fileio import read_json, sha256_file
+from model_lib.fileio import read_json
 from model_lib.flags import flags
 from model_lib.images import FolderEntry, decode_files, decode_files_in_pool, walk_folder
 from model_lib.inference import KerasClassifier, TFLiteClassifier
@@ -135,10 +135,11 @@ def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") ->
     notes = []
     if model_file == MODEL_FILE and engine == "auto":
         for candidate_file in serving_exports(manifest):
-            if sha256_file(version_dir / candidate_file) == manifest["files"][candidate_file]:
+            problems = verify_version(version_dir, (candidate_file,))
+            if not problems:
                 model_file = candidate_file
                 break
-            notes.append(f"{version_dir / candidate_file}: checksum differs from the manifest; not used")
+            notes += [f"{problem}; not used" for problem in problems]
     if model_file not in manifest["files"]:
         raise RegistryError(f"{version_dir / model_file}: not listed in the version's manifest")
     label = f"{manifest.get('name', version_dir.parent.name)} v{manifest['version']}"
@@ -168,7 +169,7 @@ def load_model_once(model: ModelInfo):
             if model.model_file == MODEL_FILE:
                 loaded = KerasClassifier(load_verified_model(Path(model.path)))
             else:
-                problems = [p for p in verify_version(Path(model.path)) if model.model_file in p]
+                problems = verify_version(Path(model.path), (model.model_file,))
                 if problems:
                     raise ChecksumError("; ".join(problems))
                 loaded = TFLiteClassifier(key)

@@ -435,13 +435,22 @@ def parse_reference(ref: str, artifacts_root: str | os.PathLike) -> Path:
     return Registry(artifacts_root, name or DEFAULT_MODEL_NAME).resolve(tag or "champion")
 
 
-def verify_version(version_dir: Path) -> list[str]:
-    """Problems with a version folder's files against its manifest; empty when all checksums match."""
+def verify_version(version_dir: Path, names: tuple[str, ...] | None = None) -> list[str]:
+    """Problems with a version folder's files against its manifest; empty when all checksums match.
+
+    Args:
+        names: Check only these files (one export about to be loaded); default every file listed.
+    """
     manifest_path = version_dir / MANIFEST_FILE
     if not manifest_path.is_file():
         return [f"{manifest_path}: missing"]
-    problems = []
-    for name, expected in read_json(manifest_path)["files"].items():
+    listed = read_json(manifest_path)["files"]
+    problems = [
+        f"{version_dir / name}: not listed in the version's manifest" for name in names or () if name not in listed
+    ]
+    for name, expected in listed.items():
+        if names is not None and name not in names:
+            continue
         path = version_dir / name
         if not path.is_file():
             problems.append(f"{path}: missing")

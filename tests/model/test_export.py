@@ -109,3 +109,6 @@ def test_batch_predict_runs_a_tflite_export(exported, colour_dataset, tmp_path):
     fallback = batch_predict(str(colour_dataset / "test"), output_csv=str(tmp_path / "f.csv"), model=str(version_dir))
     assert not fallback["model"].endswith(f"({chosen})") and fallback["ok"] == len(keras_csv)
     assert not pd.read_csv(fallback["output_csv"])["model"].str.endswith(chosen).any()
+    chosen_path.unlink()  # a missing export is passed over the same way, not a crash
+    gone = batch_predict(str(colour_dataset / "test"), output_csv=str(tmp_path / "g.csv"), model=str(version_dir))
+    assert gone["model"] == fallback["model"] and gone["ok"] == len(keras_csv)

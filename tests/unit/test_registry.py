@@ -141,6 +141,12 @@ def test_tampered_file_is_refused_with_its_name(artifacts, files):
         load_verified_model(version_dir)
     (version_dir / "metrics.json").unlink()
     assert any("metrics.json: missing" in problem for problem in verify_version(version_dir))
+    # Checking named files only (an export about to load): the others' problems are not theirs.
+    assert [p.split("/")[-1] for p in verify_version(version_dir, ("metrics.json",))] == ["metrics.json: missing"]
+    assert verify_version(version_dir, ("probe.npz",)) == []
+    assert verify_version(version_dir, ("model.tflite",))[0].endswith(
+        "model.tflite: not listed in the version's manifest"
+    )
 
 
 def test_references_resolve(artifacts, files):
