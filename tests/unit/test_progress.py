@@ -2,8 +2,10 @@
 
 import os
 import pty
+import select
 import sys
 import threading
+import time
 
 import model_lib.progress
 from model_lib.data import ingest
@@ -40,6 +42,15 @@ def test_threads_advance_one_count_and_the_total_can_grow():
     assert find("run-1") is None
 
 
+def _read_until(leader: int, text: str, seconds: float) -> str:
+    """What the terminal got, read until `text` shows: the kernel hands pty output over in pieces, later under load."""
+    drawn, deadline = "", time.monotonic() + seconds
+    while text not in drawn and time.monotonic() < deadline:
+        if select.select([leader], [], [], 0.1)[0]:
+            drawn += os.read(leader, 1 << 16).decode(errors="replace")
+    return drawn
+
+
 def test_on_a_terminal_a_bar_is_drawn_and_no_lines_are_logged(monkeypatch):
     leader, follower = pty.openpty()
     terminal = os.fdopen(follower, "w")
@@ -51,7 +62,7 @@ def test_on_a_terminal_a_bar_is_drawn_and_no_lines_are_logged(monkeypatch):
         for _ in range(50):
             progress.advance()
     terminal.flush()
-    drawn = os.read(leader, 1 << 16).decode(errors="replace")
+    drawn = _read_until(leader, "files/s", seconds=10)
     terminal.close()
     os.close(leader)
     assert lines == [] and "decoding test images" in drawn and "files/s" in drawn
