@@ -48,7 +48,7 @@ def run(data_root: Path, artifacts: Path, profile: str, precision: str, bn_epsil
     from model_lib.config import resolve_config
     from model_lib.data import ingest, load_arrays
     from model_lib.preprocess import stratified_split
-    from model_lib.recipe import lookahead_callback, make_optimizer
+    from model_lib.recipe import make_optimizer
     from model_lib.train import to_serving_model
 
     models.AIRBENCH_BN_EPSILON = bn_epsilon
@@ -88,10 +88,8 @@ def run(data_root: Path, artifacts: Path, profile: str, precision: str, bn_epsil
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
     )
-    lookahead = lookahead_callback(config.lookahead_every, config.lookahead_decay, steps)
-    callbacks = [lookahead] if config.lookahead_every else []
     started = time.perf_counter()
-    history = model.fit(batches, epochs=config.epochs, callbacks=callbacks, verbose=0)
+    history = model.fit(batches, epochs=config.epochs, verbose=0)
     fit_seconds = time.perf_counter() - started
     serving = to_serving_model(model, replace(config), classes, calibration)
     probabilities = serving.predict(np.asarray(arrays.x_test), batch_size=1000, verbose=0)

@@ -8,8 +8,6 @@ decay is Keras' decoupled form (airbench's is coupled and amplified by momentum)
 
 from __future__ import annotations
 
-import numpy as np
-
 from model_lib.config import TrainConfig
 
 
@@ -65,10 +63,16 @@ def _base_optimizer(config: TrainConfig, total_steps: int, model):
     import keras
 
     learning_rate = learning_rate_schedule(config, total_steps)
-    if config.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate)
-    if config.optimizer != "sgd":
+    if config.optimizer not in ("adam", "sgd"):
         raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+    def with_recipe(optimizer_class: type) -> type:
+        if not config.lookahead_every:
+            return optimizer_class
+        return with_lookahead(optimizer_class, config.lookahead_every, config.lookahead_decay, total_steps)
+
+    if config.optimizer == "adam":
+        return with_recipe(keras.optimizers.Adam)(learning_rate)
     boosted = []
     if model is not None and config.bias_lr_scale != 1:
         norms = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
@@ -87,7 +91,8 @@ def _base_optimizer(config: TrainConfig, total_steps: int, model):
             super().update_step(gradient, variable, learning_rate)
 
     weight_decay = config.weight_decay or None
-    return BiasBoostedSGD(learning_rate, momentum=config.momentum, nesterov=True, weight_decay=weight_decay)
+    sgd = with_recipe(BiasBoostedSGD)
+    return sgd(learning_rate, momentum=config.momentum, nesterov=True, weight_decay=weight_decay)
 
 
 def _all_layers(model):
@@ -97,33 +102,44 @@ def _all_layers(model):
             yield from _all_layers(layer)
 
 
-def lookahead_callback(every: int, final_decay: float, total_steps: int):
-    """airbench's lookahead: every `every` steps, blend the weights into a slow copy and restart there.
+def with_lookahead(optimizer_class: type, every: int, final_decay: float, total_steps: int) -> type:
+    """`optimizer_class` with airbench's lookahead inside its update step, on every Keras backend.
 
-    The slow copy keeps `decay` of itself, `decay` rising as the cube of progress to `final_decay`,
-    so early training runs free and the last epochs average out the noise of a high learning rate.
-    At the end the model takes the slow weights. A resumed run restarts the slow copy from the
-    restored weights.
+    Every `every` steps the trainable weights are blended into a slow copy, which keeps `decay` of
+    itself (`decay` rising as the cube of progress to `final_decay`), and training restarts from
+    the slow copy; when `fit` ends the model takes the slow weights. Early training runs free and
+    the last epochs average out the noise of a high learning rate.
+
+    It runs in the compiled train step: a callback that read the weights back to the host every
+    step cost a third of each epoch on a GPU. The slow copy lives in Keras' EMA slots, so it is
+    built per trainable variable, saved with the optimiser in checkpoints (a resumed run keeps
+    it) and copied into the model by `finalize_variable_values` at the end of `fit`. Unlike
+    airbench, batch norm's moving statistics are not blended: they are not the optimiser's, and
+    with momentum 0.4 they follow the weights within a few steps.
     """
-    import keras
+    from keras import ops
 
-    class Lookahead(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.variables = [v for v in self.model.weights if "float" in str(v.dtype)]
-            self.slow = [np.array(v.numpy()) for v in self.variables]
+    class Lookahead(optimizer_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, use_ema=True, ema_overwrite_frequency=None, **kwargs)
 
-        def on_train_batch_end(self, batch, logs=None):
-            step = int(self.model.optimizer.iterations.numpy())
-            if step % every == 0:
-                decay = final_decay * min(1.0, step / total_steps) ** 3
-                self._blend(decay)
+        def _update_model_variables_moving_average(self, trainable_variables):
+            step = self.iterations + 1  # the counter moves after the update: this is the step just taken
+            blend = ops.equal(step % every, 0)
+            # As Keras' EMA does, the slow copy starts at the weights after the first step (build runs
+            # inside the traced step on TensorFlow, where it cannot copy the initial values). In the
+            # default recipe the first blend keeps under 1e-6 of it.
+            first = ops.equal(self.iterations, 0)
+            progress = ops.minimum(ops.cast(step, "float32") / float(total_steps), 1.0)
+            keep = final_decay * progress**3
+            for variable, slow in zip(trainable_variables, self._model_variables_moving_average, strict=True):
+                if slow is None:
+                    continue
+                fast, old = ops.convert_to_tensor(variable), ops.convert_to_tensor(slow)
+                blended = old + (1 - ops.cast(keep, old.dtype)) * (fast - old)
+                new_slow = ops.where(first, fast, ops.where(blend, blended, old))
+                slow.assign(new_slow)
+                variable.assign(ops.where(blend, new_slow, fast))
 
-        def on_train_end(self, logs=None):
-            self._blend(1.0)
-
-        def _blend(self, decay: float) -> None:
-            for slow, variable in zip(self.slow, self.variables, strict=True):
-                slow += (1 - decay) * (variable.numpy() - slow)
-                variable.assign(slow)
-
-    return Lookahead()
+    Lookahead.__name__ = f"Lookahead{optimizer_class.__name__}"
+    return Lookahead

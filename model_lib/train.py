@@ -18,7 +18,7 @@ from model_lib.models import build_model, with_flip_tta
 from model_lib.precision import choose_precision, cpu_bf16_units, devices, scale_for_replicas, use_xla
 from model_lib.preprocess import load_split, make_datasets
 from model_lib.progress import PROGRESS_SECONDS, Progress
-from model_lib.recipe import lookahead_callback, make_optimizer
+from model_lib.recipe import make_optimizer
 from model_lib.runs import TrainResult, read_history
 from model_lib.transfer import freeze_backbone, from_scratch, recalibrate_batch_norm
 
@@ -308,8 +308,6 @@ def _callbacks(
     steps_per_epoch = phase_steps // max(1, phase.config.epochs)
     epoch_logger = _epoch_logger(log, config.epochs, steps_per_epoch)
     callbacks = [epoch_logger, keras.callbacks.TerminateOnNaN()]
-    if phase.config.lookahead_every:
-        callbacks.append(lookahead_callback(phase.config.lookahead_every, phase.config.lookahead_decay, phase_steps))
     if config.early_stopping_patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(monitor, patience=config.early_stopping_patience, restore_best_weights=True)

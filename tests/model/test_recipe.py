@@ -4,7 +4,7 @@ import pytest
 
 from model_lib.config import resolve_config
 from model_lib.models import build_model
-from model_lib.recipe import lookahead_callback, make_optimizer
+from model_lib.recipe import make_optimizer, with_lookahead
 
 rng = np.random.default_rng(0)
 IMAGES = rng.integers(0, 256, (16, 32, 32, 3)).astype(np.float32)
@@ -33,31 +33,51 @@ def test_batch_norm_offsets_step_bias_lr_scale_times_further():
         np.testing.assert_allclose(boosted[path], unboosted[path], rtol=1e-5, atol=1e-7)
 
 
-def test_lookahead_blends_into_slow_weights_every_few_steps_with_a_cubic_ramp():
-    def fresh_model():
+@pytest.mark.parametrize("backend_step", ["compiled", "eager"])
+def test_lookahead_blends_into_slow_weights_every_few_steps_with_a_cubic_ramp(backend_step):
+    def fresh_model(optimizer):
         keras.utils.set_random_seed(1)
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        model.compile(optimizer=optimizer, loss="mse", run_eagerly=backend_step == "eager")
         return model
 
     x, y = rng.normal(size=(8, 4)).astype(np.float32), rng.normal(size=(8, 3)).astype(np.float32)
-    with_lookahead = fresh_model()
-    lookahead = lookahead_callback(every=5, final_decay=0.8, total_steps=10)
-    with_lookahead.fit(x, y, batch_size=8, epochs=10, shuffle=False, verbose=0, callbacks=[lookahead])
+    with_slow = fresh_model(with_lookahead(keras.optimizers.SGD, every=5, final_decay=0.8, total_steps=10)(0.1))
+    with_slow.fit(x, y, batch_size=8, epochs=7, shuffle=False, verbose=0)  # ends mid-period: the slow copy wins
 
-    by_hand = fresh_model()
-    slow = [w.numpy() for w in by_hand.weights]
-    for step in range(1, 11):
+    by_hand = fresh_model(keras.optimizers.SGD(0.1))
+    for step in range(1, 8):
         by_hand.train_on_batch(x, y)
+        if step == 1:
+            slow = [w.numpy() for w in by_hand.weights]
         if step % 5 == 0:
             decay = 0.8 * (step / 10) ** 3
             slow = [s + (1 - decay) * (w.numpy() - s) for s, w in zip(slow, by_hand.weights, strict=True)]
             by_hand.set_weights(slow)
-    for a, b in zip(with_lookahead.get_weights(), by_hand.get_weights(), strict=True):
+    for a, b in zip(with_slow.get_weights(), slow, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    plain = fresh_model()
-    plain.fit(x, y, batch_size=8, epochs=10, shuffle=False, verbose=0)
-    assert not np.allclose(plain.get_weights()[0], with_lookahead.get_weights()[0], atol=1e-4)
+    assert not np.allclose(by_hand.get_weights()[0], with_slow.get_weights()[0], atol=1e-4)
+
+
+def test_lookahead_state_survives_a_checkpoint(tmp_path):
+    """A resumed run continues from the same slow copy: it is saved with the optimiser's variables."""
+    x, y = rng.normal(size=(8, 4)).astype(np.float32), rng.normal(size=(8, 3)).astype(np.float32)
+
+    def fresh_model():
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        model.compile(optimizer=with_lookahead(keras.optimizers.SGD, 5, 0.8, 10)(0.1), loss="mse")
+        return model
+
+    whole = fresh_model()
+    whole.fit(x, y, batch_size=8, epochs=10, shuffle=False, verbose=0)
+    first, second = fresh_model(), fresh_model()
+    first.fit(x, y, batch_size=8, epochs=6, shuffle=False, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(str(tmp_path), save_freq="epoch")])  # fmt: skip
+    second.fit(x, y, batch_size=8, epochs=10, shuffle=False, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(str(tmp_path), save_freq="epoch")])  # fmt: skip
+    for a, b in zip(whole.get_weights(), second.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("width", [0.25, 1.0])
