@@ -5,10 +5,10 @@
 
 Each run is DATA:PROFILE:PRECISION:BN_EPSILON[:EPOCHS], DATA `cifar` (the folder given by --cifar)
 or `digits` (scikit-learn's digits written as 8x8 greyscale PNGs, as the tests do). For machines
-without TensorFlow, such as the lent GPU machine: ingest, model, optimiser, schedule, lookahead
-and the serving model (flip TTA) are model_lib's own; only the input pipeline differs from
-`train-cifar`'s: numpy flip and reflect-translate per batch instead of tf.data, and no
-per-epoch validation. Prints one JSON line per run (and appends it to --out).
+without TensorFlow or Prefect, such as the lent GPU machine: ingest, the in-memory batches with
+augmentation inside the compiled step, model, optimiser with its lookahead, schedule and the
+serving model (flip TTA) are model_lib's own, as `train-cifar` runs them under JAX, without
+per-epoch validation, checkpoints and logs. Prints one JSON line per run (and appends it to --out).
 """
 
 from __future__ import annotations
@@ -28,26 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def augment(images: np.ndarray, rng: np.random.Generator, flip: bool, translate: int) -> np.ndarray:
-    """Random mirror and a random shift of up to `translate` pixels with reflected borders, per image."""
-    n, height, width, _ = images.shape
-    if flip:
-        images = np.where((rng.random(n) < 0.5)[:, None, None, None], images[:, :, ::-1], images)
-    if translate:
-        padded = np.pad(images, ((0, 0), (translate, translate), (translate, translate), (0, 0)), mode="reflect")
-        rows = rng.integers(0, 2 * translate + 1, n)[:, None] + np.arange(height)
-        cols = rng.integers(0, 2 * translate + 1, n)[:, None] + np.arange(width)
-        images = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    return images
-
-
 def run(data_root: Path, artifacts: Path, profile: str, precision: str, bn_epsilon: float, epochs: int | None) -> dict:
     import keras
 
     from model_lib import models
     from model_lib.config import resolve_config
     from model_lib.data import ingest, load_arrays
-    from model_lib.preprocess import stratified_split
+    from model_lib.preprocess import array_batches, batch_augmenter, stratified_split, with_augmentation
     from model_lib.recipe import make_optimizer
     from model_lib.train import to_serving_model
 
@@ -61,35 +48,19 @@ def run(data_root: Path, artifacts: Path, profile: str, precision: str, bn_epsil
     classes = len(dataset.class_names)
     keras.utils.set_random_seed(config.seed)
 
-    class Batches(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__()
-            self.rng = np.random.default_rng(config.seed)
-            self.order = self.rng.permutation(len(y))
-
-        def __len__(self):
-            return -(-len(y) // config.batch_size)
-
-        def __getitem__(self, index):
-            chosen = self.order[index * config.batch_size : (index + 1) * config.batch_size]
-            images = augment(x[chosen], self.rng, config.augment_flip, config.augment_translate)
-            return images.astype(np.float32), np.eye(classes, dtype=np.float32)[y[chosen]]
-
-        def on_epoch_end(self):
-            self.order = self.rng.permutation(len(y))
-
-    batches = Batches()
+    batches = array_batches(x, y, classes, config.batch_size, config.seed, batch_augmenter(config, "host"))
     steps = config.epochs * len(batches)
     calibration = x[:5000]
     model = models.build_model(config.architecture, classes, config.image_size, precision, calibration,
                                width=config.network_width)  # fmt: skip
-    model.compile(
+    trainer = with_augmentation(model, config)  # the random layers run inside the compiled step
+    trainer.compile(
         optimizer=make_optimizer(config, steps, model, precision),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
     )
     started = time.perf_counter()
-    history = model.fit(batches, epochs=config.epochs, verbose=0)
+    history = trainer.fit(batches, epochs=config.epochs, verbose=0)
     fit_seconds = time.perf_counter() - started
     serving = to_serving_model(model, replace(config), classes, calibration)
     probabilities = serving.predict(np.asarray(arrays.x_test), batch_size=1000, verbose=0)

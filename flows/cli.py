@@ -165,6 +165,10 @@ def train(
     """Run the train-cifar flow locally (Prefect's embedded temporary API; no server needed)."""
     overrides = config_overrides(locals())  # the options named like config fields
     check_training_request(profile, overrides, artifacts_dir())  # a mistake costs a second, not a Prefect start
+    if export:
+        from model_lib.export import require_tensorflow_backend
+
+        require_tensorflow_backend()  # before training, not after
     typer.echo(
         f"Training profile {profile}: {PROFILE_TIMES[profile]} on a 2-core CPU with CIFAR-10 (less with "
         f"--max-train-images or a GPU); progress as a bar on a terminal, else a line every {PROGRESS_SECONDS} s.",
@@ -250,13 +254,18 @@ def predict(
 def export_command(
     ref: VersionRef = "cifar10",
     formats: Annotated[str, typer.Option(help="Comma-separated: float32, float16, int8.")] = "float32,float16,int8",
+    force: Annotated[bool, typer.Option(help="Convert again formats already exported and intact.")] = False,
 ) -> None:
-    """Write TFLite exports beside a registered version, with interpreter-measured test accuracy."""
-    from model_lib.export import export_version
+    """Write TFLite exports beside a registered version, with interpreter-measured test accuracy.
 
+    Formats already exported whose files match the manifest's checksums are kept (--force redoes them)."""
+    from model_lib.export import export_version, require_tensorflow_backend
+
+    require_tensorflow_backend()
     version_dir = _version_dir(ref)
     try:
-        entries = export_version(version_dir, artifacts_dir(), tuple(f.strip() for f in formats.split(",")), typer.echo)
+        chosen = tuple(f.strip() for f in formats.split(","))
+        entries = export_version(version_dir, artifacts_dir(), chosen, typer.echo, force=force)
     except (FileNotFoundError, ValueError) as error:
         _fail(str(error))
     for entry in entries:

@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger
 from model_lib.checks import check_training_request
 from model_lib.config import CHOICES, PROFILES, TrainConfig, config_overrides
 from model_lib.data import suggested_model_name
+from model_lib.export import require_tensorflow_backend
 from model_lib.fileio import read_json
 from model_lib.registry import MANIFEST_FILE, Registry
 from model_lib.report import RunRecord
@@ -103,6 +104,8 @@ def train_cifar(
     """
     overrides = config_overrides(locals())  # every parameter named like a config field, declared once above
     config = check_training_request(profile, overrides, artifacts_dir()).to_dict()
+    if export:
+        require_tensorflow_backend()  # before training, not after
     dataset = ingest_task(config)
     config["model_name"] = config["model_name"] or suggested_model_name(dataset.source, dataset.class_names)
     if skip_unchanged and (same := latest_with_run_key(config, dataset.fingerprint)):

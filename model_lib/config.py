@@ -59,7 +59,7 @@ class TrainConfig:
     reduce_lr_patience: int = 0  # epochs without val_loss improvement before cutting the LR; 0 = off
     reduce_lr_factor: float = 0.1  # LR multiplier applied by the plateau cut
 
-    # augmentation (training only; applied to whole batches inside tf.data)
+    # augmentation (training only; whole batches: in tf.data under TensorFlow, in the train step elsewhere)
     augment_flip: bool = True  # random horizontal mirror
     augment_rotation: float = 0.0  # max rotation, fraction of a full turn (Keras RandomRotation factor)
     augment_zoom: float = 0.0  # max zoom in/out, fraction of the side (Keras RandomZoom factor)

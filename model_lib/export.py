@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from model_lib.config import ConfigError
 from model_lib.data import load_arrays
 from model_lib.fileio import read_json
 from model_lib.inference import KerasClassifier, TFLiteClassifier
-from model_lib.registry import MANIFEST_FILE, attach_to_version, load_verified_model
+from model_lib.registry import MANIFEST_FILE, attach_to_version, load_verified_model, verify_version
 
 EXPORT_FORMATS = ("float32", "float16", "int8")
 INT8_MAX_DROP = 0.01  # int8 may lose at most one point of test accuracy against float32
@@ -26,6 +27,26 @@ CALIBRATION_IMAGES = 200  # training images the int8 quantiser calibrates its ra
 PARITY_MAX_DROP = 0.003  # test accuracy an export may lose against the Keras model and still serve
 PARITY_MIN_AGREEMENT = 0.98  # share of test images on which an export that serves matches Keras' top-1
 SERVING_ORDER = ("int8", "float16", "float32")  # fastest first: int8 ran 3.2x Keras on 2 cores (bench/RESULTS.md)
+
+
+def export_file(export_format: str) -> str:
+    """The file name of an export in a version folder."""
+    return f"model_{export_format}.tflite"
+
+
+def require_tensorflow_backend() -> None:
+    """Exports convert with TensorFlow's TFLite converter, which takes only a TensorFlow-backend model.
+
+    Raises:
+        ConfigError: Keras runs on another backend in this process (KERAS_BACKEND).
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise ConfigError(
+            f"TFLite exports need Keras on TensorFlow, and KERAS_BACKEND is {keras.backend.backend()}: run the export "
+            "without KERAS_BACKEND (a model trained on any backend loads there): cifar-pipeline export REF"
+        )
 
 
 def convert(model, export_format: str, calibration_images: np.ndarray) -> bytes:
@@ -58,18 +79,30 @@ def export_version(
     artifacts_root: Path,
     formats: tuple[str, ...] = EXPORT_FORMATS,
     log: Callable[[str], None] = print,
+    force: bool = False,
 ) -> list[dict]:
     """Write TFLite exports beside a registered version and record them in its manifest.
 
+    A format already exported and intact (its checksum matches the manifest) is kept, not converted
+    again, unless `force`: running `export` after `train --export` costs a second.
+
     Returns:
-        The manifest's `exports` entries: format, file, size, sha256, test accuracy, status, reason.
+        The manifest's `exports` entries of `formats`: format, file, size, sha256, test accuracy,
+        agreement with the Keras model, status, reason, parity.
 
     Raises:
         FileNotFoundError: The version's cached dataset is gone (run ingest on the same data again).
+        ConfigError: Keras does not run on TensorFlow here.
     """
     import tempfile
 
+    require_tensorflow_backend()
     manifest = read_json(version_dir / MANIFEST_FILE)
+    kept = {} if force else _intact_exports(version_dir, manifest, formats)
+    to_do = [export_format for export_format in formats if export_format not in kept]
+    if not to_do:
+        log(f"{version_dir}: {', '.join(formats)} already exported, checksums verified (--force exports again)")
+        return [kept[export_format] for export_format in formats]
     cache_dir = Path(artifacts_root) / "datasets" / manifest["dataset"]["fingerprint"]
     if not (cache_dir / "dataset.json").is_file():
         raise FileNotFoundError(
@@ -78,16 +111,16 @@ def export_version(
         )
     arrays = load_arrays(cache_dir)
     log(f"Exporting {version_dir}: the Keras model's labels on {len(arrays.y_test)} test images first, then "
-        f"{', '.join(formats)}, each measured on them")  # fmt: skip
-    model = load_verified_model(version_dir)
+        f"{', '.join(to_do)}, each measured on them")  # fmt: skip
+    model = load_verified_model(version_dir, replacing=tuple(export_file(fmt) for fmt in to_do))
     calibration = np.asarray(arrays.x_train[:: max(1, len(arrays.y_train) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES])
     x_test, y_test = np.asarray(arrays.x_test), np.asarray(arrays.y_test)
     keras_top1 = _top1(KerasClassifier(model), x_test)
     keras_accuracy = float((keras_top1 == y_test).mean())
     entries, files, input_dtypes = [], {}, {}
     with tempfile.TemporaryDirectory() as scratch:
-        for export_format in formats:
-            path = Path(scratch) / f"model_{export_format}.tflite"
+        for export_format in to_do:
+            path = Path(scratch) / export_file(export_format)
             path.write_bytes(convert(model, export_format, calibration))
             classifier = TFLiteClassifier(path)
             top1, input_dtypes[path.name] = _top1(classifier, x_test), classifier.input_dtype
@@ -98,7 +131,8 @@ def export_version(
             files[path.name] = path
             log(f"{export_format}: {path.stat().st_size / 1e6:.2f} MB, test accuracy {accuracy:.4f} "
                 f"(Keras {keras_accuracy:.4f}), same top-1 as Keras on {agreement:.2%}")  # fmt: skip
-        reference = next((e["test_accuracy"] for e in entries if e["format"] == "float32"), keras_accuracy)
+        measured = [*kept.values(), *entries]
+        reference = next((e["test_accuracy"] for e in measured if e["format"] == "float32"), keras_accuracy)
         for entry in entries:
             if entry["format"] == "int8" and input_dtypes[entry["file"]] != np.uint8:
                 # The converter falls back to float silently, e.g. when weights hold NaN or inf.
@@ -117,10 +151,20 @@ def export_version(
                 and entry["test_accuracy"] >= keras_accuracy - PARITY_MAX_DROP
                 and entry["agreement"] >= PARITY_MIN_AGREEMENT
             )
-        checksums = attach_to_version(version_dir, files, "exports", entries)
-    for entry in entries:
-        entry["sha256"] = checksums[entry["file"]]
-    return entries
+        # Formats not redone (exported earlier, or not asked for now) stay listed.
+        checksums = attach_to_version(version_dir, files, "exports", entries, merge_on="format")
+    by_format = {**kept, **{entry["format"]: {**entry, "sha256": checksums[entry["file"]]} for entry in entries}}
+    return [by_format[export_format] for export_format in formats]
+
+
+def _intact_exports(version_dir: Path, manifest: dict, formats: tuple[str, ...]) -> dict[str, dict]:
+    """The manifest's export entries of `formats` whose files exist with the recorded checksum, by format."""
+    entries = {entry["format"]: entry for entry in manifest.get("exports", []) if entry["format"] in formats}
+    return {
+        export_format: entry
+        for export_format, entry in entries.items()
+        if entry["file"] in manifest["files"] and not verify_version(version_dir, (entry["file"],))
+    }
 
 
 def serving_exports(manifest: dict) -> list[str]:

@@ -28,16 +28,22 @@ class KerasClassifier:
     """
 
     def __init__(self, model):
-        import tensorflow as tf
+        import keras
 
         self.model = fold_batch_norms(model)
         self.input_shape = model.input_shape
-        signature = tf.TensorSpec((None, *model.input_shape[1:]), tf.uint8, name="pixels")
-        self._call = tf.function(lambda pixels: self.model(pixels, training=False), input_signature=[signature])
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            signature = tf.TensorSpec((None, *model.input_shape[1:]), tf.uint8, name="pixels")
+            traced = tf.function(lambda pixels: self.model(pixels, training=False), input_signature=[signature])
+            self._call = lambda pixels: traced(pixels).numpy()
+        else:  # JAX compiles once per batch shape
+            self._call = lambda pixels: np.asarray(self.model.predict_on_batch(pixels))
 
     def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
         """Class probabilities for a batch of uint8 pixels."""
-        return self._call(pixels).numpy()
+        return self._call(pixels)
 
 
 def fold_batch_norms(model):

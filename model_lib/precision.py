@@ -11,12 +11,13 @@ core count and flags, so every later run on that machine decides the same way (o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -77,7 +78,12 @@ def cached_bf16_speedup(
 
     cache_dir = cache_dir or artifacts_dir() / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path, key = cache_dir / PROBE_CACHE_FILE, key or machine_key()
+    if key is None:
+        import keras
+
+        backend = keras.backend.backend()  # JAX's CPU kernels are not TensorFlow's: each backend is probed
+        key = machine_key() + ("" if backend == "tensorflow" else f" backend:{backend}")
+    path = cache_dir / PROBE_CACHE_FILE
     with FileLock(str(cache_dir / f".{PROBE_CACHE_FILE}.lock")):  # two first runs at once measure once
         try:
             known = read_json(path) if path.is_file() else {}
@@ -162,8 +168,27 @@ def scale_for_replicas(config: TrainConfig, replicas: int) -> TrainConfig:
     return replace(config, batch_size=config.batch_size * replicas, learning_rate=config.learning_rate * replicas)
 
 
+@dataclass(frozen=True)
+class Replicas:
+    """Where `tf.distribute` has a strategy, other backends have this: the replica count and a no-op scope
+    (on JAX, `keras.distribution` splits each batch over the devices without one)."""
+
+    num_replicas_in_sync: int  # devices that each take `batch_size` images of a step
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+
 def devices() -> tuple[object, str, list[tuple[int, int]]]:
-    """The distribution strategy, a description of the devices, and the GPUs' compute capabilities."""
+    """The distribution strategy, a description of the devices, and the GPUs' compute capabilities.
+
+    TensorFlow: `MirroredStrategy` over several GPUs. JAX: `keras.distribution.DataParallel` over
+    several GPUs, set process-wide, with a `Replicas` standing in for the strategy.
+    """
+    import keras
+
+    if keras.backend.backend() == "jax":
+        return _jax_devices()
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -180,3 +205,17 @@ def devices() -> tuple[object, str, list[tuple[int, int]]]:
     if gpus:
         return tf.distribute.get_strategy(), f"GPU {gpus[0].name}", capabilities
     return tf.distribute.get_strategy(), f"CPU ({os.cpu_count()} cores)", capabilities
+
+
+def _jax_devices() -> tuple[Replicas, str, list[tuple[int, int]]]:
+    import jax
+    import keras
+
+    gpus = [device for device in jax.devices() if device.platform == "gpu"]
+    capabilities = [tuple(int(part) for part in str(gpu.compute_capability).split(".")[:2]) for gpu in gpus]
+    if len(gpus) > 1:
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=gpus))
+        return Replicas(len(gpus)), f"{len(gpus)} GPUs (JAX, keras.distribution.DataParallel)", capabilities
+    if gpus:
+        return Replicas(1), f"GPU {gpus[0].device_kind} (JAX)", capabilities
+    return Replicas(1), f"CPU ({os.cpu_count()} cores, JAX)", capabilities

@@ -1,4 +1,10 @@
-"""Preprocess/augment: the stratified validation split and the tf.data input pipelines."""
+"""Preprocess/augment: the stratified validation split and the input pipelines.
+
+Under TensorFlow the pipelines are tf.data and augment in parallel map calls beside the training
+step (on a 2-core CPU that overlap pays). Under other Keras backends (JAX) they are in-memory
+batches and the same augmentation layers run inside the compiled training step, as airbench
+does on GPUs: no tf.data, so no TensorFlow needed.
+"""
 
 from __future__ import annotations
 
@@ -61,8 +67,14 @@ def test_set_fingerprint(x_test: np.ndarray, y_test: np.ndarray, class_names: li
     return digest.hexdigest()[:32]
 
 
-def batch_augmenter(config: TrainConfig):
-    """A Keras pipeline of random layers that augments whole float32 batches, or None if none apply."""
+def batch_augmenter(config: TrainConfig, place: str = "all"):
+    """A Keras pipeline of random layers that augments whole float32 batches, or None if none apply.
+
+    Args:
+        config: The augmentation settings.
+        place: "all"; or "step", the layers XLA can compile into the training step; or "host",
+            the others (RandomZoom), which then run on each batch before it goes in.
+    """
     import keras
     from keras import layers
 
@@ -79,10 +91,81 @@ def batch_augmenter(config: TrainConfig):
         steps.append(
             layers.RandomTranslation(shift, shift, fill_mode="reflect", interpolation="nearest", seed=config.seed + 3)
         )
-    return keras.Sequential(steps, name="augment") if steps else None
+    if place != "all":
+        steps = [layer for layer in steps if layer.supports_jit == (place == "step")]
+    return keras.Sequential(steps, name=f"augment_{place}") if steps else None
+
+
+def augments_in_step() -> bool:
+    """Whether augmentation runs inside the training step (any backend but TensorFlow) rather than in tf.data."""
+    import keras
+
+    return keras.backend.backend() != "tensorflow"
+
+
+def with_augmentation(model, config: TrainConfig):
+    """The model to train: `model` behind the configured random layers (identity outside training), or itself."""
+    import keras
+
+    augmenter = batch_augmenter(config, "step")
+    if augmenter is None:
+        return model
+    return keras.Sequential([keras.Input(model.input_shape[1:]), augmenter, model], name=f"{model.name}_training")
+
+
+def array_batches(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int, seed: int | None, augment=None):
+    """Batches of float32 pixels and one-hot labels from in-memory arrays, for backends without tf.data.
+
+    Args:
+        x: uint8 images.
+        y: Integer labels.
+        num_classes: Width of the one-hot labels.
+        batch_size: Images per batch (the last one may be smaller).
+        seed: Seed of the per-epoch reshuffling; None keeps the order (validation).
+        augment: Random layers applied to each batch here, outside the compiled step (those XLA cannot compile).
+    """
+    import keras
+
+    class ArrayBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.rng = np.random.default_rng(seed)
+            self.order = np.arange(len(y))
+            self.on_epoch_end()
+
+        def __len__(self) -> int:
+            return int(np.ceil(len(y) / batch_size))
+
+        def __getitem__(self, index: int):
+            rows = self.order[index * batch_size : (index + 1) * batch_size]
+            images = x[rows].astype(np.float32)
+            if augment is not None:
+                images = np.asarray(augment(images, training=True))
+            return images, np.eye(num_classes, dtype=np.float32)[y[rows]]
+
+        def on_epoch_end(self) -> None:
+            if seed is not None:
+                self.order = self.rng.permutation(len(y))
+
+    return ArrayBatches()
 
 
 def make_datasets(x: np.ndarray, y: np.ndarray, split: Split, num_classes: int, config: TrainConfig):
+    """The training and validation pipelines for the backend: tf.data under TensorFlow, else `array_batches`
+    (whose augmentation `with_augmentation` puts in the step). Validation is None without a validation split."""
+    train_x, train_y = np.asarray(x[split.train_index]), np.asarray(y[split.train_index])
+    if not augments_in_step():
+        return _tf_datasets(train_x, train_y, x, y, split, num_classes, config)
+    host = batch_augmenter(config, "host")
+    train = array_batches(train_x, train_y, num_classes, config.batch_size, config.seed, host)
+    val = None
+    if len(split.val_index):
+        val_x, val_y = np.asarray(x[split.val_index]), np.asarray(y[split.val_index])
+        val = array_batches(val_x, val_y, num_classes, config.batch_size, seed=None)
+    return train, val
+
+
+def _tf_datasets(train_x, train_y, x, y, split: Split, num_classes: int, config: TrainConfig):
     """tf.data pipelines for training (shuffled, augmented per batch) and validation.
 
     Augmentation runs on whole batches in parallel map calls, so it overlaps with the training
@@ -101,7 +184,6 @@ def make_datasets(x: np.ndarray, y: np.ndarray, split: Split, num_classes: int, 
     def one_hot(images, labels):
         return tf.cast(images, tf.float32), tf.one_hot(labels, num_classes)
 
-    train_x, train_y = np.asarray(x[split.train_index]), np.asarray(y[split.train_index])
     train = (
         tf.data.Dataset.from_tensor_slices((train_x, train_y))
         .shuffle(len(train_y), seed=config.seed, reshuffle_each_iteration=True)

@@ -385,12 +385,22 @@ def registry_lock(model_root: Path) -> FileLock:
     return FileLock(str(model_root / ".registry.lock"), timeout=LOCK_TIMEOUT_SECONDS)
 
 
-def attach_to_version(version_dir: Path, files: Mapping[str, str | os.PathLike], key: str, entries: list[dict]) -> dict:
+def attach_to_version(
+    version_dir: Path,
+    files: Mapping[str, str | os.PathLike],
+    key: str,
+    entries: list[dict],
+    merge_on: str | None = None,
+) -> dict:
     """Add files to a registered version and record them in its manifest under `key`.
 
     Files are copied in first (each renamed into place), then the manifest is replaced with one
     that lists them with their sha256 (also added to each entry), under the registry's lock so
     manifest rewrites never interleave. Returns the new files' checksums by name.
+
+    Args:
+        merge_on: Keep the manifest's entries under `key` whose value of this field no new entry has
+            (e.g. "format": exports of other formats stay listed); default: `entries` replace them all.
     """
     with registry_lock(version_dir.parent):
         checksums = {}
@@ -401,7 +411,10 @@ def attach_to_version(version_dir: Path, files: Mapping[str, str | os.PathLike],
             checksums[name] = sha256_file(version_dir / name)
         manifest = read_json(version_dir / MANIFEST_FILE)
         manifest["files"].update(checksums)
-        manifest[key] = [{**entry, "sha256": checksums.get(entry.get("file"))} for entry in entries]
+        if merge_on is not None:  # replaced entries keep their place; new ones go last
+            new = {entry[merge_on]: entry for entry in entries}
+            entries = [new.pop(entry[merge_on], entry) for entry in manifest.get(key, [])] + list(new.values())
+        manifest[key] = [{**entry, "sha256": manifest["files"].get(entry.get("file"))} for entry in entries]
         write_json(version_dir / MANIFEST_FILE, manifest)
     return checksums
 
@@ -459,19 +472,25 @@ def verify_version(version_dir: Path, names: tuple[str, ...] | None = None) -> l
     return problems
 
 
-def _require_intact(version_dir: Path) -> None:
-    problems = verify_version(version_dir)
+def _require_intact(version_dir: Path, replacing: tuple[str, ...] = ()) -> None:
+    names = None  # every listed file
+    if replacing and (version_dir / MANIFEST_FILE).is_file():
+        names = tuple(name for name in read_json(version_dir / MANIFEST_FILE)["files"] if name not in replacing)
+    problems = verify_version(version_dir, names)
     if problems:
         raise ChecksumError(f"{version_dir.name} refused: " + "; ".join(problems))
 
 
-def load_verified_model(version_dir: Path):
+def load_verified_model(version_dir: Path, replacing: tuple[str, ...] = ()):
     """Load a version's Keras model after checking every file's sha256; `safe_mode` stays on.
+
+    Args:
+        replacing: Files about to be written again (a tampered export), exempt from the check.
 
     Raises:
         ChecksumError: A file is missing or its checksum differs; the message names it.
     """
-    _require_intact(version_dir)
+    _require_intact(version_dir, replacing)
     import keras
 
     return keras.saving.load_model(version_dir / MODEL_FILE, safe_mode=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from model_lib.evaluate import check_learned
 from model_lib.fileio import atomic_open, write_json
 from model_lib.models import build_model, with_flip_tta
 from model_lib.precision import choose_precision, cpu_bf16_units, devices, scale_for_replicas, use_xla
-from model_lib.preprocess import load_split, make_datasets
+from model_lib.preprocess import augments_in_step, load_split, make_datasets, with_augmentation
 from model_lib.progress import PROGRESS_SECONDS, Progress
 from model_lib.recipe import make_optimizer
 from model_lib.runs import TrainResult, read_history
@@ -107,10 +108,12 @@ def train(
             config.architecture, num_classes, config.image_size, precision, calibration, config.weights,
             config.network_width,
         )  # fmt: skip
+    # Under TensorFlow tf.data augments; elsewhere the augmentation layers train in front of the model.
+    trainer = with_augmentation(model, config) if augments_in_step() else model
     steps_per_epoch = int(np.ceil(len(split.train_index) / config.batch_size))
     for phase in phases:
-        _fit_phase(model, phase, config, strategy, precision, xla, train_ds, val_ds, steps_per_epoch, run_dir, log,
-                   extra_callbacks, several_phases=len(phases) > 1)  # fmt: skip
+        _fit_phase(model, trainer, phase, config, strategy, precision, xla, train_ds, val_ds, steps_per_epoch,
+                   run_dir, log, extra_callbacks, several_phases=len(phases) > 1)  # fmt: skip
     for phase in phases:  # finished: an identical run started later trains afresh, like BackupAndRestore
         (run_dir / phase.done_marker).unlink(missing_ok=True)
     if config.architecture == "transfer" and from_scratch(config.weights):
@@ -120,7 +123,8 @@ def train(
     history = read_history(history_path)
     final_loss = _check_converged(model, history, num_classes)
     if val_ds is not None:
-        check_validation(model, val_ds, final_loss, arrays.y_train[split.val_index], num_classes, config.learned_margin)
+        val_labels = arrays.y_train[split.val_index]
+        check_validation(trainer, val_ds, final_loss, val_labels, num_classes, config.learned_margin)
     train_seconds = float(history["epoch_seconds"].sum())
     log(f"Trained {len(history)} epochs in {train_seconds:.0f}s")
 
@@ -145,16 +149,20 @@ def _set_up(config: TrainConfig, log: Callable[[str], None]):
     config scaled for the number of replicas."""
     import keras
 
+    backend = keras.backend.backend()
+    if config.deterministic and backend == "jax":  # read when JAX starts its GPU backend, just below
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_deterministic_ops=true".strip()
     strategy, device, capabilities = devices()
     precision, why = choose_precision(config.precision, capabilities, cpu_bf16_units())
-    xla = use_xla(config.jit_compile, bool(capabilities))
+    # JAX always compiles the step with XLA: without jit it would run op by op from Python.
+    xla = backend == "jax" or use_xla(config.jit_compile, bool(capabilities))
     log(f"Training {config.architecture} on {device}, precision {precision} ({why}), XLA {'on' if xla else 'off'}")
     config = scale_for_replicas(config, strategy.num_replicas_in_sync)
     if strategy.num_replicas_in_sync > 1:
         replicas = strategy.num_replicas_in_sync
         log(f"{replicas} replicas: global batch {config.batch_size}, learning rate {config.learning_rate}")
     keras.utils.set_random_seed(config.seed)
-    if config.deterministic:  # process-wide: the multi-threaded kernels' reductions run in a fixed order
+    if config.deterministic and backend == "tensorflow":  # process-wide: reductions run in a fixed order
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
@@ -172,15 +180,16 @@ def _start_run_folder(run_dir: Path, config: TrainConfig, phases: list[Phase]) -
 
 
 def _fit_phase(
-    model, phase: Phase, config: TrainConfig, strategy, precision: str, xla: bool, train_ds, val_ds,
+    model, trainer, phase: Phase, config: TrainConfig, strategy, precision: str, xla: bool, train_ds, val_ds,
     steps_per_epoch: int, run_dir: Path, log: Callable[[str], None], extra_callbacks: tuple, several_phases: bool,
 ) -> None:  # fmt: skip
-    """Train one phase, from its checkpoint if one exists; a phase finished earlier only loads its weights."""
+    """Train one phase of `trainer` (`model`, or it behind augmentation layers), from its checkpoint if one
+    exists; a phase finished earlier only loads its weights."""
     import keras
 
     done = run_dir / phase.done_marker
     if done.exists():
-        model.load_weights(done)
+        trainer.load_weights(done)
         log(f"Phase {phase.name} already finished; its weights are loaded")
         return
     if (run_dir / phase.checkpoint).exists():
@@ -190,7 +199,7 @@ def _fit_phase(
         log(f"Phase {phase.name}: {count} backbone layers trainable, learning rate {phase.config.learning_rate}")
     phase_steps = phase.config.epochs * steps_per_epoch
     with strategy.scope():
-        model.compile(
+        trainer.compile(
             optimizer=make_optimizer(phase.config, phase_steps, model, precision),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
             metrics=["accuracy"],
@@ -198,7 +207,7 @@ def _fit_phase(
         )
     callbacks = _callbacks(config, phase, phase_steps, run_dir, val_ds is not None, log, extra_callbacks)
     try:
-        model.fit(
+        trainer.fit(
             train_ds,
             validation_data=val_ds,
             initial_epoch=phase.first_epoch,
@@ -211,7 +220,7 @@ def _fit_phase(
         callbacks[0].close()  # the epoch logger
     if several_phases:
         partial = done.with_name(f".{phase.name}.partial.weights.h5")
-        model.save_weights(partial)
+        trainer.save_weights(partial)
         os.replace(partial, done)
 
 
@@ -318,9 +327,10 @@ def _callbacks(
                 monitor, factor=config.reduce_lr_factor, patience=config.reduce_lr_patience
             )
         )
+    if importlib.util.find_spec("tensorflow") is not None:  # Keras writes TensorBoard logs with tf.summary
+        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
     return callbacks + [
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-        keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
         *extra_callbacks,
         # Last, so an epoch is in the history before its checkpoint claims it is done.
         _kill_safe_backup(str(run_dir / phase.checkpoint), log),

@@ -49,7 +49,8 @@ def test_transfer_train_export_and_tflite_predict_as_the_readme_shows(cifar_dir,
              "--learned-margin", "-1"]  # fmt: skip
     trained = run(readme_command("cifar-pipeline train --architecture transfer --weights none --export") + smoke)
     version = re.search(r"cifar10 v(\d+) \(champion\)", trained).group(1)
-    run(readme_command("cifar-pipeline export cifar10@champion"))
+    exported = run(readme_command("cifar-pipeline export cifar10@champion"))
+    assert "already exported, checksums verified" in exported  # train --export did it: not converted twice
 
     predict = readme_command("cifar-pipeline predict ~/photos --model")
     predict = [str(photos) if a == "~/photos" else a.replace("/v3/", f"/v{version}/") for a in predict]

@@ -54,11 +54,12 @@ def test_exports_match_keras_and_are_recorded(exported, artifacts):
 def test_int8_too_far_below_float32_is_marked_failed(exported, artifacts, monkeypatch):
     version_dir, _ = exported
     monkeypatch.setattr(model_lib.export, "INT8_MAX_DROP", -1.0)  # any int8 result is now "too far below"
-    entries = export_version(version_dir, artifacts, ("float32", "int8"), log=lambda m: None)
+    entries = export_version(version_dir, artifacts, ("float32", "int8"), log=lambda m: None, force=True)
     int8 = next(entry for entry in entries if entry["format"] == "int8")
     assert int8["status"] == "failed" and "below float32" in int8["reason"] and int8["parity"] is False
     manifest = read_json(version_dir / "manifest.json")
-    assert manifest["exports"][1]["status"] == "failed"
+    recorded = {entry["format"]: entry for entry in manifest["exports"]}
+    assert recorded["int8"]["status"] == "failed" and list(recorded) == list(EXPORT_FORMATS)  # float16 stays listed
     assert serving_export(manifest) != "model_int8.tflite"  # a failed export never serves
 
 
@@ -68,8 +69,11 @@ def test_unquantized_int8_is_marked_failed(exported, artifacts, monkeypatch):
     monkeypatch.setattr(
         model_lib.export, "convert", lambda model, fmt, calibration: real_convert(model, "float32", calibration)
     )
-    entries = export_version(version_dir, artifacts, ("int8",), log=lambda m: None)
+    entries = export_version(version_dir, artifacts, ("int8",), log=lambda m: None, force=True)
     assert entries[0]["status"] == "failed" and "unquantized" in entries[0]["reason"]
+    manifest = read_json(version_dir / "manifest.json")
+    assert [entry["format"] for entry in manifest["exports"]] == list(EXPORT_FORMATS)  # the others stay listed
+    assert all(entry["sha256"] == manifest["files"][entry["file"]] for entry in manifest["exports"])
 
 
 def test_serving_export_is_the_fastest_that_passed_parity():
@@ -85,7 +89,7 @@ def test_serving_export_is_the_fastest_that_passed_parity():
     assert serving_export(unlisted) is None  # a file the manifest does not vouch for never serves
 
 
-def test_batch_predict_runs_a_tflite_export(exported, colour_dataset, tmp_path):
+def test_batch_predict_runs_a_tflite_export(exported, colour_dataset, artifacts, tmp_path):
     version_dir, _ = exported
     auto = batch_predict(str(colour_dataset / "test"), output_csv=str(tmp_path / "a.csv"), model=str(version_dir))
     chosen = serving_export(read_json(version_dir / "manifest.json"))
@@ -108,6 +112,13 @@ def test_batch_predict_runs_a_tflite_export(exported, colour_dataset, tmp_path):
     chosen_path.write_bytes(chosen_path.read_bytes() + b"tampered")
     fallback = batch_predict(str(colour_dataset / "test"), output_csv=str(tmp_path / "f.csv"), model=str(version_dir))
     assert not fallback["model"].endswith(f"({chosen})") and fallback["ok"] == len(keras_csv)
+    # export keeps the intact formats and converts only the tampered one again
+    exports = read_json(version_dir / "manifest.json")["exports"]
+    logged = []
+    export_version(version_dir, artifacts, tuple(entry["format"] for entry in exports), log=logged.append)
+    converted = [line.split(":")[0] for line in logged if " MB, test accuracy " in line]
+    assert converted == [entry["format"] for entry in exports if entry["file"] == chosen]
+    assert verify_version(version_dir) == []
     assert not pd.read_csv(fallback["output_csv"])["model"].str.endswith(chosen).any()
     chosen_path.unlink()  # a missing export is passed over the same way, not a crash
     gone = batch_predict(str(colour_dataset / "test"), output_csv=str(tmp_path / "g.csv"), model=str(version_dir))

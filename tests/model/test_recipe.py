@@ -6,6 +6,7 @@ from model_lib.config import resolve_config
 from model_lib.models import build_model
 from model_lib.recipe import make_optimizer, with_lookahead
 
+pytestmark = pytest.mark.backends
 rng = np.random.default_rng(0)
 IMAGES = rng.integers(0, 256, (16, 32, 32, 3)).astype(np.float32)
 LABELS = keras.utils.to_categorical(np.arange(16) % 10, 10)

@@ -31,6 +31,7 @@ def _prepare(colour_dataset, artifacts, **overrides):
     return config, dataset, Path(prepared.split_path), run_dir
 
 
+@pytest.mark.backends
 def test_interrupted_run_resumes_where_it_stopped(colour_dataset, artifacts, monkeypatch):
     import model_lib.train
 
@@ -65,6 +66,7 @@ def test_interrupted_run_resumes_where_it_stopped(colour_dataset, artifacts, mon
     assert (run_dir / "tensorboard").is_dir()
 
 
+@pytest.mark.backends
 def test_diverged_training_raises_and_saves_no_model(colour_dataset, artifacts):
     from model_lib.train import TrainingDiverged
 
@@ -72,7 +74,12 @@ def test_diverged_training_raises_and_saves_no_model(colour_dataset, artifacts):
         colour_dataset, artifacts, architecture="seed_cnn", epochs=3, optimizer="sgd", learning_rate=50.0,
         lr_schedule="constant",
     )  # fmt: skip
-    with pytest.raises(TrainingDiverged, match="nothing was registered"):
+    refused = TrainingDiverged
+    if keras.backend.backend() == "jax":  # saturates at the clipped loss (10.7) instead of NaN: it learned nothing
+        from model_lib.evaluate import NothingLearned
+
+        refused = (TrainingDiverged, NothingLearned)
+    with pytest.raises(refused, match="nothing was registered"):
         train(config, dataset, split_path, run_dir, log=lambda m: None)
     assert not (run_dir / "model.keras").exists()
 
