@@ -36,14 +36,13 @@ class KerasClassifier:
             import tensorflow as tf
 
             signature = tf.TensorSpec((None, *model.input_shape[1:]), tf.uint8, name="pixels")
-            traced = tf.function(lambda pixels: self.model(pixels, training=False), input_signature=[signature])
-            self._call = lambda pixels: traced(pixels).numpy()
+            self._call = tf.function(lambda pixels: self.model(pixels, training=False), input_signature=[signature])
         else:  # JAX compiles once per batch shape
-            self._call = lambda pixels: np.asarray(self.model.predict_on_batch(pixels))
+            self._call = self.model.predict_on_batch
 
     def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
         """Class probabilities for a batch of uint8 pixels."""
-        return self._call(pixels)
+        return np.asarray(self._call(pixels))
 
 
 def fold_batch_norms(model):

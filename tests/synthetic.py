@@ -44,13 +44,18 @@ def write_hues_dataset(root: Path, classes: int = 12, train_per_class: int = 6, 
 
 
 def write_uninformative_dataset(root: Path, classes: int = 3, per_class: int = 8) -> Path:
-    """Classes whose images are all the same grey picture: nothing to learn, by construction."""
-    pixels = np.full((32, 32, 3), 128, np.uint8)
+    """Classes that hold the same `per_class` noise pictures: nothing to learn, by construction.
+
+    Noise rather than one flat picture: a batch of identical images has zero variance, and batch
+    norm's statistics then turn the slightest weight change into an exploding validation loss,
+    which the divergence guard refuses before the learned-nothing guard this data is for.
+    """
+    pictures = np.random.default_rng(0).integers(0, 256, (per_class, 32, 32, 3), dtype=np.uint8)
     for split in ("train", "test"):
         for label in range(classes):
             folder = root / split / f"class{label}"
             folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
+            for i, pixels in enumerate(pictures):
                 Image.fromarray(pixels).save(folder / f"{i:02d}.png")
     return root
 
