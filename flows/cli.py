@@ -259,12 +259,14 @@ def export_command(
     """Write TFLite exports beside a registered version, with interpreter-measured test accuracy.
 
     Formats already exported whose files match the manifest's checksums are kept (--force redoes them)."""
-    from model_lib.export import export_version, require_tensorflow_backend
+    from model_lib.export import check_formats, export_version, require_tensorflow_backend
 
+    chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
+    _import_tensorflow_quietly()  # before keras imports it loudly
     require_tensorflow_backend()
+    check_formats(chosen)  # usage errors (exit 2) before the model loads
     version_dir = _version_dir(ref)
     try:
-        chosen = tuple(f.strip() for f in formats.split(","))
         entries = export_version(version_dir, artifacts_dir(), chosen, typer.echo, force=force)
     except (FileNotFoundError, ValueError) as error:
         _fail(str(error))

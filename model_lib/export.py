@@ -34,6 +34,13 @@ def export_file(export_format: str) -> str:
     return f"model_{export_format}.tflite"
 
 
+def check_formats(formats: tuple[str, ...]) -> None:
+    """Raises ConfigError for an export format that does not exist, before any model is loaded."""
+    unknown = [export_format for export_format in formats if export_format not in EXPORT_FORMATS]
+    if unknown or not formats:
+        raise ConfigError(f"--formats {','.join(formats)}: choose from {', '.join(EXPORT_FORMATS)}")
+
+
 def require_tensorflow_backend() -> None:
     """Exports convert with TensorFlow's TFLite converter, which takes only a TensorFlow-backend model.
 
@@ -92,11 +99,12 @@ def export_version(
 
     Raises:
         FileNotFoundError: The version's cached dataset is gone (run ingest on the same data again).
-        ConfigError: Keras does not run on TensorFlow here.
+        ConfigError: Keras does not run on TensorFlow here, or a format is unknown.
     """
     import tempfile
 
     require_tensorflow_backend()
+    check_formats(formats)
     manifest = read_json(version_dir / MANIFEST_FILE)
     kept = {} if force else _intact_exports(version_dir, manifest, formats)
     to_do = [export_format for export_format in formats if export_format not in kept]
@@ -163,7 +171,7 @@ def _intact_exports(version_dir: Path, manifest: dict, formats: tuple[str, ...])
     return {
         export_format: entry
         for export_format, entry in entries.items()
-        if entry["file"] in manifest["files"] and not verify_version(version_dir, (entry["file"],))
+        if not verify_version(version_dir, (entry["file"],))  # also refuses a file the manifest does not list
     }
 
 

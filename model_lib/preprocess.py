@@ -104,10 +104,11 @@ def augments_in_step() -> bool:
 
 
 def with_augmentation(model, config: TrainConfig):
-    """The model to train: `model` behind the configured random layers (identity outside training), or itself."""
+    """The model to train: `model` behind the random layers that augment inside the step (identity outside
+    training); `model` itself under TensorFlow, whose tf.data pipeline augments, or without augmentation."""
     import keras
 
-    augmenter = batch_augmenter(config, "step")
+    augmenter = batch_augmenter(config, "step") if augments_in_step() else None
     if augmenter is None:
         return model
     return keras.Sequential([keras.Input(model.input_shape[1:]), augmenter, model], name=f"{model.name}_training")
@@ -153,19 +154,15 @@ def array_batches(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: in
 def make_datasets(x: np.ndarray, y: np.ndarray, split: Split, num_classes: int, config: TrainConfig):
     """The training and validation pipelines for the backend: tf.data under TensorFlow, else `array_batches`
     (whose augmentation `with_augmentation` puts in the step). Validation is None without a validation split."""
-    train_x, train_y = np.asarray(x[split.train_index]), np.asarray(y[split.train_index])
+    train = np.asarray(x[split.train_index]), np.asarray(y[split.train_index])
+    val = (np.asarray(x[split.val_index]), np.asarray(y[split.val_index])) if len(split.val_index) else None
     if not augments_in_step():
-        return _tf_datasets(train_x, train_y, x, y, split, num_classes, config)
-    host = batch_augmenter(config, "host")
-    train = array_batches(train_x, train_y, num_classes, config.batch_size, config.seed, host)
-    val = None
-    if len(split.val_index):
-        val_x, val_y = np.asarray(x[split.val_index]), np.asarray(y[split.val_index])
-        val = array_batches(val_x, val_y, num_classes, config.batch_size, seed=None)
-    return train, val
+        return _tf_datasets(train, val, num_classes, config)
+    batches = array_batches(*train, num_classes, config.batch_size, config.seed, batch_augmenter(config, "host"))
+    return batches, None if val is None else array_batches(*val, num_classes, config.batch_size, seed=None)
 
 
-def _tf_datasets(train_x, train_y, x, y, split: Split, num_classes: int, config: TrainConfig):
+def _tf_datasets(train: tuple, val: tuple | None, num_classes: int, config: TrainConfig):
     """tf.data pipelines for training (shuffled, augmented per batch) and validation.
 
     Augmentation runs on whole batches in parallel map calls, so it overlaps with the training
@@ -184,9 +181,9 @@ def _tf_datasets(train_x, train_y, x, y, split: Split, num_classes: int, config:
     def one_hot(images, labels):
         return tf.cast(images, tf.float32), tf.one_hot(labels, num_classes)
 
-    train = (
-        tf.data.Dataset.from_tensor_slices((train_x, train_y))
-        .shuffle(len(train_y), seed=config.seed, reshuffle_each_iteration=True)
+    train_ds = (
+        tf.data.Dataset.from_tensor_slices(train)
+        .shuffle(len(train[1]), seed=config.seed, reshuffle_each_iteration=True)
         .batch(config.batch_size)
         .map(one_hot, num_parallel_calls=parallel)
     )
@@ -195,18 +192,22 @@ def _tf_datasets(train_x, train_y, x, y, split: Split, num_classes: int, config:
         # Keras' random layers draw from a seed state each call advances: parallel calls would take the
         # draws in whatever order the threads run, so a deterministic run augments one batch at a time.
         calls = None if config.deterministic else parallel
-        train = train.map(lambda images, labels: (augmenter(images, training=True), labels), num_parallel_calls=calls)
-    train = train.prefetch(PREFETCH_BATCHES).with_options(options)
-    val = None
-    if len(split.val_index):
-        val = (
-            tf.data.Dataset.from_tensor_slices((np.asarray(x[split.val_index]), np.asarray(y[split.val_index])))
-            .batch(config.batch_size)
-            .map(one_hot, num_parallel_calls=parallel)
-            .prefetch(PREFETCH_BATCHES)
-            .with_options(options)
-        )
-    return train, val
+
+        def augment(images, labels):
+            return augmenter(images, training=True), labels
+
+        train_ds = train_ds.map(augment, num_parallel_calls=calls)
+    train_ds = train_ds.prefetch(PREFETCH_BATCHES).with_options(options)
+    if val is None:
+        return train_ds, None
+    val_ds = (
+        tf.data.Dataset.from_tensor_slices(val)
+        .batch(config.batch_size)
+        .map(one_hot, num_parallel_calls=parallel)
+        .prefetch(PREFETCH_BATCHES)
+        .with_options(options)
+    )
+    return train_ds, val_ds
 
 
 @dataclass(frozen=True)

@@ -448,11 +448,12 @@ def parse_reference(ref: str, artifacts_root: str | os.PathLike) -> Path:
     return Registry(artifacts_root, name or DEFAULT_MODEL_NAME).resolve(tag or "champion")
 
 
-def verify_version(version_dir: Path, names: tuple[str, ...] | None = None) -> list[str]:
+def verify_version(version_dir: Path, names: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()) -> list[str]:
     """Problems with a version folder's files against its manifest; empty when all checksums match.
 
     Args:
         names: Check only these files (one export about to be loaded); default every file listed.
+        skip: Listed files not to check (exports about to be written again).
     """
     manifest_path = version_dir / MANIFEST_FILE
     if not manifest_path.is_file():
@@ -462,7 +463,7 @@ def verify_version(version_dir: Path, names: tuple[str, ...] | None = None) -> l
         f"{version_dir / name}: not listed in the version's manifest" for name in names or () if name not in listed
     ]
     for name, expected in listed.items():
-        if names is not None and name not in names:
+        if (names is not None and name not in names) or name in skip:
             continue
         path = version_dir / name
         if not path.is_file():
@@ -473,10 +474,7 @@ def verify_version(version_dir: Path, names: tuple[str, ...] | None = None) -> l
 
 
 def _require_intact(version_dir: Path, replacing: tuple[str, ...] = ()) -> None:
-    names = None  # every listed file
-    if replacing and (version_dir / MANIFEST_FILE).is_file():
-        names = tuple(name for name in read_json(version_dir / MANIFEST_FILE)["files"] if name not in replacing)
-    problems = verify_version(version_dir, names)
+    problems = verify_version(version_dir, skip=replacing)
     if problems:
         raise ChecksumError(f"{version_dir.name} refused: " + "; ".join(problems))
 

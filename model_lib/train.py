@@ -17,7 +17,7 @@ from model_lib.evaluate import check_learned
 from model_lib.fileio import atomic_open, write_json
 from model_lib.models import build_model, with_flip_tta
 from model_lib.precision import choose_precision, cpu_bf16_units, devices, scale_for_replicas, use_xla
-from model_lib.preprocess import augments_in_step, load_split, make_datasets, with_augmentation
+from model_lib.preprocess import load_split, make_datasets, with_augmentation
 from model_lib.progress import PROGRESS_SECONDS, Progress
 from model_lib.recipe import make_optimizer
 from model_lib.runs import TrainResult, read_history
@@ -108,8 +108,7 @@ def train(
             config.architecture, num_classes, config.image_size, precision, calibration, config.weights,
             config.network_width,
         )  # fmt: skip
-    # Under TensorFlow tf.data augments; elsewhere the augmentation layers train in front of the model.
-    trainer = with_augmentation(model, config) if augments_in_step() else model
+    trainer = with_augmentation(model, config)
     steps_per_epoch = int(np.ceil(len(split.train_index) / config.batch_size))
     for phase in phases:
         _fit_phase(model, trainer, phase, config, strategy, precision, xla, train_ds, val_ds, steps_per_epoch,

@@ -99,6 +99,7 @@ def test_an_earlier_prediction_csv_may_be_replaced_and_overwrite_is_explicit(set
         (["watch", "--inbox", "{inbox}/missing"], 2, "missing: folder not found"),
         (["watch", "--inbox", "{inbox}", "--quiet-seconds", "0"], 2, "--quiet-seconds must be above 0"),
         (["watch", "--inbox", "{inbox}"], 2, "watch sends events to a server: set PREFECT_API_URL"),
+        (["export", "cifar10", "--formats", "int9"], 2, "--formats int9: choose from float32, float16, int8"),
     ],
 )
 def test_the_cli_answers_a_usage_error_in_one_line(setup, arguments, code, words):
@@ -111,6 +112,17 @@ def test_the_cli_answers_a_usage_error_in_one_line(setup, arguments, code, words
     assert done.returncode == code and len(lines) == 1 and words in lines[0], (done.stderr, done.stdout)
     assert "Prefect" not in done.stderr + done.stdout and seconds < 60  # no server was started
     assert Path(setup / "photo.jpg").read_bytes()[:2] == b"\xff\xd8"  # the input image is untouched
+
+
+@pytest.mark.parametrize("arguments", [["export", "cifar10"], ["train", "--export", "--data", "{data}"]])
+def test_exports_under_another_keras_backend_are_refused_before_any_work(colour_dataset, arguments):
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    done = subprocess.run([*CLI, *(a.format(data=colour_dataset) for a in arguments)], capture_output=True,
+                          text=True, timeout=120, env=env)  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, (done.stderr, done.stdout)
+    assert lines[0].startswith("error: TFLite exports need Keras on TensorFlow, and KERAS_BACKEND is jax")
+    assert "Prefect" not in done.stderr + done.stdout  # refused before training started
 
 
 HOSTILE_NAMES = ['=HYPERLINK("evil.example","y").png', "+1.png", "-2.png", "@SUM(A1).png", "'quoted.png", "plain.png"]
