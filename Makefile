@@ -22,9 +22,12 @@ install: $(BIN)/.installed
 run: install
 	$(BIN)/cifar-pipeline train $(ARGS)
 
+# One pytest-xdist worker per core, each with its own Prefect server; worksteal evens out the long tests.
+PARALLEL ?= -n auto --dist worksteal
+
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	KERAS_BACKEND=jax $(BIN)/python -m pytest -m backends $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PARALLEL) $(PYTEST_ARGS)
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -m backends $(PARALLEL) $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -7,7 +7,9 @@ process that never imported this package.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import random
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -34,6 +36,7 @@ def build_model(
     calibration_images: np.ndarray | None = None,
     weights: str = "none",
     width: float = 1.0,
+    seed: int | None = None,
 ):
     """Build an architecture by name.
 
@@ -46,6 +49,7 @@ def build_model(
             their input statistics from; fixed CIFAR statistics are used without it.
         weights: Pretrained backbone weights for `transfer`: "imagenet", a local file or "none".
         width: Multiplier on `airbench`'s channel widths.
+        seed: Seeds the initial weights, whatever other threads of the process draw meanwhile.
 
     Returns:
         An uncompiled `keras.Model`.
@@ -57,12 +61,32 @@ def build_model(
         raise ValueError(f"unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
     import keras
 
-    inputs = keras.Input((image_size, image_size, 3), name="pixels")
     if not from_scratch(weights) and architecture != "transfer":
         raise ValueError(f"--weights applies to the transfer architecture only, not {architecture}")
-    logits = ARCHITECTURES[architecture](inputs, num_classes, dtype_policy, calibration_images, weights, width)
-    outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
-    return keras.Model(inputs, outputs, name=architecture)
+    with _keras_seeds_from(seed):
+        inputs = keras.Input((image_size, image_size, 3), name="pixels")
+        logits = ARCHITECTURES[architecture](inputs, num_classes, dtype_policy, calibration_images, weights, width)
+        outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
+        return keras.Model(inputs, outputs, name=architecture)
+
+
+@contextlib.contextmanager
+def _keras_seeds_from(seed: int | None) -> Iterator[None]:
+    """Keras seeds each unseeded initializer and random layer from Python's process-wide `random`,
+    which other threads draw from too: under load, Prefect's background workers drew between
+    `set_random_seed` and the model's construction, and two `--deterministic` runs started from
+    different weights. Inside this block Keras draws from a generator of its own instead."""
+    from keras.src.random import seed_generator  # make_default_seed, Keras' one draw from `random`
+
+    shared = getattr(seed_generator, "python_random", None)
+    if seed is None or shared is None:  # a Keras without it: CI's determinism tests would say so
+        yield
+        return
+    seed_generator.python_random = random.Random(seed)
+    try:
+        yield
+    finally:
+        seed_generator.python_random = shared
 
 
 def _seed_cnn(inputs, num_classes: int, policy: str, calibration_images, weights, width) -> object:

@@ -114,7 +114,15 @@ def with_augmentation(model, config: TrainConfig):
     return keras.Sequential([keras.Input(model.input_shape[1:]), augmenter, model], name=f"{model.name}_training")
 
 
-def array_batches(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int, seed: int | None, augment=None):
+def batches_per_epoch(images: int, batch_size: int, shards: int = 1) -> int:
+    """Training steps per epoch of `array_batches`: the last, smaller batch is cut to a multiple of
+    `shards` (JAX splits every batch evenly over the devices) and left out if nothing remains of it."""
+    return images // batch_size + int(images % batch_size >= shards)
+
+
+def array_batches(
+    x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int, seed: int | None, augment=None, shards: int = 1
+):
     """Batches of float32 pixels and one-hot labels from in-memory arrays, for backends without tf.data.
 
     Args:
@@ -122,44 +130,64 @@ def array_batches(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: in
         y: Integer labels.
         num_classes: Width of the one-hot labels.
         batch_size: Images per batch (the last one may be smaller).
-        seed: Seed of the per-epoch reshuffling; None keeps the order (validation).
+        seed: Seed of the per-epoch reshuffling (training); None keeps the order (validation).
         augment: Random layers applied to each batch here, outside the compiled step (those XLA cannot compile).
+        shards: Devices each batch is split over: every batch holds a multiple of them. Training leaves
+            the last batch's odd images out (others each epoch); validation pads its last batch with
+            copies weighted 0, so accuracy counts every image once (the mean loss divides by the padded
+            count: at most shards - 1 extra images).
     """
     import keras
+
+    if batch_size % shards:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the {shards} devices that split it")
+    count = len(y)
+    steps = batches_per_epoch(count, batch_size, shards) if seed is not None else -(-count // batch_size)
+    used = count - (count % batch_size) % shards if seed is not None else count
 
     class ArrayBatches(keras.utils.PyDataset):
         def __init__(self):
             super().__init__()
             self.rng = np.random.default_rng(seed)
-            self.order = np.arange(len(y))
+            self.order = np.arange(count)
             self.on_epoch_end()
 
         def __len__(self) -> int:
-            return int(np.ceil(len(y) / batch_size))
+            return steps
 
         def __getitem__(self, index: int):
-            rows = self.order[index * batch_size : (index + 1) * batch_size]
+            rows = self.order[:used][index * batch_size : (index + 1) * batch_size]
+            weights = np.ones(len(rows), np.float32)
+            if len(rows) % shards:  # validation's last batch
+                padding = shards - len(rows) % shards
+                rows, weights = np.concatenate([rows, rows[:1].repeat(padding)]), np.pad(weights, (0, padding))
             images = x[rows].astype(np.float32)
             if augment is not None:
                 images = np.asarray(augment(images, training=True))
-            return images, np.eye(num_classes, dtype=np.float32)[y[rows]]
+            batch = images, np.eye(num_classes, dtype=np.float32)[y[rows]]
+            return (*batch, weights) if shards > 1 and seed is None else batch
 
         def on_epoch_end(self) -> None:
             if seed is not None:
-                self.order = self.rng.permutation(len(y))
+                self.order = self.rng.permutation(count)
 
     return ArrayBatches()
 
 
-def make_datasets(x: np.ndarray, y: np.ndarray, split: Split, num_classes: int, config: TrainConfig):
+def make_datasets(x: np.ndarray, y: np.ndarray, split: Split, num_classes: int, config: TrainConfig, shards: int = 1):
     """The training and validation pipelines for the backend: tf.data under TensorFlow, else `array_batches`
-    (whose augmentation `with_augmentation` puts in the step). Validation is None without a validation split."""
+    (whose augmentation `with_augmentation` puts in the step). Validation is None without a validation split.
+
+    Args:
+        shards: Devices that split each batch (tf.distribute takes uneven batches; JAX needs even ones).
+    """
     train = np.asarray(x[split.train_index]), np.asarray(y[split.train_index])
     val = (np.asarray(x[split.val_index]), np.asarray(y[split.val_index])) if len(split.val_index) else None
     if not augments_in_step():
         return _tf_datasets(train, val, num_classes, config)
-    batches = array_batches(*train, num_classes, config.batch_size, config.seed, batch_augmenter(config, "host"))
-    return batches, None if val is None else array_batches(*val, num_classes, config.batch_size, seed=None)
+    host_augment = batch_augmenter(config, "host")
+    batches = array_batches(*train, num_classes, config.batch_size, config.seed, host_augment, shards)
+    return batches, None if val is None else array_batches(*val, num_classes, config.batch_size, None, shards=shards)
 
 
 def _tf_datasets(train: tuple, val: tuple | None, num_classes: int, config: TrainConfig):

@@ -16,7 +16,14 @@ from model_lib.data import DatasetInfo, load_arrays
 from model_lib.evaluate import check_learned
 from model_lib.fileio import atomic_open, write_json
 from model_lib.models import build_model, with_flip_tta
-from model_lib.precision import choose_precision, cpu_bf16_units, devices, scale_for_replicas, use_xla
+from model_lib.precision import (
+    choose_precision,
+    cpu_bf16_units,
+    devices,
+    release_devices,
+    scale_for_replicas,
+    use_xla,
+)
 from model_lib.preprocess import load_split, make_datasets, with_augmentation
 from model_lib.progress import PROGRESS_SECONDS, Progress
 from model_lib.recipe import make_optimizer
@@ -98,7 +105,8 @@ def train(
     strategy, device, precision, xla, config = _set_up(config, log)
     arrays, split = load_arrays(dataset.cache_dir), load_split(split_path)
     num_classes = len(dataset.class_names)
-    train_ds, val_ds = make_datasets(arrays.x_train, arrays.y_train, split, num_classes, config)
+    shards = strategy.num_replicas_in_sync
+    train_ds, val_ds = make_datasets(arrays.x_train, arrays.y_train, split, num_classes, config, shards)
     phases = training_phases(config)
     history_path = _start_run_folder(run_dir, config, phases)
 
@@ -106,13 +114,16 @@ def train(
     with strategy.scope():
         model = build_model(
             config.architecture, num_classes, config.image_size, precision, calibration, config.weights,
-            config.network_width,
+            config.network_width, config.seed,
         )  # fmt: skip
     trainer = with_augmentation(model, config)
-    steps_per_epoch = int(np.ceil(len(split.train_index) / config.batch_size))
-    for phase in phases:
-        _fit_phase(model, trainer, phase, config, strategy, precision, xla, train_ds, val_ds, steps_per_epoch,
-                   run_dir, log, extra_callbacks, several_phases=len(phases) > 1)  # fmt: skip
+    steps_per_epoch = len(train_ds)  # tf.data knows its length; JAX's batches may leave a few images out
+    try:
+        for phase in phases:
+            _fit_phase(model, trainer, phase, config, strategy, precision, xla, train_ds, val_ds, steps_per_epoch,
+                       run_dir, log, extra_callbacks, several_phases=len(phases) > 1)  # fmt: skip
+    finally:
+        release_devices()  # what follows predicts on one device, in batches of any size
     for phase in phases:  # finished: an identical run started later trains afresh, like BackupAndRestore
         (run_dir / phase.done_marker).unlink(missing_ok=True)
     if config.architecture == "transfer" and from_scratch(config.weights):

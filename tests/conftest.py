@@ -13,6 +13,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"
+# JAX keeps its compiled programs here for the whole run, shared by the xdist workers and the CLI
+# subprocesses (JAX locks it), rather than in each test's own ARTIFACTS_DIR: most tests compile the
+# same small programs. Set before any test module imports Keras, which reads it with JAX.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "jax"))
 CLASS_COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from model_lib.config import ConfigError
 from model_lib.models import build_model
+from model_lib.precision import JAX_CACHE_FOLDER
 from model_lib.predict import plan_prediction
 from model_lib.registry import RegistryError
 from tests.flows.test_batch_predict import register_keras_model
@@ -153,6 +154,7 @@ def test_hostile_file_names_are_neutralised_in_the_csv_and_round_trip(prefect_ha
 
 
 @pytest.mark.slow
+@pytest.mark.backends
 def test_two_identical_training_commands_at_once_both_register_and_deterministic_ones_agree(colour_dataset, artifacts):
     import os
 
@@ -213,6 +215,7 @@ def test_a_failed_run_on_the_console_ends_in_one_line_without_tracebacks_or_chat
 
 
 @pytest.mark.slow
+@pytest.mark.backends
 def test_a_training_command_killed_mid_epoch_resumes_when_run_again(colour_dataset, artifacts):
     import os
     import signal
@@ -243,6 +246,37 @@ def test_a_training_command_killed_mid_epoch_resumes_when_run_again(colour_datas
     assert "Resuming phase train from checkpoint" in second.stdout + second.stderr
     assert [p for p in (artifacts / "runs").iterdir() if p.is_dir()] == [history.parent]  # the same folder
     assert read_history(history)["epoch"].tolist() == list(range(12)) and done_before >= 2
+
+
+@pytest.mark.slow
+def test_jax_trains_data_parallel_over_devices_that_do_not_divide_the_data(tmp_path, artifacts):
+    """Two CPU devices stand in for two GPUs: 27 training and 9 validation images in global batches
+    of 16 leave a last batch of 11 and one of 9, and 9 test images make 13 probe images, none of
+    which JAX can split in two."""
+    import os
+
+    from model_lib.fileio import read_json
+    from model_lib.runs import read_history
+    from tests.conftest import write_colour_dataset
+
+    colour_dataset = write_colour_dataset(tmp_path / "colours", test_per_class=3)
+
+    env = {**os.environ, "ARTIFACTS_DIR": str(artifacts), "KERAS_BACKEND": "jax",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # fmt: skip
+    env.pop("JAX_COMPILATION_CACHE_DIR")  # the tests' shared cache: here, the product's own place
+    done = subprocess.run(colour_training(colour_dataset, "pair", epochs=2), env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-3000:]
+    assert "2 CPU devices (JAX, keras.distribution.DataParallel)" in console
+    assert "2 replicas: global batch 16" in console
+    manifest = read_json(artifacts / "models" / "pair" / "v1" / "manifest.json")
+    assert manifest["training"]["backend"] == "jax" and manifest["metrics"]["epochs_run"] == 2
+    assert manifest["dataset"]["test_count"] == 9  # scored on one device after training, like the probe
+    history = read_history(next((artifacts / "runs").glob("*/history.csv")))
+    assert len(list((artifacts / "cache" / JAX_CACHE_FOLDER).glob("*-cache"))) > 10  # compiled once, kept
+    nines = history["val_accuracy"] * 9  # padding weighted 0: each of the 9 validation images counts once
+    assert len(history) == 2 and ((nines - nines.round()).abs() < 1e-5).all(), history
 
 
 def test_the_prediction_reader_keeps_names_and_labels_as_text_and_sizes_as_integers(tmp_path):

@@ -19,6 +19,7 @@ def test_seed_cnn_is_the_origin_network():
     assert [layer.filters for layer in model.layers if hasattr(layer, "filters")] == [32, 64, 128]
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_architectures_build_and_train_a_step_on_cpu(architecture):
     model = build_model(architecture, 10, calibration_images=IMAGES, dtype_policy="mixed_bfloat16")
@@ -70,3 +71,31 @@ def test_warmup_linear_schedule_rises_from_a_fraction_to_the_peak_then_falls_to_
     assert lr[0] == pytest.approx(0.08) and lr[1] == pytest.approx(0.24) and lr[2] == pytest.approx(0.4)
     assert lr[3] == pytest.approx(0.4 * (1 - 0.9 * 400 / 800)) and lr[4] == lr[5] == pytest.approx(0.04)
     assert learning_rate_schedule(resolve_config("seed"), 100) == 1e-3
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_a_seed_gives_the_same_weights_while_other_threads_draw_random_numbers(architecture):
+    """Prefect's background threads draw from Python's `random` too: Keras' initializers must not."""
+    import random
+    import threading
+
+    stop = threading.Event()
+
+    def draw():  # as a log or API worker thread does, at any moment
+        while not stop.is_set():
+            random.random()
+
+    def weights(seed: int) -> list[np.ndarray]:
+        keras.utils.set_random_seed(seed)
+        return build_model(architecture, 10, calibration_images=IMAGES, seed=seed).get_weights()
+
+    drawer = threading.Thread(target=draw)
+    drawer.start()
+    try:
+        first, second, other = weights(0), weights(0), weights(1)
+    finally:
+        stop.set()
+        drawer.join()
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))

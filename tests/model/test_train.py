@@ -1,5 +1,6 @@
 """Training on a small synthetic folder: learns, logs each epoch, and resumes after an interrupt."""
 
+import re
 from pathlib import Path
 
 import keras
@@ -20,6 +21,12 @@ class CrashInSecondEpoch(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self.model.optimizer.iterations.numpy() > self.params["steps"]:
             raise Interrupt("simulated crash in epoch 2")
+
+
+def epoch_summaries(lines: list[str]) -> list[str]:
+    """The `epoch i/n` of each epoch's summary line; progress lines (`epoch i/n step k/m: ...`), which a
+    slow machine also logs, are left out."""
+    return [line.split(":")[0] for line in lines if re.match(r"epoch \d+/\d+: ", line)]
 
 
 def _prepare(colour_dataset, artifacts, **overrides):
@@ -58,9 +65,9 @@ def test_interrupted_run_resumes_where_it_stopped(colour_dataset, artifacts, mon
     lines = []
     result = train(config, dataset, split_path, run_dir, log=lines.append)
     assert any("Resuming phase train from checkpoint" in line for line in lines)
-    epoch_lines = [line for line in lines if line.startswith("epoch ")]
-    assert [line.split(":")[0] for line in epoch_lines] == ["epoch 2/3", "epoch 3/3"]  # epoch 1 not redone
-    assert "val_accuracy=" in epoch_lines[0] and epoch_lines[0].endswith("s")
+    assert epoch_summaries(lines) == ["epoch 2/3", "epoch 3/3"]  # epoch 1 not redone
+    summary = next(line for line in lines if line.startswith("epoch 2/3: "))
+    assert "val_accuracy=" in summary and summary.endswith("s")
     assert result.epochs_run == 3 and read_history(run_dir / "history.csv")["epoch"].tolist() == [0, 1, 2]
     assert Path(result.model_path).is_file() and not (run_dir / "checkpoint").exists()
     assert (run_dir / "tensorboard").is_dir()
@@ -94,6 +101,7 @@ class CrashInEpoch(keras.callbacks.Callback):
             raise Interrupt(f"simulated crash in epoch {self.epoch + 1}")
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("saves", [1, 2])
 def test_a_checkpoint_cut_short_by_a_kill_never_blocks_the_resume(colour_dataset, artifacts, saves):
     config, dataset, split_path, run_dir = _prepare(colour_dataset, artifacts, epochs=4)
@@ -102,7 +110,7 @@ def test_a_checkpoint_cut_short_by_a_kill_never_blocks_the_resume(colour_dataset
     (run_dir / "checkpoint" / "latest.weights.h5").write_bytes(b"\x89HDF\r\n cut short by a kill")
     lines = []
     result = train(config, dataset, split_path, run_dir, log=lines.append)
-    epochs = [line.split(":")[0] for line in lines if line.startswith("epoch ")]
+    epochs = epoch_summaries(lines)
     if saves == 2:  # the previous checkpoint (after epoch 1) is used: epochs 2-4 are trained
         assert epochs == ["epoch 2/4", "epoch 3/4", "epoch 4/4"]
     else:  # nothing to fall back to: the phase starts again, and says so
@@ -111,6 +119,7 @@ def test_a_checkpoint_cut_short_by_a_kill_never_blocks_the_resume(colour_dataset
     assert result.epochs_run == 4 and read_history(run_dir / "history.csv")["epoch"].tolist() == [0, 1, 2, 3]
 
 
+@pytest.mark.backends
 def test_a_long_epoch_reports_progress_with_rate_and_time_left(colour_dataset, artifacts, monkeypatch):
     import model_lib.train
 
@@ -162,3 +171,39 @@ def test_a_deterministic_pipeline_augments_the_same_batches_while_the_cores_are_
         stop.set()
         for burner in burners:
             burner.join()
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_in_memory_batches_split_evenly_over_devices_and_validation_counts_every_image_once(shards):
+    """JAX shards each batch over the devices: a batch that does not divide evenly fails to load."""
+    import numpy as np
+
+    from model_lib.preprocess import array_batches, batches_per_epoch
+
+    x = np.arange(27, dtype=np.uint8)[:, None, None, None].repeat(3, axis=3)  # each image is its own index
+    y = np.arange(27) % 3
+    size = 4 * shards  # the global batch: 4 images per device
+    training = array_batches(x, y, 3, batch_size=size, seed=0, shards=shards)
+    assert len(training) == batches_per_epoch(27, size, shards) == {1: 7, 2: 4, 3: 3}[shards]
+    for _ in range(2):  # two epochs, reshuffled
+        seen = [training[i][0][:, 0, 0, 0] for i in range(len(training))]
+        assert all(len(images) % shards == 0 and len(images) <= size for images in seen)
+        seen = np.concatenate(seen).astype(int)
+        assert len(set(seen)) == len(seen) == {1: 27, 2: 26, 3: 27}[shards]  # the last batch's odd image sits out
+        training.on_epoch_end()
+
+    validation = array_batches(x, y, 3, batch_size=size, seed=None, shards=shards)
+    batches = [validation[i] for i in range(len(validation))]
+    assert all(len(batch[0]) % shards == 0 for batch in batches) and len(validation) == -(-27 // size)
+    if shards == 1:
+        assert all(len(batch) == 2 for batch in batches)  # no weights where nothing is padded
+        counted = np.concatenate([batch[0][:, 0, 0, 0] for batch in batches])
+        labels = np.concatenate([batch[1] for batch in batches])
+    else:
+        counted = np.concatenate([batch[0][batch[2] == 1][:, 0, 0, 0] for batch in batches])
+        labels = np.concatenate([batch[1][batch[2] == 1] for batch in batches])
+        assert sum(float(batch[2].sum()) for batch in batches) == 27
+    assert counted.astype(int).tolist() == list(range(27))  # every image once, in order
+    assert labels.argmax(axis=1).tolist() == (np.arange(27) % 3).tolist()
+    with pytest.raises(ValueError, match="multiple of the 2 devices"):
+        array_batches(x, y, 3, batch_size=7, seed=0, shards=2)
