@@ -114,12 +114,6 @@ def with_augmentation(model, config: TrainConfig):
     return keras.Sequential([keras.Input(model.input_shape[1:]), augmenter, model], name=f"{model.name}_training")
 
 
-def batches_per_epoch(images: int, batch_size: int, shards: int = 1) -> int:
-    """Training steps per epoch of `array_batches`: the last, smaller batch is cut to a multiple of
-    `shards` (JAX splits every batch evenly over the devices) and left out if nothing remains of it."""
-    return images // batch_size + int(images % batch_size >= shards)
-
-
 def array_batches(
     x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int, seed: int | None, augment=None, shards: int = 1
 ):
@@ -142,8 +136,8 @@ def array_batches(
     if batch_size % shards:
         raise ValueError(f"batch size {batch_size} is not a multiple of the {shards} devices that split it")
     count = len(y)
-    steps = batches_per_epoch(count, batch_size, shards) if seed is not None else -(-count // batch_size)
-    used = count - (count % batch_size) % shards if seed is not None else count
+    used = count - (count % batch_size) % shards if seed is not None else count  # training cuts its last batch
+    steps = -(-used // batch_size)
 
     class ArrayBatches(keras.utils.PyDataset):
         def __init__(self):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from model_lib.config import ConfigError
 from model_lib.models import build_model
-from model_lib.precision import JAX_CACHE_FOLDER
+from model_lib.precision import JAX_CACHE_FOLDER, machine_cache_dir
 from model_lib.predict import plan_prediction
 from model_lib.registry import RegistryError
 from tests.flows.test_batch_predict import register_keras_model
@@ -274,7 +274,7 @@ def test_jax_trains_data_parallel_over_devices_that_do_not_divide_the_data(tmp_p
     assert manifest["training"]["backend"] == "jax" and manifest["metrics"]["epochs_run"] == 2
     assert manifest["dataset"]["test_count"] == 9  # scored on one device after training, like the probe
     history = read_history(next((artifacts / "runs").glob("*/history.csv")))
-    assert len(list((artifacts / "cache" / JAX_CACHE_FOLDER).glob("*-cache"))) > 10  # compiled once, kept
+    assert len(list((machine_cache_dir() / JAX_CACHE_FOLDER).glob("*-cache"))) > 10  # compiled once, kept
     nines = history["val_accuracy"] * 9  # padding weighted 0: each of the 9 validation images counts once
     assert len(history) == 2 and ((nines - nines.round()).abs() < 1e-5).all(), history
 

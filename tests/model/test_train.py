@@ -178,13 +178,13 @@ def test_in_memory_batches_split_evenly_over_devices_and_validation_counts_every
     """JAX shards each batch over the devices: a batch that does not divide evenly fails to load."""
     import numpy as np
 
-    from model_lib.preprocess import array_batches, batches_per_epoch
+    from model_lib.preprocess import array_batches
 
     x = np.arange(27, dtype=np.uint8)[:, None, None, None].repeat(3, axis=3)  # each image is its own index
     y = np.arange(27) % 3
     size = 4 * shards  # the global batch: 4 images per device
     training = array_batches(x, y, 3, batch_size=size, seed=0, shards=shards)
-    assert len(training) == batches_per_epoch(27, size, shards) == {1: 7, 2: 4, 3: 3}[shards]
+    assert len(training) == {1: 7, 2: 4, 3: 3}[shards]  # 27 images in batches of 4, 8, 12: last batch 3, 2, 3
     for _ in range(2):  # two epochs, reshuffled
         seen = [training[i][0][:, 0, 0, 0] for i in range(len(training))]
         assert all(len(images) % shards == 0 and len(images) <= size for images in seen)
