@@ -77,13 +77,13 @@ class Progress:
             now = time.perf_counter()
             rate = self.done / (now - self.started) if now > self.started else 0.0
             if self._bar is not None:
-                self._bar.update(self._task, completed=self.done, description=self.description, rate=f"{rate:,.0f}")
+                self._bar.update(self._task, completed=self.done, description=self.description, rate=_rate(rate))
                 return
             if now - self.last_line < self.every or self.done >= self.total:
                 return  # the loop's own summary line says when it is done
             self.last_line = now
             left = (self.total - self.done) / rate if rate else float("inf")
-        self.log(f"{self.description}: {self.done:,}/{self.total:,} {self.unit}, {rate:,.0f} {self.unit}/s, "
+        self.log(f"{self.description}: {self.done:,}/{self.total:,} {self.unit}, {_rate(rate)} {self.unit}/s, "
                  f"about {left:.0f}s left")  # fmt: skip
 
     def add_total(self, count: int) -> None:
@@ -104,6 +104,11 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _rate(per_second: float) -> str:
+    """Whole numbers, but two significant digits below 10: a 7-second step is 0.14 steps/s, not 0."""
+    return f"{per_second:,.0f}" if per_second >= 10 else f"{per_second:.2g}"
 
 
 def register(key: str, progress: Progress) -> None:

@@ -1,9 +1,10 @@
-"""The optimisation recipe: learning-rate schedule, optimiser with boosted bias steps, lookahead.
+"""The optimisation recipe: learning-rate schedule, optimiser with boosted bias steps, lookahead, Muon.
 
 These follow airbench94 (Keller Jordan's CIFAR-10 speed runs), translated to Keras conventions:
 the loss is a batch mean (airbench sums it, so its learning rate is per example), and weight
 decay is Keras' decoupled form (airbench's is coupled and amplified by momentum). The defaults in
-`TrainConfig` are airbench's values converted that way.
+`TrainConfig` are airbench's values converted that way, and the `muon` profile's are
+airbench94_muon's.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _base_optimizer(config: TrainConfig, total_steps: int, model):
     import keras
 
     learning_rate = learning_rate_schedule(config, total_steps)
-    if config.optimizer not in ("adam", "sgd"):
+    if config.optimizer not in ("adam", "sgd", "muon"):
         raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
     def with_recipe(optimizer_class: type) -> type:
@@ -91,7 +92,10 @@ def _base_optimizer(config: TrainConfig, total_steps: int, model):
             super().update_step(gradient, variable, learning_rate)
 
     weight_decay = config.weight_decay or None
-    sgd = with_recipe(BiasBoostedSGD)
+    base = BiasBoostedSGD
+    if config.optimizer == "muon":
+        base = with_muon(base, config.muon_learning_rate / config.learning_rate, config.muon_momentum)
+    sgd = with_recipe(base)
     return sgd(learning_rate, momentum=config.momentum, nesterov=True, weight_decay=weight_decay)
 
 
@@ -143,3 +147,53 @@ def with_lookahead(optimizer_class: type, every: int, final_decay: float, total_
 
     Lookahead.__name__ = f"Lookahead{optimizer_class.__name__}"
     return Lookahead
+
+
+def with_muon(optimizer_class: type, lr_ratio: float, momentum: float) -> type:
+    """`optimizer_class` with Muon (airbench94_muon) stepping the conv kernels; other weights keep its steps.
+
+    Each step a conv kernel is first rescaled to unit mean-square filter norm, then moves by
+    `lr_ratio` times the scheduled rate along its Nesterov momentum made orthogonal: every
+    singular value of the (inputs x filters) update set near 1 by a Newton-Schulz iteration. The
+    step size no longer depends on the gradient's scale, so every filter learns at the same pace,
+    which lets airbench94_muon reach airbench94's accuracy in 8 epochs instead of 10. Weight decay
+    on a kernel does nothing here: the rescaling undoes it, and batch norm follows every conv.
+    """
+    from keras import ops
+
+    class Muon(optimizer_class):
+        def update_step(self, gradient, variable, learning_rate):
+            if len(variable.shape) != 4:
+                return super().update_step(gradient, variable, learning_rate)
+            buffer = self.momentums[self._get_variable_index(variable)]
+            gradient = ops.cast(gradient, variable.dtype)
+            buffer.assign(momentum * buffer + gradient)
+            direction = gradient + momentum * buffer  # Nesterov
+            filters = variable.shape[-1]
+            kernel = ops.convert_to_tensor(variable)
+            kernel = kernel * (filters**0.5 / ops.sqrt(ops.sum(ops.square(kernel))))
+            update = ops.reshape(orthogonalise(ops.reshape(direction, (-1, filters))), variable.shape)
+            lr = ops.cast(learning_rate, variable.dtype) * lr_ratio
+            variable.assign(kernel - lr * update)
+
+    Muon.__name__ = f"Muon{optimizer_class.__name__}"
+    return Muon
+
+
+def orthogonalise(matrix, steps: int = 3):
+    """Muon's quintic Newton-Schulz iteration: `matrix` with its singular values moved to about 0.5-1.5.
+
+    The coefficients maximise the slope at zero, so three steps lift even tiny singular values
+    (airbench94_muon); an exact orthogonalisation (`U V^T`) trains no better and costs an SVD.
+    """
+    from keras import ops
+
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = matrix / (ops.sqrt(ops.sum(ops.square(matrix))) + 1e-7)  # every singular value <= 1
+    wide = matrix.shape[0] <= matrix.shape[1]
+    if not wide:
+        x = ops.transpose(x)
+    for _ in range(steps):
+        gram = ops.matmul(x, ops.transpose(x))
+        x = a * x + ops.matmul(b * gram + c * ops.matmul(gram, gram), x)
+    return x if wide else ops.transpose(x)

@@ -87,6 +87,7 @@ def test_an_earlier_prediction_csv_may_be_replaced_and_overwrite_is_explicit(set
         (["train", "--architecture", "resnet"], 2, "--architecture 'resnet': choose from airbench, seed_cnn"),
         (["train", "--precision", "half"], 2, "--precision 'half': choose from auto, float32"),
         (["train", "--epochs", "0"], 2, "--epochs must be at least 1, not 0"),
+        (["train", "--profile", "muon", "--architecture", "seed_cnn"], 2, "airbench architecture only, not seed_cnn"),
         (["train", "--batch-size", "-8"], 2, "--batch-size must be at least 1, not -8"),
         (["train", "--validation-split", "1.0"], 2, "--validation-split must be in [0, 1), not 1.0"),
         (["train", "--data", "{inbox}/missing"], 1, "missing: data folder not found"),

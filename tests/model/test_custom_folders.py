@@ -35,6 +35,14 @@ def test_greyscale_digits_train_to_95_percent_in_every_cpu_precision(prefect_har
     assert manifest["dataset"]["test_count"] == 360 and len(manifest["dataset"]["class_names"]) == 10
 
 
+# TensorFlow only: under JAX the kernel step itself is checked against airbench94_muon's (test_recipe.py).
+def test_greyscale_digits_train_to_95_percent_with_the_muon_recipe(prefect_harness, digits, artifacts):
+    result = train_cifar(profile="muon", data=str(digits), epochs=6, batch_size=128)
+    assert result["test_accuracy"] >= 0.95, result
+    config = read_json(Path(result["path"]) / "manifest.json")["config"]
+    assert config["optimizer"] == "muon" and config["learning_rate"] == pytest.approx(1.656 * 128 / 2000)
+
+
 @pytest.mark.slow  # not under JAX too: 5 min there; the transfer architecture trains under JAX in test_transfer.py
 def test_greyscale_digits_train_the_transfer_architecture(prefect_harness, digits, artifacts):
     result = train_cifar(

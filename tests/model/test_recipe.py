@@ -4,7 +4,7 @@ import pytest
 
 from model_lib.config import resolve_config
 from model_lib.models import build_model
-from model_lib.recipe import make_optimizer, with_lookahead
+from model_lib.recipe import make_optimizer, orthogonalise, with_lookahead
 
 pytestmark = pytest.mark.backends
 rng = np.random.default_rng(0)
@@ -93,3 +93,53 @@ def test_airbench_convs_start_as_identity_on_their_input_channels(width):
         identity[1, 1, np.arange(passed), np.arange(passed)] = 1
         np.testing.assert_array_equal(kernel[..., :passed], identity)
         assert np.abs(kernel[..., passed:]).sum() > 0 or passed == kernel.shape[3]
+
+
+def _newton_schulz_reference(g: np.ndarray) -> np.ndarray:
+    """airbench94_muon's zeropower_via_newtonschulz5, in float64 NumPy on PyTorch's (out, in*k*k) layout."""
+    x = g / (np.linalg.norm(g) + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    x = x.T if tall else x
+    for _ in range(3):
+        a = x @ x.T
+        x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x
+    return x.T if tall else x
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 24, 16), (3, 3, 16, 64), (3, 3, 64, 64)])
+def test_muon_steps_conv_kernels_as_airbench94_muon_does_and_other_weights_by_sgd(shape):
+    config = resolve_config("default", optimizer="muon", lr_schedule="constant", learning_rate=0.5,
+                            muon_learning_rate=0.2, muon_momentum=0.6, momentum=0.85, weight_decay=0.0,
+                            lookahead_every=0)  # fmt: skip
+    kernel = keras.Variable(rng.normal(size=shape).astype(np.float32))
+    dense = keras.Variable(rng.normal(size=(16, 10)).astype(np.float32))
+    optimizer = make_optimizer(config, total_steps=10)
+    plain = keras.optimizers.SGD(0.5, momentum=0.85, nesterov=True)
+    dense_by_sgd = keras.Variable(dense.numpy())
+
+    torch_layout = kernel.numpy().transpose(3, 2, 0, 1)  # (out, in, kh, kw)
+    buffer = np.zeros_like(torch_layout, np.float64)
+    for _ in range(2):
+        grads = rng.normal(size=shape).astype(np.float32), rng.normal(size=(16, 10)).astype(np.float32)
+        optimizer.apply_gradients(zip(grads, [kernel, dense], strict=True))
+        plain.apply_gradients([(grads[1], dense_by_sgd)])
+        g = grads[0].transpose(3, 2, 0, 1).astype(np.float64)
+        buffer = 0.6 * buffer + g
+        direction = g + 0.6 * buffer
+        torch_layout = torch_layout * np.sqrt(len(torch_layout)) / np.linalg.norm(torch_layout)
+        update = _newton_schulz_reference(direction.reshape(len(direction), -1)).reshape(direction.shape)
+        torch_layout = torch_layout - 0.2 * update
+
+    np.testing.assert_allclose(kernel.numpy(), torch_layout.transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dense.numpy(), dense_by_sgd.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(576, 64), (2304, 256), (64, 2304)])
+def test_orthogonalise_brings_every_singular_value_near_one(shape):
+    """Singular values five-fold apart all come out between 0.6 and 1.3 in three iterations."""
+    k = min(shape)
+    u, _ = np.linalg.qr(rng.normal(size=(shape[0], k)))
+    v, _ = np.linalg.qr(rng.normal(size=(shape[1], k)))
+    matrix = ((u * np.linspace(1, 5, k)) @ v.T).astype(np.float32)
+    singular = np.linalg.svd(keras.ops.convert_to_numpy(orthogonalise(matrix)), compute_uv=False)
+    assert 0.6 < singular.min() and singular.max() < 1.3, (singular.min(), singular.max())

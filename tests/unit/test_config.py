@@ -52,3 +52,7 @@ def test_sgd_learning_rate_follows_the_batch_size_unless_given():
     assert resolve_config("smoke", batch_size=8).learning_rate == pytest.approx(default.learning_rate * 8 / 512)
     assert resolve_config("smoke", batch_size=8, learning_rate=0.05).learning_rate == 0.05
     assert resolve_config("seed", batch_size=8).learning_rate == 1e-3  # Adam: not scaled
+    muon = resolve_config("muon")
+    quarter = resolve_config("muon", batch_size=muon.batch_size // 4)
+    assert quarter.learning_rate == pytest.approx(muon.learning_rate / 4)  # Muon's SGD part scales
+    assert quarter.muon_learning_rate == muon.muon_learning_rate  # its kernel step does not

@@ -25,6 +25,16 @@ def test_off_a_terminal_lines_carry_count_rate_and_time_left_at_a_bounded_rate()
     assert quiet == []
 
 
+def test_slow_steps_show_a_rate_below_one_instead_of_zero(monkeypatch):
+    lines, clock = [], iter([0.0, 7.0, 14.0])  # started, then one step every 7 s
+    monkeypatch.setattr(model_lib.progress.time, "perf_counter", lambda: next(clock))
+    with Progress("epoch 1/8", 25, "steps", lines.append, terminal=False, every=0.0) as progress:
+        progress.advance()
+        progress.advance()
+    assert lines == ["epoch 1/8: 1/25 steps, 0.14 steps/s, about 168s left",
+                     "epoch 1/8: 2/25 steps, 0.14 steps/s, about 161s left"]  # fmt: skip
+
+
 def test_threads_advance_one_count_and_the_total_can_grow():
     progress = Progress("classifying images", 0, "images", lambda line: None, terminal=False)
     register("run-1", progress)
