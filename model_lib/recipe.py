@@ -9,7 +9,7 @@ airbench94_muon's.
 
 from __future__ import annotations
 
-from model_lib.config import TrainConfig
+from model_lib.config import CHOICES, TrainConfig
 
 
 def learning_rate_schedule(config: TrainConfig, total_steps: int):
@@ -64,7 +64,7 @@ def _base_optimizer(config: TrainConfig, total_steps: int, model):
     import keras
 
     learning_rate = learning_rate_schedule(config, total_steps)
-    if config.optimizer not in ("adam", "sgd", "muon"):
+    if config.optimizer not in CHOICES["optimizer"]:
         raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
     def with_recipe(optimizer_class: type) -> type:
