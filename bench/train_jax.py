@@ -34,7 +34,7 @@ def run(data_root: Path, artifacts: Path, profile: str, precision: str, bn_epsil
     from model_lib import models
     from model_lib.config import resolve_config
     from model_lib.data import ingest, load_arrays
-    from model_lib.preprocess import array_batches, batch_augmenter, stratified_split, with_augmentation
+    from model_lib.preprocess import array_batches, batch_augmenter, mirror_half, stratified_split, with_augmentation
     from model_lib.recipe import make_optimizer
     from model_lib.train import to_serving_model
 
@@ -48,12 +48,13 @@ def run(data_root: Path, artifacts: Path, profile: str, precision: str, bn_epsil
     classes = len(dataset.class_names)
     keras.utils.set_random_seed(config.seed)
 
-    batches = array_batches(x, y, classes, config.batch_size, config.seed, batch_augmenter(config, "host"))
+    shown = mirror_half(x, config.seed) if config.augment_flip and config.alternate_flip else x
+    batches = array_batches(shown, y, classes, config.batch_size, config.seed, batch_augmenter(config, "host"))
     steps = config.epochs * len(batches)
     calibration = x[:5000]
     model = models.build_model(config.architecture, classes, config.image_size, precision, calibration,
                                width=config.network_width)  # fmt: skip
-    trainer = with_augmentation(model, config)  # the random layers run inside the compiled step
+    trainer = with_augmentation(model, config, len(batches))  # the random layers run inside the compiled step
     trainer.compile(
         optimizer=make_optimizer(config, steps, model, precision),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),

@@ -80,7 +80,7 @@ def batch_augmenter(config: TrainConfig, place: str = "all"):
 
     size = config.image_size
     steps = []
-    if config.augment_flip:
+    if config.augment_flip and not config.alternate_flip:
         steps.append(layers.RandomFlip("horizontal", seed=config.seed))
     if config.augment_rotation:
         steps.append(layers.RandomRotation(config.augment_rotation, seed=config.seed + 1))
@@ -103,15 +103,54 @@ def augments_in_step() -> bool:
     return keras.backend.backend() != "tensorflow"
 
 
-def with_augmentation(model, config: TrainConfig):
-    """The model to train: `model` behind the random layers that augment inside the step (identity outside
-    training); `model` itself under TensorFlow, whose tf.data pipeline augments, or without augmentation."""
+def with_augmentation(model, config: TrainConfig, steps_per_epoch: int):
+    """The model to train: `model` behind the layers that augment inside the step (identity outside
+    training): the random ones on backends without tf.data, and the alternate-epoch mirror on all;
+    `model` itself when there are none.
+
+    Args:
+        steps_per_epoch: Training batches per epoch, which tells the alternate-epoch mirror the epoch.
+    """
     import keras
 
-    augmenter = batch_augmenter(config, "step") if augments_in_step() else None
-    if augmenter is None:
+    steps = [batch_augmenter(config, "step") if augments_in_step() else None]
+    if config.augment_flip and config.alternate_flip:
+        steps.append(alternate_epoch_mirror(steps_per_epoch))
+    steps = [step for step in steps if step is not None]
+    if not steps:
         return model
-    return keras.Sequential([keras.Input(model.input_shape[1:]), augmenter, model], name=f"{model.name}_training")
+    return keras.Sequential([keras.Input(model.input_shape[1:]), *steps, model], name=f"{model.name}_training")
+
+
+def mirror_half(images: np.ndarray, seed: int) -> np.ndarray:
+    """A copy of `images` with a seeded half of them mirrored: the alternate-epoch mirror's first epoch."""
+    mirrored = np.random.default_rng(seed).random(len(images)) < 0.5
+    out = np.array(images)
+    out[mirrored] = out[mirrored, :, ::-1]
+    return out
+
+
+def alternate_epoch_mirror(steps_per_epoch: int):
+    """A layer that mirrors whole training batches in odd epochs (airbench's alternating flip over
+    `mirror_half`'s images), counting its training calls in a variable: checkpoints carry the
+    count, so a resumed run keeps the parity, and no host round trip tells it the epoch."""
+    import keras
+    from keras import ops
+
+    class AlternateEpochMirror(keras.layers.Layer):
+        def build(self, input_shape):
+            self.calls = self.add_weight(
+                shape=(), initializer="zeros", dtype="int32", trainable=False, aggregation="only_first_replica"
+            )
+
+        def call(self, images, training=False):
+            if not training:
+                return images
+            odd = ops.equal((self.calls // steps_per_epoch) % 2, 1)
+            self.calls.assign(self.calls + 1)
+            return ops.where(odd, ops.flip(images, axis=2), images)
+
+    return AlternateEpochMirror(name="alternate_epoch_mirror")
 
 
 def array_batches(
@@ -176,6 +215,8 @@ def make_datasets(x: np.ndarray, y: np.ndarray, split: Split, num_classes: int, 
         shards: Devices that split each batch (tf.distribute takes uneven batches; JAX needs even ones).
     """
     train = np.asarray(x[split.train_index]), np.asarray(y[split.train_index])
+    if config.augment_flip and config.alternate_flip:
+        train = mirror_half(train[0], config.seed), train[1]
     val = (np.asarray(x[split.val_index]), np.asarray(y[split.val_index])) if len(split.val_index) else None
     if not augments_in_step():
         return _tf_datasets(train, val, num_classes, config)

@@ -116,8 +116,8 @@ def train(
             config.architecture, num_classes, config.image_size, precision, calibration, config.weights,
             config.network_width, config.seed,
         )  # fmt: skip
-    trainer = with_augmentation(model, config)
     steps_per_epoch = len(train_ds)  # tf.data knows its length; JAX's batches may leave a few images out
+    trainer = with_augmentation(model, config, steps_per_epoch)
     try:
         for phase in phases:
             _fit_phase(model, trainer, phase, config, strategy, precision, xla, train_ds, val_ds, steps_per_epoch,

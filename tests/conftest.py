@@ -29,6 +29,15 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prefect_console_on_session_stderr():
+    """Prefect sets its console handler up once a process, on the `sys.stderr` of that moment. Were that a
+    CliRunner's stream (the CLI sets it up), every later test's flow logs would write to a closed file."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+
+
 @pytest.fixture(autouse=True)
 def artifacts(tmp_path, monkeypatch) -> Path:
     """Each test writes under its own ARTIFACTS_DIR."""

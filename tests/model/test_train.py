@@ -207,3 +207,34 @@ def test_in_memory_batches_split_evenly_over_devices_and_validation_counts_every
     assert labels.argmax(axis=1).tolist() == (np.arange(27) % 3).tolist()
     with pytest.raises(ValueError, match="multiple of the 2 devices"):
         array_batches(x, y, 3, batch_size=7, seed=0, shards=2)
+
+
+@pytest.mark.backends
+def test_alternate_flip_shows_each_image_both_ways_every_two_epochs_and_keeps_the_parity_in_checkpoints(tmp_path):
+    """airbench's alternating flip: a seeded half mirrored once, then every image mirrored in odd epochs."""
+    import numpy as np
+
+    from model_lib.preprocess import alternate_epoch_mirror, batch_augmenter, mirror_half, with_augmentation
+
+    images = np.random.default_rng(0).integers(0, 256, (100, 4, 4, 3), dtype=np.uint8)
+    first = mirror_half(images, seed=3)
+    mirrored = [np.array_equal(a, b[:, ::-1]) for a, b in zip(first, images, strict=True)]
+    assert 35 < sum(mirrored) < 65 and all(m or np.array_equal(a, b) for m, a, b in zip(mirrored, first, images))
+    np.testing.assert_array_equal(mirror_half(images, seed=3), first)
+
+    layer = alternate_epoch_mirror(steps_per_epoch=2)
+    batch = first[:8].astype(np.float32)
+    seen = [np.asarray(layer(batch, training=True)) for _ in range(6)]
+    assert [np.array_equal(view, batch[:, :, ::-1]) for view in seen] == [False, False, True, True, False, False]
+    np.testing.assert_array_equal(np.asarray(layer(batch)), batch)  # never at inference
+
+    config = resolve_config("smoke", alternate_flip=True, augment_translate=0)
+    assert batch_augmenter(config) is None  # no random mirror beside it
+    model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
+    trainer = with_augmentation(model, config, steps_per_epoch=2)
+    trainer.compile("sgd", "mse")
+    trainer.fit(batch, np.zeros((8, 2), np.float32), batch_size=4, epochs=3, verbose=0)  # compiled, as in training
+    trainer.save_weights(tmp_path / "w.weights.h5")
+    resumed = with_augmentation(model, config, steps_per_epoch=2)
+    resumed.load_weights(tmp_path / "w.weights.h5")
+    assert [int(np.asarray(t.layers[0].calls.value)) for t in (trainer, resumed)] == [6, 6]
