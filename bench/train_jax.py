@@ -34,7 +34,7 @@ def run(data_root: Path, artifacts: Path, profile: str, precision: str, bn_epsil
     from model_lib import models
     from model_lib.config import resolve_config
     from model_lib.data import ingest, load_arrays
-    from model_lib.preprocess import array_batches, batch_augmenter, mirror_half, stratified_split, with_augmentation
+    from model_lib.preprocess import make_datasets, stratified_split, with_augmentation
     from model_lib.recipe import make_optimizer
     from model_lib.train import to_serving_model
 
@@ -44,14 +44,12 @@ def run(data_root: Path, artifacts: Path, profile: str, precision: str, bn_epsil
                      log=lambda m: None)  # fmt: skip
     arrays = load_arrays(dataset.cache_dir)
     split = stratified_split(np.asarray(arrays.y_train), config.validation_split, config.seed)
-    x, y = np.asarray(arrays.x_train[split.train_index]), np.asarray(arrays.y_train[split.train_index])
     classes = len(dataset.class_names)
     keras.utils.set_random_seed(config.seed)
 
-    shown = mirror_half(x, config.seed) if config.augment_flip and config.alternate_flip else x
-    batches = array_batches(shown, y, classes, config.batch_size, config.seed, batch_augmenter(config, "host"))
+    batches, _ = make_datasets(arrays.x_train, arrays.y_train, split, classes, config)  # training's pipeline
     steps = config.epochs * len(batches)
-    calibration = x[:5000]
+    calibration = np.asarray(arrays.x_train[split.train_index[:5000]])
     model = models.build_model(config.architecture, classes, config.image_size, precision, calibration,
                                width=config.network_width)  # fmt: skip
     trainer = with_augmentation(model, config, len(batches))  # the random layers run inside the compiled step

@@ -107,6 +107,11 @@ class TrainConfig:
             if not getattr(self, field) > 0:
                 raise ConfigError(f"--{_option(field)} must be above 0, not {getattr(self, field)}")
 
+    @property
+    def flip_alternates(self) -> bool:
+        """Whether mirroring alternates by epoch (`alternate_flip`) rather than being drawn at random."""
+        return self.augment_flip and self.alternate_flip
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -173,9 +178,10 @@ PROFILES: dict[str, dict] = {
         batch_size=128,
     ),
     # airbench94_muon's recipe: Muon on the conv kernels and alternating flips, 8 epochs instead of 10
-    # at the same cost per image. Its SGD values (head 0.67 and offsets 0.053 per summed example at batch 2,000, coupled
-    # decay 2e-6 per example, momentum 0.85) are converted to a batch-mean loss, our head's 1/9 logit
-    # scale (its is 1/256: the rate scales by (9/256)^2) and Keras' decoupled decay (x 1/(1 - 0.85)).
+    # at the same cost per image. Its SGD values (head 0.67 and offsets 0.053 per summed example at
+    # batch 2,000, coupled decay 2e-6 per example, momentum 0.85) are converted to a batch-mean loss,
+    # our head's 1/9 logit scale (its is 1/256: the rate scales by (9/256)^2) and Keras' decoupled
+    # decay (x 1/(1 - 0.85)).
     "muon": dict(
         optimizer="muon",
         batch_size=2000,

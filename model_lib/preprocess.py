@@ -80,7 +80,7 @@ def batch_augmenter(config: TrainConfig, place: str = "all"):
 
     size = config.image_size
     steps = []
-    if config.augment_flip and not config.alternate_flip:
+    if config.augment_flip and not config.flip_alternates:
         steps.append(layers.RandomFlip("horizontal", seed=config.seed))
     if config.augment_rotation:
         steps.append(layers.RandomRotation(config.augment_rotation, seed=config.seed + 1))
@@ -113,9 +113,10 @@ def with_augmentation(model, config: TrainConfig, steps_per_epoch: int):
     """
     import keras
 
-    steps = [batch_augmenter(config, "step") if augments_in_step() else None]
-    if config.augment_flip and config.alternate_flip:
-        steps.append(alternate_epoch_mirror(steps_per_epoch))
+    steps = [
+        batch_augmenter(config, "step") if augments_in_step() else None,
+        alternate_epoch_mirror(steps_per_epoch) if config.flip_alternates else None,
+    ]
     steps = [step for step in steps if step is not None]
     if not steps:
         return model
@@ -215,7 +216,7 @@ def make_datasets(x: np.ndarray, y: np.ndarray, split: Split, num_classes: int, 
         shards: Devices that split each batch (tf.distribute takes uneven batches; JAX needs even ones).
     """
     train = np.asarray(x[split.train_index]), np.asarray(y[split.train_index])
-    if config.augment_flip and config.alternate_flip:
+    if config.flip_alternates:
         train = mirror_half(train[0], config.seed), train[1]
     val = (np.asarray(x[split.val_index]), np.asarray(y[split.val_index])) if len(split.val_index) else None
     if not augments_in_step():
