@@ -29,6 +29,16 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session")
+def prefect_api_env(prefect_harness) -> dict[str, str]:
+    """Environment for CLI subprocesses: their flows report to the session's Prefect API instead of
+    each starting and stopping a temporary server of its own (5-20 s a command on two busy cores).
+    Tests of what a person sees on a machine without a server leave it out."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {"PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_console_on_session_stderr():
     """Prefect sets its console handler up once a process, on the `sys.stderr` of that moment. Were that a

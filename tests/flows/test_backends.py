@@ -22,8 +22,8 @@ pytestmark = pytest.mark.backends
 OTHER = {"tensorflow": "jax", "jax": "tensorflow"}
 
 
-def _cli(arguments: list[str], artifacts, backend: str, cwd) -> str:
-    env = {**os.environ, "ARTIFACTS_DIR": str(artifacts), "KERAS_BACKEND": backend}
+def _cli(arguments: list[str], artifacts, backend: str, cwd, prefect_api_env: dict) -> str:
+    env = {**os.environ, **prefect_api_env, "ARTIFACTS_DIR": str(artifacts), "KERAS_BACKEND": backend}
     command = [sys.executable, "-c", "from flows.cli import main; main()", *arguments]
     done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (arguments, done.stdout[-3000:], done.stderr[-3000:])
@@ -32,13 +32,15 @@ def _cli(arguments: list[str], artifacts, backend: str, cwd) -> str:
 
 @pytest.mark.slow
 @pytest.mark.real_data
-def test_a_model_trained_under_one_backend_serves_under_the_other(colour_dataset, cifar_dir, artifacts, tmp_path):
+def test_a_model_trained_under_one_backend_serves_under_the_other(
+    colour_dataset, cifar_dir, artifacts, tmp_path, prefect_api_env
+):
     here = keras.backend.backend()
     there = OTHER[here]
     documented = readme_command("KERAS_BACKEND=jax cifar-pipeline train")  # docs/training.md, "Keras backends"
     assert documented[:2] == ["cifar-pipeline", "train"]
     smoke = ["--data", str(colour_dataset), "--epochs", "3", "--batch-size", "8", "--validation-split", "0.25"]
-    _cli([*documented[1:], *smoke], artifacts, there, tmp_path)  # under TensorFlow here: as written, on JAX
+    _cli([*documented[1:], *smoke], artifacts, there, tmp_path, prefect_api_env)  # as written, on the other one
     version_dir = artifacts / "models" / "colours" / "v1"
     manifest = read_json(version_dir / "manifest.json")
     assert manifest["training"]["backend"] == there
@@ -56,7 +58,7 @@ def test_a_model_trained_under_one_backend_serves_under_the_other(colour_dataset
     for backend in (here, there):
         output = tmp_path / f"{backend}.csv"
         _cli(["predict", str(photos), "--model", "colours", "--engine", "keras", "--output", str(output)],
-             artifacts, backend, tmp_path)  # fmt: skip
+             artifacts, backend, tmp_path, prefect_api_env)  # fmt: skip
         tables[backend] = read_predictions(output).sort_values("path", ignore_index=True)
     ours, theirs = tables[here], tables[there]
     assert len(ours) == 22 and set(ours["status"]) == {"ok"} and list(ours["path"]) == list(theirs["path"])

@@ -30,8 +30,9 @@ def readme_command(starts: str, exact: bool = False) -> list[str]:
 
 @pytest.mark.real_data
 @pytest.mark.slow
-def test_transfer_train_export_and_tflite_predict_as_the_readme_shows(cifar_dir, artifacts, tmp_path):
-    env = {**os.environ, "CIFAR10_DIR": str(cifar_dir), "ARTIFACTS_DIR": str(artifacts), "HOME": str(tmp_path)}
+def test_transfer_train_export_and_tflite_predict_as_the_readme_shows(cifar_dir, artifacts, tmp_path, prefect_api_env):
+    env = {**os.environ, **prefect_api_env, "CIFAR10_DIR": str(cifar_dir), "ARTIFACTS_DIR": str(artifacts),
+           "HOME": str(tmp_path)}  # fmt: skip
     photos = tmp_path / "photos"  # the README's ~/photos
     photos.mkdir()
     for path in sorted((cifar_dir / "test" / "ship").iterdir())[:12]:
