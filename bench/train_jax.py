@@ -49,7 +49,7 @@ def run(data_root: Path, artifacts: Path, profile: str, precision: str, bn_epsil
 
     batches, _ = make_datasets(arrays.x_train, arrays.y_train, split, classes, config)  # training's pipeline
     steps = config.epochs * len(batches)
-    calibration = np.asarray(arrays.x_train[split.train_index[:5000]])
+    calibration = np.asarray(arrays.x_train[split.train_index[: models.WHITEN_SAMPLE_IMAGES]])
     model = models.build_model(config.architecture, classes, config.image_size, precision, calibration,
                                width=config.network_width)  # fmt: skip
     trainer = with_augmentation(model, config, len(batches))  # the random layers run inside the compiled step

@@ -18,6 +18,7 @@ from model_lib.transfer import from_scratch, transfer_logits
 CIFAR_MEAN = (125.3, 123.0, 113.9)  # per-channel pixel mean of CIFAR-10's training set, 0-255
 CIFAR_STD = (63.0, 62.1, 66.7)  # per-channel pixel standard deviation, 0-255
 WHITEN_EPSILON = 5e-4  # added to the patch covariance's eigenvalues before the inverse square root
+WHITEN_SAMPLE_IMAGES = 5000  # training images build_model derives data-dependent layers (whitening) from
 AIRBENCH_WIDTHS = (64, 256, 256)  # channels of the three conv groups
 # Weight on the old statistic. airbench's is 0.6 (it hands PyTorch 1 - 0.6, PyTorch's weight on the
 # new one); 0.4 follows the weights faster and is what every figure of bench/RESULTS.md was measured with.
@@ -133,7 +134,7 @@ def _airbench(inputs, num_classes: int, policy: str, calibration_images, weights
     whiten = layers.Conv2D(24, 2, dtype=policy, trainable=False, name="whiten")
     x = whiten(x)
     if calibration_images is not None:
-        whiten.kernel.assign(patch_whitening_kernel(calibration_images[:5000]))
+        whiten.kernel.assign(patch_whitening_kernel(calibration_images[:WHITEN_SAMPLE_IMAGES]))
     x = layers.Activation("gelu", dtype=policy)(x)
     for channels in (max(8, round(base * width)) for base in AIRBENCH_WIDTHS):
         x = _identity_initialised_conv(x, channels, policy)

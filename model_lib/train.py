@@ -15,7 +15,7 @@ from model_lib.config import TrainConfig
 from model_lib.data import DatasetInfo, load_arrays
 from model_lib.evaluate import check_learned
 from model_lib.fileio import atomic_open, write_json
-from model_lib.models import build_model, with_flip_tta
+from model_lib.models import WHITEN_SAMPLE_IMAGES, build_model, with_flip_tta
 from model_lib.precision import (
     choose_precision,
     cpu_bf16_units,
@@ -110,7 +110,7 @@ def train(
     phases = training_phases(config)
     history_path = _start_run_folder(run_dir, config, phases)
 
-    calibration = np.asarray(arrays.x_train[split.train_index[:5000]])
+    calibration = np.asarray(arrays.x_train[split.train_index[:WHITEN_SAMPLE_IMAGES]])
     with strategy.scope():
         model = build_model(
             config.architecture, num_classes, config.image_size, precision, calibration, config.weights,
