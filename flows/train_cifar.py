@@ -71,7 +71,8 @@ def train_cifar(
             (airbench94_muon: 8 epochs), fast, seed (the origin notebook's) or smoke (a minute, for checks).
         architecture: The network: airbench, seed_cnn or transfer (MobileNetV3Small backbone).
         epochs: Passes over the training split.
-        batch_size: Images per optimiser step (with SGD the learning rate scales with it).
+        batch_size: Images per optimiser step (with SGD the learning rate scales with it, Muon's step
+            with its square root).
         learning_rate: Peak learning rate per step.
         data: Image folder (train/<class>/, test/<class>/), cifar-10-batches-py folder, or keras
             (download); empty means CIFAR10_DIR, else keras.

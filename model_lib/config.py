@@ -48,7 +48,8 @@ class TrainConfig:
     momentum: float = 0.85  # SGD Nesterov momentum
     weight_decay: float = 8.9e-3  # decoupled weight decay: each step shrinks weights by this times the LR
     bias_lr_scale: float = 64.0  # SGD: learning-rate multiplier for batch-norm offsets
-    muon_learning_rate: float = 0.24  # muon: conv kernels' peak step: each filter (norm about 1) moves about this far
+    # airbench94_muon's 0.24 at batch 2,000, taken to this batch_size by the square root (resolve_config).
+    muon_learning_rate: float = 0.12  # muon: conv kernels' peak step: each filter (norm about 1) moves about this far
     muon_momentum: float = 0.6  # muon: conv kernels' Nesterov momentum
     label_smoothing: float = 0.2  # mass spread uniformly over all classes in the targets
     lr_schedule: str = "warmup_linear"  # "constant" or "warmup_linear" (linear up, then linear down)
@@ -223,7 +224,9 @@ def resolve_config(profile: str = "default", **overrides) -> TrainConfig:
     With SGD (and the SGD part of Muon), a profile or override that changes `batch_size` without
     setting `learning_rate` scales the learning rate by the same factor (the linear scaling rule), so
     the rate per example stays the one the recipe was tuned at and a smaller batch does not diverge.
-    Muon's own step on the conv kernels does not depend on the gradient's scale and stays.
+    Muon's own step on the conv kernels has a fixed size whatever the gradient's scale, so without
+    `muon_learning_rate` it scales by the square root of that factor: k times the steps of 1/sqrt(k)
+    the size move a kernel as far over an epoch when their directions are independent.
 
     Raises:
         ConfigError: Unknown profile or unknown field.
@@ -236,17 +239,22 @@ def resolve_config(profile: str = "default", **overrides) -> TrainConfig:
         raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
     given = {k: v for k, v in overrides.items() if v is not None}
     values = {**PROFILES[profile], **given}
-    if values.get("optimizer", TrainConfig.optimizer) in ("sgd", "muon"):
-        values["learning_rate"] = _batch_scaled_learning_rate(PROFILES[profile], given)
+    optimizer = values.get("optimizer", TrainConfig.optimizer)
+    if optimizer in ("sgd", "muon"):
+        values["learning_rate"] = _batch_scaled("learning_rate", 1.0, PROFILES[profile], given)
+    if optimizer == "muon":
+        values["muon_learning_rate"] = _batch_scaled("muon_learning_rate", 0.5, PROFILES[profile], given)
     return TrainConfig(profile=profile, **values)
 
 
-def _batch_scaled_learning_rate(*layers: dict) -> float:
-    learning_rate, batch_size = TrainConfig.learning_rate, TrainConfig.batch_size
+def _batch_scaled(field: str, power: float, *layers: dict) -> float:
+    """`field` after the layers of values in turn: a layer that sets it replaces it, one that only changes
+    `batch_size` multiplies it by the batch's growth to the `power`."""
+    value, batch_size = getattr(TrainConfig, field), TrainConfig.batch_size
     for layer in layers:
-        if "learning_rate" in layer:
-            learning_rate = layer["learning_rate"]
+        if field in layer:
+            value = layer[field]
         elif "batch_size" in layer:
-            learning_rate *= layer["batch_size"] / batch_size
+            value *= (layer["batch_size"] / batch_size) ** power
         batch_size = layer.get("batch_size", batch_size)
-    return learning_rate
+    return value

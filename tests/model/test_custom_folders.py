@@ -41,6 +41,7 @@ def test_greyscale_digits_train_to_95_percent_with_the_muon_recipe(prefect_harne
     assert result["test_accuracy"] >= 0.95, result
     config = read_json(Path(result["path"]) / "manifest.json")["config"]
     assert config["optimizer"] == "muon" and config["learning_rate"] == pytest.approx(0.828 * 128 / 1000)
+    assert config["muon_learning_rate"] == pytest.approx(0.17 * (128 / 1000) ** 0.5)
 
 
 @pytest.mark.slow  # not under JAX too: 5 min there; the transfer architecture trains under JAX in test_transfer.py

@@ -46,7 +46,7 @@ def test_every_profile_resolves():
         assert isinstance(resolve_config(name), TrainConfig)
 
 
-def test_sgd_learning_rate_follows_the_batch_size_unless_given():
+def test_learning_rates_follow_the_batch_size_unless_given():
     default = resolve_config("default")
     assert resolve_config("fast").learning_rate == pytest.approx(default.learning_rate / 2)  # batch 256
     assert resolve_config("smoke", batch_size=8).learning_rate == pytest.approx(default.learning_rate * 8 / 512)
@@ -55,4 +55,6 @@ def test_sgd_learning_rate_follows_the_batch_size_unless_given():
     muon = resolve_config("muon")
     quarter = resolve_config("muon", batch_size=muon.batch_size // 4)
     assert quarter.learning_rate == pytest.approx(muon.learning_rate / 4)  # Muon's SGD part scales
-    assert quarter.muon_learning_rate == muon.muon_learning_rate  # its kernel step does not
+    assert quarter.muon_learning_rate == pytest.approx(muon.muon_learning_rate / 2)  # its kernel step by the root
+    assert resolve_config("muon", batch_size=250, muon_learning_rate=0.3).muon_learning_rate == 0.3
+    assert resolve_config("default", optimizer="muon").muon_learning_rate == TrainConfig.muon_learning_rate
