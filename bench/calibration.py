@@ -40,7 +40,7 @@ def main() -> None:
     x_val, y_val = np.asarray(arrays.x_train[split.val_index]), np.asarray(arrays.y_train[split.val_index])
     x_test, y_test = np.asarray(arrays.x_test), np.asarray(arrays.y_test)
     started = time.perf_counter()
-    calibrated, record, _ = calibrate(model, x_val, y_val, x_test, y_test, arrays.x_train)
+    calibrated, record, _, _ = calibrate(model, x_val, y_val, x_test, y_test, arrays.x_train)
     seconds = time.perf_counter() - started
 
     def flag_rates(images: np.ndarray) -> dict[str, float]:

@@ -148,7 +148,7 @@ def engine_comparison(data: Path, model_dir: Path, scratch: Path, runs: int) -> 
     from model_lib.fileio import read_json
     from model_lib.images import decode_files
     from model_lib.inference import KerasClassifier, TFLiteClassifier
-    from model_lib.models import unwrap_flip_tta
+    from model_lib.models import unwrap_tta
     from model_lib.prediction_csv import read_predictions
     from model_lib.registry import load_verified_model
 
@@ -183,9 +183,9 @@ def engine_comparison(data: Path, model_dir: Path, scratch: Path, runs: int) -> 
     keras_model = load_verified_model(model_dir)
     ceilings = {"keras": model_only(KerasClassifier(keras_model))}
     ceilings.update({name: model_only(TFLiteClassifier(model_dir / name)) for name in exports})
-    network, tta = unwrap_flip_tta(keras_model)
-    if tta:
-        ceilings["keras without flip TTA"] = model_only(KerasClassifier(network))
+    network, views = unwrap_tta(keras_model)
+    if views:
+        ceilings["keras without TTA"] = model_only(KerasClassifier(network))
     for name, result in results.items():
         result["batch_predict_images_per_s"] = statistics.median(rates[name])
         result["runs"] = rates[name]

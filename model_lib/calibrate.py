@@ -21,8 +21,8 @@ import numpy as np
 from model_lib.evaluate import ECE_BINS, negative_log_likelihood, reliability_bins
 from model_lib.fileio import atomic_open, write_json
 from model_lib.flags import texture_range
-from model_lib.models import unwrap_flip_tta
-from model_lib.runs import UNCALIBRATED_PROBABILITIES
+from model_lib.models import tta_views, unwrap_tta, view_pixels, with_tta
+from model_lib.runs import TEST_PROBABILITIES, UNCALIBRATED_PROBABILITIES
 
 LOG_T_RANGE = (-3.0, 3.0)  # natural-log bounds of the temperature search: T from 0.05 to 20
 MIN_CALIBRATION_IMAGES = 50  # fewer validation images than this fit no temperature (T stays 1)
@@ -47,7 +47,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def probabilities_at(view_logits: list[np.ndarray], temperature: float) -> np.ndarray:
-    """The model's output at a temperature: the mean over its views (image, mirror) of softmax(logits / T)."""
+    """The model's output at a temperature: the mean over its views (see `view_logits`) of softmax(logits / T)."""
     return np.mean([_softmax(logits / temperature) for logits in view_logits], axis=0)
 
 
@@ -90,37 +90,39 @@ def _logits_and_temperature(network):
 
 
 def view_logits(model, images: np.ndarray, batch_size: int = 500) -> list[np.ndarray]:
-    """The logits (before temperature) of each view the model averages: the image, and its mirror under flip TTA."""
+    """The logits (before temperature) of each view the model averages (`model_lib.models.tta_views`): a view
+    weighted twice appears twice, so the model's output is their plain mean."""
     import keras
 
-    network, tta = unwrap_flip_tta(model)
+    network, views = unwrap_tta(model)
     logits, _ = _logits_and_temperature(network)
     logit_model = keras.Model(network.inputs, logits)
-    views = [images, images[:, :, ::-1]] if tta else [images]
-    return [np.asarray(logit_model.predict(view, batch_size=batch_size, verbose=0), np.float64) for view in views]
+    scored = {
+        view: np.asarray(logit_model.predict(view_pixels(images, *view), batch_size=batch_size, verbose=0), np.float64)
+        for view in dict.fromkeys(views or [(0, False)])
+    }
+    return [scored[view] for view in views or [(0, False)]]
 
 
 def with_temperature(model, temperature: float):
     """The same model with `softmax(logits / temperature)` as its output, from stock layers only."""
     import keras
 
-    from model_lib.models import with_flip_tta
-
-    network, tta = unwrap_flip_tta(model)
+    network, views = unwrap_tta(model)
     logits, _ = _logits_and_temperature(network)
     scaled = keras.layers.Rescaling(1.0 / temperature, dtype="float32", name=TEMPERATURE_LAYER)(logits)
     outputs = keras.layers.Activation("softmax", dtype="float32", name=PROBABILITIES_LAYER)(scaled)
     calibrated = keras.Model(network.inputs, outputs, name=network.name)
-    return with_flip_tta(calibrated) if tta else calibrated
+    return with_tta(calibrated, translate=views == tta_views(translate=True)) if views else calibrated
 
 
 def calibrate(
     model, val_images: np.ndarray, val_labels: np.ndarray, test_images, test_labels, train_images
-) -> tuple[object, dict, np.ndarray]:
+) -> tuple[object, dict, np.ndarray, np.ndarray]:
     """Fit a temperature on validation images, fold it into the model, and measure the change on the test set.
 
     Args:
-        model: The serving model (pixels in, probabilities out), with or without flip TTA.
+        model: The serving model (pixels in, probabilities out), with or without a TTA wrapper.
         val_images, val_labels: The validation split the temperature and threshold are chosen on.
         test_images, test_labels: The test set the before/after figures are measured on.
         train_images: The training images the texture range is measured on.
@@ -128,11 +130,12 @@ def calibrate(
     Returns:
         The calibrated model; a JSON-friendly record: `temperature`, `fitted_on`, test `ece` and
         `nll` before and after, `unsure_threshold` (on the calibrated confidences) and
-        `texture_range`; and the test probabilities before calibration. With fewer than
+        `texture_range`; and the test probabilities before and after calibration (the calibrated
+        model's outputs, computed from the same logits). With fewer than
         `MIN_CALIBRATION_IMAGES` validation images, the temperature stays as it was.
     """
     val, test = view_logits(model, np.asarray(val_images)), view_logits(model, np.asarray(test_images))
-    _, folded = _logits_and_temperature(unwrap_flip_tta(model)[0])
+    _, folded = _logits_and_temperature(unwrap_tta(model)[0])
     enough = len(val_labels) >= MIN_CALIBRATION_IMAGES
     temperature = fit_temperature(val, val_labels) if enough else folded
     before, after = probabilities_at(test, folded), probabilities_at(test, temperature)
@@ -149,14 +152,15 @@ def calibrate(
         "unsure_pass_rate": UNSURE_PASS_RATE,
         "texture_range": texture_range(train_images),
     }  # fmt: skip
-    return (with_temperature(model, temperature) if enough else model), record, before.astype(np.float32)
+    calibrated = with_temperature(model, temperature) if enough else model
+    return calibrated, record, before.astype(np.float32), after.astype(np.float32)
 
 
 def calibrate_run(model_path: str, probe_path: str, cache_dir: str, split_path: str, out_dir: Path) -> dict:
     """Calibrate a run's saved model in place: the model and its probe outputs are replaced atomically.
 
-    Also writes `calibration.json` and the uncalibrated test probabilities (for the reliability
-    diagram) into `out_dir`.
+    Also writes `calibration.json` and the test probabilities before (for the reliability diagram)
+    and after calibration (for evaluation, which then need not score the test set again) into `out_dir`.
 
     Returns:
         The calibration record (see `calibrate`).
@@ -170,10 +174,11 @@ def calibrate_run(model_path: str, probe_path: str, cache_dir: str, split_path: 
     model = keras.saving.load_model(model_path, safe_mode=True)
     val_images, val_labels = np.asarray(arrays.x_train[split.val_index]), np.asarray(arrays.y_train[split.val_index])
     test_images, test_labels = np.asarray(arrays.x_test), np.asarray(arrays.y_test)
-    calibrated, record, uncalibrated = calibrate(
+    calibrated, record, uncalibrated, probabilities = calibrate(
         model, val_images, val_labels, test_images, test_labels, arrays.x_train
     )
-    np.save(out_dir / UNCALIBRATED_PROBABILITIES, uncalibrated, allow_pickle=False)
+    with atomic_open(out_dir / UNCALIBRATED_PROBABILITIES, "wb") as handle:
+        np.save(handle, uncalibrated, allow_pickle=False)
     if calibrated is not model:
         tmp = Path(model_path).with_name(f".calibrated.{os.getpid()}.keras")
         try:
@@ -185,5 +190,7 @@ def calibrate_run(model_path: str, probe_path: str, cache_dir: str, split_path: 
             inputs = probe["inputs"]
         with atomic_open(probe_path, "wb") as handle:
             np.savez(handle, inputs=inputs, outputs=calibrated.predict(inputs, verbose=0))
+    with atomic_open(out_dir / TEST_PROBABILITIES, "wb") as handle:  # after the model it describes
+        np.save(handle, probabilities, allow_pickle=False)
     write_json(out_dir / CALIBRATION_FILE, record)
     return record

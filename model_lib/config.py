@@ -71,6 +71,9 @@ class TrainConfig:
     augment_zoom: float = 0.0  # max zoom in/out, fraction of the side (Keras RandomZoom factor)
     augment_translate: int = 2  # max shift, pixels, with reflected borders
     tta_flip: bool = True  # saved model averages the image's and its mirror's probabilities
+    # airbench's evaluation: that pair at half weight, plus the pairs seen through a window moved one pixel
+    # up-left and down-right (reflected borders) at a quarter each; three times flip TTA's inference.
+    tta_translate: bool = False  # with tta_flip: mirror-plus-translate TTA instead (model_lib.models.tta_views)
 
     # transfer learning (architecture "transfer" only)
     weights: str = "none"  # backbone weights: "imagenet" (downloads), a local weights file, or "none"
@@ -197,6 +200,7 @@ PROFILES: dict[str, dict] = {
         lr_start_fraction=1.0,
         lr_end_fraction=0.0,
         alternate_flip=True,
+        tta_translate=True,
     ),
 }
 

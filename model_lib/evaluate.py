@@ -7,9 +7,16 @@ from pathlib import Path
 import numpy as np
 
 from model_lib.fileio import atomic_open, write_json
+from model_lib.runs import TEST_PROBABILITIES
 
+SPOT_CHECK_IMAGES = 500  # test images the saved model re-scores when its test probabilities were computed before
+SPOT_CHECK_TOLERANCE = 1e-4  # largest difference of a probability between the saved model and those figures
 ECE_BINS = 10  # equal-width confidence bins of the expected calibration error and the reliability diagram
 LOSS_EPSILON = 1e-7  # probabilities are clipped to [eps, 1] before the log, as Keras does
+
+
+class ScoresMismatch(RuntimeError):
+    """The saved model does not reproduce the test probabilities computed for it: never register it."""
 
 
 class NothingLearned(RuntimeError):
@@ -130,11 +137,16 @@ def score_model(model, cache_dir: str, class_names: list[str]) -> tuple[dict, np
 
 
 def evaluate_run(
-    model_path: str, cache_dir: str, class_names: list[str], out_dir: Path, learned_margin: float = 0.0
+    model_path: str,
+    cache_dir: str,
+    class_names: list[str],
+    out_dir: Path,
+    learned_margin: float = 0.0,
+    scored: str | None = None,
 ) -> dict:
     """Evaluate a saved model on the cached test set and write its metrics files.
 
-    Also saves the test probabilities (`test_probabilities.npy`) for the plots.
+    Also saves the test probabilities (`TEST_PROBABILITIES`) for the plots.
 
     Args:
         model_path: The saved `.keras` model.
@@ -142,6 +154,9 @@ def evaluate_run(
         class_names: One name per class index.
         out_dir: Where the metrics files go.
         learned_margin: Test accuracy the model must add to the majority-class rate.
+        scored: A `.npy` of this model's test probabilities computed before (calibration's): the
+            saved model then re-scores only the first `SPOT_CHECK_IMAGES` test images, which must
+            match them, instead of all of them.
 
     Returns:
         The metrics (without the confusion matrix), `majority_rate` and `promotion_floor` (the
@@ -151,16 +166,31 @@ def evaluate_run(
     Raises:
         NothingLearned: Test accuracy not above the majority-class rate plus `learned_margin`
             (the metrics files are written first, for the post-mortem).
+        ScoresMismatch: The saved model's outputs differ from `scored`.
     """
     import keras
 
     from model_lib.data import load_arrays
 
     model = keras.saving.load_model(model_path, safe_mode=True)
-    metrics, probabilities = score_model(model, cache_dir, class_names)
-    np.save(out_dir / "test_probabilities.npy", probabilities, allow_pickle=False)
+    arrays = load_arrays(cache_dir)
+    labels = np.asarray(arrays.y_test)
+    if scored is None:
+        probabilities = predict_probabilities(model, arrays.x_test)
+    else:
+        probabilities = np.load(scored, allow_pickle=False)
+        spot = predict_probabilities(model, arrays.x_test[:SPOT_CHECK_IMAGES])
+        same_shape = probabilities.shape == (len(labels), len(class_names))
+        gap = float(np.abs(spot - probabilities[: len(spot)]).max()) if same_shape and len(spot) else np.inf
+        if not gap <= SPOT_CHECK_TOLERANCE:
+            raise ScoresMismatch(
+                f"{model_path} does not reproduce its test probabilities in {scored} (shape {probabilities.shape}, "
+                f"largest difference {gap:.2g} on the first {len(spot)} images): nothing was registered"
+            )
+    metrics = classification_metrics(probabilities, labels, class_names)
+    with atomic_open(out_dir / TEST_PROBABILITIES, "wb") as handle:
+        np.save(handle, probabilities.astype(np.float32), allow_pickle=False)
     files = write_metrics(metrics, class_names, out_dir)
-    labels = np.asarray(load_arrays(cache_dir).y_test)
     check_learned("test", metrics["test_accuracy"], labels, learned_margin)
     majority = majority_rate(labels)
     floors = {"majority_rate": majority, "promotion_floor": majority + learned_margin}

@@ -29,6 +29,7 @@ AIRBENCH_BN_MOMENTUM = 0.4
 # bf16 on a CPU and in float32 on an H200; with 1e-3, 99% in every precision (bench/RESULTS.md).
 AIRBENCH_BN_EPSILON = 1e-3
 AIRBENCH_LOGIT_SCALE = 1 / 9  # airbench's temperature on the head's logits
+TTA_FLIP, TTA_TRANSLATE = "flip_tta", "flip_translate_tta"  # names of a TTA wrapper's Average layer
 
 
 def build_model(
@@ -177,34 +178,83 @@ def _transfer(inputs, num_classes: int, policy: str, calibration_images, weights
 ARCHITECTURES: dict[str, Callable] = {"seed_cnn": _seed_cnn, "airbench": _airbench, "transfer": _transfer}
 
 
-def with_flip_tta(model):
-    """Wrap a model so it returns the mean of its probabilities on the image and its mirror image.
+def tta_views(translate: bool = False) -> tuple[tuple[int, bool], ...]:
+    """The views a TTA wrapper averages, as `(shift, mirrored)`, weights given by repetition.
 
-    The mirror is a frozen anti-identity `Dense` over the width axis (exact: each output pixel is
-    one input pixel times 1.0), so the wrapper needs no custom or Lambda layer to load safely.
+    Flip TTA: the image and its mirror. With `translate`, airbench's evaluation: that pair at half
+    the weight, plus the pairs seen through a window moved one pixel up-left (shift -1) and one
+    down-right (+1), borders reflected, at a quarter each.
+    """
+    shifts = (0, 0, -1, 1) if translate else (0,)
+    return tuple((shift, mirrored) for shift in shifts for mirrored in (False, True))
+
+
+def _view_index(size: int, shift: int, mirrored: bool) -> np.ndarray:
+    """For each output pixel along one axis, the input pixel it comes from (reflected at the borders)."""
+    index = np.arange(size)[::-1] if mirrored else np.arange(size)
+    index = index + shift
+    return np.where(index < 0, -index, np.where(index >= size, 2 * (size - 1) - index, index))
+
+
+def view_pixels(images: np.ndarray, shift: int, mirrored: bool) -> np.ndarray:
+    """One TTA view of NHWC images, as the wrapper computes it."""
+    rows = _view_index(images.shape[1], shift, False)
+    return images[:, rows][:, :, _view_index(images.shape[2], shift, mirrored)]
+
+
+def with_tta(model, translate: bool = False):
+    """Wrap a model so it returns the weighted mean of its probabilities over `tta_views(translate)`.
+
+    Each view is a fixed 0/1 `Dense` over the height and width axes (exact: each output pixel is
+    one input pixel times 1.0), so the wrapper needs no custom or Lambda layer to load safely; the
+    weights come from repeating the unshifted pair in a stock `Average`.
     """
     import keras
     from keras import layers
 
-    size = model.input_shape[2]
+    height, width = model.input_shape[1:3]
     inputs = keras.Input(model.input_shape[1:], name="pixels")
-    width_last = layers.Permute((1, 3, 2))(inputs)
-    mirror = layers.Dense(size, use_bias=False, trainable=False, name="mirror_width")
-    mirrored = layers.Permute((1, 3, 2))(mirror(width_last))
-    mirror.kernel.assign(np.eye(size, dtype=np.float32)[::-1])
-    outputs = layers.Average(name="flip_tta")([model(inputs), model(mirrored)])
-    return keras.Model(inputs, outputs, name=f"{model.name}_flip_tta")
+    outputs, rows = {}, {}
+    for shift, mirrored in dict.fromkeys(tta_views(translate)):
+        toward = {-1: ("up", "left"), 1: ("down", "right")}.get(shift)
+        if shift not in rows:  # both views of a shift share its rows
+            index = _view_index(height, shift, False)
+            rows[shift] = _fixed_axis_map(inputs, index, 1, f"rows_{toward[0]}") if toward else inputs
+        view = rows[shift]
+        if toward or mirrored:
+            name = f"cols_{toward[1]}" + ("_mirror" if mirrored else "") if toward else "mirror_width"
+            view = _fixed_axis_map(view, _view_index(width, shift, mirrored), 2, name)
+        outputs[shift, mirrored] = model(view)
+    name = TTA_TRANSLATE if translate else TTA_FLIP
+    averaged = layers.Average(name=name)([outputs[view] for view in tta_views(translate)])
+    return keras.Model(inputs, averaged, name=f"{model.name}_{name}")
 
 
-def unwrap_flip_tta(model):
-    """`(the network that ends in the softmax, whether a flip-TTA wrapper surrounded it)`."""
+def _fixed_axis_map(tensor, index: np.ndarray, axis: int, name: str):
+    """`tensor` with its `axis` (1 = rows, 2 = columns) re-indexed by `index`, by a frozen 0/1 Dense."""
+    from keras import layers
+
+    order = (1, 3, 2) if axis == 2 else (2, 3, 1)  # the mapped axis last
+    back = (1, 3, 2) if axis == 2 else (3, 1, 2)
+    dense = layers.Dense(len(index), use_bias=False, trainable=False, name=name)
+    mapped = layers.Permute(back)(dense(layers.Permute(order)(tensor)))
+    kernel = np.zeros((len(index), len(index)), np.float32)
+    kernel[index, np.arange(len(index))] = 1.0
+    dense.kernel.assign(kernel)
+    return mapped
+
+
+def unwrap_tta(model):
+    """`(the network that ends in the softmax, the views its TTA wrapper averages, or () without one)`."""
     import keras
 
     inner = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    return (inner[0], True) if len(inner) == 1 else (model, False)
+    if len(inner) != 1:
+        return model, ()
+    return inner[0], tta_views(translate=any(layer.name == TTA_TRANSLATE for layer in model.layers))
 
 
 def network_parameter_count(model) -> int:
-    """Parameters of the trained network: a flip-TTA wrapper's fixed mirror matrix is not one of them."""
+    """Parameters of the trained network: a TTA wrapper's fixed view matrices are not among them."""
 
-    return int(unwrap_flip_tta(model)[0].count_params())
+    return int(unwrap_tta(model)[0].count_params())

@@ -118,10 +118,10 @@ def plot_run(run_dir: Path, cache_dir: str, class_names: list[str], seed: int = 
     """All plots of a finished, evaluated run; returns their paths by name."""
     from model_lib.data import load_arrays
     from model_lib.fileio import read_json
-    from model_lib.runs import UNCALIBRATED_PROBABILITIES, read_history
+    from model_lib.runs import TEST_PROBABILITIES, UNCALIBRATED_PROBABILITIES, read_history
 
     arrays = load_arrays(cache_dir)
-    probabilities = np.load(run_dir / "test_probabilities.npy", allow_pickle=False)
+    probabilities = np.load(run_dir / TEST_PROBABILITIES, allow_pickle=False)
     confusion = np.array(read_json(run_dir / "metrics.json")["confusion_matrix"])
     return {
         "curves": plot_curves(read_history(run_dir / "history.csv"), run_dir / "curves.png"),

@@ -18,6 +18,7 @@ from filelock import FileLock
 from model_lib.fileio import process_gone, process_tag
 
 OWNER_FILE = ".owner"  # the `process_tag` of the run using the folder
+TEST_PROBABILITIES = "test_probabilities.npy"  # the saved model's outputs on the test set, in the run folder
 UNCALIBRATED_PROBABILITIES = "test_probabilities_uncalibrated.npy"  # beside the calibrated ones, for the plots
 
 

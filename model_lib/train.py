@@ -15,7 +15,7 @@ from model_lib.config import TrainConfig
 from model_lib.data import DatasetInfo, load_arrays
 from model_lib.evaluate import check_learned
 from model_lib.fileio import atomic_open, write_json
-from model_lib.models import WHITEN_SAMPLE_IMAGES, build_model, with_flip_tta
+from model_lib.models import WHITEN_SAMPLE_IMAGES, build_model, with_tta
 from model_lib.precision import (
     choose_precision,
     cpu_bf16_units,
@@ -371,7 +371,7 @@ def _kill_safe_backup(backup_dir: str, log: Callable[[str], None]):
 
 
 def to_serving_model(trained, config: TrainConfig, num_classes: int, calibration_images: np.ndarray):
-    """A float32 twin of the trained model (whatever precision trained it), with flip TTA if configured.
+    """A float32 twin of the trained model (whatever precision trained it), with the configured TTA.
 
     Serving in float32 keeps the saved model portable: it runs the same on CPUs without bf16 and
     converts cleanly to TFLite.
@@ -380,7 +380,7 @@ def to_serving_model(trained, config: TrainConfig, num_classes: int, calibration
         config.architecture, num_classes, config.image_size, "float32", calibration_images, width=config.network_width
     )
     serving.set_weights(trained.get_weights())
-    return with_flip_tta(serving) if config.tta_flip else serving
+    return with_tta(serving, translate=config.tta_translate) if config.tta_flip else serving
 
 
 def probe_images(sample: np.ndarray, seed: int) -> np.ndarray:

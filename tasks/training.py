@@ -39,7 +39,7 @@ from model_lib.registry import (
     load_verified_model,
 )
 from model_lib.report import REPORT_FILE, RunRecord, build_manifest, report_markdown
-from model_lib.runs import TrainResult, claim_run_dir, release_run_dir
+from model_lib.runs import TEST_PROBABILITIES, TrainResult, claim_run_dir, release_run_dir
 from model_lib.settings import artifacts_dir
 from model_lib.train import train
 from tasks.common import log_info, log_warning, retry_on_transient_io
@@ -147,9 +147,11 @@ def evaluate_task(trained: TrainResult, dataset: DatasetInfo, learned_margin: fl
 
     Fails the run when the model is no better than answering the most common class.
     """
+    scored = Path(trained.run_dir) / TEST_PROBABILITIES  # calibration's, for the model it saved
     metrics = evaluate_run(
-        trained.model_path, dataset.cache_dir, dataset.class_names, Path(trained.run_dir), learned_margin
-    )
+        trained.model_path, dataset.cache_dir, dataset.class_names, Path(trained.run_dir), learned_margin,
+        scored=str(scored) if scored.is_file() else None,
+    )  # fmt: skip
     log_info(f"Test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}")
     return metrics
 

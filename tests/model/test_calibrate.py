@@ -12,7 +12,7 @@ from model_lib.calibrate import (
     with_temperature,
 )
 from model_lib.flags import flags, texture
-from model_lib.models import build_model, with_flip_tta
+from model_lib.models import build_model, with_tta
 
 
 def test_the_fit_recovers_the_temperature_that_generated_the_labels():
@@ -30,16 +30,16 @@ def test_ece_is_the_weighted_gap_between_confidence_and_accuracy():
     assert expected_calibration_error(np.eye(3), np.arange(3)) == 0.0
 
 
-@pytest.mark.parametrize("tta", [False, True])
+@pytest.mark.parametrize("tta", [None, "flip", "translate"])
 def test_the_temperature_is_folded_with_stock_layers_and_survives_a_safe_mode_reload(tmp_path, tta):
     import keras
 
     keras.utils.set_random_seed(0)
     model = build_model("seed_cnn", 4)
-    model = with_flip_tta(model) if tta else model
+    model = with_tta(model, translate=tta == "translate") if tta else model
     images = np.random.default_rng(1).integers(0, 256, (16, 32, 32, 3)).astype(np.uint8)
     views = view_logits(model, images)
-    assert len(views) == (2 if tta else 1)
+    assert len(views) == {None: 1, "flip": 2, "translate": 8}[tta]  # the unshifted pair twice: half the weight
     np.testing.assert_allclose(probabilities_at(views, 1.0), model.predict(images, verbose=0), atol=1e-5)
     calibrated = with_temperature(model, 0.25)
     calibrated.save(tmp_path / "calibrated.keras")
@@ -64,14 +64,16 @@ def test_calibrate_sharpens_an_underconfident_model_and_chooses_the_thresholds()
     signal = np.eye(3)[labels][:, None, None, :] * 60 + rng.normal(0, 25, (600, 1, 1, 3))  # overlapping classes
     images = np.clip(signal + rng.normal(100, 30, (600, 32, 32, 3)), 0, 255)
     images = images.astype(np.uint8)
-    calibrated, record, before = calibrate(model, images[:300], labels[:300], images[300:], labels[300:], images[:300])
+    val, test = (images[:300], labels[:300]), (images[300:], labels[300:])
+    calibrated, record, before, after = calibrate(model, *val, *test, images[:300])
     assert record["temperature"] < 0.5 and record["test_ece_after"] < record["test_ece_before"]
     assert record["test_nll_after"] < record["test_nll_before"]
     assert 0 < record["unsure_threshold"] < 1 and record["fitted_on"] == "validation split (300 images)"
     low, high = record["texture_range"]
     assert low < float(np.median(texture(images))) < high
     np.testing.assert_allclose(before, model.predict(images[300:], verbose=0), atol=1e-5)
-    _, untouched, _ = calibrate(model, images[:10], labels[:10], images[300:], labels[300:], images[:300])
+    np.testing.assert_allclose(after, calibrated.predict(images[300:], verbose=0), atol=1e-5)
+    _, untouched, _, _ = calibrate(model, images[:10], labels[:10], images[300:], labels[300:], images[:300])
     assert untouched["temperature"] == 1.0 and untouched["unsure_threshold"] is None
 
 
@@ -87,3 +89,34 @@ def test_flags_mark_unlike_images_out_of_distribution_and_doubtful_ones_low_conf
         "out_of_distribution"
     ]
     assert flags(probabilities, pixels, None, None) == [""] * 4  # a model registered before calibration
+
+
+def test_evaluation_takes_calibrations_test_scores_only_when_the_saved_model_reproduces_them(tmp_path):
+    import keras
+
+    from model_lib.evaluate import SPOT_CHECK_IMAGES, ScoresMismatch, evaluate_run
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    x_test = rng.integers(0, 256, (SPOT_CHECK_IMAGES + 20, 32, 32, 3), dtype=np.uint8)
+    for name, array in {"x_train": x_test[:4], "y_train": np.arange(4) % 3, "x_test": x_test,
+                        "y_test": rng.integers(0, 3, len(x_test))}.items():  # fmt: skip
+        np.save(cache / f"{name}.npy", array)
+    model = with_tta(build_model("seed_cnn", 3), translate=True)
+    model.save(tmp_path / "model.keras")
+    probabilities = model.predict(x_test, verbose=0)
+    scored = tmp_path / "scored.npy"
+    np.save(scored, probabilities)
+    args = (str(tmp_path / "model.keras"), str(cache), ["a", "b", "c"])
+    full = evaluate_run(*args, tmp_path / "full", learned_margin=-1.0)
+    reused = evaluate_run(*args, tmp_path / "reused", learned_margin=-1.0, scored=str(scored))
+    assert reused["test_accuracy"] == full["test_accuracy"] and reused["test_loss"] == pytest.approx(full["test_loss"])
+    np.testing.assert_allclose(np.load(tmp_path / "reused" / "test_probabilities.npy"), probabilities, atol=1e-6)
+    # Scores of another model (or a stale file) are refused, with the file named, before anything is written.
+    for wrong in (probabilities[::-1], probabilities[:-1]):
+        np.save(scored, wrong)
+        with pytest.raises(ScoresMismatch, match="scored.npy"):
+            evaluate_run(*args, tmp_path / "wrong", learned_margin=-1.0, scored=str(scored))
+    assert not (tmp_path / "wrong" / "metrics.json").exists()

@@ -3,7 +3,16 @@ import numpy as np
 import pytest
 
 from model_lib.config import resolve_config
-from model_lib.models import ARCHITECTURES, build_model, network_parameter_count, patch_whitening_kernel, with_flip_tta
+from model_lib.models import (
+    ARCHITECTURES,
+    build_model,
+    network_parameter_count,
+    patch_whitening_kernel,
+    tta_views,
+    unwrap_tta,
+    view_pixels,
+    with_tta,
+)
 from model_lib.recipe import learning_rate_schedule
 from model_lib.train import to_serving_model
 
@@ -35,13 +44,36 @@ def test_architectures_build_and_train_a_step_on_cpu(architecture):
 
 def test_flip_tta_returns_the_average_of_both_views():
     model = build_model("seed_cnn", 10)
-    tta = with_flip_tta(model)
+    tta = with_tta(model)
     expected = (model.predict(IMAGES, verbose=0) + model.predict(IMAGES[:, :, ::-1], verbose=0)) / 2
     np.testing.assert_allclose(tta.predict(IMAGES, verbose=0), expected, atol=1e-6)
     assert not np.allclose(model.predict(IMAGES, verbose=0), expected, atol=1e-4)  # the flip really changes it
     # The manifest counts the network, not the wrapper's fixed 32x32 mirror matrix.
     assert (network_parameter_count(tta), tta.count_params()) == (161_098, 161_098 + 32 * 32)
     assert network_parameter_count(model) == 161_098
+
+
+def test_translate_tta_is_airbenchs_mirror_plus_translate_and_loads_safely(tmp_path):
+    network = build_model("seed_cnn", 10)
+    padded = np.pad(IMAGES, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    # airbench's views: the image, and the windows at the reflect-padded image's corners (0:32 and 2:34).
+    np.testing.assert_array_equal(view_pixels(IMAGES, -1, False), padded[:, 0:32, 0:32])
+    np.testing.assert_array_equal(view_pixels(IMAGES, 1, True), padded[:, 2:34, 2:34][:, :, ::-1])
+    np.testing.assert_array_equal(view_pixels(IMAGES, 0, True), IMAGES[:, :, ::-1])
+
+    def pair(images):
+        return (network.predict(images, verbose=0) + network.predict(images[:, :, ::-1], verbose=0)) / 2
+
+    expected = pair(IMAGES) / 2 + pair(padded[:, 0:32, 0:32]) / 4 + pair(padded[:, 2:34, 2:34]) / 4
+    tta = with_tta(network, translate=True)
+    np.testing.assert_allclose(tta.predict(IMAGES, verbose=0), expected, atol=1e-6)
+    assert not np.allclose(with_tta(network).predict(IMAGES, verbose=0), expected, atol=1e-4)
+    tta.save(tmp_path / "tta.keras")
+    reloaded = keras.saving.load_model(tmp_path / "tta.keras", safe_mode=True)
+    np.testing.assert_allclose(reloaded.predict(IMAGES, verbose=0), expected, atol=1e-6)
+    assert unwrap_tta(reloaded)[1] == tta_views(translate=True) and len(set(tta_views(translate=True))) == 6
+    assert unwrap_tta(with_tta(network))[1] == ((0, False), (0, True)) and unwrap_tta(network)[1] == ()
+    assert network_parameter_count(reloaded) == 161_098
 
 
 def test_serving_model_is_a_float32_twin_with_the_trained_weights(tmp_path):
