@@ -7,7 +7,7 @@ Each run is DATA:PROFILE:PRECISION:BN_EPSILON[:EPOCHS], DATA `cifar` (the folder
 or `digits` (scikit-learn's digits written as 8x8 greyscale PNGs, as the tests do). For machines
 without TensorFlow or Prefect, such as the lent GPU machine: ingest, the in-memory batches with
 augmentation inside the compiled step, model, optimiser with its lookahead, schedule and the
-serving model (flip TTA) are model_lib's own, as `train-cifar` runs them under JAX, without
+serving model (its TTA) are model_lib's own, as `train-cifar` runs them under JAX, without
 per-epoch validation, checkpoints and logs. Prints one JSON line per run (and appends it to --out).
 """
 

@@ -159,6 +159,13 @@ def train(
             help="Op determinism and serial augmentation: the same model every run.",
         ),
     ] = None,
+    tta_translate: Annotated[
+        bool | None,
+        typer.Option(
+            "--tta-translate/--no-tta-translate",
+            help="Serve with airbench's mirror-plus-translate TTA (six views; on in muon) instead of flip TTA (two).",
+        ),
+    ] = None,
     promotion_margin: Annotated[float, typer.Option(help="Accuracy a new version must add to the champion's.")] = 0.0,
     export: Annotated[bool, typer.Option(help="Also write TFLite float32/float16/int8 exports.")] = False,
 ) -> None:

@@ -58,6 +58,7 @@ def train_cifar(
     allow_class_change: bool | None = None,
     balance_shift_warning: float | None = None,
     deterministic: bool | None = None,
+    tta_translate: bool | None = None,
     promotion_margin: float = 0.0,
     export: bool = False,
     skip_unchanged: bool = False,
@@ -97,6 +98,9 @@ def train_cifar(
             version (total variation distance, default 0.1).
         deterministic: TensorFlow op determinism and serial augmentation: the same model on every run of
             the same config, seed, data and machine.
+        tta_translate: Serve with airbench's mirror-plus-translate test-time augmentation (the image and
+            its mirror, plus both seen through a window moved one pixel up-left and down-right: six
+            views, three times flip TTA's prediction time; on in muon) instead of flip TTA.
         promotion_margin: Test accuracy a new version must add to the champion's (on the same test
             images) to replace it.
         export: Also write TFLite float32, float16 and int8 exports beside the version.

@@ -73,7 +73,7 @@ class TrainConfig:
     tta_flip: bool = True  # saved model averages the image's and its mirror's probabilities
     # airbench's evaluation: that pair at half weight, plus the pairs seen through a window moved one pixel
     # up-left and down-right (reflected borders) at a quarter each; three times flip TTA's inference.
-    tta_translate: bool = False  # with tta_flip: mirror-plus-translate TTA instead (model_lib.models.tta_views)
+    tta_translate: bool = False  # mirror-plus-translate TTA (model_lib.models.tta_views), whatever tta_flip says
 
     # transfer learning (architecture "transfer" only)
     weights: str = "none"  # backbone weights: "imagenet" (downloads), a local weights file, or "none"
@@ -187,7 +187,8 @@ PROFILES: dict[str, dict] = {
     # our head's 1/9 logit scale (its is 1/256: the rate scales by (9/256)^2) and Keras' decoupled
     # decay (x 1/(1 - 0.85)). Half its batch: on a CPU an image costs the same in any batch, so twice
     # the steps are free; the SGD rate halves (linear rule), Muon's step shrinks by sqrt(2) (0.24 -> 0.17):
-    # +0.19 points over two seeds (bench/RESULTS.md).
+    # +0.19 points over two seeds (bench/RESULTS.md). It serves with airbench's mirror-plus-translate TTA,
+    # as airbench94_muon is scored: +0.23 and +0.35 points on two runs' models, for 3x the prediction time.
     "muon": dict(
         optimizer="muon",
         batch_size=1000,

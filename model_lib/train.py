@@ -380,7 +380,7 @@ def to_serving_model(trained, config: TrainConfig, num_classes: int, calibration
         config.architecture, num_classes, config.image_size, "float32", calibration_images, width=config.network_width
     )
     serving.set_weights(trained.get_weights())
-    return with_tta(serving, translate=config.tta_translate) if config.tta_flip else serving
+    return with_tta(serving, translate=config.tta_translate) if config.tta_flip or config.tta_translate else serving
 
 
 def probe_images(sample: np.ndarray, seed: int) -> np.ndarray:

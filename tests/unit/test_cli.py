@@ -66,7 +66,7 @@ def test_train_command_passes_every_option_to_the_flow(prefect_harness, colour_d
         app,
         ["train", "--profile", "smoke", "--architecture", "seed_cnn", "--epochs", "1", "--batch-size", "8",
          "--data", str(colour_dataset), "--seed", "3", "--learning-rate", "0.001", "--precision", "float32",
-         "--validation-split", "0.25", "--name", "colours", "--learned-margin", "-1"],
+         "--validation-split", "0.25", "--name", "colours", "--learned-margin", "-1", "--tta-translate"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "colours v1 (champion)" in result.output
@@ -74,6 +74,13 @@ def test_train_command_passes_every_option_to_the_flow(prefect_harness, colour_d
     assert (config["architecture"], config["epochs"], config["batch_size"], config["seed"]) == ("seed_cnn", 1, 8, 3)
     assert (config["precision"], config["learning_rate"], config["validation_split"]) == ("float32", 0.001, 0.25)
     assert config["learned_margin"] == -1  # one epoch at this rate learns little: the guard is off for this check
+    assert config["tta_translate"]
+    import keras
+
+    from model_lib.models import tta_views, unwrap_tta
+
+    model = keras.saving.load_model(artifacts / "models" / "colours" / "v1" / "model.keras", safe_mode=True)
+    assert unwrap_tta(model)[1] == tta_views(translate=True)
 
 
 def test_project_errors_print_one_line_without_a_traceback_unless_debug(artifacts):
