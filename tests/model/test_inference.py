@@ -7,7 +7,7 @@ from keras import layers
 
 from model_lib.images import decode_rgb
 from model_lib.inference import KerasClassifier, fold_batch_norms
-from model_lib.models import build_model, with_flip_tta
+from model_lib.models import build_model, with_tta
 
 rng = np.random.default_rng(1)
 PIXELS = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
@@ -58,7 +58,7 @@ def test_batch_norm_after_a_linear_layer_folds_whatever_the_sign_of_its_scale():
 @pytest.mark.parametrize("reason", ["negative scale after relu", "same padding after the offset", "branches"])
 def test_models_that_cannot_fold_exactly_are_returned_as_they_are(reason):
     if reason == "branches":
-        model = with_flip_tta(calibrate(build_model("seed_cnn", 10), PIXELS))
+        model = with_tta(calibrate(build_model("seed_cnn", 10), PIXELS))
     else:
         inputs = keras.Input((32, 32, 3))
         x = layers.Conv2D(8, 3, activation="relu")(layers.Rescaling(1 / 255)(inputs))
