@@ -95,13 +95,14 @@ def view_logits(model, images: np.ndarray, batch_size: int = 500) -> list[np.nda
     import keras
 
     network, views = unwrap_tta(model)
+    views = views or ((0, False),)  # no wrapper: the image itself
     logits, _ = _logits_and_temperature(network)
     logit_model = keras.Model(network.inputs, logits)
     scored = {
         view: np.asarray(logit_model.predict(view_pixels(images, *view), batch_size=batch_size, verbose=0), np.float64)
-        for view in dict.fromkeys(views or [(0, False)])
+        for view in dict.fromkeys(views)
     }
-    return [scored[view] for view in views or [(0, False)]]
+    return [scored[view] for view in views]
 
 
 def with_temperature(model, temperature: float):
