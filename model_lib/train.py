@@ -325,8 +325,8 @@ def _callbacks(
     monitor = "val_loss" if validating else "loss"
     # The logger goes first: it adds epoch_seconds for the CSV log.
     steps_per_epoch = phase_steps // max(1, phase.config.epochs)
-    epoch_logger = _epoch_logger(log, config.epochs, steps_per_epoch)
-    callbacks = [epoch_logger, keras.callbacks.TerminateOnNaN()]
+    epoch_logger = _off_the_step(_epoch_logger(log, config.epochs, steps_per_epoch))  # Progress is thread-safe
+    callbacks = [epoch_logger, _stop_on_nan()]
     if config.early_stopping_patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(monitor, patience=config.early_stopping_patience, restore_best_weights=True)
@@ -338,7 +338,9 @@ def _callbacks(
             )
         )
     if importlib.util.find_spec("tensorflow") is not None:  # Keras writes TensorBoard logs with tf.summary
-        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
+        # At update_freq "epoch" its batch hook only writes the step's graph, which exists under TensorFlow alone.
+        graph = keras.backend.backend() == "tensorflow"
+        callbacks.append(_off_the_step(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=graph)))
     return callbacks + [
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
         *extra_callbacks,
@@ -367,7 +369,45 @@ def _kill_safe_backup(backup_dir: str, log: Callable[[str], None]):
                 shutil.rmtree(backup_dir, ignore_errors=True)
                 self.model._initial_epoch = None
 
-    return KillSafeBackup(backup_dir, double_checkpoint=True)
+    return _off_the_step(KillSafeBackup(backup_dir, double_checkpoint=True))  # saves at epoch ends only
+
+
+def _stop_on_nan():
+    """Keras' TerminateOnNaN, off the step (`_off_the_step`): the batch hook only notes a non-finite loss, and
+    the loop's own thread stops training at the next step's start or at the epoch's end."""
+    import keras
+
+    class StopOnNaN(keras.callbacks.Callback):
+        noted = False
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not np.isfinite(loss):
+                self.noted = True
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.noted:
+                self.model.stop_training = True
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.on_train_batch_end(-1, logs)
+            self.on_train_batch_begin(-1)
+
+    return _off_the_step(StopOnNaN())
+
+
+def _off_the_step(callback):
+    """Let Keras run `callback`'s batch hooks in its thread pool (backends whose Keras says they are thread-safe,
+    such as JAX), so the training loop never waits for a step to finish before starting the next.
+
+    Run in line, a batch hook gets the step's logs as Python numbers, and converting them waits for the
+    accelerator every step: host work (the next batch, its transfer) then stops overlapping with the device's.
+    Only for callbacks whose batch hooks read the logs or count and never touch `self.model`: under JAX that
+    property writes the loop's latest state into the model, which from another thread races the next step
+    (whose inputs JAX donates: "Array has been deleted").
+    """
+    callback.async_safe = True
+    return callback
 
 
 def to_serving_model(trained, config: TrainConfig, num_classes: int, calibration_images: np.ndarray):

@@ -239,3 +239,34 @@ def test_alternate_flip_shows_each_image_both_ways_every_two_epochs_and_keeps_th
     resumed = with_augmentation(model, config, steps_per_epoch=2)
     resumed.load_weights(tmp_path / "w.weights.h5")
     assert [int(np.asarray(t.layers[0].calls.value)) for t in (trainer, resumed)] == [6, 6]
+
+
+@pytest.mark.backends
+def test_batch_hooks_run_off_the_training_loop_and_never_touch_the_model_there(colour_dataset, artifacts, monkeypatch):
+    """Under JAX the callbacks' batch hooks run in Keras' thread pool, so the loop never waits for each step to
+    finish (on a GPU, a third of an epoch). A hook there that read `callback.model` would write the loop's state
+    into the model while the next step consumes it: JAX's "Array has been deleted" at the epoch's end."""
+    import threading
+
+    import model_lib.train
+
+    on_the_loop, touched = set(), set()
+
+    class Recorded(model_lib.train.Progress):
+        def advance(self, *args, **kwargs):
+            on_the_loop.add(threading.current_thread() is threading.main_thread())
+            super().advance(*args, **kwargs)
+
+    model_of = keras.callbacks.Callback.model.fget
+
+    def model(callback):
+        if threading.current_thread() is not threading.main_thread():
+            touched.add(type(callback).__name__)
+        return model_of(callback)
+
+    monkeypatch.setattr(model_lib.train, "Progress", Recorded)
+    monkeypatch.setattr(keras.callbacks.Callback, "model", property(model))
+    config, dataset, split_path, run_dir = _prepare(colour_dataset, artifacts, epochs=2)
+    result = train(config, dataset, split_path, run_dir, log=lambda m: None)
+    assert result.epochs_run == 2 and not touched
+    assert on_the_loop == ({False} if keras.backend.backend() == "jax" else {True})  # TensorFlow's Keras: in line

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 13's GPU figures in one call on the lent machine (JAX, no TensorFlow or Prefect there): each run a
+# process of its own, so the second of a pair finds JAX's persistent compilation cache warm, as a second
+# `train-cifar` on the machine would. Prepare here (bench/RESULTS.md): the wheels in .whl/, the pack in .devdata/.
+#
+#   bash bench/gpu_measure.sh              # on the GPU machine; lines go to $OUT/runs.jsonl
+#   SMOKE=1 bash bench/gpu_measure.sh      # the same script on this CPU, on a small slice for one epoch
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_measure}
+DATA=${DATA:-/tmp/cifar10}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null && ! $PYTHON -c "import keras" 2> /dev/null; then
+  $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax-cache}
+rm -rf "$JAX_COMPILATION_CACHE_DIR"  # the first run of each recipe compiles cold
+[ -d "$DATA" ] || $PYTHON bench/unpack_image_folder.py .devdata/cifar10.npz "$DATA" || exit 1
+(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; $PYTHON -c "import jax, keras; print(jax.__version__, keras.__version__, jax.devices())") > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+SLICE=()
+[ -n "${SMOKE:-}" ] && SLICE=(--set max_train_images=1000 --set max_test_images=500 --set epochs=1)
+
+run() {  # a label, then train_jax.py's arguments
+  local label=$1; shift
+  local started=$SECONDS
+  $PYTHON bench/train_jax.py --cifar "$DATA" --artifacts /tmp/gpu-artifacts --out "$OUT/runs.jsonl" "${SLICE[@]}" "$@" \
+    2>> "$OUT/stderr.log" | sed "s/^/$label: /"
+  echo "$label: process $((SECONDS - started)) s"
+}
+
+# In order of need, so a call cut short still brings back the first ones.
+run default-cold --mode train --runs cifar:default:auto:1e-3
+run default-warm --mode train --runs cifar:default:auto:1e-3
+run muon-cold --mode train --runs cifar:muon:auto:1e-3
+run muon-warm --mode train --runs cifar:muon:auto:1e-3
+run muon-w1.5-e12-cold --mode train --set network_width=1.5 --runs cifar:muon:auto:1e-3:12
+run default-warm-per-step-sync --mode train --per-step-sync --runs cifar:default:auto:1e-3
+run default-w1.5-e15-tta6-cold --mode train --set network_width=1.5 --set tta_translate=true --runs cifar:default:auto:1e-3:15
+run default-warm-bare-fit --mode fit --runs cifar:default:auto:1e-3
