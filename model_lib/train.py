@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -48,16 +49,19 @@ def _epoch_logger(log: Callable[[str], None], epochs: int, steps_per_epoch: int)
 
         progress = None
 
+        lock = threading.Lock()  # Keras may run the batch hook for two steps at once (`_off_the_step`)
+
         def on_epoch_begin(self, epoch, logs=None):
-            self.epoch = epoch
+            self.epoch, self.step = epoch, 0
             self.started = time.perf_counter()
             if self.progress is None:  # the first epoch of this call: later ones if it resumed
                 total = (epochs - epoch) * steps_per_epoch
                 self.progress = Progress(f"epoch {epoch + 1}/{epochs}", total, "steps", log, every=PROGRESS_SECONDS)
 
         def on_train_batch_end(self, batch, logs=None):
-            where = f"epoch {self.epoch + 1}/{epochs} step {batch + 1}/{steps_per_epoch}"
-            self.progress.advance(1, where)
+            with self.lock:  # the step named and the steps counted agree, whichever hook runs first
+                self.step += 1
+                self.progress.advance(1, f"epoch {self.epoch + 1}/{epochs} step {self.step}/{steps_per_epoch}")
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.perf_counter() - self.started

@@ -120,17 +120,42 @@ def test_a_checkpoint_cut_short_by_a_kill_never_blocks_the_resume(colour_dataset
 
 
 @pytest.mark.backends
-def test_a_long_epoch_reports_progress_with_rate_and_time_left(colour_dataset, artifacts, monkeypatch):
+def test_a_long_epoch_reports_progress_from_hooks_run_off_the_training_loop(colour_dataset, artifacts, monkeypatch):
+    """Progress lines with rate and time left. Under JAX the callbacks' batch hooks run in Keras' thread pool, so
+    the loop never waits for each step to finish (on a GPU, a third of an epoch); a hook there that read
+    `callback.model` would write the loop's state into the model while the next step consumes it (JAX's "Array
+    has been deleted" at the epoch's end)."""
+    import threading
+
     import model_lib.train
 
+    on_the_loop, touched = set(), set()
+
+    class Recorded(model_lib.train.Progress):
+        def advance(self, *args, **kwargs):
+            on_the_loop.add(threading.current_thread() is threading.main_thread())
+            super().advance(*args, **kwargs)
+
+    model_of = keras.callbacks.Callback.model.fget
+
+    def model(callback):
+        if threading.current_thread() is not threading.main_thread():
+            touched.add(type(callback).__name__)
+        return model_of(callback)
+
+    monkeypatch.setattr(model_lib.train, "Progress", Recorded)
+    monkeypatch.setattr(keras.callbacks.Callback, "model", property(model))
     monkeypatch.setattr(model_lib.train, "PROGRESS_SECONDS", 0.0)  # a line after every step, to see them here
-    config, dataset, split_path, run_dir = _prepare(colour_dataset, artifacts, epochs=1, learned_margin=-1.0)
+    config, dataset, split_path, run_dir = _prepare(colour_dataset, artifacts, epochs=2, learned_margin=-1.0)
     lines = []
     train(config, dataset, split_path, run_dir, log=lines.append)
     progress = [line for line in lines if " step " in line]
-    assert progress and progress[0].startswith("epoch 1/1 step 1/4: 1/4 steps, ")  # 27 training images, 8 per step
+    assert progress[0].startswith("epoch 1/2 step 1/4: 1/8 steps, ")  # 27 training images, 8 per step
+    assert "epoch 2/2 step 1/4: 5/8 steps, " in "\n".join(progress)
     assert all(" steps/s, about " in line and line.endswith("s left") for line in progress)
-    assert len(progress) == 3  # the last step's line is the epoch's own summary
+    assert len(progress) == 7  # the last step's line is the run's own summary
+    assert not touched
+    assert on_the_loop == ({False} if keras.backend.backend() == "jax" else {True})  # TensorFlow's Keras: in line
 
 
 def test_a_deterministic_pipeline_augments_the_same_batches_while_the_cores_are_busy():
@@ -241,32 +266,23 @@ def test_alternate_flip_shows_each_image_both_ways_every_two_epochs_and_keeps_th
     assert [int(np.asarray(t.layers[0].calls.value)) for t in (trainer, resumed)] == [6, 6]
 
 
-@pytest.mark.backends
-def test_batch_hooks_run_off_the_training_loop_and_never_touch_the_model_there(colour_dataset, artifacts, monkeypatch):
-    """Under JAX the callbacks' batch hooks run in Keras' thread pool, so the loop never waits for each step to
-    finish (on a GPU, a third of an epoch). A hook there that read `callback.model` would write the loop's state
-    into the model while the next step consumes it: JAX's "Array has been deleted" at the epoch's end."""
-    import threading
+@pytest.mark.parametrize("when", ["step", "epoch end"])
+def test_a_non_finite_loss_stops_training_from_the_loops_own_thread(when):
+    """The NaN check's batch hook may run in Keras' thread pool: it only notes the loss, and the loop's thread
+    stops training at the next step's start (or at the epoch's end, for an epoch's last step)."""
+    from model_lib.train import _stop_on_nan
 
-    import model_lib.train
-
-    on_the_loop, touched = set(), set()
-
-    class Recorded(model_lib.train.Progress):
-        def advance(self, *args, **kwargs):
-            on_the_loop.add(threading.current_thread() is threading.main_thread())
-            super().advance(*args, **kwargs)
-
-    model_of = keras.callbacks.Callback.model.fget
-
-    def model(callback):
-        if threading.current_thread() is not threading.main_thread():
-            touched.add(type(callback).__name__)
-        return model_of(callback)
-
-    monkeypatch.setattr(model_lib.train, "Progress", Recorded)
-    monkeypatch.setattr(keras.callbacks.Callback, "model", property(model))
-    config, dataset, split_path, run_dir = _prepare(colour_dataset, artifacts, epochs=2)
-    result = train(config, dataset, split_path, run_dir, log=lambda m: None)
-    assert result.epochs_run == 2 and not touched
-    assert on_the_loop == ({False} if keras.backend.backend() == "jax" else {True})  # TensorFlow's Keras: in line
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    guard = _stop_on_nan()
+    guard.set_model(model)
+    model.stop_training = False
+    guard.on_train_batch_end(0, {"loss": 0.5})
+    guard.on_train_batch_begin(1)
+    assert guard.async_safe and not model.stop_training  # a finite loss goes on
+    if when == "step":
+        guard.on_train_batch_end(1, {"loss": float("nan")})
+        assert not model.stop_training  # noted only: the pool's thread never touches the model
+        guard.on_train_batch_begin(2)
+    else:  # the epoch's last step, whose hook Keras waits for before the epoch's end
+        guard.on_epoch_end(0, {"loss": float("inf")})
+    assert model.stop_training
