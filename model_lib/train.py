@@ -48,22 +48,34 @@ def _epoch_logger(log: Callable[[str], None], epochs: int, steps_per_epoch: int)
         silent. Records each epoch's seconds."""
 
         progress = None
-
-        lock = threading.Lock()  # Keras may run the batch hook for two steps at once (`_off_the_step`)
+        lock = threading.Lock()  # Keras may run the batch-end hook for two steps at once (`_off_the_step`)
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.epoch, self.step = epoch, 0
+            self.epoch, self.finished, self.shown = epoch, 0, 0
             self.started = time.perf_counter()
             if self.progress is None:  # the first epoch of this call: later ones if it resumed
                 total = (epochs - epoch) * steps_per_epoch
                 self.progress = Progress(f"epoch {epoch + 1}/{epochs}", total, "steps", log, every=PROGRESS_SECONDS)
 
         def on_train_batch_end(self, batch, logs=None):
-            with self.lock:  # the step named and the steps counted agree, whichever hook runs first
-                self.step += 1
-                self.progress.advance(1, f"epoch {self.epoch + 1}/{epochs} step {self.step}/{steps_per_epoch}")
+            # Off the loop's thread under JAX: it only counts, since `log` may need the loop's thread (a
+            # Prefect run's logger finds its run there); the loop's next hook shows the count.
+            with self.lock:
+                self.finished += 1
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.show()
+
+        def show(self):
+            """Advance the progress to the steps finished so far (on the loop's thread)."""
+            finished = self.finished
+            if finished > self.shown:
+                where = f"epoch {self.epoch + 1}/{epochs} step {finished}/{steps_per_epoch}"
+                self.progress.advance(finished - self.shown, where)
+                self.shown = finished
 
         def on_epoch_end(self, epoch, logs=None):
+            self.show()  # the epoch's last steps: Keras waits for their hooks before this one
             seconds = time.perf_counter() - self.started
             figures = " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items() if k != "learning_rate")
             lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
@@ -385,17 +397,23 @@ def _stop_on_nan():
         noted = False
 
         def on_train_batch_end(self, batch, logs=None):
+            self.note(logs)
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.stop_if_noted()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.note(logs)
+            self.stop_if_noted()
+
+        def note(self, logs):
             loss = (logs or {}).get("loss")
             if loss is not None and not np.isfinite(loss):
                 self.noted = True
 
-        def on_train_batch_begin(self, batch, logs=None):
+        def stop_if_noted(self):
             if self.noted:
                 self.model.stop_training = True
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.on_train_batch_end(-1, logs)
-            self.on_train_batch_begin(-1)
 
     return _off_the_step(StopOnNaN())
 
@@ -406,9 +424,10 @@ def _off_the_step(callback):
 
     Run in line, a batch hook gets the step's logs as Python numbers, and converting them waits for the
     accelerator every step: host work (the next batch, its transfer) then stops overlapping with the device's.
-    Only for callbacks whose batch hooks read the logs or count and never touch `self.model`: under JAX that
-    property writes the loop's latest state into the model, which from another thread races the next step
-    (whose inputs JAX donates: "Array has been deleted").
+    Only for callbacks whose batch hooks read the logs or count. They must not touch `self.model`: under JAX
+    that property writes the loop's latest state into the model, which from another thread races the next
+    step (whose inputs JAX donates: "Array has been deleted"). Nor may they log: a Prefect run's logger
+    finds its run in the loop's thread only.
     """
     callback.async_safe = True
     return callback

@@ -121,41 +121,58 @@ def test_a_checkpoint_cut_short_by_a_kill_never_blocks_the_resume(colour_dataset
 
 @pytest.mark.backends
 def test_a_long_epoch_reports_progress_from_hooks_run_off_the_training_loop(colour_dataset, artifacts, monkeypatch):
-    """Progress lines with rate and time left. Under JAX the callbacks' batch hooks run in Keras' thread pool, so
-    the loop never waits for each step to finish (on a GPU, a third of an epoch); a hook there that read
-    `callback.model` would write the loop's state into the model while the next step consumes it (JAX's "Array
-    has been deleted" at the epoch's end)."""
+    """Progress lines with rate and time left. Under JAX the callbacks' batch-end hooks run in Keras' thread pool,
+    so the loop never waits for each step to finish (on a GPU, a third of an epoch). A hook there must neither
+    read `callback.model` (it would write the loop's state into the model while the next step consumes it:
+    JAX's "Array has been deleted") nor log (a Prefect run's logger finds its run on the loop's thread only)."""
     import threading
 
     import model_lib.train
 
-    on_the_loop, touched = set(), set()
+    def on_the_loop() -> bool:
+        return threading.current_thread() is threading.main_thread()
 
-    class Recorded(model_lib.train.Progress):
-        def advance(self, *args, **kwargs):
-            on_the_loop.add(threading.current_thread() is threading.main_thread())
-            super().advance(*args, **kwargs)
+    hooks_on_the_loop, touched, lines = set(), set(), []
+    off_the_step = model_lib.train._off_the_step
+
+    def recorded(callback):
+        hook = callback.on_train_batch_end
+
+        def on_train_batch_end(batch, logs=None):
+            hooks_on_the_loop.add(on_the_loop())
+            hook(batch, logs)
+
+        callback.on_train_batch_end = on_train_batch_end
+        return off_the_step(callback)
 
     model_of = keras.callbacks.Callback.model.fget
 
     def model(callback):
-        if threading.current_thread() is not threading.main_thread():
+        if not on_the_loop():
             touched.add(type(callback).__name__)
         return model_of(callback)
 
-    monkeypatch.setattr(model_lib.train, "Progress", Recorded)
+    def log(line: str) -> None:
+        assert on_the_loop(), f"logged off the loop's thread: {line}"
+        lines.append(line)
+
+    monkeypatch.setattr(model_lib.train, "_off_the_step", recorded)
     monkeypatch.setattr(keras.callbacks.Callback, "model", property(model))
-    monkeypatch.setattr(model_lib.train, "PROGRESS_SECONDS", 0.0)  # a line after every step, to see them here
+    monkeypatch.setattr(model_lib.train, "PROGRESS_SECONDS", 0.0)  # a line whenever the count moves, to see them
     config, dataset, split_path, run_dir = _prepare(colour_dataset, artifacts, epochs=2, learned_margin=-1.0)
-    lines = []
-    train(config, dataset, split_path, run_dir, log=lines.append)
-    progress = [line for line in lines if " step " in line]
-    assert progress[0].startswith("epoch 1/2 step 1/4: 1/8 steps, ")  # 27 training images, 8 per step
-    assert "epoch 2/2 step 1/4: 5/8 steps, " in "\n".join(progress)
-    assert all(" steps/s, about " in line and line.endswith("s left") for line in progress)
-    assert len(progress) == 7  # the last step's line is the run's own summary
+    train(config, dataset, split_path, run_dir, log=log)
     assert not touched
-    assert on_the_loop == ({False} if keras.backend.backend() == "jax" else {True})  # TensorFlow's Keras: in line
+    assert hooks_on_the_loop == ({False} if keras.backend.backend() == "jax" else {True})  # TensorFlow's: in line
+
+    progress = [re.match(r"epoch (\d)/2 step (\d)/4: (\d)/8 steps, .* steps/s, about .*s left$", line)
+                for line in lines if " step " in line]  # fmt: skip
+    assert progress and all(progress)  # 27 training images, 8 per step: 4 steps an epoch
+    counts = [(int(epoch), int(step), int(done)) for epoch, step, done in (match.groups() for match in progress)]
+    assert all(done == 4 * (epoch - 1) + step for epoch, step, done in counts)  # the step named is the step counted
+    assert [done for _, _, done in counts] == sorted({done for _, _, done in counts})  # rising, each shown once
+    assert (1, 4, 4) in counts  # the end of an epoch shows its last steps (the run's very last: its summary line)
+    if keras.backend.backend() == "tensorflow":  # in line, every step is shown as it ends
+        assert [done for _, _, done in counts] == [1, 2, 3, 4, 5, 6, 7]
 
 
 def test_a_deterministic_pipeline_augments_the_same_batches_while_the_cores_are_busy():
