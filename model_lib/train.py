@@ -341,7 +341,7 @@ def _callbacks(
     monitor = "val_loss" if validating else "loss"
     # The logger goes first: it adds epoch_seconds for the CSV log.
     steps_per_epoch = phase_steps // max(1, phase.config.epochs)
-    epoch_logger = _off_the_step(_epoch_logger(log, config.epochs, steps_per_epoch))  # Progress is thread-safe
+    epoch_logger = _off_the_step(_epoch_logger(log, config.epochs, steps_per_epoch))  # its pool hook only counts
     callbacks = [epoch_logger, _stop_on_nan()]
     if config.early_stopping_patience:
         callbacks.append(
