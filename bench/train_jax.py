@@ -15,6 +15,9 @@ in-memory batches with augmentation inside the compiled step, model, optimiser a
 without validation or callbacks, and the serving model. Prints one JSON line per run (and appends it
 to --out). JAX's persistent compilation cache is model_lib's (JAX_COMPILATION_CACHE_DIR moves it), so
 a second process on the machine starts warm; `--artifacts` keeps the ingest cache between processes.
+`--crops 0,4:24` runs each spec twice in `--mode fit`: on whole images, then with its first 4 epochs
+on 24-pixel windows (progressive resizing: a conv step costs about the pixels it sees). It runs on
+TensorFlow too (CPU figures, side by side in one process).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ sys.path.insert(0, str(REPO))
 
 
 def run(mode: str, data_root: Path, artifacts: Path, profile: str, precision: str, bn_epsilon: float,
-        epochs: int | None, overrides: dict, per_step_sync: bool) -> dict:  # fmt: skip
+        epochs: int | None, overrides: dict, per_step_sync: bool,
+        crop: tuple[int, int] | None = None) -> dict:  # fmt: skip
     import keras
 
     from model_lib import models
@@ -49,7 +53,10 @@ def run(mode: str, data_root: Path, artifacts: Path, profile: str, precision: st
                      log=lambda m: None)  # fmt: skip
     ingest_seconds = time.perf_counter() - started
     arrays = load_arrays(dataset.cache_dir)
-    trained = (_train if mode == "train" else _fit)(config, dataset, arrays, artifacts, per_step_sync)
+    if mode == "train" and crop:
+        raise SystemExit("--crop applies to --mode fit only")
+    extra = {"crop": crop} if crop else {}
+    trained = (_train if mode == "train" else _fit)(config, dataset, arrays, artifacts, per_step_sync, **extra)
     probabilities = trained.pop("serving").predict(np.asarray(arrays.x_test), batch_size=1000, verbose=0)
     return {
         "mode": mode,
@@ -57,6 +64,7 @@ def run(mode: str, data_root: Path, artifacts: Path, profile: str, precision: st
         "profile": profile,
         "overrides": overrides,
         "per_step_sync": per_step_sync,
+        "crop": crop,
         "bn_epsilon": bn_epsilon,
         "epochs": config.epochs,
         "test_accuracy": round(float((probabilities.argmax(1) == np.asarray(arrays.y_test)).mean()), 4),
@@ -91,9 +99,16 @@ def _train(config, dataset, arrays, artifacts: Path, per_step_sync: bool) -> dic
     }
 
 
-def _fit(config, dataset, arrays, artifacts: Path, per_step_sync: bool) -> dict:
-    """The recipe's bare `fit` (no validation, checkpoints or callbacks) and its serving model."""
+def _fit(config, dataset, arrays, artifacts: Path, per_step_sync: bool, crop: tuple[int, int] | None = None) -> dict:
+    """The recipe's bare `fit` (no validation, checkpoints or callbacks) and its serving model.
+
+    With `crop` (EPOCHS, SIDE), the first EPOCHS epochs train on a per-image random SIDE x SIDE window
+    of each augmented image (a translation by up to the margin, then the centre), the rest on whole
+    images: the same optimiser, schedule and alternating mirror throughout. airbench's network ends in
+    a global max pool, so it takes any side; a conv step costs about the pixels it sees.
+    """
     import keras
+    from keras import layers
 
     from model_lib import models
     from model_lib.precision import choose_precision, cpu_bf16_units, devices, release_devices
@@ -110,17 +125,32 @@ def _fit(config, dataset, arrays, artifacts: Path, per_step_sync: bool) -> dict:
     batches, _ = make_datasets(arrays.x_train, arrays.y_train, split, classes, config)  # training's pipeline
     steps = config.epochs * len(batches)
     calibration = np.asarray(arrays.x_train[split.train_index[: models.WHITEN_SAMPLE_IMAGES]])
-    model = models.build_model(config.architecture, classes, config.image_size, precision, calibration,
-                               width=config.network_width)  # fmt: skip
+    model = models.build_model(config.architecture, classes, None if crop else config.image_size, precision,
+                               calibration, width=config.network_width)  # fmt: skip
     trainer = with_augmentation(model, config, len(batches))  # the random layers run inside the compiled step
-    trainer.compile(
-        optimizer=make_optimizer(config, steps, model, precision),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-        metrics=["accuracy"],
-    )
-    started = time.perf_counter()
+    optimizer = make_optimizer(config, steps, model, precision)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+    stages = [(trainer, config.epochs)]
+    if crop:
+        crop_epochs, side = crop
+        margin = (config.image_size - side) / 2 / config.image_size
+        cropped = keras.Sequential([
+            keras.Input((config.image_size, config.image_size, 3)),
+            layers.RandomTranslation(margin, margin, "reflect", "nearest", seed=config.seed + 4),
+            layers.CenterCrop(side, side),
+            trainer,
+        ], name="cropped")  # fmt: skip
+        stages = [(cropped, min(crop_epochs, config.epochs)), (trainer, config.epochs)]
     callbacks = [keras.callbacks.TerminateOnNaN()] if per_step_sync else []
-    history = trainer.fit(batches, epochs=config.epochs, verbose=0, callbacks=callbacks)
+    started, first_epoch, stage_seconds = time.perf_counter(), 0, []
+    for stage, last_epoch in stages:  # one optimiser: its step count carries the schedule across stages
+        if last_epoch <= first_epoch:
+            continue
+        stage.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+        stage_started = time.perf_counter()
+        history = stage.fit(batches, initial_epoch=first_epoch, epochs=last_epoch, verbose=0, callbacks=callbacks)
+        stage_seconds.append(round(time.perf_counter() - stage_started, 1))
+        first_epoch = last_epoch
     fit_seconds = time.perf_counter() - started
     release_devices()
     return {
@@ -128,6 +158,7 @@ def _fit(config, dataset, arrays, artifacts: Path, per_step_sync: bool) -> dict:
         "serving": to_serving_model(model, replace(config), classes, calibration),
         "final_train_loss": round(float(history.history["loss"][-1]), 4),
         "fit_seconds": round(fit_seconds, 1),
+        "stage_seconds": stage_seconds,
     }
 
 
@@ -149,6 +180,15 @@ def _override(text: str) -> tuple[str, object]:
         return field, value
 
 
+def _crops(text: str) -> list[tuple[int, int] | None]:
+    """`0,4:24` as [None (whole images throughout), (4, 24)]."""
+    crops = []
+    for item in text.split(","):
+        epochs, _, side = item.partition(":")
+        crops.append((int(epochs), int(side)) if int(epochs) else None)
+    return crops
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cifar", default=os.environ.get("CIFAR10_DIR", str(REPO.parent / "shared/datasets/cifar10")))
@@ -156,6 +196,12 @@ def main() -> None:
     parser.add_argument("--mode", choices=("fit", "train"), default="fit")
     parser.add_argument("--set", action="append", default=[], type=_override, help="FIELD=VALUE config override")
     parser.add_argument("--per-step-sync", action="store_true", help="read each step's loss in line (the old cost)")
+    parser.add_argument(
+        "--crops",
+        default=[None],
+        type=_crops,
+        help="run each spec once per EPOCHS:SIDE (the first EPOCHS on SIDE-pixel windows; 0: none)",
+    )
     parser.add_argument("--artifacts", default=None, help="keep the ingest cache here (default: a scratch folder)")
     parser.add_argument("--out", default=None, help="also append each run's JSON line to this file")
     args = parser.parse_args()
@@ -166,12 +212,12 @@ def main() -> None:
         artifacts = Path(args.artifacts or Path(scratch) / "artifacts")
         artifacts.mkdir(parents=True, exist_ok=True)
         roots = {"cifar": Path(args.cifar)}
-        for spec in args.runs.split(","):
+        for spec, crop in ((spec, crop) for spec in args.runs.split(",") for crop in args.crops):
             data, profile, precision, epsilon, *epochs = spec.split(":")
             if data == "digits" and "digits" not in roots:
                 roots["digits"] = write_digits_dataset(Path(scratch) / "digits")
             result = run(args.mode, roots[data], artifacts, profile, precision, float(epsilon),
-                         int(epochs[0]) if epochs else None, dict(args.set), args.per_step_sync)  # fmt: skip
+                         int(epochs[0]) if epochs else None, dict(args.set), args.per_step_sync, crop)  # fmt: skip
             line = json.dumps(result)
             print(line, flush=True)
             if args.out:
