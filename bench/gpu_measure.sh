@@ -32,8 +32,8 @@ run() {  # a label, then train_jax.py's arguments
 }
 
 if [ "${1:-main}" = crop ]; then
-  # On the CPU, 10 epochs with the first 6 on 24-pixel windows scored 90.90% against 90.73% for muon's 8 on
-  # whole images, in about the same time (one seed each, bench/RESULTS.md); seeds cost seconds here.
+  # On the CPU, 10 epochs with the first 6 on 24-pixel windows scored 90.68% over two seeds against 90.80%
+  # for muon's 8 on whole images, in about the same time (bench/RESULTS.md); seeds cost seconds here.
   for seed in 0 1 2; do
     run "muon-fit-s$seed" --mode fit --set seed=$seed --runs cifar:muon:auto:1e-3
     run "muon-crop6of10-s$seed" --mode fit --set seed=$seed --crops 6:24 --runs cifar:muon:auto:1e-3:10
