@@ -7,6 +7,11 @@
 #   bash bench/gpu_measure.sh crop         # a second call, if time is left: the CPU's crop lever over three seeds
 #   SMOKE=1 bash bench/gpu_measure.sh      # the same script on this CPU, on a small slice for one epoch
 set -uo pipefail
+MODE=${1:-main}
+case $MODE in
+  main | crop) ;;
+  *) echo "bench/gpu_measure.sh: unknown measurement '$MODE'; choose main or crop" >&2; exit 2 ;;
+esac
 OUT=${OUT:-/tmp/gpu_measure}
 DATA=${DATA:-/tmp/cifar10}
 PYTHON=${PYTHON:-python3}
@@ -16,7 +21,7 @@ if compgen -G ".whl/*.whl" > /dev/null && ! $PYTHON -c "import keras" 2> /dev/nu
   export PYTHONPATH=/tmp/site
 fi
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax-cache}
-[ "${1:-main}" = main ] && rm -rf "$JAX_COMPILATION_CACHE_DIR"  # the first run of each recipe compiles cold
+[ "$MODE" = main ] && rm -rf "$JAX_COMPILATION_CACHE_DIR"  # the first run of each recipe compiles cold
 [ -d "$DATA" ] || $PYTHON bench/unpack_image_folder.py .devdata/cifar10.npz "$DATA" || exit 1
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; $PYTHON -c "import jax, keras; print(jax.__version__, keras.__version__, jax.devices())") > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
@@ -31,7 +36,7 @@ run() {  # a label, then train_jax.py's arguments
   echo "$label: process $((SECONDS - started)) s"
 }
 
-if [ "${1:-main}" = crop ]; then
+if [ "$MODE" = crop ]; then
   # On the CPU, 10 epochs with the first 6 on 24-pixel windows scored 90.68% over two seeds against 90.80%
   # for muon's 8 on whole images, in about the same time (bench/RESULTS.md); seeds cost seconds here.
   for seed in 0 1 2; do

@@ -53,10 +53,10 @@ def run(mode: str, data_root: Path, artifacts: Path, profile: str, precision: st
                      log=lambda m: None)  # fmt: skip
     ingest_seconds = time.perf_counter() - started
     arrays = load_arrays(dataset.cache_dir)
-    if mode == "train" and crop:
-        raise SystemExit("--crop applies to --mode fit only")
-    extra = {"crop": crop} if crop else {}
-    trained = (_train if mode == "train" else _fit)(config, dataset, arrays, artifacts, per_step_sync, **extra)
+    if mode == "train":
+        trained = _train(config, dataset, arrays, artifacts, per_step_sync)
+    else:
+        trained = _fit(config, dataset, arrays, artifacts, per_step_sync, crop)
     probabilities = trained.pop("serving").predict(np.asarray(arrays.x_test), batch_size=1000, verbose=0)
     return {
         "mode": mode,
@@ -205,6 +205,8 @@ def main() -> None:
     parser.add_argument("--artifacts", default=None, help="keep the ingest cache here (default: a scratch folder)")
     parser.add_argument("--out", default=None, help="also append each run's JSON line to this file")
     args = parser.parse_args()
+    if args.mode == "train" and any(args.crops):
+        parser.error("--crops applies to --mode fit only")
 
     with tempfile.TemporaryDirectory() as scratch:
         from tests.synthetic import write_digits_dataset
