@@ -48,8 +48,20 @@ def host_lookahead(every: int, final_decay: float, total_steps: int):
     return Lookahead()
 
 
-def time_variant(variant: str, steps: int, precision: str) -> float:
-    """Seconds per step of `variant` (none, optimiser, callback) over `steps` steps after a warm-up."""
+def time_variant(
+    variant: str, steps: int, precision: str, profile: str = "default", width: float = 1.0, xla: bool | str = "auto"
+) -> float:
+    """Seconds per step of `variant` (none, optimiser, callback) over `steps` steps after a warm-up.
+
+    Args:
+        variant: "optimiser" (the profile's lookahead, in its optimiser), "none" (lookahead off) or
+            "callback" (off in the optimiser, done by the old host callback instead).
+        steps: Steps timed after the warm-up.
+        precision: Keras dtype policy.
+        profile: The profile whose network, batch size and optimiser are timed.
+        width: `network_width` of the profile's network.
+        xla: Keras' `jit_compile`: True, False or "auto" (XLA under JAX and on GPUs, not on TensorFlow's CPU).
+    """
     from dataclasses import replace
 
     import keras
@@ -58,18 +70,19 @@ def time_variant(variant: str, steps: int, precision: str) -> float:
     from model_lib.models import build_model
     from model_lib.recipe import make_optimizer
 
-    default = resolve_config("default")
-    config = default if variant == "optimiser" else replace(default, lookahead_every=0)
+    profiled = resolve_config(profile)
+    config = profiled if variant == "optimiser" else replace(profiled, lookahead_every=0)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (config.batch_size, 32, 32, 3)).astype(np.float32)
     labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, config.batch_size)]
     keras.utils.set_random_seed(0)
-    model = build_model("airbench", 10, 32, precision, images.astype(np.uint8))
-    total = 1000  # the default profile's steps, for the schedule and the decay ramp
-    model.compile(optimizer=make_optimizer(config, total, model, precision), loss="categorical_crossentropy")
+    model = build_model(config.architecture, 10, 32, precision, images.astype(np.uint8), width=width)
+    total = 1000  # the default profile's steps, for the schedule and the decay ramp (a step costs the same)
+    optimizer = make_optimizer(config, total, model, precision)
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy", jit_compile=xla)
     callbacks = []
     if variant == "callback":
-        callbacks = [host_lookahead(default.lookahead_every, default.lookahead_decay, total)]
+        callbacks = [host_lookahead(profiled.lookahead_every, profiled.lookahead_decay, total)]
 
     class Clock(keras.callbacks.Callback):  # not async-safe, so Keras runs it in line, after each step has finished
         def on_train_batch_end(self, batch, logs=None):
