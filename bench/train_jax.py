@@ -171,7 +171,7 @@ def _device() -> str:
         return "cpu"
 
 
-def _override(text: str) -> tuple[str, object]:
+def parse_override(text: str) -> tuple[str, object]:
     """`field=value` as a config override, the value read as JSON where it parses (1.5, true) else kept as text."""
     field, _, value = text.partition("=")
     try:
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--cifar", default=os.environ.get("CIFAR10_DIR", str(REPO.parent / "shared/datasets/cifar10")))
     parser.add_argument("--runs", required=True, help="comma-separated DATA:PROFILE:PRECISION:BN_EPSILON[:EPOCHS]")
     parser.add_argument("--mode", choices=("fit", "train"), default="fit")
-    parser.add_argument("--set", action="append", default=[], type=_override, help="FIELD=VALUE config override")
+    parser.add_argument("--set", action="append", default=[], type=parse_override, help="FIELD=VALUE config override")
     parser.add_argument("--per-step-sync", action="store_true", help="read each step's loss in line (the old cost)")
     parser.add_argument(
         "--crops",

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from train_jax import _override  # noqa: E402  (a neighbour in bench/, the script's folder)
+from train_jax import parse_override  # noqa: E402  (a neighbour in bench/, the script's folder)
 
 
 def main() -> None:
@@ -36,8 +36,9 @@ def main() -> None:
     parser.add_argument("--profiles", default="seed,fast,default")
     parser.add_argument("--data", default=os.environ.get("CIFAR10_DIR", str(REPO.parent / "shared/datasets/cifar10")))
     parser.add_argument("--artifacts", default=None, help="ARTIFACTS_DIR to use (default: a temporary folder)")
-    parser.add_argument("--set", action="append", default=[], type=_override, help="PARAMETER=VALUE for every run")
+    parser.add_argument("--set", action="append", default=[], type=parse_override, help="PARAMETER=VALUE for every run")
     args = parser.parse_args()
+    _check(parser, args)
 
     with tempfile.TemporaryDirectory() as scratch:
         os.environ["ARTIFACTS_DIR"] = args.artifacts or scratch
@@ -77,6 +78,28 @@ def main() -> None:
             }
             print(json.dumps({profile: results[profile]}), flush=True)
         print(json.dumps(results, indent=2))
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One argparse line (exit 2) for an unknown profile or flow parameter or a missing data folder,
+    before the ingest and the Prefect server start."""
+    import inspect
+
+    from flows.train_cifar import train_cifar
+    from model_lib.config import PROFILES
+    from model_lib.data import DatasetError, resolve_source
+
+    if unknown := [profile for profile in args.profiles.split(",") if profile not in PROFILES]:
+        parser.error(f"--profiles: unknown {', '.join(unknown)}; choose from {', '.join(PROFILES)}")
+    parameters = set(inspect.signature(train_cifar.fn).parameters) - {"profile", "data", "model_name"}
+    if unknown := [name for name, _ in args.set if name not in parameters]:
+        choices = ", ".join(sorted(parameters))
+        parser.error(f"--set: {', '.join(unknown)} is not a train-cifar parameter; choose from {choices}")
+    if args.data != "digits":
+        try:
+            resolve_source(args.data)
+        except DatasetError as error:
+            parser.error(f"--data: {error}")
 
 
 def task_seconds(flow_run_id) -> dict[str, float]:
