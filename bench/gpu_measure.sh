@@ -4,13 +4,14 @@
 # `train-cifar` on the machine would. Prepare here (bench/RESULTS.md): the wheels in .whl/, the pack in .devdata/.
 #
 #   bash bench/gpu_measure.sh              # on the GPU machine; lines go to $OUT/runs.jsonl
+#   bash bench/gpu_measure.sh short        # only the first four: default and muon, cold then warm (about 3 min)
 #   bash bench/gpu_measure.sh crop         # a second call, if time is left: the CPU's crop lever over three seeds
 #   SMOKE=1 bash bench/gpu_measure.sh      # the same script on this CPU, on a small slice for one epoch
 set -uo pipefail
 MODE=${1:-main}
 case $MODE in
-  main | crop) ;;
-  *) echo "bench/gpu_measure.sh: unknown measurement '$MODE'; choose main or crop" >&2; exit 2 ;;
+  main | short | crop) ;;
+  *) echo "bench/gpu_measure.sh: unknown measurement '$MODE'; choose main, short or crop" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/gpu_measure}
 DATA=${DATA:-/tmp/cifar10}
@@ -21,7 +22,7 @@ if compgen -G ".whl/*.whl" > /dev/null && ! $PYTHON -c "import keras" 2> /dev/nu
   export PYTHONPATH=/tmp/site
 fi
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax-cache}
-[ "$MODE" = main ] && rm -rf "$JAX_COMPILATION_CACHE_DIR"  # the first run of each recipe compiles cold
+[ "$MODE" != crop ] && rm -rf "$JAX_COMPILATION_CACHE_DIR"  # the first run of each recipe compiles cold
 [ -d "$DATA" ] || $PYTHON bench/unpack_image_folder.py .devdata/cifar10.npz "$DATA" || exit 1
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; $PYTHON -c "import jax, keras; print(jax.__version__, keras.__version__, jax.devices())") > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
@@ -51,6 +52,7 @@ run default-cold --mode train --runs cifar:default:auto:1e-3
 run default-warm --mode train --runs cifar:default:auto:1e-3
 run muon-cold --mode train --runs cifar:muon:auto:1e-3
 run muon-warm --mode train --runs cifar:muon:auto:1e-3
+[ "$MODE" = short ] && exit 0
 run muon-w1.5-e12-cold --mode train --set network_width=1.5 --runs cifar:muon:auto:1e-3:12
 run default-warm-per-step-sync --mode train --per-step-sync --runs cifar:default:auto:1e-3
 run default-w1.5-e15-tta6-cold --mode train --set network_width=1.5 --set tta_translate=true --runs cifar:default:auto:1e-3:15

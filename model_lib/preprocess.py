@@ -73,7 +73,7 @@ def batch_augmenter(config: TrainConfig, place: str = "all"):
     Args:
         config: The augmentation settings.
         place: "all"; or "step", the layers XLA can compile into the training step; or "host",
-            the others (RandomZoom), which then run on each batch before it goes in.
+            the others (Keras' RandomRotation and RandomZoom), which then run on each batch before it goes in.
     """
     import keras
     from keras import layers
@@ -87,13 +87,67 @@ def batch_augmenter(config: TrainConfig, place: str = "all"):
     if config.augment_zoom:
         steps.append(layers.RandomZoom(config.augment_zoom, seed=config.seed + 2))
     if config.augment_translate:
-        shift = config.augment_translate / size
-        steps.append(
-            layers.RandomTranslation(shift, shift, fill_mode="reflect", interpolation="nearest", seed=config.seed + 3)
-        )
+        shift, seed = config.augment_translate / size, config.seed + 3
+        if augments_in_step():
+            steps.append(whole_pixel_translation(shift, seed))
+        else:  # tf.data runs Keras' own layer as a graph, 4x faster on a CPU than the slices (bench/augment_cost.py)
+            steps.append(layers.RandomTranslation(shift, shift, "reflect", "nearest", seed=seed))
     if place != "all":
         steps = [layer for layer in steps if layer.supports_jit == (place == "step")]
     return keras.Sequential(steps, name=f"augment_{place}") if steps else None
+
+
+def whole_pixel_translation(factor: float, seed: int):
+    """Keras' RandomTranslation with reflected borders and nearest-pixel sampling, in operations that
+    XLA compiles into the training step (the backends that augment there).
+
+    Keras' own layer warps the images with an affine transform that it marks as not compilable, so
+    under JAX it ran eagerly on each batch outside the step, with a wait for the device each time:
+    on an H200 that was 20-30 ms of a 30 ms step. With nearest-pixel sampling a translation moves
+    each image by its draws rounded to whole pixels: here a slice of a copy padded with mirrored
+    borders. Same draws, same seed, same images out (tests/model/test_train.py), on every backend.
+
+    Args:
+        factor: Largest shift each way, fraction of the side (Keras' height_factor and width_factor).
+        seed: Seed of the draws.
+    """
+    import math
+
+    import keras
+
+    class WholePixelTranslation(keras.layers.RandomTranslation):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.supports_jit = True
+
+        def _translate_inputs(self, inputs, transformation, interpolation):
+            if transformation is None:
+                return inputs
+            ops = self.backend.numpy
+            unbatched = len(inputs.shape) == 3
+            images = ops.expand_dims(inputs, 0) if unbatched else inputs
+            # Output pixel i is input pixel i - shift, read from the copy padded with mirrored borders. One
+            # slice per possible shift, chosen by a mask, as airbench's batch_crop does.
+            shifts = self.backend.cast(ops.round(transformation["translations"]), "int32")  # (batch, [x, y])
+            bounds = {1: (self.height_lower, self.height_upper), 2: (self.width_lower, self.width_upper)}
+            for axis, column in ((1, 1), (2, 0)):  # rows by the y shift, then columns by the x shift
+                side = images.shape[axis]
+                pad = math.ceil(max(map(abs, bounds[axis])) * side)
+                widths = [[0, 0]] * 4
+                widths[axis] = [pad, pad]
+                padded = ops.pad(images, widths, mode="symmetric")  # Keras' "reflect": d c b a | a b c d
+                shift = ops.reshape(shifts[:, column], [-1, 1, 1, 1])
+                moved = images
+                for amount in range(-pad, pad + 1):
+                    window = [slice(None)] * 4
+                    window[axis] = slice(pad - amount, pad - amount + side)
+                    moved = ops.where(ops.equal(shift, amount), padded[tuple(window)], moved)
+                images = moved
+            return ops.squeeze(images, 0) if unbatched else images
+
+    return WholePixelTranslation(
+        height_factor=factor, width_factor=factor, fill_mode="reflect", interpolation="nearest", seed=seed
+    )
 
 
 def augments_in_step() -> bool:

@@ -283,6 +283,41 @@ def test_alternate_flip_shows_each_image_both_ways_every_two_epochs_and_keeps_th
     assert [int(np.asarray(t.layers[0].calls.value)) for t in (trainer, resumed)] == [6, 6]
 
 
+@pytest.mark.backends
+def test_the_translation_compiles_into_the_step_and_moves_images_as_keras_own_layer_does():
+    """Keras' RandomTranslation is marked not compilable, so under JAX it ran eagerly outside the step (most
+    of a GPU step's time). The gather that replaces it must give the same images from the same draws."""
+    import numpy as np
+
+    from model_lib.preprocess import augments_in_step, batch_augmenter, whole_pixel_translation
+
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3)).astype(np.float32)
+    ours, keras_own = (
+        whole_pixel_translation(2 / 32, seed=7),
+        keras.layers.RandomTranslation(2 / 32, 2 / 32, fill_mode="reflect", interpolation="nearest", seed=7),
+    )
+    for _ in range(3):  # the same seed state advancing the same way
+        moved = np.asarray(ours(images, training=True))
+        np.testing.assert_array_equal(moved, np.asarray(keras_own(images, training=True)))
+    assert sum(not np.array_equal(a, b) for a, b in zip(moved, images, strict=True)) > 40  # most images moved
+    wide = keras.layers.RandomTranslation(0.3, 0.1, fill_mode="reflect", interpolation="nearest")
+    drawn = wide.get_random_transformation(images, training=True)
+    assert np.abs(np.asarray(drawn["translations"])[:, 1]).max() > 5  # shifts past one border's width of pixels
+    narrow_wide = whole_pixel_translation(0.3, seed=0)
+    narrow_wide.width_lower, narrow_wide.width_upper = -0.1, 0.1
+    np.testing.assert_array_equal(
+        np.asarray(narrow_wide.transform_images(images, drawn)), np.asarray(wide.transform_images(images, drawn))
+    )
+    np.testing.assert_array_equal(np.asarray(ours(images, training=False)), images)
+
+    if augments_in_step():  # TensorFlow augments in tf.data, where Keras' own layer runs as a graph
+        assert batch_augmenter(resolve_config("default"), "host") is None  # nothing left outside the step
+    trainer = keras.Sequential([keras.Input((32, 32, 3)), whole_pixel_translation(2 / 32, seed=7),
+                                keras.layers.Flatten(), keras.layers.Dense(10)])  # fmt: skip
+    trainer.compile("sgd", "mse", jit_compile=True)  # raises if a layer cannot be compiled
+    trainer.fit(images, np.zeros((64, 10), np.float32), batch_size=32, epochs=1, verbose=0)
+
+
 @pytest.mark.parametrize("when", ["step", "epoch end"])
 def test_a_non_finite_loss_stops_training_from_the_loops_own_thread(when):
     """The NaN check's batch hook may run in Keras' thread pool: it only notes the loss, and the loop's thread
