@@ -54,6 +54,8 @@ run muon-cold --mode train --runs cifar:muon:auto:1e-3
 run muon-warm --mode train --runs cifar:muon:auto:1e-3
 [ "$MODE" = short ] && exit 0
 run muon-w1.5-e12-cold --mode train --set network_width=1.5 --runs cifar:muon:auto:1e-3:12
+run muon-w1.5-e12-warm --mode train --set network_width=1.5 --runs cifar:muon:auto:1e-3:12
 run default-warm-per-step-sync --mode train --per-step-sync --runs cifar:default:auto:1e-3
+run muon-w2-e12-cold --mode train --set network_width=2 --runs cifar:muon:auto:1e-3:12
 run default-w1.5-e15-tta6-cold --mode train --set network_width=1.5 --set tta_translate=true --runs cifar:default:auto:1e-3:15
 run default-warm-bare-fit --mode fit --runs cifar:default:auto:1e-3

@@ -112,7 +112,7 @@ def _fit(config, dataset, arrays, artifacts: Path, per_step_sync: bool, crop: tu
 
     from model_lib import models
     from model_lib.precision import choose_precision, cpu_bf16_units, devices, release_devices
-    from model_lib.preprocess import make_datasets, stratified_split, with_augmentation
+    from model_lib.preprocess import make_datasets, random_translation, stratified_split, with_augmentation
     from model_lib.recipe import make_optimizer
     from model_lib.train import to_serving_model
 
@@ -136,7 +136,7 @@ def _fit(config, dataset, arrays, artifacts: Path, per_step_sync: bool, crop: tu
         margin = (config.image_size - side) / 2 / config.image_size
         cropped = keras.Sequential([
             keras.Input((config.image_size, config.image_size, 3)),
-            layers.RandomTranslation(margin, margin, "reflect", "nearest", seed=config.seed + 4),
+            random_translation(margin, config.seed + 4),
             layers.CenterCrop(side, side),
             trainer,
         ], name="cropped")  # fmt: skip

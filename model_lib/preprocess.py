@@ -87,14 +87,21 @@ def batch_augmenter(config: TrainConfig, place: str = "all"):
     if config.augment_zoom:
         steps.append(layers.RandomZoom(config.augment_zoom, seed=config.seed + 2))
     if config.augment_translate:
-        shift, seed = config.augment_translate / size, config.seed + 3
-        if augments_in_step():
-            steps.append(whole_pixel_translation(shift, seed))
-        else:  # tf.data runs Keras' own layer as a graph, 4x faster on a CPU than the slices (bench/augment_cost.py)
-            steps.append(layers.RandomTranslation(shift, shift, "reflect", "nearest", seed=seed))
+        steps.append(random_translation(config.augment_translate / size, config.seed + 3))
     if place != "all":
         steps = [layer for layer in steps if layer.supports_jit == (place == "step")]
     return keras.Sequential(steps, name=f"augment_{place}") if steps else None
+
+
+def random_translation(factor: float, seed: int):
+    """Random shifts of up to `factor` of the side each way, borders reflected, nearest pixel: the layer
+    for the backend's pipeline (inside the compiled step, or Keras' own in tf.data, where as a graph it
+    is 4x faster on a CPU than the step's slices: bench/augment_cost.py)."""
+    import keras
+
+    if augments_in_step():
+        return whole_pixel_translation(factor, seed)
+    return keras.layers.RandomTranslation(factor, factor, "reflect", "nearest", seed=seed)
 
 
 def whole_pixel_translation(factor: float, seed: int):
