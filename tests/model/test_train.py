@@ -286,7 +286,7 @@ def test_alternate_flip_shows_each_image_both_ways_every_two_epochs_and_keeps_th
 @pytest.mark.backends
 def test_the_translation_compiles_into_the_step_and_moves_images_as_keras_own_layer_does():
     """Keras' RandomTranslation is marked not compilable, so under JAX it ran eagerly outside the step (most
-    of a GPU step's time). The gather that replaces it must give the same images from the same draws."""
+    of a GPU step's time). The slices that replace it must give the same images from the same draws."""
     import numpy as np
 
     from model_lib.preprocess import augments_in_step, batch_augmenter, whole_pixel_translation
