@@ -74,13 +74,15 @@ def tf_data(layer, batch: np.ndarray, batches: int) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats: {args.repeats} times leaves nothing to time; give 1 or more")
     import keras
 
     from model_lib.config import resolve_config
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
     config = resolve_config("default")
     batch = np.random.default_rng(0).integers(0, 256, (config.batch_size, 32, 32, 3)).astype(np.float32)
     backend = keras.backend.backend()
