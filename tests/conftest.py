@@ -65,6 +65,30 @@ def cifar_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def smoke_on_real_cifar(prefect_harness, cifar_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """`train-cifar --profile smoke` on the shared CIFAR-10 (about two minutes on two cores), run once
+    for all pytest-xdist workers: its ARTIFACTS_DIR and the flow's result. Tests that only read the
+    trained version use it in place; a test that adds to that ARTIFACTS_DIR copies it first."""
+    import json
+
+    from filelock import FileLock
+
+    # The run's own temp root: the workers share it, while runs never see each other's.
+    run_root = tmp_path_factory.getbasetemp()
+    run_root = run_root.parent if os.environ.get("PYTEST_XDIST_WORKER") else run_root
+    shared, done = run_root / "smoke_on_real_cifar", run_root / "smoke_on_real_cifar.json"
+    with FileLock(f"{done}.lock"):
+        if not done.is_file():
+            from flows.train_cifar import train_cifar
+
+            with pytest.MonkeyPatch.context() as env:
+                env.setenv("ARTIFACTS_DIR", str(shared))
+                env.setenv("CIFAR10_DIR", str(cifar_dir))
+                done.write_text(json.dumps(train_cifar(profile="smoke")))
+        return shared, json.loads(done.read_text())
+
+
 @pytest.fixture
 def upscaled_cifar(cifar_dir, tmp_path) -> tuple[Path, Path]:
     """30 real CIFAR-10 test images per class, as they are and as 640x480 JPEG "photos" (bicubic, quality 90)."""

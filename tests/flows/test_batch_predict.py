@@ -134,13 +134,11 @@ def test_dask_and_thread_pool_write_identical_csvs(prefect_harness, registered, 
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_upscaled_photos_get_the_models_output_on_the_shared_decoding(
-    prefect_harness, cifar_dir, upscaled_cifar, artifacts
+    prefect_harness, smoke_on_real_cifar, upscaled_cifar, artifacts
 ):
     """640x480 photos are classified from the same pixels training ingest decodes (see tests/data)."""
-    from flows.train_cifar import train_cifar
-
     _, photos = upscaled_cifar
-    trained = train_cifar(profile="smoke", data=str(cifar_dir))
+    _, trained = smoke_on_real_cifar
     rows = pd.read_csv(batch_predict(str(photos), model=trained["path"])["output_csv"])
     assert len(rows) == 300 and (rows["status"] == "ok").all()
     assert (rows[["width", "height"]] == (640, 480)).all().all()

@@ -3,6 +3,7 @@
 import asyncio
 import errno
 import json
+import shutil
 from pathlib import Path
 
 import keras
@@ -63,14 +64,17 @@ def test_flow_trains_and_registers_a_complete_version(prefect_harness, colour_da
 
 @pytest.mark.real_data
 @pytest.mark.slow
-def test_smoke_profile_on_real_cifar_registers_and_reuses_the_cache(prefect_harness, cifar_dir, artifacts, monkeypatch):
-    monkeypatch.setenv("CIFAR10_DIR", str(cifar_dir))
-    first = train_cifar(profile="smoke")
+def test_smoke_profile_on_real_cifar_registers_and_reuses_the_cache(
+    prefect_harness, smoke_on_real_cifar, cifar_dir, artifacts, monkeypatch
+):
+    first_artifacts, first = smoke_on_real_cifar  # train_cifar(profile="smoke") with CIFAR10_DIR set
     manifest = read_json(Path(first["path"]) / "manifest.json")
     assert manifest["dataset"]["source"].startswith("image_folder:")
     assert (manifest["dataset"]["train_count"], manifest["dataset"]["test_count"]) == (1600, 1000)
     assert first["test_accuracy"] > 0.2, "smoke run must beat chance (0.1) by a wide margin"
 
+    shutil.copytree(first_artifacts, artifacts, dirs_exist_ok=True)
+    monkeypatch.setenv("CIFAR10_DIR", str(cifar_dir))
     second = train_cifar(profile="smoke", epochs=1)
     assert second["version"] == 2
     assert len(list((artifacts / "datasets").iterdir())) == 1  # decoded once, served from cache the second time

@@ -11,8 +11,9 @@ from model_lib.fileio import read_json
 from model_lib.registry import Registry
 from tests.synthetic import write_digits_dataset, write_hues_dataset, write_uninformative_dataset
 
-# The precisions precision=auto can pick on a CPU (float32; bf16 with AMX or a faster AVX-512 BF16).
-CPU_PRECISIONS = ("float32", "mixed_bfloat16")
+# The precisions precision=auto can pick on a CPU (float32; bf16 with AMX or a faster AVX-512 BF16), with
+# the epochs each needs to clear 95% with room: in 3 epochs float32 scored 97.5%, bf16 95.0% (bench/RESULTS.md).
+CPU_PRECISIONS = {"float32": 3, "mixed_bfloat16": 4}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def digits(tmp_path_factory) -> Path:
 )
 def test_greyscale_digits_train_to_95_percent_in_every_cpu_precision(prefect_harness, digits, artifacts, precision):
     # bf16 once sat at chance here (10.6%) while float32 reached 98.9%: batch norm's epsilon.
-    result = train_cifar(profile="smoke", data=str(digits), epochs=4, precision=precision)
+    result = train_cifar(profile="smoke", data=str(digits), epochs=CPU_PRECISIONS[precision], precision=precision)
     assert result["test_accuracy"] >= 0.95, result
     assert result["name"] == "digits" and result["champion"]  # named after its folder, not cifar10
     manifest = read_json(Path(result["path"]) / "manifest.json")
@@ -37,7 +38,7 @@ def test_greyscale_digits_train_to_95_percent_in_every_cpu_precision(prefect_har
 
 # TensorFlow only: under JAX the kernel step itself is checked against airbench94_muon's (test_recipe.py).
 def test_greyscale_digits_train_to_95_percent_with_the_muon_recipe(prefect_harness, digits, artifacts):
-    result = train_cifar(profile="muon", data=str(digits), epochs=6, batch_size=128)
+    result = train_cifar(profile="muon", data=str(digits), epochs=3, batch_size=128)  # 99.2% (bench/RESULTS.md)
     assert result["test_accuracy"] >= 0.95, result
     config = read_json(Path(result["path"]) / "manifest.json")["config"]
     assert config["optimizer"] == "muon" and config["learning_rate"] == pytest.approx(0.828 * 128 / 1000)

@@ -1,5 +1,6 @@
 """TFLite exports of a registered version: interpreter parity, manifest entries, batch prediction."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,27 @@ from model_lib.export import EXPORT_FORMATS, export_version, serving_export
 from model_lib.fileio import read_json, sha256_file
 from model_lib.inference import TFLiteClassifier
 from model_lib.registry import load_verified_model, verify_version
+from tests.conftest import write_colour_dataset
+
+
+@pytest.fixture(scope="module")
+def trained_and_exported(prefect_harness, tmp_path_factory) -> tuple[Path, dict]:
+    """One training with all exports for the module (about 25 s on two cores); tests get copies."""
+    root = tmp_path_factory.mktemp("exported")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ARTIFACTS_DIR", str(root / "artifacts"))
+        result = train_cifar(profile="seed", data=str(write_colour_dataset(root / "colours")), epochs=4, batch_size=8,
+                             validation_split=0.25, export=True)  # fmt: skip
+    return root / "artifacts", result
 
 
 @pytest.fixture
-def exported(prefect_harness, colour_dataset, artifacts):
-    result = train_cifar(profile="seed", data=str(colour_dataset), epochs=4, batch_size=8, validation_split=0.25,
-                         export=True)  # fmt: skip
-    return Path(result["path"]), result
+def exported(trained_and_exported, artifacts) -> tuple[Path, dict]:
+    """The module's trained version, copied into this test's ARTIFACTS_DIR: tests tamper with it."""
+    source, result = trained_and_exported
+    shutil.copytree(source, artifacts, dirs_exist_ok=True)
+    version_dir = artifacts / Path(result["path"]).relative_to(source)
+    return version_dir, {**result, "path": str(version_dir)}
 
 
 def test_exports_match_keras_and_are_recorded(exported, artifacts):
