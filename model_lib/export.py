@@ -56,11 +56,44 @@ def require_tensorflow_backend() -> None:
         )
 
 
-def convert(model, export_format: str, calibration_images: np.ndarray) -> bytes:
-    """A Keras model as TFLite bytes in `float32`, `float16` or full-integer `int8` (uint8 pixels in)."""
+def write_saved_model(model, directory: Path) -> Path:
+    """Write the SavedModel that `TFLiteConverter.from_keras_model` writes for a Keras 3 functional
+    model (a `serve` endpoint calling it with training off, on its inputs' specs) once, so that every
+    format converts from one tracing: `from_keras_model` traces and saves the model again for each.
+
+    Returns:
+        `directory`.
+    """
+    import functools
+
+    import keras
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    signature = [tf.TensorSpec(x.shape, dtype=x.dtype, name=x.name) for x in model.inputs]
+    archive.add_endpoint("serve", functools.partial(model.__call__, training=False), signature)
+    archive.write_out(str(directory), verbose=False)
+    return directory
+
+
+def convert(saved_model: Path, export_format: str, calibration_images: np.ndarray) -> bytes:
+    """A model as TFLite bytes in `float32`, `float16` or full-integer `int8` (uint8 pixels in).
+
+    Args:
+        saved_model: The model's folder from `write_saved_model`.
+        export_format: One of `EXPORT_FORMATS`.
+        calibration_images: Images the int8 quantiser measures its ranges on.
+    """
+    import tensorflow as tf
+
+    return configured(tf.lite.TFLiteConverter.from_saved_model(str(saved_model)), export_format, calibration_images)
+
+
+def configured(converter, export_format: str, calibration_images: np.ndarray) -> bytes:
+    """`converter` (a `tf.lite.TFLiteConverter`) set up for `export_format`, converted: TFLite bytes."""
+    import tensorflow as tf
+
     if export_format == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
@@ -127,9 +160,10 @@ def export_version(
     keras_accuracy = float((keras_top1 == y_test).mean())
     entries, files, input_dtypes = [], {}, {}
     with tempfile.TemporaryDirectory() as scratch:
+        saved_model = write_saved_model(model, Path(scratch) / "saved_model")
         for export_format in to_do:
             path = Path(scratch) / export_file(export_format)
-            path.write_bytes(convert(model, export_format, calibration))
+            path.write_bytes(convert(saved_model, export_format, calibration))
             classifier = TFLiteClassifier(path)
             top1, input_dtypes[path.name] = _top1(classifier, x_test), classifier.input_dtype
             accuracy, agreement = float((top1 == y_test).mean()), float((top1 == keras_top1).mean())

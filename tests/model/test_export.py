@@ -82,7 +82,9 @@ def test_unquantized_int8_is_marked_failed(exported, artifacts, monkeypatch):
     version_dir, _ = exported
     real_convert = model_lib.export.convert
     monkeypatch.setattr(
-        model_lib.export, "convert", lambda model, fmt, calibration: real_convert(model, "float32", calibration)
+        model_lib.export,
+        "convert",
+        lambda saved_model, fmt, calibration: real_convert(saved_model, "float32", calibration),
     )
     entries = export_version(version_dir, artifacts, ("int8",), log=lambda m: None, force=True)
     assert entries[0]["status"] == "failed" and "unquantized" in entries[0]["reason"]
