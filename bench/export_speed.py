@@ -32,12 +32,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def per_format(model, formats, calibration) -> tuple[dict, dict]:
     import tensorflow as tf
 
-    from model_lib.export import configured
+    from model_lib.export import run_converter
 
     seconds, files = {}, {}
     for export_format in formats:
         started = time.perf_counter()
-        files[export_format] = configured(tf.lite.TFLiteConverter.from_keras_model(model), export_format, calibration)
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        files[export_format] = run_converter(converter, export_format, calibration)
         seconds[export_format] = time.perf_counter() - started
     return seconds, files
 

@@ -87,11 +87,11 @@ def convert(saved_model: Path, export_format: str, calibration_images: np.ndarra
     """
     import tensorflow as tf
 
-    return configured(tf.lite.TFLiteConverter.from_saved_model(str(saved_model)), export_format, calibration_images)
+    return run_converter(tf.lite.TFLiteConverter.from_saved_model(str(saved_model)), export_format, calibration_images)
 
 
-def configured(converter, export_format: str, calibration_images: np.ndarray) -> bytes:
-    """`converter` (a `tf.lite.TFLiteConverter`) set up for `export_format`, converted: TFLite bytes."""
+def run_converter(converter, export_format: str, calibration_images: np.ndarray) -> bytes:
+    """Set `converter` (a `tf.lite.TFLiteConverter`) up for `export_format` and run it: TFLite bytes."""
     import tensorflow as tf
 
     if export_format == "float16":

@@ -67,7 +67,7 @@ def cifar_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_on_real_cifar(prefect_harness, cifar_dir, tmp_path_factory) -> tuple[Path, dict]:
-    """`train-cifar --profile smoke` on the shared CIFAR-10 (about two minutes on two cores), run once
+    """`train-cifar --profile smoke` on the shared CIFAR-10 (one to two minutes on two cores), run once
     for all pytest-xdist workers: its ARTIFACTS_DIR and the flow's result. Tests that only read the
     trained version use it in place; a test that adds to that ARTIFACTS_DIR copies it first."""
     import json
