@@ -71,7 +71,7 @@ def output_difference(tflite: bytes, reference: bytes, images: np.ndarray) -> fl
 
 
 def main() -> None:
-    from model_lib.export import EXPORT_FORMATS
+    from model_lib.export import CALIBRATION_IMAGES, EXPORT_FORMATS
     from model_lib.models import ARCHITECTURES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -92,7 +92,7 @@ def main() -> None:
     from model_lib.models import build_model, with_tta
 
     rng = np.random.default_rng(0)
-    calibration = rng.integers(0, 256, (200, 32, 32, 3)).astype(np.uint8)  # CALIBRATION_IMAGES' count
+    calibration = rng.integers(0, 256, (CALIBRATION_IMAGES, 32, 32, 3)).astype(np.uint8)
     print(json.dumps({"host": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                       "tensorflow": __import__("tensorflow").__version__, "keras": keras.__version__}))  # fmt: skip
     one_saved_model(build_model("seed_cnn", 10), ("float32",), calibration)  # imports and first-use costs
