@@ -21,6 +21,7 @@ import numpy as np
 from model_lib.evaluate import ECE_BINS, negative_log_likelihood, reliability_bins
 from model_lib.fileio import atomic_open, write_json
 from model_lib.flags import texture_range
+from model_lib.inference import KerasClassifier
 from model_lib.models import tta_views, unwrap_tta, view_pixels, with_tta
 from model_lib.runs import TEST_PROBABILITIES, UNCALIBRATED_PROBABILITIES
 
@@ -97,9 +98,10 @@ def view_logits(model, images: np.ndarray, batch_size: int = 500) -> list[np.nda
     network, views = unwrap_tta(model)
     views = views or ((0, False),)  # no wrapper: the image itself
     logits, _ = _logits_and_temperature(network)
-    logit_model = keras.Model(network.inputs, logits)
+    # Unfolded: evaluation checks the saved model against these outputs (SPOT_CHECK_TOLERANCE).
+    logit_model = KerasClassifier(keras.Model(network.inputs, logits), fold=False)
     scored = {
-        view: np.asarray(logit_model.predict(view_pixels(images, *view), batch_size=batch_size, verbose=0), np.float64)
+        view: np.asarray(logit_model.predict(view_pixels(images, *view), batch_size), np.float64)
         for view in dict.fromkeys(views)
     }
     return [scored[view] for view in views]

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from model_lib.fileio import atomic_open, write_json
+from model_lib.inference import KerasClassifier
 from model_lib.runs import TEST_PROBABILITIES
 
 SPOT_CHECK_IMAGES = 500  # test images the saved model re-scores when its test probabilities were computed before
@@ -123,8 +124,8 @@ def write_metrics(metrics: dict, class_names: list[str], out_dir: Path) -> dict[
 
 
 def predict_probabilities(model, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Class probabilities for uint8 images, predicted in batches."""
-    return np.asarray(model.predict(np.asarray(images), batch_size=batch_size, verbose=0), np.float32)
+    """Class probabilities for uint8 images, predicted in batches by the model as saved (nothing folded)."""
+    return KerasClassifier(model, fold=False).predict(np.asarray(images), batch_size).astype(np.float32)
 
 
 def score_model(model, cache_dir: str, class_names: list[str]) -> tuple[dict, np.ndarray]:

@@ -24,13 +24,20 @@ class KerasClassifier:
     """A Keras model's inference on uint8 pixels as one function traced once for every batch size.
 
     Keras' `predict_on_batch` traces for the first batch size and again for the next; that second
-    trace alone costs more than classifying a thousand CIFAR images.
+    trace alone costs more than classifying a thousand CIFAR images. And Keras' `predict` took up to
+    1.8x as long on a `muon` model's six views of 3,000 CIFAR images on two cores, for the same
+    outputs to the bit (bench/RESULTS.md, "Scoring through one traced function").
+
+    Args:
+        model: uint8 pixels in, whatever the model outputs.
+        fold: Fold BatchNormalization into the layers around it first (`fold_batch_norms`); off where
+            the outputs must be the saved model's to the bit.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, fold: bool = True):
         import keras
 
-        self.model = fold_batch_norms(model)
+        self.model = fold_batch_norms(model) if fold else model
         self.input_shape = model.input_shape
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
@@ -41,8 +48,13 @@ class KerasClassifier:
             self._call = self.model.predict_on_batch
 
     def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
-        """Class probabilities for a batch of uint8 pixels."""
+        """The model's output for a batch of uint8 pixels."""
         return np.asarray(self._call(pixels))
+
+    def predict(self, pixels: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        """The model's output for any number of uint8 images, `batch_size` at a time."""
+        outputs = [self.predict_on_batch(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+        return np.concatenate(outputs) if outputs else np.zeros((0, *self.model.output_shape[1:]), np.float32)
 
 
 def fold_batch_norms(model):
