@@ -77,3 +77,15 @@ def test_classifier_traces_once_for_every_batch_size_and_matches_predict():
             classifier.predict_on_batch(PIXELS[:size]), model.predict(PIXELS[:size], verbose=0), atol=1e-5
         )
     assert classifier._call.experimental_get_tracing_count() == 1
+
+
+def test_the_unfolded_classifier_scores_any_number_of_images_as_the_saved_model_does():
+    model = with_tta(calibrate(build_model("seed_cnn", 10), PIXELS))
+    classifier = KerasClassifier(model, fold=False)
+    assert classifier.model is model
+    # Batches of 5 over 16 images: three full ones and a ragged last one, one trace. (Other batch sizes
+    # round differently in the last bits, so the saved model's own figure is within 1e-6, not equal.)
+    expected = model.predict(PIXELS, verbose=0)
+    np.testing.assert_allclose(classifier.predict(PIXELS, batch_size=5), expected, rtol=0, atol=1e-6)
+    assert classifier._call.experimental_get_tracing_count() == 1
+    assert classifier.predict(PIXELS[:0]).shape == (0, 10)
