@@ -31,7 +31,7 @@ class KerasClassifier:
     Args:
         model: uint8 pixels in, whatever the model outputs.
         fold: Fold BatchNormalization into the layers around it first (`fold_batch_norms`); off where
-            the outputs must be the saved model's to the bit.
+            the outputs are compared with the saved model's (calibration and evaluation).
     """
 
     def __init__(self, model, fold: bool = True):
