@@ -221,5 +221,4 @@ def serving_export(manifest: dict) -> str | None:
 
 
 def _top1(classifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    batches = [classifier.predict_on_batch(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    return np.concatenate(batches).argmax(axis=1) if batches else np.zeros(0, np.int64)
+    return classifier.predict(images, batch_size).argmax(axis=1)

@@ -20,7 +20,18 @@ CHECK_IMAGES = 8  # random images both models classify before the copy is used
 _CARRIES_OFFSET = ("MaxPooling2D", "Dropout")  # max(a + o) = max(a) + o; dropout is the identity at inference
 
 
-class KerasClassifier:
+class _Classifier:
+    """Keras' `predict` over a subclass's `predict_on_batch`; `output_shape` as Keras gives it."""
+
+    output_shape: tuple
+
+    def predict(self, pixels: np.ndarray, batch_size: int = 256, verbose: int = 0) -> np.ndarray:
+        """The model's output for any number of images, `batch_size` at a time."""
+        outputs = [self.predict_on_batch(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+        return np.concatenate(outputs) if outputs else np.zeros((0, *self.output_shape[1:]), np.float32)
+
+
+class KerasClassifier(_Classifier):
     """A Keras model's inference on uint8 pixels as one function traced once for every batch size.
 
     Keras' `predict_on_batch` traces for the first batch size and again for the next; that second
@@ -38,7 +49,7 @@ class KerasClassifier:
         import keras
 
         self.model = fold_batch_norms(model) if fold else model
-        self.input_shape = model.input_shape
+        self.input_shape, self.output_shape = model.input_shape, model.output_shape
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
@@ -50,11 +61,6 @@ class KerasClassifier:
     def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
         """The model's output for a batch of uint8 pixels."""
         return np.asarray(self._call(pixels))
-
-    def predict(self, pixels: np.ndarray, batch_size: int = 500) -> np.ndarray:
-        """The model's output for any number of uint8 images, `batch_size` at a time."""
-        outputs = [self.predict_on_batch(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
-        return np.concatenate(outputs) if outputs else np.zeros((0, *self.model.output_shape[1:]), np.float32)
 
 
 def fold_batch_norms(model):
@@ -167,7 +173,7 @@ def _kernel_and_bias(kind: str, config: dict, weights: list[np.ndarray]) -> tupl
     return kernel, bias
 
 
-class TFLiteClassifier:
+class TFLiteClassifier(_Classifier):
     """A `.tflite` classifier with Keras' `predict` interface: uint8 or float pixels in, probabilities out."""
 
     def __init__(self, path: str | Path):
@@ -179,13 +185,10 @@ class TFLiteClassifier:
         self._input = self._interpreter.get_input_details()[0]
         self._output = self._interpreter.get_output_details()[0]
         self.input_shape = (None, *self._input["shape"][1:])
+        self.output_shape = (None, *self._output["shape"][1:])
         self.input_dtype = np.dtype(self._input["dtype"])
         self._lock = threading.Lock()  # one interpreter, one invocation at a time
         self._batch = None
-
-    def predict(self, images: np.ndarray, batch_size: int = 256, verbose: int = 0) -> np.ndarray:
-        outputs = [self._run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-        return np.concatenate(outputs) if outputs else np.zeros((0, self._output["shape"][-1]), np.float32)
 
     def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
         return self._run(images)
