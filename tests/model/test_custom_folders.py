@@ -47,11 +47,13 @@ def test_greyscale_digits_train_to_95_percent_with_the_muon_recipe(prefect_harne
 
 @pytest.mark.slow  # not under JAX too: 5 min there; the transfer architecture trains under JAX in test_transfer.py
 def test_greyscale_digits_train_the_transfer_architecture(prefect_harness, digits, artifacts):
+    # 6 epochs: 96.9-98.3% over seeds 0-5. 4 stopped on the steep part of the curve (last epoch's training
+    # accuracy 0.89-0.94) and once scored 82.2% in CI; an epoch after the first costs 3-5 s (bench/RESULTS.md).
     result = train_cifar(
-        profile="smoke", data=str(digits), architecture="transfer", weights="none", epochs=4, head_epochs=1,
+        profile="smoke", data=str(digits), architecture="transfer", weights="none", epochs=6,
         model_name="digits-transfer",
     )  # fmt: skip
-    assert result["name"] == "digits-transfer" and result["test_accuracy"] >= 0.85, result  # measured 0.94
+    assert result["name"] == "digits-transfer" and result["test_accuracy"] >= 0.85, result
 
 
 @pytest.mark.backends

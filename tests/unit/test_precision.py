@@ -51,6 +51,13 @@ def test_the_probe_runs_once_per_machine_and_every_later_run_decides_alike(tmp_p
     assert cached_bf16_speedup(tmp_path, probe, key="cpu A") == 1.8  # measured again, not trusted
 
 
+def test_a_result_of_an_earlier_probe_design_is_measured_again(tmp_path):
+    (tmp_path / "precision_probe.json").write_text('{"cpu A": {"bf16_speedup": 0.797}, "cpu B": 3}')
+    assert cached_bf16_speedup(tmp_path, lambda: 1.3, key="cpu A") == 1.3
+    assert cached_bf16_speedup(tmp_path, lambda: 0.7, key="cpu B") == 0.7  # not an entry at all
+    assert cached_bf16_speedup(tmp_path, lambda: 9.9, key="cpu A") == 1.3  # this design's result is kept
+
+
 def test_the_machine_key_names_the_cpu_its_cores_and_its_flags():
     info = "model name\t: AMD EPYC\nflags\t: sse avx512_bf16\n\nmodel name\t: AMD EPYC\nflags\t: sse avx512_bf16\n"
     assert machine_key(info).startswith("AMD EPYC x2 flags:")
