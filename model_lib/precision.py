@@ -33,7 +33,7 @@ from model_lib.settings import artifacts_dir
 BF16_GPU_CAPABILITY = (8, 0)
 BF16_MIN_SPEEDUP = 1.1  # bf16 must beat float32 by this factor in the probe to be chosen
 PROBE_BATCH = 64  # images per probe step: 16x16x64 activations into two convs of PROBE_CHANNELS
-# airbench spends most of its multiply-adds in 256-channel convs; 128 read bf16 10-20% slower than they run.
+# airbench spends most of its multiply-adds in 256-channel convs; a 128-channel block read bf16's gain 10-20% low.
 PROBE_CHANNELS = 256
 PROBE_STEPS = 2  # timed train steps per policy and round, after one untimed (tracing) step
 # The policies alternate for this many rounds and each keeps its fastest: one pass of 3 steps each read
