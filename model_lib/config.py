@@ -207,11 +207,12 @@ PROFILES: dict[str, dict] = {
 
 
 # Wall time of each profile's `train` on a 2-core CPU with the shared CIFAR-10 (bench/RESULTS.md): the
-# AMD EPYC and Intel Emerald Rapids hosts, and for `muon` and `seed` also the slower Cascade Lake one.
+# AMD EPYC and Intel Emerald Rapids hosts, and for `muon` and `seed` also the slower Cascade Lake and faster
+# Zen 5 ones.
 PROFILE_TIMES = {
     "default": "about 25 min",
-    "muon": "about 18-35 min",
-    "seed": "about 16-35 min",
+    "muon": "about 15-35 min",
+    "seed": "about 14-35 min",
     "fast": "about 2-3 min",
     "smoke": "about 1 min",
 }
