@@ -83,7 +83,7 @@ def main() -> None:
 
     from model_lib.config import resolve_config
 
-    config = resolve_config("default")
+    config = resolve_config("airbench94")
     batch = np.random.default_rng(0).integers(0, 256, (config.batch_size, 32, 32, 3)).astype(np.float32)
     backend = keras.backend.backend()
     results = {}

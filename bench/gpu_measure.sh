@@ -4,7 +4,7 @@
 # `train-cifar` on the machine would. Prepare here (bench/RESULTS.md): the wheels in .whl/, the pack in .devdata/.
 #
 #   bash bench/gpu_measure.sh              # on the GPU machine; lines go to $OUT/runs.jsonl
-#   bash bench/gpu_measure.sh short        # only the first four: default and muon, cold then warm (about 3 min)
+#   bash bench/gpu_measure.sh short        # only the first four: default and airbench94, cold then warm (about 3 min)
 #   bash bench/gpu_measure.sh crop         # a second call, if time is left: the CPU's crop lever over three seeds
 #   SMOKE=1 bash bench/gpu_measure.sh      # the same script on this CPU, on a small slice for one epoch
 set -uo pipefail
@@ -39,10 +39,10 @@ run() {  # a label, then train_jax.py's arguments
 
 if [ "$MODE" = crop ]; then
   # On the CPU, 10 epochs with the first 6 on 24-pixel windows scored 90.68% over two seeds against 90.80%
-  # for muon's 8 on whole images, in about the same time (bench/RESULTS.md); seeds cost seconds here.
+  # for default's 8 on whole images, in about the same time (bench/RESULTS.md); seeds cost seconds here.
   for seed in 0 1 2; do
-    run "muon-fit-s$seed" --mode fit --set seed=$seed --runs cifar:muon:auto:1e-3
-    run "muon-crop6of10-s$seed" --mode fit --set seed=$seed --crops 6:24 --runs cifar:muon:auto:1e-3:10
+    run "default-fit-s$seed" --mode fit --set seed=$seed --runs cifar:default:auto:1e-3
+    run "default-crop6of10-s$seed" --mode fit --set seed=$seed --crops 6:24 --runs cifar:default:auto:1e-3:10
   done
   exit 0
 fi
@@ -50,12 +50,12 @@ fi
 # In order of need, so a call cut short still brings back the first ones.
 run default-cold --mode train --runs cifar:default:auto:1e-3
 run default-warm --mode train --runs cifar:default:auto:1e-3
-run muon-cold --mode train --runs cifar:muon:auto:1e-3
-run muon-warm --mode train --runs cifar:muon:auto:1e-3
+run airbench94-cold --mode train --runs cifar:airbench94:auto:1e-3
+run airbench94-warm --mode train --runs cifar:airbench94:auto:1e-3
 [ "$MODE" = short ] && exit 0
-run muon-w1.5-e12-cold --mode train --set network_width=1.5 --runs cifar:muon:auto:1e-3:12
-run muon-w1.5-e12-warm --mode train --set network_width=1.5 --runs cifar:muon:auto:1e-3:12
-run default-warm-per-step-sync --mode train --per-step-sync --runs cifar:default:auto:1e-3
-run muon-w2-e12-cold --mode train --set network_width=2 --runs cifar:muon:auto:1e-3:12
-run default-w1.5-e15-tta6-cold --mode train --set network_width=1.5 --set tta_translate=true --runs cifar:default:auto:1e-3:15
-run default-warm-bare-fit --mode fit --runs cifar:default:auto:1e-3
+run default-w1.5-e12-cold --mode train --set network_width=1.5 --runs cifar:default:auto:1e-3:12
+run default-w1.5-e12-warm --mode train --set network_width=1.5 --runs cifar:default:auto:1e-3:12
+run airbench94-warm-per-step-sync --mode train --per-step-sync --runs cifar:airbench94:auto:1e-3
+run default-w2-e12-cold --mode train --set network_width=2 --runs cifar:default:auto:1e-3:12
+run airbench94-w1.5-e15-tta6-cold --mode train --set network_width=1.5 --set tta_translate=true --runs cifar:airbench94:auto:1e-3:15
+run airbench94-warm-bare-fit --mode fit --runs cifar:airbench94:auto:1e-3

@@ -3,7 +3,7 @@
     KERAS_BACKEND=tensorflow python bench/lookahead_step.py --steps 30 --repeats 3
     KERAS_BACKEND=jax python bench/lookahead_step.py --steps 30 --repeats 3
 
-The `default` profile's airbench network and optimiser on fixed random batches of its batch size,
+The `airbench94` profile's airbench network and optimiser on fixed random batches of its batch size,
 in the precision `auto` picks here; each variant compiles and warms up on 3 steps first, then
 `--steps` steps are timed, `--repeats` times in turn. The callback is the one train-cifar used
 before lookahead moved into the optimiser: it read the step counter every step and blended
@@ -49,7 +49,7 @@ def host_lookahead(every: int, final_decay: float, total_steps: int):
 
 
 def time_variant(
-    variant: str, steps: int, precision: str, profile: str = "default", width: float = 1.0, xla: bool | str = "auto"
+    variant: str, steps: int, precision: str, profile: str = "airbench94", width: float = 1.0, xla: bool | str = "auto"
 ) -> float:
     """Seconds per step of `variant` (none, optimiser, callback) over `steps` steps after a warm-up.
 

@@ -1,4 +1,4 @@
-"""bf16 against float32 for the `default` profile's training step on this CPU, in alternation.
+"""bf16 against float32 for the `airbench94` profile's training step on this CPU, in alternation.
 
     python bench/precision_step.py --steps 20 --repeats 3
 

@@ -1,7 +1,7 @@
 """What one training step of a profile costs on this machine, per image, across widths and XLA.
 
-    python bench/step_cost.py --profile muon --widths 1,0.75,0.5 --xla off,on
-    KERAS_BACKEND=jax python bench/step_cost.py --profile muon --widths 1 --xla on
+    python bench/step_cost.py --profile default --widths 1,0.75,0.5 --xla off,on
+    KERAS_BACKEND=jax python bench/step_cost.py --profile default --widths 1 --xla on
 
 The profile's network (`network_width` overridden) and optimiser on one fixed random batch of its
 batch size, in float32 (`lookahead_step.time_variant`): each variant compiles and warms up on 3 steps,
@@ -36,7 +36,7 @@ def main() -> None:
     from model_lib.precision import machine_key
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="muon")
+    parser.add_argument("--profile", default="default")
     parser.add_argument("--widths", default=[1.0, 0.75, 0.5], type=_floats, help="comma-separated network_width values")
     parser.add_argument("--xla", default=["off"], type=_switches, help="comma-separated: off, on")
     parser.add_argument("--steps", type=int, default=8)

@@ -1,7 +1,7 @@
 """Training speed and accuracy of the profiles, side by side in one run, on the same cached data.
 
     python bench/train_speed.py [--profiles seed,fast,default] [--data ../shared/datasets/cifar10]
-    python bench/train_speed.py --profiles smoke,muon --data digits --set epochs=3 --set batch_size=128
+    python bench/train_speed.py --profiles smoke,default --data digits --set epochs=3 --set batch_size=128
 
 Each profile runs the real `train-cifar` flow (ingest served from the cache, which the first step
 fills), timed from the flow's start to its registration: the wall time a user of

@@ -163,7 +163,7 @@ def train(
         bool | None,
         typer.Option(
             "--tta-translate/--no-tta-translate",
-            help="Serve with airbench's mirror-plus-translate TTA (six views; on in muon) instead of flip TTA (two).",
+            help="Serve with airbench's mirror-plus-translate TTA (six views; on in default), not flip TTA (two).",
         ),
     ] = None,
     promotion_margin: Annotated[float, typer.Option(help="Accuracy a new version must add to the champion's.")] = 0.0,

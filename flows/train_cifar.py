@@ -68,8 +68,8 @@ def train_cifar(
     Every override left empty takes the profile's value (see the README's profile table).
 
     Args:
-        profile: The recipe to start from: default (airbench94, about 25 min on 2 CPU cores), muon
-            (airbench94_muon: 8 epochs), fast, seed (the origin notebook's) or smoke (a minute, for checks).
+        profile: The recipe to start from: default (airbench94_muon: 8 epochs, about 15-35 min on 2 CPU
+            cores), airbench94 (10 epochs), fast, seed (the origin notebook's) or smoke (a minute, for checks).
         architecture: The network: airbench, seed_cnn or transfer (MobileNetV3Small backbone).
         epochs: Passes over the training split.
         batch_size: Images per optimiser step (with SGD the learning rate scales with it, Muon's step
@@ -100,7 +100,7 @@ def train_cifar(
             the same config, seed, data and machine.
         tta_translate: Serve with airbench's mirror-plus-translate test-time augmentation (the image and
             its mirror, plus both seen through a window moved one pixel up-left and down-right: six
-            views, three times flip TTA's prediction time; on in muon) instead of flip TTA.
+            views, three times flip TTA's prediction time; on in default) instead of flip TTA.
         promotion_margin: Test accuracy a new version must add to the champion's (on the same test
             images) to replace it.
         export: Also write TFLite float32, float16 and int8 exports beside the version.

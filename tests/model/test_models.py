@@ -77,7 +77,7 @@ def test_translate_tta_is_airbenchs_mirror_plus_translate_and_loads_safely(tmp_p
 
 
 def test_serving_model_is_a_float32_twin_with_the_trained_weights(tmp_path):
-    config = resolve_config("default", tta_flip=False)
+    config = resolve_config("airbench94", tta_flip=False)
     trained = build_model("airbench", 10, calibration_images=IMAGES, dtype_policy="mixed_bfloat16")
     serving = to_serving_model(trained, config, 10, IMAGES)
     assert all(w.dtype == "float32" for w in serving.weights)

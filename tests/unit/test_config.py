@@ -1,6 +1,8 @@
+import dataclasses
+
 import pytest
 
-from model_lib.config import PROFILES, TrainConfig, resolve_config
+from model_lib.config import PROFILES, ConfigError, TrainConfig, resolve_config
 
 
 def test_seed_profile_is_the_origin_recipe():
@@ -47,14 +49,24 @@ def test_every_profile_resolves():
 
 
 def test_learning_rates_follow_the_batch_size_unless_given():
-    default = resolve_config("default")
-    assert resolve_config("fast").learning_rate == pytest.approx(default.learning_rate / 2)  # batch 256
-    assert resolve_config("smoke", batch_size=8).learning_rate == pytest.approx(default.learning_rate * 8 / 512)
+    airbench94 = resolve_config("airbench94")
+    assert resolve_config("fast").learning_rate == pytest.approx(airbench94.learning_rate / 2)  # batch 256
+    assert resolve_config("smoke", batch_size=8).learning_rate == pytest.approx(airbench94.learning_rate * 8 / 512)
     assert resolve_config("smoke", batch_size=8, learning_rate=0.05).learning_rate == 0.05
     assert resolve_config("seed", batch_size=8).learning_rate == 1e-3  # Adam: not scaled
-    muon = resolve_config("muon")
-    quarter = resolve_config("muon", batch_size=muon.batch_size // 4)
+    muon = resolve_config("default")
+    quarter = resolve_config("default", batch_size=muon.batch_size // 4)
     assert quarter.learning_rate == pytest.approx(muon.learning_rate / 4)  # Muon's SGD part scales
     assert quarter.muon_learning_rate == pytest.approx(muon.muon_learning_rate / 2)  # its kernel step by the root
-    assert resolve_config("muon", batch_size=250, muon_learning_rate=0.3).muon_learning_rate == 0.3
-    assert resolve_config("default", optimizer="muon").muon_learning_rate == TrainConfig.muon_learning_rate
+    assert resolve_config("default", batch_size=250, muon_learning_rate=0.3).muon_learning_rate == 0.3
+    assert resolve_config("airbench94", optimizer="muon").muon_learning_rate == TrainConfig.muon_learning_rate
+
+
+def test_default_trains_airbench_with_muon_and_the_other_architectures_with_airbench94s_recipe():
+    default = resolve_config("default")
+    assert (default.optimizer, default.epochs, default.tta_translate) == ("muon", 8, True)
+    for architecture in ("seed_cnn", "transfer"):
+        other = resolve_config("default", architecture=architecture)
+        assert other == dataclasses.replace(resolve_config("airbench94", architecture=architecture), profile="default")
+    with pytest.raises(ConfigError, match="optimizer muon .* trains the airbench architecture only, not seed_cnn"):
+        resolve_config("default", architecture="seed_cnn", optimizer="muon")
