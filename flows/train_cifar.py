@@ -68,7 +68,7 @@ def train_cifar(
     Every override left empty takes the profile's value (see the README's profile table).
 
     Args:
-        profile: The recipe to start from: default (airbench94_muon: 8 epochs, about 15-35 min on 2 CPU
+        profile: The recipe to start from: default (airbench94_muon: 8 epochs, about 12-35 min on 2 CPU
             cores), airbench94 (10 epochs), fast, seed (the origin notebook's) or smoke (a minute, for checks).
         architecture: The network: airbench, seed_cnn or transfer (MobileNetV3Small backbone).
         epochs: Passes over the training split.

@@ -211,9 +211,9 @@ PROFILES: dict[str, dict] = {
 
 # Wall time of each profile's `train` on a 2-core CPU with the shared CIFAR-10 (bench/RESULTS.md): the
 # AMD EPYC and Intel Emerald Rapids hosts, and for `default` and `seed` also the slower Cascade Lake and
-# faster Zen 5 ones.
+# faster Zen 5 and Intel AMX ones.
 PROFILE_TIMES = {
-    "default": "about 15-35 min",
+    "default": "about 12-35 min",
     "airbench94": "about 25 min",
     "seed": "about 14-35 min",
     "fast": "about 2-3 min",
