@@ -4,7 +4,7 @@
 # `train-cifar` on the machine would. Prepare here (bench/RESULTS.md): the wheels in .whl/, the pack in .devdata/.
 #
 #   bash bench/gpu_measure.sh              # on the GPU machine; lines go to $OUT/runs.jsonl
-#   bash bench/gpu_measure.sh short        # only the first four: default and airbench94, cold then warm (about 3 min)
+#   bash bench/gpu_measure.sh short        # only the first four: default and gpu, cold then warm (about 4 min)
 #   bash bench/gpu_measure.sh crop         # a second call, if time is left: the CPU's crop lever over three seeds
 #   SMOKE=1 bash bench/gpu_measure.sh      # the same script on this CPU, on a small slice for one epoch
 set -uo pipefail
@@ -50,12 +50,12 @@ fi
 # In order of need, so a call cut short still brings back the first ones.
 run default-cold --mode train --runs cifar:default:auto:1e-3
 run default-warm --mode train --runs cifar:default:auto:1e-3
+run gpu-cold --mode train --runs cifar:gpu:auto:1e-3
+run gpu-warm --mode train --runs cifar:gpu:auto:1e-3
+[ "$MODE" = short ] && exit 0
 run airbench94-cold --mode train --runs cifar:airbench94:auto:1e-3
 run airbench94-warm --mode train --runs cifar:airbench94:auto:1e-3
-[ "$MODE" = short ] && exit 0
 run default-w1.5-e12-cold --mode train --set network_width=1.5 --runs cifar:default:auto:1e-3:12
-run default-w1.5-e12-warm --mode train --set network_width=1.5 --runs cifar:default:auto:1e-3:12
 run airbench94-warm-per-step-sync --mode train --per-step-sync --runs cifar:airbench94:auto:1e-3
-run default-w2-e12-cold --mode train --set network_width=2 --runs cifar:default:auto:1e-3:12
 run airbench94-w1.5-e15-tta6-cold --mode train --set network_width=1.5 --set tta_translate=true --runs cifar:airbench94:auto:1e-3:15
 run airbench94-warm-bare-fit --mode fit --runs cifar:airbench94:auto:1e-3

@@ -69,7 +69,8 @@ def train_cifar(
 
     Args:
         profile: The recipe to start from: default (airbench94_muon: 8 epochs, about 12-35 min on 2 CPU
-            cores), airbench94 (10 epochs), fast, seed (the origin notebook's) or smoke (a minute, for checks).
+            cores), gpu (default at twice the width for 12 epochs, for GPUs), airbench94 (10 epochs), fast,
+            seed (the origin notebook's) or smoke (a minute, for checks).
         architecture: The network: airbench, seed_cnn or transfer (MobileNetV3Small backbone).
         epochs: Passes over the training split.
         batch_size: Images per optimiser step (with SGD the learning rate scales with it, Muon's step

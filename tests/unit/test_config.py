@@ -62,11 +62,19 @@ def test_learning_rates_follow_the_batch_size_unless_given():
     assert resolve_config("airbench94", optimizer="muon").muon_learning_rate == TrainConfig.muon_learning_rate
 
 
-def test_default_trains_airbench_with_muon_and_the_other_architectures_with_airbench94s_recipe():
-    default = resolve_config("default")
-    assert (default.optimizer, default.epochs, default.tta_translate) == ("muon", 8, True)
+@pytest.mark.parametrize("profile", ["default", "gpu"])
+def test_default_and_gpu_train_airbench_with_muon_and_the_other_architectures_with_airbench94s_recipe(profile):
+    config = resolve_config(profile)
+    assert (config.optimizer, config.tta_translate) == ("muon", True)
     for architecture in ("seed_cnn", "transfer"):
-        other = resolve_config("default", architecture=architecture)
-        assert other == dataclasses.replace(resolve_config("airbench94", architecture=architecture), profile="default")
+        other = resolve_config(profile, architecture=architecture)
+        assert other == dataclasses.replace(resolve_config("airbench94", architecture=architecture), profile=profile)
     with pytest.raises(ConfigError, match="optimizer muon .* trains the airbench architecture only, not seed_cnn"):
-        resolve_config("default", architecture="seed_cnn", optimizer="muon")
+        resolve_config(profile, architecture="seed_cnn", optimizer="muon")
+
+
+def test_gpu_is_default_at_twice_the_width_for_half_again_the_epochs():
+    default, gpu = resolve_config("default"), resolve_config("gpu")
+    assert (default.network_width, default.epochs) == (1.0, 8)
+    assert (gpu.network_width, gpu.epochs) == (2.0, 12)
+    assert gpu == dataclasses.replace(default, profile="gpu", network_width=2.0, epochs=12)
