@@ -220,7 +220,7 @@ PROFILES: dict[str, dict] = {
 # faster Zen 5 and Intel AMX ones.
 PROFILE_TIMES = {
     "default": "about 12-35 min",
-    "gpu": "about 1-4 h",
+    "gpu": "about 1-4 h",  # 50 min on the AMX host, where its training took 4.4x default's: the others scaled by that
     "airbench94": "about 25 min",
     "seed": "about 14-35 min",
     "fast": "about 2-3 min",

@@ -83,7 +83,7 @@ def test_an_earlier_prediction_csv_may_be_replaced_and_overwrite_is_explicit(set
         (["predict", "{inbox}", "--output", "{inbox}/photo.jpg"], 2, "an image file name"),
         (["predict", "{inbox}/photo.jpg"], 2, "not a folder"),
         (["predict", "{inbox}", "--model", "nosuch"], 1, "nosuch@champion: no version"),
-        (["train", "--profile", "fastest"], 2, "unknown profile 'fastest'; choose from default, airbench94, seed"),
+        (["train", "--profile", "fastest"], 2, "unknown profile 'fastest'; choose from default, gpu, airbench94, seed"),
         (["train", "--architecture", "resnet"], 2, "--architecture 'resnet': choose from airbench, seed_cnn"),
         (["train", "--precision", "half"], 2, "--precision 'half': choose from auto, float32"),
         (["train", "--epochs", "0"], 2, "--epochs must be at least 1, not 0"),
