@@ -190,7 +190,7 @@ PROFILES: dict[str, dict] = {
     "default": DEFAULT_PROFILE,
     # For GPUs, where airbench's widths leave most of the card idle: `default` at twice the width (128/512/512
     # channels, 4x the multiply-adds per image) for 12 epochs instead of 8, 6x its training compute, for
-    # airbench95's accuracy (91.8% on these JPEGs): 91.98% in one run on a CPU (bench/RESULTS.md).
+    # airbench95's accuracy (91.8% on these JPEGs): 91.98% and 91.89% in two runs on a CPU (bench/RESULTS.md).
     "gpu": {**DEFAULT_PROFILE, "network_width": 2.0, "epochs": 12},
     # airbench94's recipe, the field defaults above: SGD with lookahead, 10 epochs, flip TTA. Muon needs batch
     # norm after every conv, so `default` trains the other architectures with this recipe (resolve_config).
