@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,dask,jax]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,dask,jax,s3]"
 	touch $@
 
 install: $(BIN)/.installed

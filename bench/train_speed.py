@@ -47,14 +47,14 @@ def main() -> None:
         from flows.train_cifar import train_cifar
         from model_lib.data import ingest
         from model_lib.fileio import read_json
-        from model_lib.settings import artifacts_dir
+        from model_lib.settings import work_dir
 
         if args.data == "digits":
             from tests.synthetic import write_digits_dataset
 
             args.data = str(write_digits_dataset(Path(scratch) / "digits"))
         started = time.perf_counter()
-        ingest(args.data, artifacts_dir(), log=lambda m: None)  # fill the cache once, untimed below
+        ingest(args.data, work_dir(), log=lambda m: None)  # fill the cache once, untimed below
         print(json.dumps({"ingest_seconds": round(time.perf_counter() - started, 1)}), flush=True)
         flow(name="bench-warm-up")(lambda: None)()  # start Prefect's temporary server (15-20 s), untimed below
         results = {}

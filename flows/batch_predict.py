@@ -22,8 +22,8 @@ from model_lib.predict import (
     write_shard,
 )
 from model_lib.progress import Progress, register, unregister
-from model_lib.settings import artifacts_dir
-from tasks.prediction import classify_shard_task, write_csv_task
+from model_lib.settings import artifacts_location
+from tasks.prediction import classify_shard_task, publish_csv_task, write_csv_task
 
 SHARD_FILES = 2048  # files per shard task: measured best of 512-5000 for 10,000 CIFAR JPEGs on 2 cores
 Engine = Literal[ENGINES]
@@ -58,7 +58,8 @@ def batch_predict(
 
     Args:
         input_dir: The folder of images (walked recursively by default; links out of it are refused).
-        output_csv: The CSV to write; empty means a new file per run under ARTIFACTS_DIR/predictions/.
+        output_csv: The CSV to write; empty means a new file per run under ARTIFACTS_DIR/predictions/;
+            an s3:// URL is written locally, then uploaded once complete.
             An existing file is replaced only when it is an earlier prediction CSV, unless overwrite.
         model: A registry reference (cifar10, cifar10@champion, cifar10@latest, cifar10@v3), a
             version folder, or a registered .tflite export.
@@ -77,7 +78,7 @@ def batch_predict(
     logger = get_run_logger()
     started = time.perf_counter()
     plan = plan_prediction(
-        input_dir, output_csv, model, top_k, batch_size, shard_size, artifacts_dir(), overwrite, unsure_below,
+        input_dir, output_csv, model, top_k, batch_size, shard_size, artifacts_location(), overwrite, unsure_below,
         engine,
     )  # fmt: skip
     root, output, model_info = plan.root, plan.output, plan.model
@@ -113,6 +114,8 @@ def batch_predict(
             )
         counts = [future.result() for future in futures]
         write_csv_task(parts, str(output), top_k, len(model_info.class_names))
+        if plan.publish_to:
+            publish_csv_task(str(output), plan.publish_to)
     finally:
         unregister(progress_key)
         progress.close()
@@ -121,8 +124,9 @@ def batch_predict(
     seconds = time.perf_counter() - started
     ok, errors = sum(c["ok"] for c in counts), sum(c["error"] for c in counts)
     flagged = sum(c["flagged"] for c in counts)
+    destination = plan.publish_to or str(output)
     summary = {
-        "output_csv": str(output),
+        "output_csv": destination,
         "model": model_info.version,
         "ok": ok,
         "flagged": flagged,
@@ -136,7 +140,10 @@ def batch_predict(
         f"({summary['images_per_second']} images/s) with {model_info.version}"
     )
     create_link_artifact(
-        key="batch-predict-csv", link=output.as_uri(), link_text=output.name, description=f"Predictions for {root}"
+        key="batch-predict-csv",
+        link=plan.publish_to or output.as_uri(),
+        link_text=output.name,
+        description=f"Predictions for {root}",
     )
     create_markdown_artifact(
         key="batch-predict-summary",
@@ -147,7 +154,7 @@ def batch_predict(
         description=f"{ok} ok ({flagged} flagged unsure), {errors} error, {len(skipped)} skipped",
     )
     if fail_on_error and errors:
-        raise PredictionErrors(f"{errors} file(s) could not be classified; see the error rows in {output}")
+        raise PredictionErrors(f"{errors} file(s) could not be classified; see the error rows in {destination}")
     return summary
 
 

@@ -16,7 +16,7 @@ import typer
 from model_lib.checks import check_training_request
 from model_lib.config import CHOICES, ENGINES, PROFILE_TIMES, PROFILES, TrainConfig, config_overrides
 from model_lib.progress import PROGRESS_SECONDS
-from model_lib.settings import artifacts_dir
+from model_lib.settings import artifacts_location, work_dir
 
 QUIET_SECONDS = 5.0  # a copy that pauses longer than this between files gives two events
 
@@ -171,7 +171,7 @@ def train(
 ) -> None:
     """Run the train-cifar flow locally (Prefect's embedded temporary API; no server needed)."""
     overrides = config_overrides(locals())  # the options named like config fields
-    check_training_request(profile, overrides, artifacts_dir())  # a mistake costs a second, not a Prefect start
+    check_training_request(profile, overrides, artifacts_location())  # a mistake costs a second, not a Prefect start
     if export:
         from model_lib.export import require_tensorflow_backend
 
@@ -229,7 +229,7 @@ def predict(
 
     # Checked here too, so a mistake costs a second, not a Prefect start-up.
     plan = plan_prediction(
-        input_dir, output, model, top_k, batch_size, shard_size, artifacts_dir(), overwrite, unsure_below, engine
+        input_dir, output, model, top_k, batch_size, shard_size, artifacts_location(), overwrite, unsure_below, engine
     )
     typer.echo(f"Classifying {plan.root} with {plan.model.version}; starting Prefect and the model...", err=True)
     from flows.batch_predict import batch_predict, with_dask
@@ -274,7 +274,7 @@ def export_command(
     check_formats(chosen)  # usage errors (exit 2) before the model loads
     version_dir = _version_dir(ref)
     try:
-        entries = export_version(version_dir, artifacts_dir(), chosen, typer.echo, force=force)
+        entries = export_version(version_dir, work_dir(), chosen, typer.echo, force=force)
     except (FileNotFoundError, ValueError) as error:
         _fail(str(error))
     for entry in entries:
@@ -340,7 +340,7 @@ def _version_dir(ref: str):
     from model_lib.registry import RegistryError, parse_reference
 
     try:
-        return parse_reference(ref, artifacts_dir())
+        return parse_reference(ref, artifacts_location())
     except RegistryError as error:
         _fail(str(error))
 
@@ -353,12 +353,13 @@ def models_list(name: ModelName = "cifar10", as_json: JsonOption = False) -> Non
     """Versions with alias marks, test accuracy and date."""
     from model_lib.registry import Registry
 
-    state = Registry(artifacts_dir(), name).state()
+    registry = Registry(artifacts_location(), name)
+    state = registry.state()
     if as_json:
         typer.echo(json.dumps({"name": name, "aliases": state["aliases"], "versions": state["versions"]}, indent=2))
         return
     if not state["versions"]:
-        typer.echo(f"{name}: no versions registered under {artifacts_dir() / 'models' / name}")
+        typer.echo(f"{name}: no versions registered under {registry.location}")
         return
     aliases = state["aliases"]
     typer.echo(f"{'version':>8}  {'aliases':<18} {'accuracy':>8}  {'created (UTC)':<25} architecture")
@@ -435,7 +436,7 @@ def models_promote(
     _require_reason(reason)
     model_name, _, tag = ref.partition("@")
     try:
-        version = Registry(artifacts_dir(), model_name or "cifar10").promote(tag or "latest", reason)
+        version = Registry(artifacts_location(), model_name or "cifar10").promote(tag or "latest", reason)
     except RegistryError as error:
         _fail(str(error))
     typer.echo(f"{model_name or 'cifar10'}@champion -> v{version}")
@@ -451,7 +452,7 @@ def models_rollback(
 
     _require_reason(reason)
     try:
-        version = Registry(artifacts_dir(), name).rollback(reason)
+        version = Registry(artifacts_location(), name).rollback(reason)
     except RegistryError as error:
         _fail(str(error))
     typer.echo(f"{name}@champion -> v{version}")

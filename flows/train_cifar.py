@@ -15,7 +15,7 @@ from model_lib.export import require_tensorflow_backend
 from model_lib.fileio import read_json
 from model_lib.registry import MANIFEST_FILE, Registry
 from model_lib.report import RunRecord
-from model_lib.settings import artifacts_dir
+from model_lib.settings import artifacts_location
 from tasks.export import export_task
 from tasks.training import (
     calibrate_task,
@@ -109,7 +109,7 @@ def train_cifar(
             (set by the data trigger, so a queued duplicate never trains twice).
     """
     overrides = config_overrides(locals())  # every parameter named like a config field, declared once above
-    config = check_training_request(profile, overrides, artifacts_dir()).to_dict()
+    config = check_training_request(profile, overrides, artifacts_location()).to_dict()
     if export:
         require_tensorflow_backend()  # before training, not after
     dataset = ingest_task(config)
@@ -133,7 +133,7 @@ def train_cifar(
 
 def latest_with_run_key(config: dict, dataset_fingerprint: str) -> int | None:
     """The latest registered version when it was trained on exactly this config and data, else None."""
-    registry = Registry(artifacts_dir(), config["model_name"])
+    registry = Registry(artifacts_location(), config["model_name"])
     latest = registry.state()["aliases"]["latest"]
     if latest is None:
         return None

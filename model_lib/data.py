@@ -1,4 +1,4 @@
-"""Ingest: read a dataset once into uint8 arrays cached under `ARTIFACTS_DIR/datasets/<fingerprint>/`.
+"""Ingest: read a dataset once into uint8 arrays cached under `<cache>/datasets/<fingerprint>/` (`settings.work_dir`).
 
 Three sources, chosen by `resolve_source`:
   * an image folder `ROOT/{train,test}/<class>/*` in any common format (class names = folder names);
@@ -102,7 +102,7 @@ def ingest(
 
     Args:
         data: A folder path (image folder or cifar-10-batches-py) or `keras`.
-        artifacts_root: `ARTIFACTS_DIR`; the cache lives in its `datasets/` folder.
+        artifacts_root: The local cache (`settings.work_dir()`); the datasets live in its `datasets/` folder.
         image_size: Side in pixels that images from a folder are resized to.
         max_train_images: Keep a class-balanced subset of at most this many training images.
         max_test_images: Likewise for the test split.

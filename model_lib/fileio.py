@@ -1,4 +1,18 @@
-"""Crash-safe file writes: write beside the target, then `os.replace` it into place."""
+"""Crash-safe file I/O: local writes land by `os.replace`; shared outputs go through a `Store`.
+
+A `Store` is where shared outputs live: a local folder or an object store (`s3://bucket/prefix`, any
+S3-compatible server: credentials and endpoint from the standard `AWS_*` variables,
+`AWS_ENDPOINT_URL` included), behind one small interface. The registry needs two things of a store
+beyond reading and writing whole objects, and both hold across machines:
+  * `write_if(key, data, tag)`: replace an object only if it is still the one read with `tag`
+    (compare-and-swap), or create it only if absent (`tag=None`). S3 does this with conditional
+    writes (`If-Match` on the ETag, `If-None-Match: *`); a local folder with a file lock and the
+    content's hash, which holds between the processes of one machine.
+  * whole-object atomicity: a reader sees an old or a new object, never a part.
+
+Transient store errors (no connection, throttling, 5xx) are retried with backoff for up to
+`STORE_RETRY_SECONDS`; after that one `StoreError` line names the URL and the cause.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +22,15 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
+from urllib.parse import urlparse
+
+from filelock import FileLock
 
 
 @contextmanager
@@ -106,3 +124,313 @@ def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
+
+
+# ----- stores: a local folder or an object store -------------------------------------------------
+
+STORE_RETRY_SECONDS = 30.0  # how long a store that does not answer is retried before the run fails
+STORE_LOCK_SECONDS = 300  # how long a local compare-and-swap waits for another writer's lock
+REMOTE_SCHEMES = ("s3",)  # object stores with conditional writes, which the registry needs
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The store cannot be reached or refuses a request; the message names the URL and the cause."""
+
+
+def check_location(location: str) -> None:
+    """Refuse a URL this project cannot keep a registry in, before any work starts.
+
+    Raises:
+        StoreError: An unknown scheme, an S3 URL without a bucket, or s3fs not installed.
+    """
+    parsed = urlparse(location)
+    if parsed.scheme in ("", "file"):
+        return
+    if parsed.scheme not in REMOTE_SCHEMES:
+        raise StoreError(
+            f"{location}: unsupported storage URL scheme {parsed.scheme!r} (use a local path, file://... or "
+            "s3://bucket/prefix; the registry needs an object store with conditional writes)"
+        )
+    if not parsed.netloc:
+        raise StoreError(f"{location}: an s3:// URL needs a bucket (s3://bucket/prefix)")
+    try:
+        import s3fs  # noqa: F401
+    except ImportError as error:
+        raise StoreError(f"{location}: s3:// needs the s3 extra (pip install 'cifar-pipeline[s3]')") from error
+
+
+def open_store(location: str | os.PathLike) -> Store:
+    """The store at a location: `S3Store` for `s3://...`, `LocalStore` for a path or `file://...`."""
+    location = str(location)
+    check_location(location)
+    if urlparse(location).scheme in ("", "file"):
+        return LocalStore(Path(location.removeprefix("file://")).expanduser().resolve())
+    return S3Store(location)
+
+
+def content_tag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Store:
+    """Objects under one root, addressed by '/'-separated keys. See the module docstring."""
+
+    url: str
+
+    def read(self, key: str) -> bytes:
+        """The object's bytes; FileNotFoundError when absent."""
+        data, _ = self.read_tagged(key)
+        if data is None:
+            raise FileNotFoundError(f"{self.where(key)}: not found")
+        return data
+
+    def read_tagged(self, key: str) -> tuple[bytes | None, str | None]:
+        """The object's bytes and the tag `write_if` compares with; (None, None) when absent."""
+        raise NotImplementedError
+
+    def write_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Write only if the object is still the one read with `tag` (absent when None); False if not."""
+        raise NotImplementedError
+
+    def write(self, key: str, data: bytes) -> None:
+        """Replace the object atomically."""
+        raise NotImplementedError
+
+    def upload(self, source: Path, key: str) -> None:
+        """Copy a local file to `key` atomically."""
+        raise NotImplementedError
+
+    def download(self, key: str, target: Path) -> None:
+        """Copy `key` to a local file, atomically (a partial download never stands at `target`)."""
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def list(self, key: str = "") -> list[str]:
+        """The names directly below `key` (objects and 'folders'); empty when there are none."""
+        raise NotImplementedError
+
+    def remove(self, key: str) -> None:
+        """Remove `key` and everything below it; nothing when absent."""
+        raise NotImplementedError
+
+    def age_seconds(self, key: str) -> float:
+        """Seconds since the object was last written."""
+        raise NotImplementedError
+
+    def where(self, key: str = "") -> str:
+        """The full location of a key, for messages."""
+        return "/".join([self.url.rstrip("/"), *[part for part in key.split("/") if part]])
+
+
+class LocalStore(Store):
+    """A folder on a local (or shared) disk."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*[part for part in key.split("/") if part])
+
+    def read_tagged(self, key):
+        try:
+            data = self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None, None
+        return data, content_tag(data)
+
+    def write_if(self, key, data, tag):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path.parent / f".{path.name}.lock"), timeout=STORE_LOCK_SECONDS):
+            _, current = self.read_tagged(key)
+            if current != tag:
+                return False
+            self.write(key, data)
+        return True
+
+    def write(self, key, data):
+        with atomic_open(self._path(key), "wb") as handle:
+            handle.write(data)
+
+    def upload(self, source, key):
+        with atomic_open(self._path(key), "wb") as handle, open(source, "rb") as original:
+            shutil.copyfileobj(original, handle, 1 << 20)
+
+    def download(self, key, target):
+        with atomic_open(target, "wb") as handle, open(self._path(key), "rb") as original:
+            shutil.copyfileobj(original, handle, 1 << 20)
+
+    def exists(self, key):
+        return self._path(key).exists()
+
+    def list(self, key=""):
+        path = self._path(key)
+        return sorted(child.name for child in path.iterdir()) if path.is_dir() else []
+
+    def remove(self, key):
+        path = self._path(key)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def age_seconds(self, key):
+        return time.time() - self._path(key).stat().st_mtime
+
+
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable", "503", "500"}
+_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+
+
+def _client_error_code(error: BaseException) -> str | None:
+    """The S3 error code behind an error s3fs or botocore raised, if any."""
+    for cause in (error, error.__cause__, error.__context__):
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return str(code or status)
+    return None
+
+
+def _is_transient(error: BaseException) -> bool:
+    """A failure a retry may cure: no connection, a timeout, throttling, a 5xx."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    chain = (error, error.__cause__, error.__context__)
+    if any(
+        isinstance(cause, BotoConnectionError | HTTPClientError | ConnectionError | TimeoutError) for cause in chain
+    ):
+        return True
+    return _client_error_code(error) in _TRANSIENT_CODES
+
+
+class S3Store(Store):
+    """A prefix in an S3 bucket (or any S3-compatible server), through s3fs's client.
+
+    s3fs's listing cache is off: another machine may have written since the last look.
+    """
+
+    def __init__(self, url: str):
+        import s3fs
+
+        parsed = urlparse(url)
+        self.url = url.rstrip("/")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        # Few attempts inside botocore: the outage budget is `_retrying`'s, measured in seconds.
+        self.fs = s3fs.S3FileSystem(
+            use_listings_cache=False, skip_instance_cache=True, config_kwargs={"retries": {"max_attempts": 2}}
+        )
+
+    def _key(self, key: str) -> str:
+        return "/".join(part for part in (self.prefix, *key.split("/")) if part)
+
+    def _path(self, key: str) -> str:
+        return f"{self.bucket}/{self._key(key)}"
+
+    def _put(self, key: str, data: bytes, **condition: str) -> None:
+        self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+
+    def _retrying(self, what: str, key: str, call: Callable[[], T]) -> T:
+        deadline, delay = time.monotonic() + STORE_RETRY_SECONDS, 0.5
+        while True:
+            try:
+                return call()
+            except (FileNotFoundError, FileExistsError):
+                raise
+            except Exception as error:
+                code = _client_error_code(error)
+                if code in ("NoSuchBucket",):
+                    raise StoreError(f"s3://{self.bucket}: no such bucket (create it first)") from error
+                if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                    raise StoreError(
+                        f"{self.where(key)}: access denied ({code}): check the AWS_* credentials"
+                    ) from error
+                if code in _CONFLICT_CODES or not _is_transient(error):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise StoreError(
+                        f"{self.where(key)}: the object store did not answer for {STORE_RETRY_SECONDS:.0f} s while "
+                        f"trying to {what} ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+                    ) from error
+                time.sleep(delay)
+                delay = min(delay * 2, 4.0)
+
+    def read_tagged(self, key):
+        from fsspec.asyn import sync
+
+        async def get():
+            try:
+                response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self._key(key))
+            except FileNotFoundError:
+                return None, None
+            async with response["Body"] as body:
+                return await body.read(), response["ETag"]
+
+        return self._retrying("read", key, lambda: sync(self.fs.loop, get))
+
+    def write_if(self, key, data, tag):
+        condition = {"IfMatch": tag} if tag is not None else {"IfNoneMatch": "*"}
+
+        def put() -> bool:
+            try:
+                self._put(key, data, **condition)
+            except FileExistsError:
+                return False
+            except OSError as error:
+                if _client_error_code(error) in _CONFLICT_CODES:
+                    return False
+                raise
+            return True
+
+        return self._retrying("write", key, put)
+
+    def write(self, key, data):
+        self._retrying("write", key, lambda: self._put(key, data))
+
+    def upload(self, source, key):
+        self._retrying("upload", key, lambda: self.fs.put_file(str(source), self._path(key)))
+
+    def download(self, key, target):
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        try:
+            self._retrying("download", key, lambda: self.fs.get_file(self._path(key), str(partial)))
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def exists(self, key):
+        return self._retrying("look up", key, lambda: self.fs.exists(self._path(key)))
+
+    def list(self, key=""):
+        def ls() -> list[str]:
+            try:
+                return sorted(
+                    entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self._path(key), detail=False)
+                )
+            except FileNotFoundError:
+                return []
+
+        return self._retrying("list", key, ls)
+
+    def remove(self, key):
+        def rm() -> None:
+            try:
+                self.fs.rm(self._path(key), recursive=True)
+            except FileNotFoundError:
+                pass
+
+        self._retrying("remove", key, rm)
+
+    def age_seconds(self, key):
+        info = self._retrying("look up", key, lambda: self.fs.info(self._path(key)))
+        modified = info.get("LastModified")
+        return time.time() - modified.timestamp() if modified else 0.0

@@ -4,7 +4,7 @@ On CPUs, bf16 pays off only where the hardware multiplies bf16 natively and fast
 AVX-512 BF16 alone is not enough to know: measured on two 2-core machines with that flag and no
 AMX, airbench trained 1.4x faster in bf16 on one (AMD EPYC) and 1.7x slower on the other (Intel
 Xeon whose AMX the hypervisor hides). There `auto` times a small conv block in both policies, once
-per machine: the result is kept in `ARTIFACTS_DIR/cache/precision_probe.json` under the CPU's model,
+per machine: the result is kept in `<cache>/cache/precision_probe.json` (`settings.work_dir`) under the CPU's model,
 core count and flags, so every later run on that machine decides the same way (one probe measured
 1.14x, 1.36x and 1.86x in three runs on one machine).
 """
@@ -25,7 +25,7 @@ import numpy as np
 
 from model_lib.config import TrainConfig
 from model_lib.fileio import read_json, write_json
-from model_lib.settings import artifacts_dir
+from model_lib.settings import work_dir
 
 # GPUs from Ampere (compute capability 8.0) on multiply bf16 natively. auto does not pick
 # mixed_float16 on older ones: float16's range (65,504) overflowed in the forward pass on
@@ -40,14 +40,14 @@ PROBE_STEPS = 2  # timed train steps per policy and round, after one untimed (tr
 # 0.80x and 0.84x inside flows on a host whose real step runs 1.16-1.40x faster in bf16 (bench/RESULTS.md).
 PROBE_ROUNDS = 4
 PROBE_VERSION = 2  # cached results of another probe design are measured again
-PROBE_CACHE_FILE = "precision_probe.json"  # under ARTIFACTS_DIR/cache/: the probe's result per machine
-JAX_CACHE_FOLDER = "jax"  # under ARTIFACTS_DIR/cache/: JAX's compiled programs, reused by later runs
+PROBE_CACHE_FILE = "precision_probe.json"  # under <cache>/cache/: the probe's result per machine
+JAX_CACHE_FOLDER = "jax"  # under <cache>/cache/: JAX's compiled programs, reused by later runs
 JAX_CACHE_MAX_BYTES = 2 << 30  # the cache's size limit; having one also makes JAX lock it for concurrent runs
 
 
 def machine_cache_dir() -> Path:
-    """What runs on this machine keep for later ones (the bf16 probe, JAX's programs): ARTIFACTS_DIR/cache."""
-    return artifacts_dir() / "cache"
+    """What runs on this machine keep for later ones (the bf16 probe, JAX's programs): <cache>/cache."""
+    return work_dir() / "cache"
 
 
 def cpu_bf16_units(cpuinfo: str | None = None) -> str:

@@ -28,7 +28,7 @@ from model_lib.fileio import read_json
 from model_lib.flags import flags
 from model_lib.images import FolderEntry, decode_files, decode_files_in_pool, walk_folder
 from model_lib.inference import KerasClassifier, TFLiteClassifier
-from model_lib.prediction_csv import check_output, csv_text, default_output_csv
+from model_lib.prediction_csv import check_output, check_remote_output, csv_text, default_output_csv
 from model_lib.progress import Progress, find
 from model_lib.registry import (
     MANIFEST_FILE,
@@ -39,6 +39,7 @@ from model_lib.registry import (
     parse_reference,
     verify_version,
 )
+from model_lib.settings import is_url, work_dir
 
 OUTSIDE_LINK_ERROR = "link points outside the input folder (not followed)"
 BATCH_IMAGES = 256  # images decoded per pool job and classified per model call
@@ -70,8 +71,9 @@ class PredictionPlan:
     """A checked prediction request: the folder, the CSV to write and the model."""
 
     root: Path
-    output: Path
+    output: Path  # where the CSV is written: the output itself, or a local copy for `publish_to`
     model: ModelInfo
+    publish_to: str | None = None  # the object-store URL the CSV is uploaded to once complete
 
 
 def plan_prediction(
@@ -81,7 +83,7 @@ def plan_prediction(
     top_k: int,
     batch_size: int,
     shard_size: int,
-    artifacts_root: Path,
+    artifacts_root: str | os.PathLike,
     overwrite: bool = False,
     unsure_below: float | None = None,
     engine: str = "auto",
@@ -109,7 +111,11 @@ def plan_prediction(
         info = replace(info, unsure_below=unsure_below, texture_range=info.texture_range or [0.0, float("inf")])
     if top_k > len(info.class_names):
         raise ConfigError(f"--top-k {top_k} is more than the model's {len(info.class_names)} classes")
-    output = Path(output_csv).expanduser().resolve() if output_csv else default_output_csv(artifacts_root, root)
+    output = output_csv or default_output_csv(artifacts_root, root)
+    if is_url(output):
+        check_remote_output(output, overwrite)
+        return PredictionPlan(root, work_dir() / "predictions" / output.rsplit("/", 1)[-1], info, output)
+    output = Path(output).expanduser().resolve()
     check_output(output, artifacts_root, overwrite)
     return PredictionPlan(root, output, info)
 

@@ -5,23 +5,25 @@ reading it back.
 from __future__ import annotations
 
 import csv
+import os
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 from model_lib.config import ConfigError
-from model_lib.fileio import atomic_open
+from model_lib.fileio import atomic_open, open_store
 from model_lib.images import is_image_name
+from model_lib.settings import is_url
 
 
-def check_output(output: Path, artifacts_root: Path, overwrite: bool) -> None:
+def check_output(output: Path, artifacts_root: str | os.PathLike, overwrite: bool) -> None:
     """Refuse an output that would destroy what the tool did not write.
 
     Never inside the model registry, never an image-like name (an input image), never a folder;
     an existing file only when it is an earlier prediction CSV, unless `overwrite`.
     """
-    registry = (artifacts_root / "models").resolve()
-    if output.is_relative_to(registry):
+    registry = None if is_url(artifacts_root) else (Path(artifacts_root) / "models").resolve()
+    if registry is not None and output.is_relative_to(registry):
         raise ConfigError(f"{output}: inside the model registry ({registry}); write the CSV elsewhere")
     if output.is_dir():
         raise ConfigError(f"{output}: is a folder; --output takes a CSV file path")
@@ -32,6 +34,17 @@ def check_output(output: Path, artifacts_root: Path, overwrite: bool) -> None:
             f"{output}: exists and is not a prediction CSV written by this tool; refusing to overwrite it "
             "(choose another --output, or pass --overwrite)"
         )
+
+
+def check_remote_output(output: str, overwrite: bool) -> None:
+    """Refuse an object-store output inside a registry, with an image's name, or existing (unless `overwrite`)."""
+    folder, _, name = output.rstrip("/").rpartition("/")
+    if "/models/" in f"{folder}/":
+        raise ConfigError(f"{output}: inside a model registry (a models/ folder); write the CSV elsewhere")
+    if is_image_name(name) or not name:
+        raise ConfigError(f"{output}: not a CSV file name; --output takes a CSV file path")
+    if not overwrite and open_store(folder).exists(name):
+        raise ConfigError(f"{output}: exists; refusing to overwrite it (choose another --output, or pass --overwrite)")
 
 
 def is_prediction_csv(path: Path) -> bool:
@@ -97,8 +110,9 @@ def merge_parts(part_paths: list[str], output_csv: Path, top_k: int, class_count
                     out.write(chunk)
 
 
-def default_output_csv(artifacts_root: Path, input_dir: Path) -> Path:
+def default_output_csv(artifacts_root: str | os.PathLike, input_dir: Path) -> str:
     """`ARTIFACTS_DIR/predictions/<folder name>-<UTC time>-<random>.csv`: one per run, never colliding,
-    sorting by time."""
+    sorting by time (a URL when `ARTIFACTS_DIR` is an object store)."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    return artifacts_root / "predictions" / f"{input_dir.resolve().name or 'root'}-{stamp}-{uuid.uuid4().hex[:6]}.csv"
+    name = f"{input_dir.resolve().name or 'root'}-{stamp}-{uuid.uuid4().hex[:6]}.csv"
+    return f"{str(artifacts_root).rstrip('/')}/predictions/{name}"

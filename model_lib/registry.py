@@ -1,39 +1,74 @@
 """Model registry under `ARTIFACTS_DIR/models/<name>/`: versions, aliases with history, promotion gate.
 
-Layout: `v<N>/` per version (model, `manifest.json` with every file's sha256, metrics, plots) and
-`registry.json` (versions, `latest`/`champion` aliases, append-only alias history).
+Layout: `v<N>/` per version (model, `manifest.json` with every file's sha256, metrics, plots),
+`registry.json` (versions, `latest`/`champion` aliases, append-only alias history) and `.claims/`
+(one small object per version number ever taken). `ARTIFACTS_DIR` may be a local folder or an
+object store (`s3://...`, see `model_lib.fileio`); the same steps hold on both, and across machines:
 
-Writers stage a version in a hidden folder, then, under a file lock, take the next number, rename
-the folder into place and replace `registry.json` with `os.replace`. Readers never see a partial
-version; concurrent writers from threads or processes all succeed with distinct numbers.
+1. A writer stages and checks the version locally, then claims the next free number by creating
+   `.claims/v<N>` only if absent (an S3 conditional write, or an exclusive local create): two
+   writers never get one number, and numbers are never reused.
+2. It writes the version's files, `manifest.json` last (locally: renames the staged folder into place).
+3. It adds the version to `registry.json` by compare-and-swap: read it with its tag, decide the
+   gate against the champion it read, write only if nobody wrote in between; else read again and
+   decide again. So the gate always compares with the one shared champion, and no update is lost.
+
+Readers only see versions listed in `registry.json`, so a writer killed at any step leaves
+nothing half-visible. The next registration cleans up after it: a claimed version whose writer is
+gone (its process ended on this host, or its claim is older than `STALE_CLAIM_SECONDS`) is listed
+if its manifest landed ("recovered", never gated) and its files removed if not.
+
+Versions in an object store are read through a local copy under the cache (`work_dir()`),
+downloaded once per manifest and checked against every sha256 before it is used.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import quote, unquote
 
 import numpy as np
-from filelock import FileLock
 
-from model_lib.fileio import owned_folder, read_json, remove_abandoned, sha256_file, write_json
-from model_lib.settings import DEFAULT_MODEL_NAME
+from model_lib.fileio import (
+    LocalStore,
+    Store,
+    content_tag,
+    open_store,
+    owned_folder,
+    process_gone,
+    process_tag,
+    read_json,
+    remove_abandoned,
+    sha256_file,
+    write_json,
+)
+from model_lib.settings import DEFAULT_MODEL_NAME, is_url, work_dir
 
 MODEL_FILE = "model.keras"
 MANIFEST_FILE = "manifest.json"
 REGISTRY_FILE = "registry.json"
+CLAIMS = ".claims"  # `.claims/v<N>`: who took version number N, and when
 PROBE_FILE = "probe.npz"
 PROBE_TOLERANCE = 1e-4  # max absolute difference in probabilities between the trained and the reloaded model
 STAGING_PREFIX = ".staging-"
 STALE_STAGING_SECONDS = 6 * 3600  # staging folders older than this are leftovers, even from another host
-LOCK_TIMEOUT_SECONDS = 300
+STALE_CLAIM_SECONDS = 3600  # a claim not listed after this long is a dead writer's, even from another host
+UPDATE_ATTEMPTS = 200  # compare-and-swap rounds before giving up (each loses only to a write that succeeded)
+MIRRORS = "registries"  # under work_dir(): local copies of versions kept in object stores
 _VERSION_DIR = re.compile(r"^v(\d+)$")
+_in_flight: set[str] = set()  # this process's claims whose registration is still running
+T = TypeVar("T")
 
 
 class RegistryError(Exception):
@@ -82,11 +117,30 @@ def check_reloads(version_dir: Path) -> tuple[bool, str]:
     return True, f"reloads with safe_mode and reproduces the trained outputs (max diff {difference:.1e})"
 
 
+def _json_bytes(data) -> bytes:
+    return (json.dumps(data, indent=2, default=str) + "\n").encode("utf-8")
+
+
+def compare_and_swap(store: Store, key: str, change: Callable[[bytes | None], tuple[bytes, T]], what: str) -> T:
+    """Read `key`, compute its new content with `change`, write it only if nobody wrote in between; repeat.
+
+    `change` gets the current bytes (None when absent) and returns the new bytes and a result; it
+    runs again after every lost race, so it must decide from what it is given.
+    """
+    for attempt in range(UPDATE_ATTEMPTS):
+        current, tag = store.read_tagged(key)
+        data, result = change(current)
+        if store.write_if(key, data, tag):
+            return result
+        time.sleep(random.uniform(0, min(1.0, 0.01 * 2**attempt)))  # back off, out of step with the others
+    raise RegistryError(f"{store.where(key)}: {UPDATE_ATTEMPTS} writers in a row changed it first; {what} gave up")
+
+
 class Registry:
     """One model name's registry.
 
     Args:
-        artifacts_root: `ARTIFACTS_DIR`.
+        artifacts_root: `ARTIFACTS_DIR`: a local folder or an object-store URL.
         name: The model name; its folder is `artifacts_root/models/<name>`.
     """
 
@@ -94,30 +148,42 @@ class Registry:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise RegistryError(f"invalid model name {name!r}: letters, digits, '.', '_' and '-' only")
         self.name = name
-        self.root = Path(artifacts_root) / "models" / name
-        self._lock = registry_lock(self.root)
+        location = f"{str(artifacts_root).rstrip('/')}/models/{name}" if is_url(artifacts_root) else None
+        self.store = open_store(location or Path(artifacts_root) / "models" / name)
+        self.location = self.store.url
+        # The version folders this process reads: the registry's own, or local copies of a remote one.
+        local = isinstance(self.store, LocalStore)
+        self.root = self.store.root if local else work_dir() / MIRRORS / quote(self.location, safe="")
+
+    @property
+    def remote(self) -> bool:
+        return not isinstance(self.store, LocalStore)
 
     # ----- reading ---------------------------------------------------------------------------
 
     def state(self) -> dict:
         """The parsed `registry.json` (an empty registry if there is none yet)."""
-        path = self.root / REGISTRY_FILE
-        if not path.is_file():
+        data, _ = self.store.read_tagged(REGISTRY_FILE)
+        return self._parse_state(data)
+
+    def _parse_state(self, data: bytes | None) -> dict:
+        if data is None:
             return {"name": self.name, "versions": [], "aliases": {"latest": None, "champion": None}, "history": []}
         try:
-            state = read_json(path)
+            state = json.loads(data.decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as error:
             state = error
         if not isinstance(state, dict) or not {"versions", "aliases", "history"} <= state.keys():
             problem = state if isinstance(state, Exception) else "missing its versions, aliases or history"
             raise RegistryError(
-                f"{path}: corrupt registry ({problem}); the version folders beside it are intact: restore the "
-                "file from a backup, or move it away to start a new registry"
+                f"{self.store.where(REGISTRY_FILE)}: corrupt registry ({problem}); the version folders beside it "
+                "are intact: restore the file from a backup, or move it away to start a new registry"
             )
         return state
 
     def version_dir(self, version: int) -> Path:
-        return self.root / f"v{version}"
+        """A local folder with the version's files: its own folder, or a verified copy of a remote one."""
+        return self.root / f"v{version}" if not self.remote else self._mirror(version)
 
     def resolve(self, tag: str = "champion") -> Path:
         """The folder of `champion`, `latest` or `v<N>`.
@@ -125,6 +191,10 @@ class Registry:
         Raises:
             RegistryError: Unknown tag or version, or no version under that alias yet.
         """
+        return self.version_dir(self.resolve_version(tag))
+
+    def resolve_version(self, tag: str = "champion") -> int:
+        """The version number `champion`, `latest` or `v<N>` names (see `resolve`)."""
         state = self.state()
         if tag in state["aliases"]:
             version = state["aliases"][tag]
@@ -136,7 +206,40 @@ class Registry:
                 raise RegistryError(f"{self.name}@{tag}: no such version")
         else:
             raise RegistryError(f"{self.name}@{tag}: unknown tag (use champion, latest or v<N>)")
-        return self.version_dir(version)
+        return version
+
+    def _mirror_dir(self, version: int, manifest: bytes) -> Path:
+        return self.root / f"v{version}-{content_tag(manifest)[:16]}"
+
+    def _mirror(self, version: int, fresh: bool = False) -> Path:
+        """A local copy of a remote version, one per manifest, every file checked against its sha256.
+
+        Args:
+            fresh: Download again even if a copy exists (promotion checks the store's files themselves).
+
+        Raises:
+            ChecksumError: A file is missing from the store or differs from its manifest's sha256.
+        """
+        data = self.store.read(f"v{version}/{MANIFEST_FILE}")
+        folder = self._mirror_dir(version, data)
+        if (folder / MANIFEST_FILE).is_file() and not fresh:
+            return folder
+        self.root.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(self.root, STAGING_PREFIX)
+        staging = owned_folder(self.root, STAGING_PREFIX)
+        try:
+            for name in json.loads(data)["files"]:
+                try:
+                    self.store.download(f"v{version}/{name}", staging / name)
+                except FileNotFoundError:
+                    pass  # named by the check below
+            (staging / MANIFEST_FILE).write_bytes(data)
+            _require_intact(staging, label=f"{self.name} v{version} ({self.store.where(f'v{version}')})")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return folder
 
     # ----- writing ---------------------------------------------------------------------------
 
@@ -147,7 +250,7 @@ class Registry:
         margin: float = 0.0,
         load_check: Callable[[Path], tuple[bool, str]] = check_reloads,
     ) -> Registration:
-        """Add a version and decide whether it becomes champion.
+        """Add a version and decide whether it becomes champion (the steps in the module docstring).
 
         Args:
             files: Name in the version folder -> source file. Must include `model.keras`; include
@@ -162,8 +265,12 @@ class Registry:
         """
         if MODEL_FILE not in files:
             raise RegistryError(f"a registration needs a {MODEL_FILE}")
+        self.state()  # a corrupt registry.json stops us before any copying
         self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_staging()
         staging = owned_folder(self.root, STAGING_PREFIX)
+        claim = uuid.uuid4().hex
+        _in_flight.add(claim)
         try:
             for name, source in files.items():
                 target = staging / name
@@ -172,31 +279,33 @@ class Registry:
             _crash_point("copied")
             loads, load_reason = load_check(staging)
             _crash_point("checked")
-            with self._lock:
-                state = self.state()
-                self._adopt_orphans(state)
-                self._remove_stale_staging()
-                version = self._next_version(state)
-                created_at = _now()
-                checksums = {
-                    path.relative_to(staging).as_posix(): sha256_file(path)
-                    for path in sorted(staging.rglob("*"))
-                    if path.is_file()
-                }
-                write_json(
-                    staging / MANIFEST_FILE,
-                    {"name": self.name, "version": version, "created_at": created_at, **manifest, "files": checksums},
-                )
-                _crash_point("manifest_written")
-                os.rename(staging, self.version_dir(version))
-                _crash_point("renamed")
+            checksums = {
+                path.relative_to(staging).as_posix(): sha256_file(path)
+                for path in sorted(staging.rglob("*"))
+                if path.is_file()
+            }
+            version = self._claim_number(claim)
+            created_at = _now()
+            write_json(
+                staging / MANIFEST_FILE,
+                {"name": self.name, "version": version, "created_at": created_at, **manifest, "files": checksums},
+            )
+            _crash_point("manifest_written")
+            self._publish(staging, version, checksums)
+            _crash_point("renamed")
+
+            def add(state: dict) -> tuple[bool, str]:
                 promoted, reason = self._gate(state, manifest, margin) if loads else (False, load_reason)
                 if loads and promoted:
                     reason = f"{reason}; {load_reason}"
+                state["versions"] = [entry for entry in state["versions"] if entry["version"] != version]
                 self._add_version(state, version, created_at, manifest, promoted, reason)
-                self._write_state(state)
-                _crash_point("state_written")
+                return promoted, reason
+
+            promoted, reason = self._update_state(add, "registration")
+            _crash_point("state_written")
         finally:
+            _in_flight.discard(claim)
             shutil.rmtree(staging, ignore_errors=True)
         return Registration(self.name, version, str(self.version_dir(version)), promoted, reason)
 
@@ -208,13 +317,14 @@ class Registry:
             ChecksumError: A file of the version is missing or tampered with.
         """
         self._check_alias_move(reason)
-        with self._lock:
-            version_dir = self.resolve(tag)
-            _require_intact(version_dir)
-            version = int(version_dir.name[1:])
-            state = self.state()
+        version = self.resolve_version(tag)
+        self._require_intact(version)
+
+        def move(state: dict) -> None:
+            _entry(state, version)
             self._move_alias(state, "champion", version, reason, action="promote")
-            self._write_state(state)
+
+        self._update_state(move, "promotion")
         return version
 
     def rollback(self, reason: str) -> int:
@@ -225,15 +335,19 @@ class Registry:
             ChecksumError: A file of the earlier champion is missing or tampered with.
         """
         self._check_alias_move(reason)
-        with self._lock:
-            state = self.state()
+        checked: set[int] = set()
+
+        def move(state: dict) -> int:
             stack = champion_stack(state["history"])
             if len(stack) < 2:
                 raise RegistryError(f"{self.name}: no earlier champion to roll back to")
-            _require_intact(self.version_dir(stack[-2]))
+            if stack[-2] not in checked:  # once per target, even when a race makes us decide again
+                self._require_intact(stack[-2])
+                checked.add(stack[-2])
             self._move_alias(state, "champion", stack[-2], reason, action="rollback")
-            self._write_state(state)
-        return stack[-2]
+            return stack[-2]
+
+        return self._update_state(move, "rollback")
 
     def record_score(self, version: int, test_fingerprint: str, score: dict) -> None:
         """Store a version's score on another test set (`accuracy`, `loss`, `count`), for the gate.
@@ -241,38 +355,95 @@ class Registry:
         Raises:
             RegistryError: Unknown version.
         """
-        with self._lock:
-            state = self.state()
-            entry = _entry(state, version)
-            entry.setdefault("scores", {})[test_fingerprint] = {**score, "when": _now()}
-            self._write_state(state)
+
+        def add(state: dict) -> None:
+            _entry(state, version).setdefault("scores", {})[test_fingerprint] = {**score, "when": _now()}
+
+        self._update_state(add, "recording a score")
+
+    def attach(self, version: int, files: Mapping[str, str | os.PathLike], key: str, entries: list[dict],
+               merge_on: str | None = None) -> dict:  # fmt: skip
+        """Add files to a registered version and record them in its manifest under `key` (see `attach_to_version`)."""
+        return _attach(self.store, f"v{version}", files, key, entries, merge_on)
 
     # ----- internals -------------------------------------------------------------------------
 
+    def _update_state(self, change: Callable[[dict], T], what: str) -> T:
+        """Apply `change` to registry.json by compare-and-swap, after listing or clearing dead writers' versions."""
+
+        def apply(current: bytes | None) -> tuple[bytes, T]:
+            state = self._parse_state(current)
+            self._settle_orphans(state)
+            result = change(state)
+            return _json_bytes(state), result
+
+        return compare_and_swap(self.store, REGISTRY_FILE, apply, what)
+
+    def _require_intact(self, version: int) -> None:
+        if self.remote:
+            self._mirror(version, fresh=True)  # checks the store's files as they are now
+        else:
+            _require_intact(self.version_dir(version))
+
     def _check_alias_move(self, reason: str) -> None:
-        """Before taking the lock (which would create the folder): a real model and a reason."""
+        """Before any write: a real model and a reason."""
         if not reason.strip():
             raise RegistryError("--reason must say why the champion moves (it is kept in the history)")
-        if not (self.root / REGISTRY_FILE).is_file():
-            raise RegistryError(f"{self.name}: no such model (no {self.root / REGISTRY_FILE})")
+        if not self.store.exists(REGISTRY_FILE):
+            raise RegistryError(f"{self.name}: no such model (no {self.store.where(REGISTRY_FILE)})")
 
-    def _existing_dir_versions(self) -> list[int]:
-        return [int(m.group(1)) for p in self.root.iterdir() if (m := _VERSION_DIR.match(p.name)) and p.is_dir()]
+    def _taken_numbers(self) -> set[int]:
+        """Every version number claimed or with a folder (folders of registries older than claims too)."""
+        names = self.store.list(CLAIMS) + self.store.list()
+        return {int(match.group(1)) for name in names if (match := _VERSION_DIR.match(name))}
 
-    def _next_version(self, state: dict) -> int:
-        # Numbers are never reused: not those in registry.json, nor folders a crashed writer left.
-        taken = [entry["version"] for entry in state["versions"]] + self._existing_dir_versions()
-        return max(taken, default=0) + 1
+    def _claim_number(self, claim: str) -> int:
+        """The next free version number, taken by creating its claim only if absent."""
+        record = _json_bytes({"owner": process_tag(), "claim": claim, "claimed_at": time.time()})
+        version = max(self._taken_numbers() | {entry["version"] for entry in self.state()["versions"]}, default=0)
+        while True:
+            version += 1
+            if self.store.write_if(f"{CLAIMS}/v{version}", record, None):
+                return version
 
-    def _adopt_orphans(self, state: dict) -> None:
-        """A writer killed after its rename left a complete version that registry.json lacks: list it."""
+    def _publish(self, staging: Path, version: int, checksums: dict[str, str]) -> None:
+        """Make the staged files the version's folder: a rename locally; uploads, manifest last, remotely."""
+        if isinstance(self.store, LocalStore):
+            os.rename(staging, self.store.root / f"v{version}")
+            return
+        for name in checksums:
+            self.store.upload(staging / name, f"v{version}/{name}")
+        self.store.upload(staging / MANIFEST_FILE, f"v{version}/{MANIFEST_FILE}")
+        os.replace(staging, self._mirror_dir(version, (staging / MANIFEST_FILE).read_bytes()))  # no download back
+
+    def _settle_orphans(self, state: dict) -> None:
+        """List the versions of writers that died after their manifest landed; clear those that died before."""
         known = {entry["version"] for entry in state["versions"]}
-        for version in sorted(set(self._existing_dir_versions()) - known):
-            manifest_path = self.version_dir(version) / MANIFEST_FILE
-            if manifest_path.is_file():
-                manifest = read_json(manifest_path)
+        for version in sorted(self._taken_numbers() - known):
+            claim_data, claim_tag = self.store.read_tagged(f"{CLAIMS}/v{version}")
+            claim = json.loads(claim_data) if claim_data else {}
+            if claim.get("abandoned") or self._writer_alive(claim):
+                continue
+            manifest_data, _ = self.store.read_tagged(f"v{version}/{MANIFEST_FILE}")
+            if manifest_data is not None:
+                manifest = json.loads(manifest_data)
                 reason = "recovered after an interrupted registration; not gated (promote it by hand)"
                 self._add_version(state, version, manifest.get("created_at", _now()), manifest, False, reason)
+            else:  # the number stays taken; the partial files go
+                if claim_data is not None:
+                    self.store.write_if(f"{CLAIMS}/v{version}", _json_bytes({**claim, "abandoned": _now()}), claim_tag)
+                self.store.remove(f"v{version}")
+
+    def _writer_alive(self, claim: dict) -> bool:
+        """Whether the registration that made a claim may still be running."""
+        if not claim:  # a version folder without a claim: a registry older than claims, or a test's leftover
+            return False
+        if claim["claim"] in _in_flight:
+            return True
+        owner = claim.get("owner", "")
+        if owner == process_tag() or process_gone(owner):  # ours and no longer running, or a dead process here
+            return False
+        return time.time() - claim.get("claimed_at", 0) < STALE_CLAIM_SECONDS
 
     def _remove_stale_staging(self) -> None:
         remove_abandoned(self.root, STAGING_PREFIX)  # a killed writer's, at once
@@ -362,9 +533,6 @@ class Registry:
             {"alias": alias, "from": previous, "to": version, "when": _now(), "why": why, "action": action}
         )
 
-    def _write_state(self, state: dict) -> None:
-        write_json(self.root / REGISTRY_FILE, state)
-
 
 def _entry(state: dict, version: int) -> dict:
     for entry in state["versions"]:
@@ -380,11 +548,6 @@ def champion_scores(entry: dict) -> dict[str, float]:
     return scores
 
 
-def registry_lock(model_root: Path) -> FileLock:
-    """The lock every writer of one model name's registry.json or manifests holds."""
-    return FileLock(str(model_root / ".registry.lock"), timeout=LOCK_TIMEOUT_SECONDS)
-
-
 def attach_to_version(
     version_dir: Path,
     files: Mapping[str, str | os.PathLike],
@@ -394,28 +557,44 @@ def attach_to_version(
 ) -> dict:
     """Add files to a registered version and record them in its manifest under `key`.
 
-    Files are copied in first (each renamed into place), then the manifest is replaced with one
-    that lists them with their sha256 (also added to each entry), under the registry's lock so
-    manifest rewrites never interleave. Returns the new files' checksums by name.
+    Files are written first (each atomically), then the manifest is replaced by compare-and-swap
+    with one that lists them with their sha256 (also added to each entry), so concurrent additions
+    never lose each other's entries. `version_dir` is the version's own folder or, for a registry in
+    an object store, the local copy `Registry.version_dir` gave: the files then go to the store.
+    Returns the new files' checksums by name.
 
     Args:
         merge_on: Keep the manifest's entries under `key` whose value of this field no new entry has
             (e.g. "format": exports of other formats stay listed); default: `entries` replace them all.
     """
-    with registry_lock(version_dir.parent):
-        checksums = {}
-        for name, source in files.items():
-            partial = version_dir / f".{name}.partial"
-            shutil.copyfile(source, partial)
-            os.replace(partial, version_dir / name)
-            checksums[name] = sha256_file(version_dir / name)
-        manifest = read_json(version_dir / MANIFEST_FILE)
+    version_dir = Path(version_dir)
+    mirrors, location = version_dir.parent.parent, unquote(version_dir.parent.name)
+    if mirrors.name == MIRRORS and is_url(location):  # a local copy: write to the store it came from
+        version = read_json(version_dir / MANIFEST_FILE)["version"]
+        return _attach(open_store(location), f"v{version}", files, key, entries, merge_on)
+    return _attach(LocalStore(version_dir.parent), version_dir.name, files, key, entries, merge_on)
+
+
+def _attach(store: Store, folder: str, files: Mapping[str, str | os.PathLike], key: str, entries: list[dict],
+            merge_on: str | None) -> dict:  # fmt: skip
+    checksums = {}
+    for name, source in files.items():
+        store.upload(Path(source), f"{folder}/{name}")
+        checksums[name] = sha256_file(source)
+
+    def add(current: bytes | None) -> tuple[bytes, None]:
+        if current is None:
+            raise RegistryError(f"{store.where(folder)}: not a registered version (no {MANIFEST_FILE})")
+        manifest = json.loads(current)
         manifest["files"].update(checksums)
+        listed = entries
         if merge_on is not None:  # replaced entries keep their place; new ones go last
             new = {entry[merge_on]: entry for entry in entries}
-            entries = [new.pop(entry[merge_on], entry) for entry in manifest.get(key, [])] + list(new.values())
-        manifest[key] = [{**entry, "sha256": manifest["files"].get(entry.get("file"))} for entry in entries]
-        write_json(version_dir / MANIFEST_FILE, manifest)
+            listed = [new.pop(entry[merge_on], entry) for entry in manifest.get(key, [])] + list(new.values())
+        manifest[key] = [{**entry, "sha256": manifest["files"].get(entry.get("file"))} for entry in listed]
+        return _json_bytes(manifest), None
+
+    compare_and_swap(store, f"{folder}/{MANIFEST_FILE}", add, f"adding {key} to the manifest")
     return checksums
 
 
@@ -473,10 +652,10 @@ def verify_version(version_dir: Path, names: tuple[str, ...] | None = None, skip
     return problems
 
 
-def _require_intact(version_dir: Path, replacing: tuple[str, ...] = ()) -> None:
+def _require_intact(version_dir: Path, replacing: tuple[str, ...] = (), label: str | None = None) -> None:
     problems = verify_version(version_dir, skip=replacing)
     if problems:
-        raise ChecksumError(f"{version_dir.name} refused: " + "; ".join(problems))
+        raise ChecksumError(f"{label or version_dir.name} refused: " + "; ".join(problems))
 
 
 def load_verified_model(version_dir: Path, replacing: tuple[str, ...] = ()):

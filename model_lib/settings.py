@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 KERAS_DOWNLOAD = "keras"
 """The `data` value that selects Keras' CIFAR-10 download (the online default)."""
@@ -11,10 +12,35 @@ KERAS_DOWNLOAD = "keras"
 DEFAULT_MODEL_NAME = "cifar10"
 """The registry name of models trained on CIFAR-10, and the name model references default to."""
 
+CACHE_ENV = "CIFAR_PIPELINE_CACHE"
+"""The local cache folder's variable (see `work_dir`)."""
 
-def artifacts_dir() -> Path:
-    """Root of every output: `ARTIFACTS_DIR`, default `./artifacts`."""
-    return Path(os.environ.get("ARTIFACTS_DIR") or "artifacts").resolve()
+DEFAULT_CACHE = "~/.cache/cifar-pipeline"
+"""The local cache when `ARTIFACTS_DIR` is an object store and `CIFAR_PIPELINE_CACHE` is unset."""
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """Whether a location names an object store (`s3://...`) rather than a local folder (`file://` is local)."""
+    return urlparse(str(location)).scheme not in ("", "file")
+
+
+def artifacts_location() -> str:
+    """Where shared outputs go (the registry, prediction CSVs): `ARTIFACTS_DIR`, default `./artifacts`.
+
+    An object-store URL as given; a local folder as an absolute path.
+    """
+    raw = os.environ.get("ARTIFACTS_DIR") or "artifacts"
+    return raw.rstrip("/") if is_url(raw) else str(Path(raw.removeprefix("file://")).expanduser().resolve())
+
+
+def work_dir() -> Path:
+    """The local folder for what is only a cache (decoded datasets, run folders, downloaded versions,
+    the precision probe): `CIFAR_PIPELINE_CACHE`; else `ARTIFACTS_DIR` itself when that is local, as
+    it always was; else `~/.cache/cifar-pipeline`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser().resolve()
+    location = artifacts_location()
+    return Path(DEFAULT_CACHE).expanduser() if is_url(location) else Path(location)
 
 
 def default_data_source() -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from model_lib.fileio import open_store
 from model_lib.predict import ModelInfo, classify_shard
 from model_lib.prediction_csv import merge_parts
 from tasks.common import retry_on_transient_io
@@ -46,7 +49,19 @@ def classify_shard_task(
 )
 def write_csv_task(part_paths: list[str], output_csv: str, top_k: int, class_count: int) -> str:
     """Concatenate the shards' rows in path order into a temporary file renamed over the output."""
-    from pathlib import Path
-
     merge_parts(part_paths, Path(output_csv), top_k, class_count)
     return output_csv
+
+
+@task(
+    name="publish-csv",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_on_transient_io,
+    cache_policy=NO_CACHE,
+)
+def publish_csv_task(local_csv: str, url: str) -> str:
+    """Upload the finished CSV to its object-store URL in one piece (readers never see a part of it)."""
+    folder, _, name = url.rpartition("/")
+    open_store(folder).upload(Path(local_csv), name)
+    return url

@@ -40,7 +40,7 @@ from model_lib.registry import (
 )
 from model_lib.report import REPORT_FILE, RunRecord, build_manifest, report_markdown
 from model_lib.runs import TEST_PROBABILITIES, TrainResult, claim_run_dir, release_run_dir
-from model_lib.settings import artifacts_dir
+from model_lib.settings import artifacts_location, work_dir
 from model_lib.train import train
 from tasks.common import log_info, log_warning, retry_on_transient_io
 
@@ -56,7 +56,7 @@ def ingest_task(config: dict) -> DatasetInfo:
     """Decode the dataset once into the content-addressed cache; later runs load the cache."""
     cfg = TrainConfig(**config)
     info = ingest(
-        cfg.data, artifacts_dir(), cfg.image_size, cfg.max_train_images, cfg.max_test_images, cfg.skip_corrupt,
+        cfg.data, work_dir(), cfg.image_size, cfg.max_train_images, cfg.max_test_images, cfg.skip_corrupt,
         log=log_info,
     )  # fmt: skip
     return info
@@ -71,8 +71,8 @@ def preprocess_task(config: dict, dataset: DatasetInfo) -> PreparedSplit:
     after training.
     """
     cfg = TrainConfig(**config)
-    Registry(artifacts_dir(), cfg.model_name).state()
-    run_dir = claim_run_dir(artifacts_dir() / "runs", cfg.run_key(dataset.fingerprint))
+    Registry(artifacts_location(), cfg.model_name).state()
+    run_dir = claim_run_dir(work_dir() / "runs", cfg.run_key(dataset.fingerprint))
     prepared = prepare_split(dataset.cache_dir, dataset.class_names, cfg, run_dir)
     log_info(
         f"Split {prepared.train_count} train / {prepared.validation_count} validation / "
@@ -94,7 +94,7 @@ def data_report_task(config: dict, dataset: DatasetInfo, run_dir: str) -> dict:
     """
     cfg = TrainConfig(**config)
     files = load_file_table(dataset.cache_dir)
-    registry = Registry(artifacts_dir(), cfg.model_name)
+    registry = Registry(artifacts_location(), cfg.model_name)
     latest = registry.state()["aliases"]["latest"]
     previous = load_previous(latest, registry.version_dir(latest)) if latest else None
     report = build_report(files, dataset.class_names, dataset.skipped_files, previous, cfg)
@@ -167,7 +167,7 @@ def evaluate_champion_task(model_name: str, dataset: DatasetInfo, test_fingerpri
     Returns:
         `version`, `accuracy` and `recomputed`, or None when nothing was scored.
     """
-    registry = Registry(artifacts_dir(), model_name)
+    registry = Registry(artifacts_location(), model_name)
     state = registry.state()
     champion = state["aliases"]["champion"]
     if champion is None:
@@ -217,7 +217,7 @@ def register_task(run: RunRecord, margin: float = 0.0) -> dict:
     model = keras.saving.load_model(trained.model_path, safe_mode=True)
     run_id = str(flow_run.id) if flow_run.id else None
     manifest = build_manifest(run, model, run_id)
-    registration = Registry(artifacts_dir(), config["model_name"]).register(files, manifest, margin=margin)
+    registration = Registry(artifacts_location(), config["model_name"]).register(files, manifest, margin=margin)
     release_run_dir(run_dir)
     version_dir = Path(registration.path)
     fields = (registration.name, registration.version, registration.champion, registration.reason, manifest)
