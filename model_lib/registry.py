@@ -234,7 +234,11 @@ class Registry:
                 except FileNotFoundError:
                     pass  # named by the check below
             (staging / MANIFEST_FILE).write_bytes(data)
-            _require_intact(staging, label=f"{self.name} v{version} ({self.store.where(f'v{version}')})")
+            problems = [
+                problem.replace(str(staging), self.store.where(f"v{version}")) for problem in verify_version(staging)
+            ]
+            if problems:
+                raise ChecksumError(f"{self.name} v{version} refused: " + "; ".join(problems))
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(staging, folder)
         finally:
@@ -413,6 +417,7 @@ class Registry:
             return
         for name in checksums:
             self.store.upload(staging / name, f"v{version}/{name}")
+            _crash_point("uploading")
         self.store.upload(staging / MANIFEST_FILE, f"v{version}/{MANIFEST_FILE}")
         os.replace(staging, self._mirror_dir(version, (staging / MANIFEST_FILE).read_bytes()))  # no download back
 
@@ -652,10 +657,10 @@ def verify_version(version_dir: Path, names: tuple[str, ...] | None = None, skip
     return problems
 
 
-def _require_intact(version_dir: Path, replacing: tuple[str, ...] = (), label: str | None = None) -> None:
+def _require_intact(version_dir: Path, replacing: tuple[str, ...] = ()) -> None:
     problems = verify_version(version_dir, skip=replacing)
     if problems:
-        raise ChecksumError(f"{label or version_dir.name} refused: " + "; ".join(problems))
+        raise ChecksumError(f"{version_dir.name} refused: " + "; ".join(problems))
 
 
 def load_verified_model(version_dir: Path, replacing: tuple[str, ...] = ()):

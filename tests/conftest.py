@@ -135,3 +135,24 @@ def cifar_slice(cifar_dir, tmp_path) -> Path:
             for path in sorted(class_dir.iterdir())[:count]:
                 shutil.copyfile(path, target / path.name)
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server process (moto) on 127.0.0.1 for this test process, behind a gate tests can close."""
+    from tests.s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_artifacts(s3_server, tmp_path, monkeypatch) -> str:
+    """ARTIFACTS_DIR in a fresh bucket of the S3 server, with this test's own local cache (one machine's)."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    url = f"s3://{s3_server.new_bucket()}/team"
+    monkeypatch.setenv("ARTIFACTS_DIR", url)
+    monkeypatch.setenv("CIFAR_PIPELINE_CACHE", str(tmp_path / "cache"))
+    return url
