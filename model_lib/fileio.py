@@ -342,12 +342,12 @@ class S3Store(Store):
         while True:
             try:
                 return call()
-            except (FileNotFoundError, FileExistsError):
-                raise
             except Exception as error:
                 code = _client_error_code(error)
-                if code in ("NoSuchBucket",):
+                if code == "NoSuchBucket":
                     raise StoreError(f"s3://{self.bucket}: no such bucket (create it first)") from error
+                if isinstance(error, FileNotFoundError | FileExistsError):
+                    raise
                 if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
                     raise StoreError(
                         f"{self.where(key)}: access denied ({code}): check the AWS_* credentials"
@@ -368,7 +368,9 @@ class S3Store(Store):
         async def get():
             try:
                 response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self._key(key))
-            except FileNotFoundError:
+            except FileNotFoundError as error:
+                if _client_error_code(error) == "NoSuchBucket":
+                    raise
                 return None, None
             async with response["Body"] as body:
                 return await body.read(), response["ETag"]
@@ -416,7 +418,9 @@ class S3Store(Store):
                 return sorted(
                     entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self._path(key), detail=False)
                 )
-            except FileNotFoundError:
+            except FileNotFoundError as error:
+                if _client_error_code(error) == "NoSuchBucket":
+                    raise
                 return []
 
         return self._retrying("list", key, ls)

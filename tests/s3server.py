@@ -66,6 +66,10 @@ class Gate:
             listener, self._listener = self._listener, None
             connections, self._connections = self._connections, []
         if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it; close() alone would not
+            except OSError:
+                pass
             listener.close()
         for connection in connections:
             try:
