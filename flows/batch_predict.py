@@ -23,6 +23,7 @@ from model_lib.predict import (
 )
 from model_lib.progress import Progress, register, unregister
 from model_lib.settings import artifacts_location
+from tasks.common import check_deployment_storage
 from tasks.prediction import classify_shard_task, publish_csv_task, write_csv_task
 
 SHARD_FILES = 2048  # files per shard task: measured best of 512-5000 for 10,000 CIFAR JPEGs on 2 cores
@@ -77,6 +78,7 @@ def batch_predict(
     """
     logger = get_run_logger()
     started = time.perf_counter()
+    check_deployment_storage()
     plan = plan_prediction(
         input_dir, output_csv, model, top_k, batch_size, shard_size, artifacts_location(), overwrite, unsure_below,
         engine,

@@ -13,8 +13,8 @@ from flows.train_cifar import train_cifar
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
 FLOWS_BY_ENTRYPOINT = {
-    "flows/train_cifar.py:train_cifar": train_cifar,
-    "flows/batch_predict.py:batch_predict": batch_predict,
+    "flows.train_cifar.train_cifar": train_cifar,
+    "flows.batch_predict.batch_predict": batch_predict,
 }
 
 

@@ -16,6 +16,7 @@ from model_lib.fileio import read_json
 from model_lib.registry import MANIFEST_FILE, Registry
 from model_lib.report import RunRecord
 from model_lib.settings import artifacts_location
+from tasks.common import check_deployment_storage
 from tasks.export import export_task
 from tasks.training import (
     calibrate_task,
@@ -109,6 +110,7 @@ def train_cifar(
             (set by the data trigger, so a queued duplicate never trains twice).
     """
     overrides = config_overrides(locals())  # every parameter named like a config field, declared once above
+    check_deployment_storage()
     config = check_training_request(profile, overrides, artifacts_location()).to_dict()
     if export:
         require_tensorflow_backend()  # before training, not after

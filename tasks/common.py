@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import errno
+import os
 
 from prefect import get_run_logger
+from prefect.runtime import deployment
+
+from model_lib.config import ConfigError
+from model_lib.settings import is_url
 
 
 def log_info(message: str) -> None:
@@ -31,3 +36,18 @@ def retry_on_transient_io(task, task_run, state) -> bool:
     except Exception:  # the state may carry no readable result; then do not retry blindly
         return False
     return isinstance(error, OSError) and error.errno not in PERMANENT_ERRNOS
+
+
+def check_deployment_storage() -> None:
+    """A deployment run starts in a temporary folder of whichever worker picks it up (no checkout): an
+    unset or relative ARTIFACTS_DIR would put its registry there and lose it when the run ends.
+
+    Raises:
+        ConfigError: In a deployment run, ARTIFACTS_DIR is unset or relative.
+    """
+    raw = os.environ.get("ARTIFACTS_DIR", "")
+    if deployment.id and not (is_url(raw) or os.path.isabs(raw.removeprefix("file://"))):
+        raise ConfigError(
+            f"ARTIFACTS_DIR is {raw or 'unset'!r} on this worker: a deployment run starts in a temporary folder, so "
+            "set it, where the worker starts, to an absolute folder or an s3:// URL that every worker shares"
+        )

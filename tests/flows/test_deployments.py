@@ -49,10 +49,10 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float 
 
 
 @contextmanager
-def background(command: list[str], env: dict, log: Path):
+def background(command: list[str], env: dict, log: Path, cwd: Path = REPO):
     """Start a process in its own session; on exit stop it and every descendant, and check none is left."""
     with open(log, "w") as out:
-        process = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
     try:
         yield process
@@ -220,3 +220,60 @@ def test_deployments_run_on_a_real_server_and_worker_and_new_files_trigger_them(
             finally:
                 print(worker_log.read_text()[-6000:])
                 print(watch_log.read_text()[-3000:] if watch_log.exists() else "")
+
+
+def test_two_workers_in_empty_folders_share_one_registry_in_an_object_store(cifar_slice, tmp_path, s3_server):
+    """No checkout, no disk in common: each worker starts in an empty folder with an empty cache of its own;
+    the registry and the CSV live in a bucket of a real S3-compatible server."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    bucket = f"s3://{s3_server.new_bucket()}/team"
+    base = {**os.environ, **s3_server.env, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_API_URL": api,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "COLUMNS": "200"}  # fmt: skip
+    base.pop("ARTIFACTS_DIR", None)
+    server_env = {k: v for k, v in base.items() if k != "PREFECT_API_URL"}
+    machines = {name: tmp_path / name for name in ("worker-a", "worker-b")}
+    for folder in machines.values():
+        folder.mkdir()
+
+    def worker_env(name: str) -> dict:
+        return {**base, "ARTIFACTS_DIR": bucket, "CIFAR10_DIR": str(cifar_slice),
+                "CIFAR_PIPELINE_CACHE": str(machines[name] / "cache")}  # fmt: skip
+
+    def worker(name: str):
+        return background([PREFECT, "worker", "start", "--pool", POOL, "--name", name], worker_env(name),
+                          tmp_path / f"{name}.log", cwd=machines[name])  # fmt: skip
+
+    with background([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env,
+                    tmp_path / "server.log") as server:  # fmt: skip
+        wait_healthy(api, server, tmp_path / "server.log")
+        prefect("work-pool", "create", POOL, "--type", "process", env=base)
+        prefect("--no-prompt", "deploy", "--all", env=base, timeout=300)
+        assert read_deployment(api, "train-cifar/weekly-retrain").pull_steps == []  # nothing ties it to this checkout
+        try:
+            with worker("worker-a"):
+                prefect("deployment", "run", "train-cifar/weekly-retrain", "--param", "profile=smoke",
+                        "--param", "max_train_images=400", "--param", "max_test_images=200",
+                        "--param", "learned_margin=-1", "--watch", "--watch-timeout", "900", env=base,
+                        timeout=960)  # fmt: skip
+            with worker("worker-b"):
+                output = f"{bucket}/reports/cats.csv"
+                prefect("deployment", "run", "batch-predict/on-demand",
+                        "--param", f"input_dir={cifar_slice / 'test' / 'cat'}", "--param", f"output_csv={output}",
+                        "--watch", "--watch-timeout", "600", env=base, timeout=660)  # fmt: skip
+        finally:
+            for name in machines:
+                print(name, (tmp_path / f"{name}.log").read_text()[-4000:])
+        (training,) = [run for run in flow_runs(api, "train-cifar/weekly-retrain") if not run.state.is_scheduled()]
+        (predicting,) = flow_runs(api, "batch-predict/on-demand")
+        assert training.state.is_completed() and predicting.state.is_completed()
+        client = s3_server.client()
+        name, _, prefix = bucket.removeprefix("s3://").partition("/")
+        keys = {item["Key"] for item in client.list_objects_v2(Bucket=name, Prefix=prefix)["Contents"]}
+        assert {f"{prefix}/models/cifar10/registry.json", f"{prefix}/models/cifar10/v1/report.md"} <= keys
+        table = pd.read_csv(client.get_object(Bucket=name, Key=f"{prefix}/reports/cats.csv")["Body"])
+        assert len(table) == 10 and set(table["status"]) == {"ok"} and table["model"].str.contains("cifar10 v1").all()
+        for folder in machines.values():  # each worker kept only caches; nothing shared landed on its disk
+            assert not (folder / "artifacts").exists()
+        assert (machines["worker-b"] / "cache" / "registries").is_dir()  # worker B read v1 from the bucket
