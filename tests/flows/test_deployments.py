@@ -213,7 +213,10 @@ def test_deployments_run_on_a_real_server_and_worker_and_new_files_trigger_them(
                     assert len(retrains) == 1, [r.name for r in retrains]
                     assert retrains[0].parameters["data"] == str(cifar_slice.resolve())
                     assert retrains[0].parameters["skip_unchanged"] is True
-                    prefect("flow-run", "cancel", str(retrains[0].id), env=env)  # a default-profile run: not here
+                    # A default-profile run: not here. On 200 images it may already have ended.
+                    cancel = subprocess.run([PREFECT, "flow-run", "cancel", str(retrains[0].id)], env=env,
+                                            capture_output=True, text=True, timeout=120)  # fmt: skip
+                    assert cancel.returncode == 0 or "already in terminal state" in cancel.stdout, cancel.stdout
                     assert (
                         "1 file change(s)" not in watch_log.read_text() and "20 file change(s)" in watch_log.read_text()
                     )
