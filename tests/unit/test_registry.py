@@ -260,19 +260,21 @@ def _register_in_process(artifacts: str, files: dict, accuracy: float, queue) ->
     queue.put(registration.version)
 
 
-def test_eight_processes_registering_at_once_all_succeed(artifacts, files):
+def run_at_once(target, argument_lists: list[tuple], timeout: float = 300) -> list:
+    """Start one spawned process per argument list at once (each gets a result queue last); their results."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    workers = [
-        context.Process(target=_register_in_process, args=(str(artifacts), files, 0.5 + i / 100, queue))
-        for i in range(8)
-    ]
+    workers = [context.Process(target=target, args=(*arguments, queue)) for arguments in argument_lists]
     for worker in workers:
         worker.start()
     for worker in workers:
-        worker.join(timeout=240)
-    assert [worker.exitcode for worker in workers] == [0] * 8
-    versions = sorted(queue.get(timeout=5) for _ in workers)
+        worker.join(timeout=timeout)
+    assert [worker.exitcode for worker in workers] == [0] * len(workers)
+    return [queue.get(timeout=5) for _ in workers]
+
+
+def test_eight_processes_registering_at_once_all_succeed(artifacts, files):
+    versions = sorted(run_at_once(_register_in_process, [(str(artifacts), files, 0.5 + i / 100) for i in range(8)]))
     assert versions == list(range(1, 9))
     state = Registry(artifacts).state()
     assert [entry["version"] for entry in state["versions"]] == versions and state["aliases"]["latest"] == 8

@@ -3,7 +3,6 @@ against a real S3-compatible server process: numbers, aliases and the gate hold 
 writer killed at any step leaves nothing half-visible, and an outage is retried, then named."""
 
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 import model_lib.fileio as fileio_module
 from model_lib.fileio import StoreError, open_store
 from model_lib.registry import ChecksumError, Registry, load_verified_model, verify_version
-from tests.unit.test_registry import make_model_files, manifest
+from tests.unit.test_registry import make_model_files, manifest, run_at_once
 
 
 @pytest.fixture
@@ -51,19 +50,8 @@ def _register_from_own_cache(url: str, cache: str, files: dict, accuracy: float,
 
 
 def test_eight_processes_with_their_own_caches_register_at_once_and_none_is_lost(s3_artifacts, files, tmp_path):
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    workers = [
-        context.Process(target=_register_from_own_cache,
-                        args=(s3_artifacts, str(tmp_path / f"cache{i}"), files, 0.5 + i / 100, queue))
-        for i in range(8)
-    ]  # fmt: skip
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=300)
-    assert [worker.exitcode for worker in workers] == [0] * 8
-    versions = sorted(queue.get(timeout=5) for _ in workers)
+    machines = [(s3_artifacts, str(tmp_path / f"cache{i}"), files, 0.5 + i / 100) for i in range(8)]
+    versions = sorted(run_at_once(_register_from_own_cache, machines))
     assert versions == list(range(1, 9))
     state = Registry(s3_artifacts).state()
     assert [entry["version"] for entry in state["versions"]] == versions and state["aliases"]["latest"] == 8
@@ -74,25 +62,19 @@ def test_eight_processes_with_their_own_caches_register_at_once_and_none_is_lost
     assert latest_moves == sorted(set(latest_moves)) and latest_moves[-1] == 8  # only ever forward
 
 
-def _promote_or_score(url: str, cache: str, version: int) -> None:
+def _promote_or_score(url: str, cache: str, version: int, queue) -> None:
     os.environ["CIFAR_PIPELINE_CACHE"] = cache
     registry = Registry(url)
     registry.promote(f"v{version}", f"canary {version} passed")
     registry.record_score(version, f"testset-{version}", {"accuracy": 0.5, "loss": 1.0, "count": 10})
+    queue.put(version)
 
 
 def test_alias_moves_and_scores_from_several_processes_are_all_kept(s3_artifacts, files, tmp_path):
     registry = Registry(s3_artifacts)
     for accuracy in (0.5, 0.4, 0.3, 0.2):
         registry.register(files, manifest(accuracy))
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_promote_or_score, args=(s3_artifacts, str(tmp_path / f"c{v}"), v))
-               for v in (2, 3, 4)]  # fmt: skip
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=300)
-    assert [worker.exitcode for worker in workers] == [0] * 3
+    run_at_once(_promote_or_score, [(s3_artifacts, str(tmp_path / f"c{v}"), v) for v in (2, 3, 4)])
     state = registry.state()
     promotions = [move["to"] for move in state["history"] if move["action"] == "promote"]
     assert sorted(promotions) == [2, 3, 4] and state["aliases"]["champion"] == promotions[-1]
@@ -102,7 +84,7 @@ def test_alias_moves_and_scores_from_several_processes_are_all_kept(s3_artifacts
 KILLER = """
 import os, sys
 import model_lib.registry as registry
-from tests.unit.test_registry import make_model_files, manifest
+from tests.unit.test_registry import make_model_files, manifest, run_at_once
 from pathlib import Path
 
 step = sys.argv[1]
