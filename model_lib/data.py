@@ -1,7 +1,8 @@
 """Ingest: read a dataset once into uint8 arrays cached under `<cache>/datasets/<fingerprint>/` (`settings.work_dir`).
 
 Three sources, chosen by `resolve_source`:
-  * an image folder `ROOT/{train,test}/<class>/*` in any common format (class names = folder names);
+  * an image folder `ROOT/{train,test}/<class>/*` in any common format (class names = folder names),
+    on disk or in an object store (`s3://bucket/prefix`, kept in sync in a local copy);
   * the original `cifar-10-batches-py` folder, read with an unpickler that only builds plain
     containers and numpy arrays (never arbitrary objects);
   * `keras`: Keras' CIFAR-10 download, the online default.
@@ -19,22 +20,24 @@ import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
-from model_lib.fileio import write_json
+from model_lib.fileio import open_store, read_json, write_json
 from model_lib.images import decode_files_in_pool, join_decoded, walk_folder
 from model_lib.progress import Progress
-from model_lib.settings import DEFAULT_MODEL_NAME, KERAS_DOWNLOAD
+from model_lib.settings import DEFAULT_MODEL_NAME, KERAS_DOWNLOAD, is_url, work_dir
 
-CACHE_FORMAT = 2  # bump when the cached arrays' layout or the decoder's output changes
+CACHE_FORMAT = 3  # bump when the cached arrays' layout, the decoder's output or the fingerprint changes
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DECODE_CHUNK_FILES = 512  # files per worker task: large enough to amortise process IPC
 ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
 FILE_TABLE = "files.csv"  # one row per cached image: split, path, class, original size and kind, pixel hash
+KEYS = "keys"  # datasets/keys/<listing key>: the content fingerprint a folder listing (paths, sizes, times) decoded to
+COPIES = "copies"  # under the local cache: local copies of image folders kept in object stores
 
 
 class DatasetError(ValueError):
@@ -77,6 +80,10 @@ def resolve_source(data: str) -> tuple[str, Path | None]:
     """
     if data == KERAS_DOWNLOAD:
         return "keras", None
+    if is_url(data):
+        if not open_store(data).list("train"):
+            raise DatasetError(f"{data}: not a dataset: expected train/<class>/ image folders under it")
+        return "image_folder", None
     root = Path(data).expanduser().resolve()
     if not root.is_dir():
         raise DatasetError(f"{root}: data folder not found (set CIFAR10_DIR or pass --data)")
@@ -118,18 +125,23 @@ def ingest(
     """
     kind, root = resolve_source(data)
     datasets_dir = Path(artifacts_root) / "datasets"
+    listing_key = None
     if kind == "image_folder":
+        root = local_copy(data, log) if is_url(data) else root
+        source = f"image_folder:{data if is_url(data) else root}"
         class_names, splits = _list_image_folder(root, max_train_images, max_test_images)
-        fingerprint = _fingerprint(
+        # What the listing says (names, sizes, times) finds the cache in a second; what it decodes to names it.
+        listing_key = _fingerprint(
             {"kind": kind, "size": image_size, "classes": class_names},
             [(p.relative_to(root).as_posix(), *_stat_key(p)) for split in splits.values() for p, _ in split],
         )
-        cached = _load_info(datasets_dir / fingerprint)
+        known = datasets_dir / KEYS / f"{listing_key}.json"
+        cached = _load_info(datasets_dir / read_json(known)["fingerprint"]) if known.is_file() else None
         if cached:
-            log(f"Dataset {fingerprint[:12]} served from cache ({cached.train_count} train images)")
-            return cached
+            log(f"Dataset {cached.fingerprint[:12]} served from cache ({cached.train_count} train images)")
+            return replace(cached, source=source)
         arrays, skipped, files = _decode_image_folder(root, splits, class_names, image_size, skip_corrupt, workers, log)
-        source = f"image_folder:{root}"
+        fingerprint = None  # from the decoded pixels, below
     else:
         if kind == "cifar_batches":
             arrays, class_names = _read_cifar_batches(root)
@@ -157,6 +169,13 @@ def ingest(
                                          ("test", arrays.y_test, arrays.x_test.shape[1:]))
             for i, label in enumerate(labels)
         ]  # fmt: skip
+    hashes = [pixel_hash(image) for split in (arrays.x_train, arrays.x_test) for image in split]
+    files = [{**row, "pixels": digest} for row, digest in zip(files, hashes, strict=True)]
+    if fingerprint is None:  # an image folder: the same files on any disk or store give the same fingerprint
+        fingerprint = _fingerprint(
+            {"kind": kind, "size": image_size, "classes": class_names},
+            [(row["split"], row["path"], row["class"], row["pixels"]) for row in files],
+        )
     info = DatasetInfo(
         cache_dir=str(datasets_dir / fingerprint),
         fingerprint=fingerprint,
@@ -167,11 +186,19 @@ def ingest(
         image_shape=list(arrays.x_train.shape[1:]),
         skipped_files=skipped,
     )
-    hashes = [pixel_hash(image) for split in (arrays.x_train, arrays.x_test) for image in split]
-    files = [{**row, "pixels": digest} for row, digest in zip(files, hashes, strict=True)]
     _write_cache(Path(info.cache_dir), arrays, info, files)
+    if listing_key is not None:
+        write_json(datasets_dir / KEYS / f"{listing_key}.json", {"fingerprint": fingerprint})
     log(f"Dataset {fingerprint[:12]} cached: {info.train_count} train, {info.test_count} test images")
     return info
+
+
+def local_copy(url: str, log: Callable[[str], None] = print) -> Path:
+    """This machine's copy of an image folder in an object store, brought up to date (changed files only)."""
+    target = work_dir() / COPIES / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    fetched = open_store(url).sync_to(target)
+    log(f"{url}: local copy in {target} is up to date ({fetched} file(s) fetched)")
+    return target
 
 
 def suggested_model_name(source: str, class_names: Sequence[str]) -> str:

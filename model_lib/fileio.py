@@ -130,6 +130,7 @@ def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
 
 STORE_RETRY_SECONDS = 30.0  # how long a store that does not answer is retried before the run fails
 STORE_LOCK_SECONDS = 300  # how long a local compare-and-swap waits for another writer's lock
+MIRROR_INDEX = ".mirror.json"  # in a local copy of an object-store folder: each file's size and ETag
 REMOTE_SCHEMES = ("s3",)  # object stores with conditional writes, which the registry needs
 T = TypeVar("T")
 
@@ -433,6 +434,49 @@ class S3Store(Store):
                 pass
 
         self._retrying("remove", key, rm)
+
+    def sync_to(self, target: Path, key: str = "") -> int:
+        """Bring a local copy of every object under `key` up to date; returns how many files were fetched.
+
+        Objects whose size and ETag match the copy's index are not fetched again; files gone from the
+        store go from the copy. A key that would land outside `target` (`..`, an absolute path) is
+        refused. Each file lands by rename, so a reader of the copy never sees a partial one.
+        """
+        listed = self._retrying("list", key, lambda: self.fs.find(self._path(key), detail=True))
+        base = self._path(key).rstrip("/") + "/"
+        wanted: dict[str, list] = {}
+        for path, info in listed.items():
+            relative = path.removeprefix(base)
+            parts = relative.split("/")
+            if info.get("type") == "directory" or not relative or path == base.rstrip("/"):
+                continue
+            if relative.startswith("/") or any(part in ("", ".", "..") for part in parts):
+                raise StoreError(f"{self.where(key)}: object {relative!r} would land outside the local copy")
+            wanted[relative] = [info.get("size"), info.get("ETag")]
+        if not wanted:
+            raise FileNotFoundError(f"{self.where(key)}: folder not found (no objects under it)")
+        target.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target.parent / f".{target.name}.lock"), timeout=STORE_LOCK_SECONDS):
+            index_path = target / MIRROR_INDEX
+            index = read_json(index_path) if index_path.is_file() else {}
+            stale = [name for name, seen in wanted.items() if index.get(name) != seen or not (target / name).is_file()]
+            incoming = owned_folder(target, ".incoming-")
+            try:
+                if stale:
+                    remote = [base + name for name in stale]
+                    local = [str(incoming / name) for name in stale]
+                    for name in stale:
+                        (incoming / name).parent.mkdir(parents=True, exist_ok=True)
+                    self._retrying("download", key, lambda: self.fs.get(remote, local))
+                for name in stale:
+                    (target / name).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(incoming / name, target / name)
+            finally:
+                shutil.rmtree(incoming, ignore_errors=True)
+            for name in set(index) - set(wanted):
+                (target / name).unlink(missing_ok=True)
+            write_json(index_path, wanted)
+        return len(stale)
 
     def age_seconds(self, key):
         info = self._retrying("look up", key, lambda: self.fs.info(self._path(key)))

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from model_lib.config import ENGINES, ConfigError
+from model_lib.data import local_copy
 from model_lib.export import serving_exports
 from model_lib.fileio import read_json
 from model_lib.flags import flags
@@ -97,7 +98,7 @@ def plan_prediction(
     for option, value in (("--top-k", top_k), ("--batch-size", batch_size), ("--shard-size", shard_size)):
         if value < 1:
             raise ConfigError(f"{option} must be at least 1, not {value}")
-    root = Path(input_dir).expanduser()
+    root = local_copy(input_dir) if is_url(input_dir) else Path(input_dir).expanduser()
     if not root.is_dir():
         problem = "not a folder (predict classifies the images in a folder)" if root.exists() else "folder not found"
         raise ConfigError(f"{root}: {problem}")
@@ -111,7 +112,8 @@ def plan_prediction(
         info = replace(info, unsure_below=unsure_below, texture_range=info.texture_range or [0.0, float("inf")])
     if top_k > len(info.class_names):
         raise ConfigError(f"--top-k {top_k} is more than the model's {len(info.class_names)} classes")
-    output = output_csv or default_output_csv(artifacts_root, root)
+    folder_name = input_dir.rstrip("/").rsplit("/", 1)[-1] if is_url(input_dir) else root.name
+    output = output_csv or default_output_csv(artifacts_root, folder_name)
     if is_url(output):
         check_remote_output(output, overwrite)
         return PredictionPlan(root, work_dir() / "predictions" / output.rsplit("/", 1)[-1], info, output)

@@ -110,9 +110,9 @@ def merge_parts(part_paths: list[str], output_csv: Path, top_k: int, class_count
                     out.write(chunk)
 
 
-def default_output_csv(artifacts_root: str | os.PathLike, input_dir: Path) -> str:
+def default_output_csv(artifacts_root: str | os.PathLike, folder_name: str) -> str:
     """`ARTIFACTS_DIR/predictions/<folder name>-<UTC time>-<random>.csv`: one per run, never colliding,
     sorting by time (a URL when `ARTIFACTS_DIR` is an object store)."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    name = f"{input_dir.resolve().name or 'root'}-{stamp}-{uuid.uuid4().hex[:6]}.csv"
+    name = f"{folder_name or 'root'}-{stamp}-{uuid.uuid4().hex[:6]}.csv"
     return f"{str(artifacts_root).rstrip('/')}/predictions/{name}"

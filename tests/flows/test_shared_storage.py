@@ -4,13 +4,19 @@ working folder. One trains into the registry; another classifies with its champi
 the bucket; a third promotes and rolls back, and the others see it."""
 
 import io
+import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
+from model_lib.fileio import StoreError
 from tests.s3server import environment
 
 
@@ -85,3 +91,70 @@ def test_a_lasting_outage_fails_a_command_with_one_line(s3_artifacts, s3_server,
         s3_server.gate.open()
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"error: {s3_artifacts}/models/cifar10/registry.json: the object store did not answer")
+
+
+def upload_folder(s3_server, folder: Path, url: str) -> None:
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    client = s3_server.client()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            key = f"{prefix}/{path.relative_to(folder).as_posix()}"
+            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+
+
+def test_a_data_folder_in_the_bucket_is_the_same_dataset_as_on_disk(s3_artifacts, s3_server, colour_dataset, tmp_path):
+    from model_lib.data import ingest, load_arrays
+    from model_lib.settings import work_dir
+
+    url = f"{s3_artifacts}/data/colours"
+    upload_folder(s3_server, colour_dataset, url)
+    quiet = []
+    on_disk = ingest(str(colour_dataset), tmp_path / "machine-a", log=quiet.append)
+    in_bucket = ingest(url, work_dir(), log=quiet.append)
+    assert in_bucket.fingerprint == on_disk.fingerprint and in_bucket.source == f"image_folder:{url}"
+    first, second = load_arrays(on_disk.cache_dir), load_arrays(in_bucket.cache_dir)
+    assert all(np.array_equal(getattr(first, name), getattr(second, name)) for name in ("x_train", "y_test"))
+    again = ingest(url, work_dir(), log=quiet.append)
+    assert again.from_cache and again.fingerprint == in_bucket.fingerprint and "0 file(s) fetched" in quiet[-2]
+
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    changed = Image.new("RGB", (32, 32), (0, 0, 0))
+    buffer = io.BytesIO()
+    changed.save(buffer, format="PNG")
+    s3_server.client().put_object(Bucket=bucket, Key=f"{prefix}/train/red/000.png", Body=buffer.getvalue())
+    s3_server.client().delete_object(Bucket=bucket, Key=f"{prefix}/train/red/001.png")
+    updated = ingest(url, work_dir(), log=quiet.append)
+    assert "1 file(s) fetched" in " ".join(quiet[-4:]) and updated.fingerprint != in_bucket.fingerprint
+    assert updated.train_count == in_bucket.train_count - 1
+
+    s3_server.client().put_object(Bucket=bucket, Key=f"{prefix}/train/red/../../../escape.png", Body=b"x")
+    with pytest.raises(StoreError, match="would land outside the local copy"):
+        ingest(url, work_dir(), log=quiet.append)
+
+
+@pytest.mark.slow
+def test_training_from_the_bucket_gives_the_model_training_from_disk_gives(
+    s3_artifacts, s3_server, colour_dataset, tmp_path, prefect_api_env
+):
+    url = f"{s3_artifacts}/data/colours"
+    upload_folder(s3_server, colour_dataset, url)
+    run = machine(s3_server, s3_artifacts, tmp_path, "trainer", prefect_api_env)
+    options = ["--profile", "smoke", "--epochs", "2", "--batch-size", "8", "--validation-split", "0.25",
+               "--precision", "float32", "--deterministic"]  # fmt: skip
+    run("train", "--data", url, "--name", "colours", *options)
+    run("train", "--data", str(colour_dataset), "--name", "colours", *options)
+    from model_lib.registry import Registry
+
+    os.environ["CIFAR_PIPELINE_CACHE"] = str(tmp_path / "reader")
+    registry = Registry(s3_artifacts, "colours")
+    manifests = [json.loads((registry.version_dir(v) / "manifest.json").read_text()) for v in (1, 2)]
+    assert manifests[0]["dataset"]["fingerprint"] == manifests[1]["dataset"]["fingerprint"]
+    assert manifests[0]["dataset"]["source"] == f"image_folder:{url}"
+    assert manifests[0]["metrics"]["test_loss"] == manifests[1]["metrics"]["test_loss"]
+    assert manifests[0]["metrics"]["per_class"] == manifests[1]["metrics"]["per_class"]
+
+    inbox = f"{s3_artifacts}/inbox"
+    upload_folder(s3_server, colour_dataset / "test", inbox)
+    predicted = run("predict", inbox, "--model", "colours@v1").stdout
+    assert "12 ok" in predicted and f"{s3_artifacts}/predictions/inbox-" in predicted
+    run("predict", f"{s3_artifacts}/no-such-inbox", expect=1)
