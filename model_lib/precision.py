@@ -25,7 +25,7 @@ import numpy as np
 
 from model_lib.config import TrainConfig
 from model_lib.fileio import read_json, write_json
-from model_lib.settings import work_dir
+from model_lib.settings import cpu_devices, work_dir
 
 # GPUs from Ampere (compute capability 8.0) on multiply bf16 natively. auto does not pick
 # mixed_float16 on older ones: float16's range (65,504) overflowed in the forward pass on
@@ -221,6 +221,8 @@ def devices() -> tuple[object, str, list[tuple[int, int]]]:
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
+    if not gpus and cpu_devices() > 1:
+        return _tensorflow_cpu_devices(cpu_devices())
     capabilities = []
     for gpu in gpus:
         try:
@@ -234,6 +236,26 @@ def devices() -> tuple[object, str, list[tuple[int, int]]]:
     if gpus:
         return tf.distribute.get_strategy(), f"GPU {gpus[0].name}", capabilities
     return tf.distribute.get_strategy(), f"CPU ({os.cpu_count()} cores)", capabilities
+
+
+def _tensorflow_cpu_devices(count: int):
+    """`MirroredStrategy` over the CPU split into `count` logical devices (`CIFAR_PIPELINE_CPU_DEVICES`).
+
+    The split has to happen before TensorFlow's runtime starts in this process; after that the devices
+    it already has are used, and said.
+    """
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError:  # the runtime already started (an earlier training in this process)
+        pass
+    logical = [device.name for device in tf.config.list_logical_devices("CPU")]
+    if len(logical) < 2:
+        return tf.distribute.get_strategy(), f"CPU ({os.cpu_count()} cores)", []
+    strategy = tf.distribute.MirroredStrategy(devices=logical)
+    return strategy, f"{len(logical)} CPU devices (MirroredStrategy)", []
 
 
 def release_devices() -> None:
@@ -267,7 +289,11 @@ def _jax_devices() -> tuple[Replicas, str, list[tuple[int, int]]]:
     import keras
 
     # The default platform's devices: the GPUs where jax[cuda] finds them, else the CPU (one device,
-    # or as many as XLA_FLAGS=--xla_force_host_platform_device_count asks for).
+    # or as many as CIFAR_PIPELINE_CPU_DEVICES or XLA_FLAGS=--xla_force_host_platform_device_count ask for;
+    # either is read when JAX starts its CPU backend, which the first call below does).
+    if cpu_devices() > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        flag = f"--xla_force_host_platform_device_count={cpu_devices()}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     local = jax.local_devices()
     gpus = [device for device in local if device.platform == "gpu"]
     capabilities = [tuple(int(part) for part in str(gpu.compute_capability).split(".")[:2]) for gpu in gpus]

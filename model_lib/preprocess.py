@@ -237,7 +237,7 @@ def array_batches(
     if batch_size % shards:
         raise ValueError(f"batch size {batch_size} is not a multiple of the {shards} devices that split it")
     count = len(y)
-    used = count - (count % batch_size) % shards if seed is not None else count  # training cuts its last batch
+    used = training_images(count, batch_size, shards) if seed is not None else count  # training cuts its last batch
     steps = -(-used // batch_size)
 
     class ArrayBatches(keras.utils.PyDataset):
@@ -254,7 +254,7 @@ def array_batches(
             rows = self.order[:used][index * batch_size : (index + 1) * batch_size]
             weights = np.ones(len(rows), np.float32)
             if len(rows) % shards:  # validation's last batch
-                padding = shards - len(rows) % shards
+                padding = validation_padding(len(rows), batch_size, shards)
                 rows, weights = np.concatenate([rows, rows[:1].repeat(padding)]), np.pad(weights, (0, padding))
             images = x[rows].astype(np.float32)
             if augment is not None:
@@ -274,21 +274,35 @@ def make_datasets(x: np.ndarray, y: np.ndarray, split: Split, num_classes: int, 
     (whose augmentation `with_augmentation` puts in the step). Validation is None without a validation split.
 
     Args:
-        shards: Devices that split each batch (tf.distribute takes uneven batches; JAX needs even ones).
+        shards: Devices that split each batch: every batch holds a multiple of them.
     """
     train = np.asarray(x[split.train_index]), np.asarray(y[split.train_index])
     if config.flip_alternates:
         train = mirror_half(train[0], config.seed), train[1]
     val = (np.asarray(x[split.val_index]), np.asarray(y[split.val_index])) if len(split.val_index) else None
     if not augments_in_step():
-        return _tf_datasets(train, val, num_classes, config)
+        return _tf_datasets(train, val, num_classes, config, shards)
     host_augment = batch_augmenter(config, "host")
     batches = array_batches(*train, num_classes, config.batch_size, config.seed, host_augment, shards)
     return batches, None if val is None else array_batches(*val, num_classes, config.batch_size, None, shards=shards)
 
 
-def _tf_datasets(train: tuple, val: tuple | None, num_classes: int, config: TrainConfig):
-    """tf.data pipelines for training (shuffled, augmented per batch) and validation.
+def training_images(count: int, batch_size: int, shards: int) -> int:
+    """How many of `count` training images an epoch uses so that every batch splits evenly over `shards`
+    devices: the last batch's odd images sit the epoch out (other ones each epoch, as the order is
+    reshuffled). A device handed no image at all fails (TensorFlow's convolutions on an empty batch under
+    MirroredStrategy), and JAX cannot split an uneven batch."""
+    return count - (count % batch_size) % shards
+
+
+def validation_padding(count: int, batch_size: int, shards: int) -> int:
+    """Copies, weighted 0, that make the last validation batch split evenly over `shards` devices."""
+    return -(count % batch_size) % shards
+
+
+def _tf_datasets(train: tuple, val: tuple | None, num_classes: int, config: TrainConfig, shards: int = 1):
+    """tf.data pipelines for training (shuffled, augmented per batch) and validation; every batch splits
+    evenly over `shards` devices (`training_images`, `validation_padding`).
 
     Augmentation runs on whole batches in parallel map calls, so it overlaps with the training
     step on the other core instead of costing one Python-free op chain per image.
@@ -309,6 +323,7 @@ def _tf_datasets(train: tuple, val: tuple | None, num_classes: int, config: Trai
     train_ds = (
         tf.data.Dataset.from_tensor_slices(train)
         .shuffle(len(train[1]), seed=config.seed, reshuffle_each_iteration=True)
+        .take(training_images(len(train[1]), config.batch_size, shards))
         .batch(config.batch_size)
         .map(one_hot, num_parallel_calls=parallel)
     )
@@ -325,10 +340,17 @@ def _tf_datasets(train: tuple, val: tuple | None, num_classes: int, config: Trai
     train_ds = train_ds.prefetch(PREFETCH_BATCHES).with_options(options)
     if val is None:
         return train_ds, None
+    padding = validation_padding(len(val[1]), config.batch_size, shards)
+    images, labels = (np.concatenate([part, part[:1].repeat(padding, axis=0)]) for part in val)
+    weights = np.pad(np.ones(len(val[1]), np.float32), (0, padding))
+
+    def weighted_one_hot(images, labels, weights):
+        return *one_hot(images, labels), weights
+
     val_ds = (
-        tf.data.Dataset.from_tensor_slices(val)
+        tf.data.Dataset.from_tensor_slices((images, labels, weights) if padding else (images, labels))
         .batch(config.batch_size)
-        .map(one_hot, num_parallel_calls=parallel)
+        .map(weighted_one_hot if padding else one_hot, num_parallel_calls=parallel)
         .prefetch(PREFETCH_BATCHES)
         .with_options(options)
     )

@@ -55,7 +55,12 @@ def build_manifest(run: RunRecord, model, flow_run_id: str | None) -> dict:
             key: metrics[key] for key in ("test_accuracy", "test_loss", "majority_rate", "promotion_floor", "per_class")
         }
         | {"train_seconds": trained.train_seconds, "epochs_run": trained.epochs_run},
-        "training": {"precision": trained.precision, "device": trained.device, "backend": trained.backend},
+        "training": {
+            "precision": trained.precision,
+            "device": trained.device,
+            "backend": trained.backend,
+            "device_count": trained.device_count,
+        },
         "calibration": run.calibration,
         "dataset": {
             "source": dataset.source,

@@ -72,3 +72,4 @@ class TrainResult:
     precision: str
     device: str
     backend: str  # Keras' backend that trained the model: tensorflow or jax
+    device_count: int = 1  # devices the batches were split over (data parallel)

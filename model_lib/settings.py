@@ -43,6 +43,20 @@ def work_dir() -> Path:
     return Path(DEFAULT_CACHE).expanduser() if is_url(location) else Path(location)
 
 
+CPU_DEVICES_ENV = "CIFAR_PIPELINE_CPU_DEVICES"
+"""Split the CPU into this many devices, so the multi-device (data-parallel) path runs without accelerators."""
+
+
+def cpu_devices() -> int:
+    """`CIFAR_PIPELINE_CPU_DEVICES` (default 1): the CPU devices training splits its batches over when
+    there is no accelerator. Tests set 2, so the code that spreads training over several GPUs runs on
+    every CI machine; on a real machine leave it unset."""
+    raw = os.environ.get(CPU_DEVICES_ENV) or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{CPU_DEVICES_ENV}={raw!r}: a whole number of devices, at least 1")
+    return int(raw)
+
+
 def default_data_source() -> str:
     """The training data: `CIFAR10_DIR` when set, else Keras' download."""
     return os.environ.get("CIFAR10_DIR") or KERAS_DOWNLOAD

@@ -167,6 +167,7 @@ def train(
         precision=precision,
         device=device,
         backend=keras.backend.backend(),
+        device_count=strategy.num_replicas_in_sync,
     )
 
 
@@ -228,7 +229,7 @@ def _fit_phase(
         trainer.compile(
             optimizer=make_optimizer(phase.config, phase_steps, model, precision),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
-            metrics=["accuracy"],
+            weighted_metrics=["accuracy"],  # weighted: the copies that pad a batch to split evenly count 0
             jit_compile=xla,
         )
     callbacks = _callbacks(config, phase, phase_steps, run_dir, val_ds is not None, log, extra_callbacks)

@@ -209,7 +209,8 @@ def test_a_failed_run_on_the_console_ends_in_one_line_without_tracebacks_or_chat
     console = done.stdout + done.stderr
     assert done.returncode == 1
     errors = [line for line in console.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith("error: the model learned nothing: validation accuracy")
+    said = console[-4000:]
+    assert len(errors) == 1 and errors[0].startswith("error: the model learned nothing: validation accuracy"), said
     for noise in ("Traceback", "oneDNN", "cuInit", "absl", "cuda drivers"):
         assert noise not in console, noise
     assert "Task run 'train" in console  # the progress a person needs stays
