@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from model_lib.fileio import open_store, read_json, write_json
-from model_lib.images import decode_files_in_pool, join_decoded, walk_folder
+from model_lib.images import ENTRY_ERRORS, decode_files_in_pool, join_decoded, walk_folder
 from model_lib.progress import Progress
 from model_lib.settings import DEFAULT_MODEL_NAME, KERAS_DOWNLOAD, is_url, work_dir
 
@@ -308,6 +308,10 @@ def _list_image_folder(
             outside = [e.relative_path for e in entries if e.kind == "outside_link"]
             if outside:
                 raise DatasetError(f"{class_root / outside[0]}: link points outside the data folder")
+            # Training without some of its images would be training on other data than asked for.
+            broken = [e for e in entries if e.kind in ENTRY_ERRORS]
+            if broken:
+                raise DatasetError(f"{class_root / broken[0].relative_path}: {ENTRY_ERRORS[broken[0].kind]}")
             per_class.append([(class_root / e.relative_path, label) for e in entries if e.kind == "image"])
         empty = [name for name, items in zip(class_names, per_class, strict=True) if not items]
         if empty:  # untrainable, or an accuracy that says nothing about the class

@@ -7,7 +7,9 @@ down, converted to RGB and resized with an antialiasing filter to the model's in
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor
@@ -34,6 +36,14 @@ class ImageDecodeError(ValueError):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):  # fmt: skip
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def is_image_name(name: str) -> bool:
@@ -73,7 +83,10 @@ def decode_rgb(path: str | os.PathLike, size: tuple[int, int] | None) -> tuple[n
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        status = path.stat()
+        if not stat.S_ISREG(status.st_mode):  # a FIFO would block the decoder; a device never ends
+            raise ImageDecodeError(path, f"not a regular file ({_file_kind(status.st_mode)})")
+        if status.st_size == 0:
             raise ImageDecodeError(path, "empty file")
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; treat that as the bomb it is.
@@ -94,7 +107,15 @@ def decode_rgb(path: str | os.PathLike, size: tuple[int, int] | None) -> tuple[n
         raise ImageDecodeError(path, f"decompression bomb refused ({error})") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(path, "not an image (format not recognised)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except PermissionError as error:
+        raise ImageDecodeError(path, f"cannot be read ({error.strerror})") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ImageDecodeError(path, "link loop (the link points back at itself)") from None
+        if error.errno == errno.ENOENT:
+            raise ImageDecodeError(path, "gone (deleted, or a link that points nowhere)") from None
+        raise ImageDecodeError(path, f"truncated or corrupt image ({error})") from None
+    except (SyntaxError, ValueError, EOFError) as error:
         raise ImageDecodeError(path, f"truncated or corrupt image ({error})") from None
 
 
@@ -171,7 +192,17 @@ class FolderEntry:
     relative_path: str
     """Path relative to the folder root, with `/` separators."""
     kind: str
-    """`image`, `outside_link` (a link leading out of the root: never followed) or `not_image`."""
+    """`image`, `not_image`, or a key of `ENTRY_ERRORS`: `outside_link` (a link leading out of the root:
+    never followed), `link_loop`, `dangling_link`, `unreadable_folder` (a sub-folder that cannot be listed)."""
+
+
+ENTRY_ERRORS = {
+    "outside_link": "link points outside the input folder (not followed)",
+    "link_loop": "link loop (the link points back at itself)",
+    "dangling_link": "link points nowhere (its target is gone)",
+    "unreadable_folder": "folder cannot be read (permission denied or I/O error); its files were not classified",
+}
+"""The error a prediction row gives an entry that is not opened."""
 
 
 def walk_folder(root: str | os.PathLike, recursive: bool = True) -> Iterator[FolderEntry]:
@@ -185,13 +216,31 @@ def walk_folder(root: str | os.PathLike, recursive: bool = True) -> Iterator[Fol
     yield from _walk(root, str(root), "", recursive)
 
 
+def _broken_link_kind(path: str) -> str:
+    """Why a link inside the folder leads to no file: a loop, nothing, or something that is not a file."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        return "link_loop" if error.errno == errno.ELOOP else "dangling_link"
+    return "not_image"
+
+
 def _walk(root: Path, folder: str, prefix: str, recursive: bool) -> Iterator[FolderEntry]:
     # Plain string paths: pathlib costs more than the rest of a walk's work per file.
-    with os.scandir(folder) as scanner:
-        # A folder sorts as "name/" so the walk yields paths in plain string order of the full path.
-        entries = sorted(scanner, key=lambda e: e.name + ("/" if e.is_dir(follow_symlinks=False) else ""))
+    try:
+        with os.scandir(folder) as scanner:
+            # A folder sorts as "name/" so the walk yields paths in plain string order of the full path.
+            entries = sorted(scanner, key=lambda e: e.name + ("/" if e.is_dir(follow_symlinks=False) else ""))
+    except OSError:
+        if not prefix:  # the input folder itself: the caller says so
+            raise
+        yield FolderEntry(prefix.rstrip("/"), "unreadable_folder")  # the walk goes on
+        return
     for entry in entries:
         relative = prefix + entry.name
+        if entry.name.startswith("._"):  # macOS's AppleDouble metadata beside a file: never an image
+            yield FolderEntry(relative, "not_image")
+            continue
         if entry.is_dir(follow_symlinks=False):
             if is_image_name(entry.name):
                 yield FolderEntry(relative, "not_image")
@@ -205,7 +254,9 @@ def _walk(root: Path, folder: str, prefix: str, recursive: bool) -> Iterator[Fol
         if entry.is_symlink():
             target = Path(os.path.realpath(entry.path))
             if not target.is_relative_to(root) or not target.is_file():
-                yield FolderEntry(relative, "outside_link")
+                yield FolderEntry(
+                    relative, _broken_link_kind(entry.path) if target.is_relative_to(root) else "outside_link"
+                )
                 continue
         if entry.is_dir():  # a link to a folder named like an image
             yield FolderEntry(relative, "not_image")

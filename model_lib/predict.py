@@ -27,7 +27,7 @@ from model_lib.data import local_copy
 from model_lib.export import serving_exports
 from model_lib.fileio import read_json
 from model_lib.flags import flags
-from model_lib.images import FolderEntry, decode_files, decode_files_in_pool, walk_folder
+from model_lib.images import ENTRY_ERRORS, FolderEntry, decode_files, decode_files_in_pool, walk_folder
 from model_lib.inference import KerasClassifier, TFLiteClassifier
 from model_lib.prediction_csv import check_output, check_remote_output, csv_text, default_output_csv
 from model_lib.progress import Progress, find
@@ -42,7 +42,6 @@ from model_lib.registry import (
 )
 from model_lib.settings import is_url, work_dir
 
-OUTSIDE_LINK_ERROR = "link points outside the input folder (not followed)"
 BATCH_IMAGES = 256  # images decoded per pool job and classified per model call
 
 
@@ -284,7 +283,7 @@ def classified_rows(
     is never opened: it is recorded as an error.
     """
     root = Path(input_dir)
-    inside = [entry for entry in entries if entry.kind != "outside_link"]
+    inside = [entry for entry in entries if entry.kind not in ENTRY_ERRORS]
     chunks = decode_files_in_pool(
         [root / entry.relative_path for entry in inside], model.image_size, decode_pool(), batch_size
     )
@@ -310,7 +309,7 @@ def classified_rows(
 
     rows = inside_rows()
     for entry in entries:
-        yield ([], "", None, OUTSIDE_LINK_ERROR) if entry.kind == "outside_link" else next(rows)
+        yield ([], "", None, ENTRY_ERRORS[entry.kind]) if entry.kind in ENTRY_ERRORS else next(rows)
 
 
 def classify_shard(

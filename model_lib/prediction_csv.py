@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +28,8 @@ def check_output(output: Path, artifacts_root: str | os.PathLike, overwrite: boo
         raise ConfigError(f"{output}: inside the model registry ({registry}); write the CSV elsewhere")
     if output.is_dir():
         raise ConfigError(f"{output}: is a folder; --output takes a CSV file path")
+    if output.exists() and not output.is_file():  # a device, FIFO or socket: replacing it is never asked for
+        raise ConfigError(f"{output}: not a regular file (a device, FIFO or socket); --output takes a CSV file path")
     if is_image_name(output.name):
         raise ConfigError(f"{output}: an image file name; --output takes a CSV file path")
     if output.exists() and not overwrite and not is_prediction_csv(output):
@@ -69,8 +72,11 @@ def csv_text(value: str) -> str:
     OWASP's rule for CSV injection: a cell starting with `=`, `+`, `-`, `@`, tab or CR gets a
     leading `'`, so Excel, LibreOffice and Google Sheets show it as text instead of running it as
     a formula. A cell starting with `'` gets one too, so `read_predictions` can undo it exactly.
-    Bytes of a file name that are not UTF-8 are written as `\\xNN` escapes.
+    Bytes of a file name that are not UTF-8 are written as `\\xNN` escapes, and a backslash as two, so
+    every name has one cell and every cell one name (a file literally named `\\xe9` is `\\\\xe9`).
     """
+    if "\\" in value:
+        value = value.replace("\\", "\\\\")
     if not value.isascii() and any("\udc80" <= c <= "\udcff" for c in value):  # os.fsdecode's escapes
         value = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return "'" + value if value.startswith(SPREADSHEET_TRIGGERS) else value
@@ -94,9 +100,14 @@ def read_predictions(path: str | Path):
     return table
 
 
+_ESCAPES = re.compile(r"\\(\\|x[0-9a-f]{2})")  # what csv_text wrote for a backslash or an undecodable byte
+
+
 def _undo_csv_text(cell):
     if isinstance(cell, str) and len(cell) > 1 and cell[0] == "'" and cell[1] in "".join(SPREADSHEET_TRIGGERS):
-        return cell[1:]
+        cell = cell[1:]
+    if isinstance(cell, str) and "\\" in cell:  # back to the name os.fsdecode gave (undecodable bytes as surrogates)
+        cell = _ESCAPES.sub(lambda m: "\\" if m.group(1) == "\\" else chr(0xDC00 + int(m.group(1)[1:], 16)), cell)
     return cell
 
 

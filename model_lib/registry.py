@@ -40,6 +40,7 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 
+from model_lib.config import ConfigError
 from model_lib.fileio import (
     LocalStore,
     Store,
@@ -173,8 +174,8 @@ class Registry:
             state = json.loads(data.decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as error:
             state = error
-        if not isinstance(state, dict) or not {"versions", "aliases", "history"} <= state.keys():
-            problem = state if isinstance(state, Exception) else "missing its versions, aliases or history"
+        problem = state if isinstance(state, Exception) else _state_problem(state)
+        if problem:
             raise RegistryError(
                 f"{self.store.where(REGISTRY_FILE)}: corrupt registry ({problem}); the version folders beside it "
                 "are intact: restore the file from a backup, or move it away to start a new registry"
@@ -182,8 +183,20 @@ class Registry:
         return state
 
     def version_dir(self, version: int) -> Path:
-        """A local folder with the version's files: its own folder, or a verified copy of a remote one."""
-        return self.root / f"v{version}" if not self.remote else self._mirror(version)
+        """A local folder with the version's files: its own folder, or a verified copy of a remote one.
+
+        Raises:
+            RegistryError: The version's manifest is missing (a folder emptied or damaged by hand).
+        """
+        if self.remote:
+            try:
+                return self._mirror(version)
+            except FileNotFoundError:
+                raise RegistryError(f"{self.store.where(f'v{version}/{MANIFEST_FILE}')}: missing") from None
+        folder = self.root / f"v{version}"
+        if not (folder / MANIFEST_FILE).is_file():
+            raise RegistryError(f"{folder / MANIFEST_FILE}: missing; the version folder is incomplete or damaged")
+        return folder
 
     def resolve(self, tag: str = "champion") -> Path:
         """The folder of `champion`, `latest` or `v<N>`.
@@ -539,6 +552,27 @@ class Registry:
         )
 
 
+def _state_problem(state) -> str | None:
+    """What is wrong with a parsed registry.json's shape, or None: checked on every read, so a file with the
+    right keys and wrong values is named as corrupt, not met later as a TypeError or a path like `vv9`."""
+    if not isinstance(state, dict) or not {"versions", "aliases", "history"} <= state.keys():
+        return "missing its versions, aliases or history"
+    versions, aliases, history = state["versions"], state["aliases"], state["history"]
+    if not isinstance(versions, list) or not all(isinstance(entry, dict) for entry in versions):
+        return "versions is not a list of entries"
+    numbers = [entry.get("version") for entry in versions]
+    if not all(type(number) is int and number > 0 for number in numbers) or len(set(numbers)) != len(numbers):
+        return "a version number is missing, not a positive whole number, or listed twice"
+    if not isinstance(aliases, dict) or not {"latest", "champion"} <= aliases.keys():
+        return "aliases has no latest or champion"
+    for alias, version in aliases.items():
+        if version is not None and version not in numbers:
+            return f"alias {alias} points at v{version}, which is not listed"
+    if not isinstance(history, list) or not all(isinstance(move, dict) and "alias" in move for move in history):
+        return "history is not a list of alias moves"
+    return None
+
+
 def _entry(state: dict, version: int) -> dict:
     for entry in state["versions"]:
         if entry["version"] == version:
@@ -624,9 +658,13 @@ def parse_reference(ref: str, artifacts_root: str | os.PathLike) -> Path:
         RegistryError: The reference does not resolve.
     """
     candidate = Path(ref).expanduser()
-    if (candidate / MANIFEST_FILE).is_file():
+    if ref and (candidate / MANIFEST_FILE).is_file():
         return candidate.resolve()
-    name, _, tag = ref.partition("@")
+    name, at, tag = ref.partition("@")
+    if not name or (at and not tag):
+        raise ConfigError(
+            f"model reference {ref!r} is incomplete: use name, name@champion, name@latest, name@v3 or a version folder"
+        )
     if "/" in name or os.sep in name:
         raise RegistryError(f"{ref}: not a version folder (no {MANIFEST_FILE})")
     return Registry(artifacts_root, name or DEFAULT_MODEL_NAME).resolve(tag or "champion")

@@ -18,6 +18,9 @@ BROKEN = {  # file -> words its error must contain
     "broken/noise.jpg": "not an image",
     "broken/bomb.png": "decompression bomb",
     "broken/outside_link.jpg": "outside the input folder",
+    "broken/pipe.jpg": "not a regular file (a FIFO)",
+    "broken/loop.jpg": "link loop",
+    "broken/dangling.png": "link points nowhere",
 }
 ODD = {  # file -> (width, height) as stored
     "odd/grey.png": (40, 30),
@@ -36,7 +39,7 @@ ODD = {  # file -> (width, height) as stored
     "odd/UPPER.JPG": (32, 32),
     'odd/name with spaces, commas, "quotes" and ünïcødé ✓.png': (32, 32),
 }
-SKIPPED = ["notes.txt", ".DS_Store", "folder.jpg"]
+SKIPPED = ["notes.txt", ".DS_Store", "folder.jpg", "odd/._grey.png"]  # ._: macOS's AppleDouble metadata
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -73,6 +76,9 @@ def build_catalogue(root: Path, outside: Path) -> Path:
     outside.mkdir(parents=True, exist_ok=True)
     small.save(outside / "secret.png")
     os.symlink(outside / "secret.png", root / "broken/outside_link.jpg")
+    os.mkfifo(root / "broken/pipe.jpg")  # opening it would block the decoder for ever
+    os.symlink("loop.jpg", root / "broken/loop.jpg")
+    os.symlink(root / "broken/gone.png", root / "broken/dangling.png")
 
     colour.convert("L").save(root / "odd/grey.png")
     colour.convert("LA").save(root / "odd/grey_alpha.png")
@@ -94,6 +100,7 @@ def build_catalogue(root: Path, outside: Path) -> Path:
     small.save(root / ODD_NAMES_SPECIAL)
     (root / "notes.txt").write_text("not an image")
     (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "odd/._grey.png").write_bytes(b"\0\5\x16\7AppleDouble header")
     return root
 
 

@@ -69,6 +69,21 @@ def test_bad_prediction_requests_are_refused_before_any_work(setup, tmp_path, ar
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
 
 
+def test_a_device_fifo_or_socket_is_never_an_output_not_even_with_overwrite(setup, tmp_path, artifacts):
+    import os
+    import socket
+
+    os.mkfifo(tmp_path / "pipe.csv")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "socket.csv"))
+    options = dict(model="cifar10", top_k=3, batch_size=256, shard_size=2048, artifacts_root=artifacts, overwrite=True)
+    for output in ("/dev/null", str(tmp_path / "pipe.csv"), str(tmp_path / "socket.csv")):
+        with pytest.raises(ConfigError, match=r"not a regular file \(a device, FIFO or socket\)"):
+            plan_prediction(str(setup), output, **options)
+    listener.close()
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+
+
 def test_an_earlier_prediction_csv_may_be_replaced_and_overwrite_is_explicit(setup, tmp_path, artifacts):
     options = dict(model="cifar10", top_k=3, batch_size=256, shard_size=2048, artifacts_root=artifacts)
     assert plan_prediction(str(setup), str(tmp_path / "earlier.csv"), **options).output == tmp_path / "earlier.csv"
@@ -140,16 +155,19 @@ def test_hostile_file_names_are_neutralised_in_the_csv_and_round_trip(prefect_ha
     not_utf8 = os.fsencode(setup) + b"/caf\xe9.png"  # Latin-1 bytes: not valid UTF-8
     with open(not_utf8, "wb") as handle:
         Image.new("RGB", (32, 32)).save(handle, format="PNG")
+    Image.new("RGB", (32, 32)).save(setup / "caf\\xe9.png", format="PNG")  # literally backslash, x, e, 9
     output = tmp_path / "hostile.csv"
     summary = batch_predict(str(setup), output_csv=str(output))
-    assert (summary["ok"], summary["error"]) == (len(HOSTILE_NAMES) + 2, 0)  # + photo.jpg and the Latin-1 name
+    assert (summary["ok"], summary["error"]) == (len(HOSTILE_NAMES) + 3, 0)  # + photo.jpg and the two café names
 
     raw = pd.read_csv(output, dtype=str, keep_default_na=False)  # what a spreadsheet sees
     assert not [cell for cell in raw.to_numpy().ravel() if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
     assert '\'=HYPERLINK("evil.example","y").png' in set(raw["path"])
     assert "caf\\xe9.png" in set(raw["path"])  # the undecodable byte, escaped
+    assert "caf\\\\xe9.png" in set(raw["path"])  # the name with a backslash: its own cell, not the same one
     table = read_predictions(output)
     assert set(HOSTILE_NAMES) <= set(table["path"])  # the project's own reader gets the names back
+    assert {os.fsdecode(b"caf\xe9.png"), "caf\\xe9.png"} <= set(table["path"])  # both, as the file system has them
     assert table["width"].dtype.kind == "i" and table["confidence"].dtype.kind == "f"
 
 

@@ -91,3 +91,25 @@ def test_decoding_in_pool_chunks_keeps_file_order_and_records_broken_files(tmp_p
     assert pooled.sizes == in_process.sizes and pooled.errors == in_process.errors
     assert [bool(error) for error in pooled.errors] == [False, False, False, True, False, False, False]
     assert pooled.sizes[6] == (16, 8) and pooled.pixels[3].max() == 0 and pooled.pixels[6, 0, 0, 0] == 180
+
+
+def test_an_unreadable_sub_folder_is_one_entry_and_the_walk_goes_on(tmp_path, monkeypatch):
+    import os
+
+    from model_lib.images import ENTRY_ERRORS
+
+    root = tmp_path / "photos"
+    for name in ("a/x.png", "locked/y.png", "z.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    scandir = os.scandir
+
+    def refuse_locked(path):  # tests run as root, whom permission bits do not stop
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    entries = [(e.relative_path, e.kind) for e in walk_folder(root)]
+    assert entries == [("a/x.png", "image"), ("locked", "unreadable_folder"), ("z.png", "image")]
+    assert "cannot be read" in ENTRY_ERRORS["unreadable_folder"]

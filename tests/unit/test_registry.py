@@ -195,7 +195,14 @@ def test_a_tampered_version_never_becomes_champion(artifacts, files):
     assert state["aliases"]["champion"] == 2 and [m["action"] for m in state["history"]].count("promote") == 0
 
 
-@pytest.mark.parametrize("content", ['{"versions": [', "[]", '{"versions": []}', "\xff\xfe"])
+@pytest.mark.parametrize(
+    "content",
+    ['{"versions": [', "[]", '{"versions": []}', "\xff\xfe",
+     '{"versions": {"1": 5}, "aliases": {"latest": 1, "champion": 1}, "history": []}',  # right keys, wrong types
+     '{"versions": [{"version": 1}], "aliases": {"latest": 1, "champion": 9}, "history": []}',  # alias to nothing
+     '{"versions": [{"version": "1"}], "aliases": {"latest": null, "champion": null}, "history": []}',
+     '{"versions": [], "aliases": {"latest": null, "champion": null}, "history": [5]}'],
+)  # fmt: skip
 def test_a_corrupt_registry_file_is_named_with_what_to_do(artifacts, files, content):
     registry = Registry(artifacts)
     registry.register(files, manifest(0.5))
@@ -280,3 +287,20 @@ def test_eight_processes_registering_at_once_all_succeed(artifacts, files):
     assert [entry["version"] for entry in state["versions"]] == versions and state["aliases"]["latest"] == 8
     for version in versions:
         assert verify_version(artifacts / "models" / "cifar10" / f"v{version}") == []
+
+
+@pytest.mark.parametrize("ref", ["", "cifar10@", "@champion", "@"])
+def test_an_empty_or_half_written_model_reference_is_a_usage_error(artifacts, files, ref):
+    from model_lib.config import ConfigError
+
+    Registry(artifacts).register(files, manifest(0.5))
+    with pytest.raises(ConfigError, match="is incomplete: use name, name@champion"):
+        parse_reference(ref, artifacts)
+
+
+def test_a_version_folder_without_its_manifest_is_named(artifacts, files):
+    registry = Registry(artifacts)
+    registry.register(files, manifest(0.5))
+    (registry.root / "v1" / "manifest.json").unlink()
+    with pytest.raises(RegistryError, match=r"v1/manifest\.json: missing; the version folder is incomplete"):
+        parse_reference("cifar10@v1", artifacts)
