@@ -19,6 +19,7 @@ from model_lib.progress import PROGRESS_SECONDS
 from model_lib.settings import artifacts_location, work_dir
 
 QUIET_SECONDS = 5.0  # a copy that pauses longer than this between files gives two events
+PREFECT_HEALTH_SECONDS = 5.0  # how long PREFECT_API_URL's server may take to answer its health check
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ notes (cuInit without a GPU) off the console
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry (and its errors offline)
@@ -74,6 +75,36 @@ def _import_tensorflow_quietly() -> None:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+class PrefectUnreachable(RuntimeError):
+    """PREFECT_API_URL names a server that does not answer as Prefect does."""
+
+
+def _require_prefect_api() -> None:
+    """With PREFECT_API_URL set, a Prefect server must answer there before anything loads or trains: else one
+    line names the setting and what to do, instead of minutes of retries and a page of traceback.
+
+    Raises:
+        PrefectUnreachable: Nothing answers at the address, or what answers is not a Prefect API.
+    """
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        return  # flows start Prefect's temporary server
+    advice = "unset PREFECT_API_URL to use a temporary server, or start yours (prefect server start)"
+    try:
+        response = httpx.get(f"{api.rstrip('/')}/health", timeout=PREFECT_HEALTH_SECONDS)
+    except httpx.HTTPError as error:
+        problem = f"no Prefect server answers there ({type(error).__name__})"
+        raise PrefectUnreachable(f"PREFECT_API_URL={api}: {problem}; {advice}") from None
+    if response.status_code != 200 or response.text.strip() != "true":
+        raise PrefectUnreachable(
+            f"PREFECT_API_URL={api}: what answers there is not a Prefect API (/health gave HTTP "
+            f"{response.status_code}); {advice}"
+        )
 
 
 def _console_without_expected_tracebacks() -> None:
@@ -181,6 +212,7 @@ def train(
         f"--max-train-images or a GPU); progress as a bar on a terminal, else a line every {PROGRESS_SECONDS} s.",
         err=True,
     )
+    _require_prefect_api()
     from flows.train_cifar import train_cifar
 
     _console_without_expected_tracebacks()
@@ -231,6 +263,7 @@ def predict(
     plan = plan_prediction(
         input_dir, output, model, top_k, batch_size, shard_size, artifacts_location(), overwrite, unsure_below, engine
     )
+    _require_prefect_api()
     typer.echo(f"Classifying {plan.root} with {plan.model.version}; starting Prefect and the model...", err=True)
     from flows.batch_predict import batch_predict, with_dask
 

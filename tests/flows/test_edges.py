@@ -328,3 +328,39 @@ def test_a_class_name_that_looks_like_a_formula_is_neutralised_too(prefect_harne
     raw = pd.read_csv(output, dtype=str, keep_default_na=False)
     assert sorted(raw.loc[0, ["top1_label", "top2_label", "top3_label"]]) == ["'+plus", "'=cmd", "plain"]
     assert sorted(read_predictions(output).loc[0, ["top1_label", "top2_label", "top3_label"]]) == sorted(classes)
+
+
+def test_an_unreachable_or_foreign_prefect_api_is_one_line_before_any_work(setup, colour_dataset, artifacts):
+    import http.server
+    import os
+    import socket
+    import threading
+
+    class NotPrefect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the standard library's name)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    foreign = http.server.HTTPServer(("127.0.0.1", 0), NotPrefect)
+    threading.Thread(target=foreign.serve_forever, daemon=True).start()
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    try:
+        cases = ((f"http://127.0.0.1:{dead}/api", "no Prefect server answers there"),
+                 (f"http://127.0.0.1:{foreign.server_port}/api", "what answers there is not a Prefect API"))  # fmt: skip
+        for api, words in cases:
+            env = {**os.environ, "ARTIFACTS_DIR": str(artifacts), "PREFECT_API_URL": api}
+            for command in (["train", "--data", str(colour_dataset), "--profile", "smoke"],
+                            ["predict", str(setup), "--output", str(artifacts.parent / "never.csv")]):  # fmt: skip
+                started = time.monotonic()
+                done = subprocess.run([*CLI, *command], env=env, capture_output=True, text=True, timeout=120)
+                lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+                assert done.returncode == 1 and lines == [lines[0]] and f"PREFECT_API_URL={api}: {words}" in lines[0]
+                assert "Traceback" not in done.stderr and time.monotonic() - started < 60, done.stderr[-2000:]
+                assert not (artifacts / "runs").exists() and not (artifacts.parent / "never.csv").exists()
+    finally:
+        foreign.shutdown()
