@@ -54,7 +54,7 @@ def main() -> None:
             target.write_bytes(path.read_bytes())
         bucket = server.new_bucket()
         client = server.client()
-        with ThreadPoolExecutor(16) as pool:
+        with ThreadPoolExecutor(4) as pool:  # moto serves one request at a time
             list(pool.map(lambda p: client.put_object(Bucket=bucket, Key=f"test/{p.relative_to(folder).as_posix()}",
                                                       Body=p.read_bytes()), sorted(folder.rglob("*.jpg"))))  # fmt: skip
         os.environ["ARTIFACTS_DIR"] = str(scratch / "artifacts")

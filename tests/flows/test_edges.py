@@ -350,8 +350,9 @@ def test_an_unreachable_or_foreign_prefect_api_is_one_line_before_any_work(setup
         probe.bind(("127.0.0.1", 0))
         dead = probe.getsockname()[1]
     try:
+        foreign_api = f"http://127.0.0.1:{foreign.server_port}/api"
         cases = ((f"http://127.0.0.1:{dead}/api", "no Prefect server answers there"),
-                 (f"http://127.0.0.1:{foreign.server_port}/api", "what answers there is not a Prefect API"))  # fmt: skip
+                 (foreign_api, "what answers there is not a Prefect API"))  # fmt: skip
         for api, words in cases:
             env = {**os.environ, "ARTIFACTS_DIR": str(artifacts), "PREFECT_API_URL": api}
             for command in (["train", "--data", str(colour_dataset), "--profile", "smoke"],
