@@ -130,6 +130,7 @@ def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
 
 STORE_RETRY_SECONDS = 30.0  # how long a store that does not answer is retried before the run fails
 STORE_LOCK_SECONDS = 300  # how long a local compare-and-swap waits for another writer's lock
+SYNC_BATCH_FILES = 32  # downloads in flight while a local copy of a folder is brought up to date
 MIRROR_INDEX = ".mirror.json"  # in a local copy of an object-store folder: each file's size and ETag
 REMOTE_SCHEMES = ("s3",)  # object stores with conditional writes, which the registry needs
 T = TypeVar("T")
@@ -324,9 +325,14 @@ class S3Store(Store):
         self.url = url.rstrip("/")
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
-        # Few attempts inside botocore: the outage budget is `_retrying`'s, measured in seconds.
+        # Few attempts inside botocore: the outage budget is `_retrying`'s, measured in seconds. fsspec
+        # keeps one instance (and its connection pool) per process for these arguments: a new client per
+        # store would leak its sockets. The endpoint is part of the key, so a changed AWS_ENDPOINT_URL
+        # gets its own.
         self.fs = s3fs.S3FileSystem(
-            use_listings_cache=False, skip_instance_cache=True, config_kwargs={"retries": {"max_attempts": 2}}
+            use_listings_cache=False,
+            endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+            config_kwargs={"retries": {"max_attempts": 2}},
         )
 
     def _key(self, key: str) -> str:
@@ -467,7 +473,9 @@ class S3Store(Store):
                     local = [str(incoming / name) for name in stale]
                     for name in stale:
                         (incoming / name).parent.mkdir(parents=True, exist_ok=True)
-                    self._retrying("download", key, lambda: self.fs.get(remote, local))
+                    # A bounded number at a time: fsspec sizes its batches by the open-file limit, not by
+                    # what this process (a flow with its pools) already has open.
+                    self._retrying("download", key, lambda: self.fs.get(remote, local, batch_size=SYNC_BATCH_FILES))
                 for name in stale:
                     (target / name).parent.mkdir(parents=True, exist_ok=True)
                     os.replace(incoming / name, target / name)
