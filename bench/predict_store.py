@@ -36,6 +36,8 @@ def main() -> None:
     if args.rounds < 1 or args.images < 1 or not (args.data / "test").is_dir():
         parser.error("--rounds and --images must be at least 1, and --data must hold a test/ folder")
 
+    import boto3
+
     from bench.registry_store import cpu_model, manifest, version_files
     from flows.batch_predict import batch_predict
     from model_lib.predict import reset_workers
@@ -44,7 +46,7 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="predict-store-"))
     server = S3Server(scratch)
-    os.environ.update(server.env)
+    os.environ.update(server.direct_env)
     try:
         folder = scratch / "test"
         paths = sorted(p for p in (args.data / "test").rglob("*") if p.is_file())[: args.images]
@@ -53,7 +55,7 @@ def main() -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
         bucket = server.new_bucket()
-        client = server.client()
+        client = boto3.client("s3", endpoint_url=server.direct_env["AWS_ENDPOINT_URL"])
         with ThreadPoolExecutor(4) as pool:  # moto serves one request at a time
             list(pool.map(lambda p: client.put_object(Bucket=bucket, Key=f"test/{p.relative_to(folder).as_posix()}",
                                                       Body=p.read_bytes()), sorted(folder.rglob("*.jpg"))))  # fmt: skip

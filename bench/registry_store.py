@@ -80,7 +80,7 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="registry-bench-"))
     server = S3Server(scratch)
-    os.environ.update(server.env)
+    os.environ.update(server.direct_env)
     try:
         files = version_files(scratch, args.tensorboard_files)
         size_mb = sum(path.stat().st_size for path in files.values()) / 1e6
