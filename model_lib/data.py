@@ -36,7 +36,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 DECODE_CHUNK_FILES = 512  # files per worker task: large enough to amortise process IPC
 ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
 FILE_TABLE = "files.csv"  # one row per cached image: split, path, class, original size and kind, pixel hash
-KEYS = "keys"  # datasets/keys/<listing key>: the content fingerprint a folder listing (paths, sizes, times) decoded to
+KEYS = "dataset-keys"  # beside datasets/: <listing key>.json, what a folder listing (names, sizes, times) decoded to
 COPIES = "copies"  # under the local cache: local copies of image folders kept in object stores
 
 
@@ -135,7 +135,7 @@ def ingest(
             {"kind": kind, "size": image_size, "classes": class_names},
             [(p.relative_to(root).as_posix(), *_stat_key(p)) for split in splits.values() for p, _ in split],
         )
-        known = datasets_dir / KEYS / f"{listing_key}.json"
+        known = Path(artifacts_root) / KEYS / f"{listing_key}.json"
         cached = _load_info(datasets_dir / read_json(known)["fingerprint"]) if known.is_file() else None
         if cached:
             log(f"Dataset {cached.fingerprint[:12]} served from cache ({cached.train_count} train images)")
@@ -188,7 +188,7 @@ def ingest(
     )
     _write_cache(Path(info.cache_dir), arrays, info, files)
     if listing_key is not None:
-        write_json(datasets_dir / KEYS / f"{listing_key}.json", {"fingerprint": fingerprint})
+        write_json(Path(artifacts_root) / KEYS / f"{listing_key}.json", {"fingerprint": fingerprint})
     log(f"Dataset {fingerprint[:12]} cached: {info.train_count} train, {info.test_count} test images")
     return info
 

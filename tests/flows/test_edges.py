@@ -203,6 +203,8 @@ def test_a_failed_run_on_the_console_ends_in_one_line_without_tracebacks_or_chat
     folder = write_uninformative_dataset(tmp_path / "same")
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED")}
     env["ARTIFACTS_DIR"] = str(artifacts)
+    # Its temporary server's own database: ~/.prefect's may have been migrated by another Prefect version.
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     command = [
         *CLI,
         "train",
