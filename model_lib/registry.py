@@ -378,11 +378,6 @@ class Registry:
 
         self._update_state(add, "recording a score")
 
-    def attach(self, version: int, files: Mapping[str, str | os.PathLike], key: str, entries: list[dict],
-               merge_on: str | None = None) -> dict:  # fmt: skip
-        """Add files to a registered version and record them in its manifest under `key` (see `attach_to_version`)."""
-        return _attach(self.store, f"v{version}", files, key, entries, merge_on)
-
     # ----- internals -------------------------------------------------------------------------
 
     def _update_state(self, change: Callable[[dict], T], what: str) -> T:
