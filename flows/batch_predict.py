@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from typing import Literal
@@ -12,7 +13,6 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from model_lib.config import ENGINES
-from model_lib.fileio import owned_folder, remove_abandoned
 from model_lib.predict import (
     BATCH_IMAGES,
     image_like_entries,
@@ -21,6 +21,7 @@ from model_lib.predict import (
     start_local_workers,
     write_shard,
 )
+from model_lib.prediction_csv import claim_output
 from model_lib.progress import Progress, register, unregister
 from model_lib.settings import artifacts_location
 from tasks.common import check_deployment_storage
@@ -85,6 +86,7 @@ def batch_predict(
     )  # fmt: skip
     root, output, model_info = plan.root, plan.output, plan.model
     output.parent.mkdir(parents=True, exist_ok=True)
+    parts_dir = claim_output(output)  # refuses, before any work, an output another live run is writing
     for note in model_info.notes:
         logger.warning(note)
     logger.info(f"Classifying {root} with {model_info.version} into {output}")
@@ -93,13 +95,11 @@ def batch_predict(
         start_local_workers(model_info)  # shards run in this process: warm it up while the folder is walked
 
     skipped: list[str] = []
-    remove_abandoned(output.parent, f".{output.name}.parts-")  # a killed run's leftovers
-    parts_dir = owned_folder(output.parent, f".{output.name}.parts-")
     progress_key = parts_dir.name  # unique per run: shard tasks in this process find the run's progress
     progress = Progress("classifying images", 0, "images", logger.info)  # the total grows as the walk goes
     register(progress_key, progress)
+    futures, parts = [], []
     try:
-        futures, parts = [], []
         entries = image_like_entries(root, recursive, skipped)
         if files is not None:
             wanted = set(files)
@@ -119,6 +119,9 @@ def batch_predict(
         if plan.publish_to:
             publish_csv_task(str(output), plan.publish_to)
     finally:
+        for future in futures:  # on a failure or a stop, let running shards end before their folder goes
+            with contextlib.suppress(BaseException):  # wait() re-raises what ended the shard: not our concern here
+                future.wait()
         unregister(progress_key)
         progress.close()
         shutil.rmtree(parts_dir, ignore_errors=True)

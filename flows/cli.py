@@ -13,9 +13,18 @@ from typing import Annotated
 
 import typer
 
+from flows import stopping
 from model_lib.checks import check_training_request
-from model_lib.config import CHOICES, ENGINES, PROFILE_TIMES, PROFILES, TrainConfig, config_overrides
-from model_lib.progress import PROGRESS_SECONDS
+from model_lib.config import (
+    CHOICES,
+    ENGINES,
+    PROFILE_TIMES,
+    PROFILES,
+    TrainConfig,
+    config_overrides,
+    resolve_config,
+)
+from model_lib.progress import PROGRESS_SECONDS, stop_requested
 from model_lib.settings import artifacts_location, work_dir
 
 QUIET_SECONDS = 5.0  # a copy that pauses longer than this between files gives two events
@@ -31,6 +40,14 @@ models_app = typer.Typer(
 app.add_typer(models_app, name="models")
 DEBUG_ENV = "CIFAR_PIPELINE_DEBUG"  # set to 1 for tracebacks, like --debug
 _debug = False
+_stop_result = "the command did not finish"  # what a stop leaves, set by the command that can be stopped
+
+
+def _stoppable(result: str) -> None:
+    """From here on, Ctrl-C and SIGTERM stop this command cleanly; `result` says what a stop leaves."""
+    global _stop_result
+    _stop_result = result
+    stopping.install()
 
 
 @app.callback()
@@ -44,16 +61,29 @@ def _options(
 
 
 def main() -> None:
-    """The console script: the project's own errors and OS errors print one line and exit 1 (2 for usage)."""
+    """The console script: the project's own errors and OS errors print one line and exit 1 (2 for usage);
+    a command stopped by Ctrl-C or SIGTERM prints one line and exits 130 or 143 (flows/stopping.py)."""
     try:
         app()
     except Exception as error:
+        if stop_requested():
+            _stopped()
         if _debug or not _expected(error):
             raise
         from model_lib.config import ConfigError
 
         typer.echo(f"error: {error}", err=True)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
+    except BaseException as error:  # Stopped, or Prefect's TerminationSignal
+        if stop_requested() and not isinstance(error, SystemExit):
+            _stopped()
+        raise
+
+
+def _stopped() -> None:
+    stopping.stop_children()
+    typer.echo(f"{stopping.interrupted_line()}: {_stop_result}", err=True)
+    sys.exit(stopping.exit_code())
 
 
 def _expected(error: BaseException) -> bool:
@@ -84,6 +114,7 @@ class PrefectUnreachable(RuntimeError):
 def _require_prefect_api() -> None:
     """With PREFECT_API_URL set, a Prefect server must answer there before anything loads or trains: else one
     line names the setting and what to do, instead of minutes of retries and a page of traceback.
+    Without it, start the temporary server this process owns (flows/stopping.py).
 
     Raises:
         PrefectUnreachable: Nothing answers at the address, or what answers is not a Prefect API.
@@ -93,7 +124,8 @@ def _require_prefect_api() -> None:
 
     api = PREFECT_API_URL.value()
     if not api:
-        return  # flows start Prefect's temporary server
+        stopping.start_temporary_server()
+        return
     advice = "unset PREFECT_API_URL to use a temporary server, or start yours (prefect server start)"
     try:
         response = httpx.get(f"{api.rstrip('/')}/health", timeout=PREFECT_HEALTH_SECONDS)
@@ -108,7 +140,8 @@ def _require_prefect_api() -> None:
 
 
 def _console_without_expected_tracebacks() -> None:
-    """Prefect logs a failed run's traceback on the console; for an expected error the last line says it all.
+    """Prefect logs a failed run's traceback on the console; for an expected error the last line says it all,
+    and after Ctrl-C the flow run's crash says what each stopped task's would.
 
     The traceback still goes to the Prefect API (the UI shows it); `--debug` keeps it on the console.
     """
@@ -120,6 +153,8 @@ def _console_without_expected_tracebacks() -> None:
 
     class DropExpectedTracebacks(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
+            if stop_requested() and record.name == "prefect.task_runs" and record.levelno >= logging.ERROR:
+                return False  # each stopped task's crash: the flow run's line and the command's say it once
             if record.exc_info and record.exc_info[1] is not None and _expected(record.exc_info[1]):
                 record.exc_info, record.exc_text = None, None
             return True
@@ -202,16 +237,19 @@ def train(
 ) -> None:
     """Run the train-cifar flow locally (Prefect's embedded temporary API; no server needed)."""
     overrides = config_overrides(locals())  # the options named like config fields
-    check_training_request(profile, overrides, artifacts_location())  # a mistake costs a second, not a Prefect start
+    config = check_training_request(profile, overrides, artifacts_location())  # a mistake costs a second
+    usual = resolve_config(profile).epochs
+    epochs_note = f" at its {usual} epochs, this run has {config.epochs}" if config.epochs != usual else ""
     if export:
         from model_lib.export import require_tensorflow_backend
 
         require_tensorflow_backend()  # before training, not after
     typer.echo(
-        f"Training profile {profile}: {PROFILE_TIMES[profile]} on a 2-core CPU with CIFAR-10 (less with "
+        f"Training profile {profile}: {PROFILE_TIMES[profile]} on a 2-core CPU with CIFAR-10{epochs_note} (less with "
         f"--max-train-images or a GPU); progress as a bar on a terminal, else a line every {PROGRESS_SECONDS} s.",
         err=True,
     )
+    _stoppable("the train-cifar run is marked Crashed; no version was registered (the same command resumes)")
     _require_prefect_api()
     from flows.train_cifar import train_cifar
 
@@ -263,6 +301,7 @@ def predict(
     plan = plan_prediction(
         input_dir, output, model, top_k, batch_size, shard_size, artifacts_location(), overwrite, unsure_below, engine
     )
+    _stoppable("the batch-predict run is marked Crashed; no CSV was written")
     _require_prefect_api()
     typer.echo(f"Classifying {plan.root} with {plan.model.version}; starting Prefect and the model...", err=True)
     from flows.batch_predict import batch_predict, with_dask
@@ -302,6 +341,7 @@ def export_command(
     from model_lib.export import check_formats, export_version, require_tensorflow_backend
 
     chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
+    _stoppable("no export was added to the manifest")
     _import_tensorflow_quietly()  # before keras imports it loudly
     require_tensorflow_backend()
     check_formats(chosen)  # usage errors (exit 2) before the model loads

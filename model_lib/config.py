@@ -12,6 +12,33 @@ class ConfigError(ValueError):
     """An option value the configuration cannot take."""
 
 
+# The most a run may ask for: past these, a value is a typo (a few zeros too many) that would run for
+# days or exhaust memory, not a plan. Counts not listed (image caps) are bounded by the data.
+UPPER_LIMITS = {
+    "epochs": 10_000,  # passes
+    "head_epochs": 10_000,  # passes
+    "batch_size": 65_536,  # images per step (prediction's too)
+    "image_size": 1_024,  # pixels per side
+    "shard_size": 1_000_000,  # files per prediction shard
+    "learning_rate": 100.0,  # per step
+    "fine_tune_learning_rate": 100.0,  # per step
+    "network_width": 16.0,  # x airbench's widths: compute grows with its square
+}
+
+
+def check_count(option: str, value: int) -> None:
+    """Refuse a count below 1 or above its `UPPER_LIMITS` entry (found by the option's name).
+
+    Raises:
+        ConfigError: Naming the option, its bound and the value.
+    """
+    most = UPPER_LIMITS.get(option.removeprefix("--").replace("-", "_"))
+    if value < 1:
+        raise ConfigError(f"{option} must be at least 1, not {value}")
+    if most is not None and value > most:
+        raise ConfigError(f"{option} must be at most {most:,}, not {value:,}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every knob of a training run. Saved beside each run and in each registered manifest."""
@@ -93,9 +120,8 @@ class TrainConfig:
             if getattr(self, field) not in choices:
                 raise ConfigError(f"--{_option(field)} {getattr(self, field)!r}: choose from {', '.join(choices)}")
         for field in ("epochs", "batch_size", "image_size", "head_epochs", "max_train_images", "max_test_images"):
-            value = getattr(self, field)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{_option(field)} must be at least 1, not {value}")
+            if getattr(self, field) is not None:
+                check_count(f"--{_option(field)}", getattr(self, field))
         for field in ("max_leakage", "balance_shift_warning"):
             if not 0 <= getattr(self, field) <= 1:
                 raise ConfigError(f"--{_option(field)} is a fraction in [0, 1], not {getattr(self, field)}")
@@ -108,8 +134,9 @@ class TrainConfig:
             raise ConfigError(f"optimizer muon (profile {self.profile}) trains the airbench architecture only, "
                               f"not {self.architecture}: leave the optimizer to the profile")  # fmt: skip
         for field in ("learning_rate", "fine_tune_learning_rate", "network_width"):
-            if not getattr(self, field) > 0:
-                raise ConfigError(f"--{_option(field)} must be above 0, not {getattr(self, field)}")
+            if not 0 < getattr(self, field) <= UPPER_LIMITS[field]:
+                raise ConfigError(f"--{_option(field)} must be above 0 and at most {UPPER_LIMITS[field]:g}, "
+                                  f"not {getattr(self, field)}")  # fmt: skip
 
     @property
     def flip_alternates(self) -> bool:

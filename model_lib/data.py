@@ -19,15 +19,13 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 from model_lib.fileio import open_store, read_json, write_json
-from model_lib.images import ENTRY_ERRORS, decode_files_in_pool, join_decoded, walk_folder
+from model_lib.images import ENTRY_ERRORS, decode_files_in_pool, decoding_pool, join_decoded, walk_folder
 from model_lib.progress import Progress
 from model_lib.settings import DEFAULT_MODEL_NAME, KERAS_DOWNLOAD, is_url, work_dir
 
@@ -362,10 +360,9 @@ def _decode_image_folder(
     decoded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     failures: list[str] = []
     rows: list[dict] = []
-    # spawn, not fork: the caller may hold threads (Prefect, TensorFlow) that fork would copy broken.
     total = sum(len(items) for items in splits.values())
     with (
-        ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool,
+        decoding_pool(workers) as pool,
         Progress("decoding images", total, "files", log) as progress,
     ):
         for split, items in splits.items():

@@ -110,10 +110,36 @@ def process_gone(tag: str) -> bool:
 
 
 def owned_folder(parent: Path, prefix: str) -> Path:
-    """Create `parent/<prefix><id>-<process tag>`, a work folder `remove_abandoned` can clean up after a kill."""
-    folder = Path(parent) / f"{prefix}{uuid.uuid4().hex[:12]}-{process_tag()}"
+    """Create `parent/<prefix><id>-<process tag>`, a work folder `remove_abandoned` can clean up after a kill.
+
+    The id starts with the creation time in nanoseconds, so such folders sort in the order they were made.
+    """
+    folder = Path(parent) / f"{prefix}{time.time_ns():020d}{uuid.uuid4().hex[:8]}-{process_tag()}"
     folder.mkdir(parents=True)
     return folder
+
+
+class NotWritable(OSError):
+    """A folder this process cannot write in; the message names it, what it is for and the cause."""
+
+
+def check_writable(folder: Path, role: str) -> None:
+    """Refuse a local `folder` this process cannot write in, before work whose result would end there.
+
+    Creates it, as its writer would, and a probe file in it: that answers for read-only mounts,
+    permissions and ACLs alike, which mode bits alone do not.
+
+    Raises:
+        NotWritable: Naming the folder, its `role` (e.g. "the model registry") and the cause.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise NotWritable(f"{folder}: {role} is not writable here ({error.strerror or error}); "
+                          "nothing was started") from None  # fmt: skip
 
 
 def remove_abandoned(parent: Path, prefix: str) -> list[Path]:

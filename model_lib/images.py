@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +157,17 @@ def decode_files(paths: Sequence[str | os.PathLike], size: int) -> DecodedFiles:
             kinds.append("")
             errors.append(error.reason)
     return DecodedFiles(pixels, sizes, kinds, errors)
+
+
+def decoding_pool(workers: int) -> ProcessPoolExecutor:
+    """`workers` decoding processes, spawned, not forked: the parent may hold threads (Prefect,
+    TensorFlow) that a fork would copy broken. They ignore Ctrl-C, which a terminal sends to the
+    whole process group: the parent that owns them stops them, without a traceback from each."""
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_ignore_interrupts)
+
+
+def _ignore_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def decode_files_in_pool(

@@ -17,20 +17,27 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from itertools import islice
-from multiprocessing import current_process, get_context
+from multiprocessing import current_process
 from pathlib import Path
 
 import numpy as np
 
-from model_lib.config import ENGINES, ConfigError
+from model_lib.config import ENGINES, ConfigError, check_count
 from model_lib.data import local_copy
 from model_lib.export import serving_exports
 from model_lib.fileio import read_json
 from model_lib.flags import flags
-from model_lib.images import ENTRY_ERRORS, FolderEntry, decode_files, decode_files_in_pool, walk_folder
+from model_lib.images import (
+    ENTRY_ERRORS,
+    FolderEntry,
+    decode_files,
+    decode_files_in_pool,
+    decoding_pool,
+    walk_folder,
+)
 from model_lib.inference import KerasClassifier, TFLiteClassifier
 from model_lib.prediction_csv import check_output, check_remote_output, csv_text, default_output_csv
-from model_lib.progress import Progress, find
+from model_lib.progress import Progress, check_stop, find
 from model_lib.registry import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -95,8 +102,7 @@ def plan_prediction(
         RegistryError: The model reference does not resolve.
     """
     for option, value in (("--top-k", top_k), ("--batch-size", batch_size), ("--shard-size", shard_size)):
-        if value < 1:
-            raise ConfigError(f"{option} must be at least 1, not {value}")
+        check_count(option, value)
     root = local_copy(input_dir) if is_url(input_dir) else Path(input_dir).expanduser()
     if not root.is_dir():
         problem = "not a folder (predict classifies the images in a folder)" if root.exists() else "folder not found"
@@ -219,8 +225,7 @@ def decode_pool() -> ProcessPoolExecutor | None:
         return None
     with _decode_pool_lock:
         if _decode_pool is None:
-            # spawn, not fork: the parent holds TensorFlow's and Prefect's threads.
-            _decode_pool = ProcessPoolExecutor(os.cpu_count(), mp_context=get_context("spawn"))
+            _decode_pool = decoding_pool(os.cpu_count())
         return _decode_pool
 
 
@@ -229,7 +234,7 @@ def reset_workers() -> None:
     global _decode_pool
     with _decode_pool_lock:
         if _decode_pool is not None:
-            _decode_pool.shutdown()
+            _decode_pool.shutdown(cancel_futures=True)  # a stopped run's queued chunks are not decoded
             _decode_pool = None
     with _models_lock:
         _models.clear()
@@ -327,7 +332,11 @@ def classify_shard(
 
     Returns:
         Counts: `ok`, `error`, and `flagged` (ok rows flagged `low_confidence` or `out_of_distribution`).
+
+    Raises:
+        Stopped: A stop was requested, before this shard started or while it ran.
     """
+    check_stop()  # a stopped run's queued shards end here, not after decoding a chunk each
     entries = read_shard(shard_file)
     top_k = min(top_k, len(model.class_names))
     counts = {"ok": 0, "error": 0, "flagged": 0}

@@ -7,14 +7,16 @@ from __future__ import annotations
 import csv
 import os
 import re
+import shutil
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 from model_lib.config import ConfigError
-from model_lib.fileio import atomic_open, open_store
+from model_lib.fileio import atomic_open, open_store, owned_folder, remove_abandoned
 from model_lib.images import is_image_name
-from model_lib.settings import is_url
+from model_lib.settings import REGISTRY_FOLDER, is_url
 
 
 def check_output(output: Path, artifacts_root: str | os.PathLike, overwrite: bool) -> None:
@@ -23,7 +25,7 @@ def check_output(output: Path, artifacts_root: str | os.PathLike, overwrite: boo
     Never inside the model registry, never an image-like name (an input image), never a folder;
     an existing file only when it is an earlier prediction CSV, unless `overwrite`.
     """
-    registry = None if is_url(artifacts_root) else (Path(artifacts_root) / "models").resolve()
+    registry = None if is_url(artifacts_root) else (Path(artifacts_root) / REGISTRY_FOLDER).resolve()
     if registry is not None and output.is_relative_to(registry):
         raise ConfigError(f"{output}: inside the model registry ({registry}); write the CSV elsewhere")
     if output.is_dir():
@@ -39,10 +41,44 @@ def check_output(output: Path, artifacts_root: str | os.PathLike, overwrite: boo
         )
 
 
+class OutputBusy(RuntimeError):
+    """Another run is writing the same output file."""
+
+
+PARTS_INFIX = ".parts-"  # a run's shard files live in `.<output name>.parts-<id>-<process>/` beside the output
+STALE_PARTS_SECONDS = 3600  # a parts folder untouched this long is a dead run's, even one on another machine
+
+
+def claim_output(output: Path) -> Path:
+    """Create this run's parts folder beside `output`; it also claims the output for this run.
+
+    Two runs given the same `--output` would otherwise both report it as theirs while one result
+    is lost. Of the live runs' parts folders (a dead process's are removed first; another
+    machine's count until untouched for `STALE_PARTS_SECONDS`), the oldest wins: every run sees
+    the same folders, so exactly one goes on, and a later one ends before any work.
+
+    Raises:
+        OutputBusy: An earlier run that is still alive is writing `output`; names the file and what to do.
+    """
+    prefix = f".{output.name}{PARTS_INFIX}"
+    remove_abandoned(output.parent, prefix)
+    mine = owned_folder(output.parent, prefix)
+    rivals = [
+        folder
+        for folder in output.parent.glob(f"{prefix}*")
+        if folder != mine and folder.is_dir() and time.time() - folder.stat().st_mtime < STALE_PARTS_SECONDS
+    ]
+    if rivals and min(folder.name for folder in rivals) < mine.name:
+        shutil.rmtree(mine, ignore_errors=True)
+        raise OutputBusy(f"{output}: another prediction run is writing this file now; wait for it to finish "
+                         "or choose another --output")  # fmt: skip
+    return mine
+
+
 def check_remote_output(output: str, overwrite: bool) -> None:
     """Refuse an object-store output inside a registry, with an image's name, or existing (unless `overwrite`)."""
     folder, _, name = output.rstrip("/").rpartition("/")
-    if "/models/" in f"{folder}/":
+    if f"/{REGISTRY_FOLDER}/" in f"{folder}/":
         raise ConfigError(f"{output}: inside a model registry (a models/ folder); write the CSV elsewhere")
     if is_image_name(name) or not name:
         raise ConfigError(f"{output}: not a CSV file name; --output takes a CSV file path")

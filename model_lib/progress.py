@@ -4,6 +4,10 @@ On a terminal: a rich progress bar with the count, rate and time left, drawn on 
 when the loop ends. Elsewhere (a Prefect worker, a pipe, CI): a log line at most every
 `PROGRESS_SECONDS` with the same figures, so the Prefect UI shows life without flooding it.
 Thread-safe: the shard threads of batch prediction advance one bar.
+
+Every long loop reports progress, so progress is also where a loop stops on request: after
+`request_stop` (the CLI calls it on Ctrl-C or SIGTERM), the next `advance` in any thread raises
+`Stopped` instead of working on for minutes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,31 @@ from collections.abc import Callable
 PROGRESS_SECONDS = 15  # off a terminal, at most one progress line this often (a log, the Prefect UI)
 _active: dict[str, Progress] = {}  # by key, for tasks that get only a key (see `find`)
 _active_lock = threading.Lock()
+_stop = threading.Event()
+_stop_reason: list[str] = []
+
+
+class Stopped(BaseException):
+    """A loop stopped on request. A BaseException, like KeyboardInterrupt: a per-file `except Exception`
+    must not swallow it, and Prefect does not retry it."""
+
+
+def request_stop(reason: str) -> None:
+    """Ask every long loop in this process to stop at its next progress step, e.g. "SIGINT"."""
+    if not _stop.is_set():
+        _stop_reason.append(reason)
+        _stop.set()
+
+
+def stop_requested() -> str | None:
+    """Why a stop was requested (the `request_stop` reason), or None."""
+    return _stop_reason[0] if _stop.is_set() else None
+
+
+def check_stop() -> None:
+    """Raise `Stopped` when a stop was requested."""
+    if _stop.is_set():
+        raise Stopped(f"stopped by {_stop_reason[0]}")
 
 
 def on_terminal() -> bool:
@@ -69,7 +98,12 @@ class Progress:
             self._task = self._bar.add_task(description, total=total, rate="-")
 
     def advance(self, count: int = 1, description: str | None = None) -> None:
-        """Count `count` more done, optionally under a new description."""
+        """Count `count` more done, optionally under a new description.
+
+        Raises:
+            Stopped: A stop was requested (see `request_stop`).
+        """
+        check_stop()
         with self._lock:
             self.done += count
             if description is not None:

@@ -54,7 +54,7 @@ from model_lib.fileio import (
     sha256_file,
     write_json,
 )
-from model_lib.settings import DEFAULT_MODEL_NAME, is_url, work_dir
+from model_lib.settings import DEFAULT_MODEL_NAME, REGISTRY_FOLDER, is_url, work_dir
 
 MODEL_FILE = "model.keras"
 MANIFEST_FILE = "manifest.json"
@@ -149,8 +149,8 @@ class Registry:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise RegistryError(f"invalid model name {name!r}: letters, digits, '.', '_' and '-' only")
         self.name = name
-        location = f"{str(artifacts_root).rstrip('/')}/models/{name}" if is_url(artifacts_root) else None
-        self.store = open_store(location or Path(artifacts_root) / "models" / name)
+        location = f"{str(artifacts_root).rstrip('/')}/{REGISTRY_FOLDER}/{name}" if is_url(artifacts_root) else None
+        self.store = open_store(location or Path(artifacts_root) / REGISTRY_FOLDER / name)
         self.location = self.store.url
         # The version folders this process reads: the registry's own, or local copies of a remote one.
         local = isinstance(self.store, LocalStore)

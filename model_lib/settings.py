@@ -12,6 +12,9 @@ KERAS_DOWNLOAD = "keras"
 DEFAULT_MODEL_NAME = "cifar10"
 """The registry name of models trained on CIFAR-10, and the name model references default to."""
 
+REGISTRY_FOLDER = "models"
+"""The registry's folder under ARTIFACTS_DIR: `models/<name>/v<N>/` (a stable contract)."""
+
 CACHE_ENV = "CIFAR_PIPELINE_CACHE"
 """The local cache folder's variable (see `work_dir`)."""
 

@@ -103,6 +103,9 @@ def test_an_earlier_prediction_csv_may_be_replaced_and_overwrite_is_explicit(set
         (["train", "--precision", "half"], 2, "--precision 'half': choose from auto, float32"),
         (["train", "--epochs", "0"], 2, "--epochs must be at least 1, not 0"),
         (["train", "--batch-size", "-8"], 2, "--batch-size must be at least 1, not -8"),
+        (["train", "--epochs", "1000000000"], 2, "--epochs must be at most 10,000, not 1,000,000,000"),
+        (["train", "--learning-rate", "1e9"], 2, "--learning-rate must be above 0 and at most 100, not 1000000000.0"),
+        (["predict", "{inbox}", "--batch-size", "100000"], 2, "--batch-size must be at most 65,536, not 100,000"),
         (["train", "--validation-split", "1.0"], 2, "--validation-split must be in [0, 1), not 1.0"),
         (["train", "--data", "{inbox}/missing"], 1, "missing: data folder not found"),
         (["train", "--name", "../escape"], 1, "invalid model name '../escape'"),
@@ -128,6 +131,15 @@ def test_the_cli_answers_a_usage_error_in_one_line(setup, arguments, code, words
     assert done.returncode == code and len(lines) == 1 and words in lines[0], (done.stderr, done.stdout)
     assert "Prefect" not in done.stderr + done.stdout and seconds < 60  # no server was started
     assert Path(setup / "photo.jpg").read_bytes()[:2] == b"\xff\xd8"  # the input image is untouched
+
+
+def test_a_registry_that_cannot_be_written_is_refused_before_training(colour_dataset):
+    # /proc/self takes no new folders, for any user (as root, a chmod'ed folder would still be writable).
+    env = {**os.environ, "ARTIFACTS_DIR": "/proc/self/artifacts"}
+    done = subprocess.run([*CLI, "train", "--data", str(colour_dataset)], capture_output=True, text=True, env=env)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr[-2000:]
+    assert "the model registry (ARTIFACTS_DIR) is not writable here" in lines[0] and "nothing was started" in lines[0]
 
 
 @pytest.mark.parametrize("arguments", [["export", "cifar10"], ["train", "--export", "--data", "{data}"]])
