@@ -47,13 +47,14 @@ def stop_during(
     signum: int,
     group: bool,
     after: float = 1.0,
-    meanwhile: Callable[[], None] | None = None,
+    meanwhile: Callable[[subprocess.Popen], None] | None = None,
 ) -> StopResult:
     """Run `command`, send `signum` `after` seconds past the first output line containing `marker`, time the exit.
 
     Args:
         group: Signal the whole process group (a terminal's Ctrl-C) rather than the command's process only.
-        meanwhile: Called once the marker appeared, before the signal (another command to run meanwhile).
+        meanwhile: Called with the process once the marker appeared, before the signal (to run another
+            command meanwhile).
     """
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -73,7 +74,7 @@ def stop_during(
         process.kill()
         raise RuntimeError(f"{marker!r} never appeared:\n{''.join(lines)[-3000:]}")
     if meanwhile is not None:
-        meanwhile()
+        meanwhile(process)
     time.sleep(after)
     children = psutil.Process(process.pid).children(recursive=True)
     sent = time.perf_counter()

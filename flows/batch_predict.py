@@ -10,6 +10,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import FlowRunContext
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from model_lib.config import ENGINES
@@ -160,7 +161,8 @@ def batch_predict(
     )
     if fail_on_error and errors:
         raise PredictionErrors(f"{errors} file(s) could not be classified; see the error rows in {destination}")
-    return summary
+    # The state's message says the outcome in the UI's run list; the caller gets the summary.
+    return Completed(message=f"{ok} ok ({flagged} flagged unsure), {errors} error -> {destination}", data=summary)
 
 
 def with_dask(address: str | None = None, workers: int | None = None):

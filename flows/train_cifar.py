@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect import flow, get_run_logger
+from prefect.states import Completed
 
 from model_lib.checks import check_training_request
 from model_lib.config import CHOICES, PROFILES, TrainConfig, config_overrides
@@ -66,6 +67,9 @@ def train_cifar(
 ) -> dict:
     """Train a model on a profile (plus overrides) and register it; returns the registration.
 
+    The run's final state says the outcome in its message ("registered cifar10 v7, champion", the
+    challenger's reason, or "skipped: ..."), so the run list shows it without opening the run.
+
     Every override left empty takes the profile's value (see the README's profile table).
 
     Args:
@@ -117,8 +121,11 @@ def train_cifar(
     dataset = ingest_task(config)
     config["model_name"] = config["model_name"] or suggested_model_name(dataset.source, dataset.class_names)
     if skip_unchanged and (same := latest_with_run_key(config, dataset.fingerprint)):
-        get_run_logger().info(f"Nothing to do: {config['model_name']} v{same} was trained on this config and data")
-        return {"name": config["model_name"], "skipped": f"v{same} was trained on this config and data"}
+        why = f"v{same} was trained on this config and data"
+        get_run_logger().info(f"Nothing to do: {config['model_name']} {why}")
+        # The state's message says the outcome in the UI's run list; the caller gets the data.
+        return Completed(message=f"skipped: {config['model_name']} {why}", data={"name": config["model_name"],
+                                                                                  "skipped": why})  # fmt: skip
     prepared = preprocess_task(config, dataset)
     gates = data_report_task(config, dataset, prepared.run_dir)
     trained = train_task(config, dataset, prepared)
@@ -130,7 +137,13 @@ def train_cifar(
     registration = register_task(run, promotion_margin)
     if export:
         registration["exports"] = export_task(registration["path"])
-    return registration
+    return Completed(message=outcome(registration), data=registration)
+
+
+def outcome(registration: dict) -> str:
+    """The run's outcome in one line, for its final state: "registered cifar10 v7, champion", or why not."""
+    verdict = "champion" if registration["champion"] else f"challenger ({registration['reason']})"
+    return f"registered {registration['name']} v{registration['version']}, {verdict}"
 
 
 def latest_with_run_key(config: dict, dataset_fingerprint: str) -> int | None:

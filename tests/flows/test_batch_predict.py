@@ -53,7 +53,10 @@ def test_every_broken_file_gets_an_error_row_and_every_odd_one_is_classified(
     prefect_harness, registered, catalogue, tmp_path
 ):
     output = tmp_path / "out" / "predictions.csv"
-    summary = batch_predict(str(catalogue), output_csv=str(output), shard_size=5)
+    finished = batch_predict(str(catalogue), output_csv=str(output), shard_size=5, return_state=True)
+    summary = finished.result()
+    ok, errors = summary["ok"], summary["error"]
+    assert finished.message == f"{ok} ok ({summary['flagged']} flagged unsure), {errors} error -> {output}"
     table = pd.read_csv(output, keep_default_na=False)
     assert list(table.columns) == csv_columns(3)
     assert table["path"].tolist() == sorted(BROKEN | ODD) == sorted(table["path"])

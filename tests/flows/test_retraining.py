@@ -55,8 +55,9 @@ def test_retrain_on_grown_data_rescores_the_champion_promotes_better_and_refuses
     assert state["history"][-1]["why"] == better["reason"] and state["aliases"]["champion"] == 2
 
     # The trigger's duplicate (same data and config as v2) ends without training or registering.
-    again = train_cifar(profile="smoke", data=str(data), epochs=4, skip_unchanged=True)
-    assert again == {"name": "cifar10", "skipped": "v2 was trained on this config and data"}
+    again = train_cifar(profile="smoke", data=str(data), epochs=4, skip_unchanged=True, return_state=True)
+    assert again.is_completed() and again.message == "skipped: cifar10 v2 was trained on this config and data"
+    assert again.result() == {"name": "cifar10", "skipped": "v2 was trained on this config and data"}
     assert len(registry.state()["versions"]) == 2
 
     report = read_json(Path(better["path"]) / "data_report.json")

@@ -59,11 +59,15 @@ def test_a_second_run_writing_the_same_output_is_refused_while_the_first_runs(ci
     register_keras_model(artifacts, build_model("seed_cnn", 10), tmp_path)
     output = tmp_path / "predictions.csv"
     env = laptop_env(artifacts, tmp_path)
-    command = [*CLI, "predict", str(cifar_dir / "train"), "--output", str(output)]  # 50,000: busy a minute
+    command = [*CLI, "predict", str(cifar_dir / "test"), "--output", str(output)]
     second: list[subprocess.CompletedProcess] = []
 
-    def run_second() -> None:
-        second.append(subprocess.run(command, env=env, capture_output=True, text=True, timeout=300))
+    def run_second(first: subprocess.Popen) -> None:
+        first.send_signal(signal.SIGSTOP)  # alive and holding its claim, however slowly this machine runs the second
+        try:
+            second.append(subprocess.run(command, env=env, capture_output=True, text=True, timeout=300))
+        finally:
+            first.send_signal(signal.SIGCONT)
 
     first = stop_during(command, env, f"into {output}", signal.SIGINT, group=True, after=0, meanwhile=run_second)
     assert first.code == 130 and "Classifying" in first.console  # it was working until stopped

@@ -75,8 +75,11 @@ def test_smoke_profile_on_real_cifar_registers_and_reuses_the_cache(
 
     shutil.copytree(first_artifacts, artifacts, dirs_exist_ok=True)
     monkeypatch.setenv("CIFAR10_DIR", str(cifar_dir))
-    second = train_cifar(profile="smoke", epochs=1)
+    finished = train_cifar(profile="smoke", epochs=1, return_state=True)
+    second = finished.result()
     assert second["version"] == 2
+    verdict = "champion" if second["champion"] else f"challenger ({second['reason']})"
+    assert finished.message == f"registered cifar10 v2, {verdict}"  # the outcome, in the run list
     assert len(list((artifacts / "datasets").iterdir())) == 1  # decoded once, served from cache the second time
     # Same test set, so the gate compared accuracies instead of refusing.
     assert "champion v1" in second["reason"] or second["champion"]
