@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
@@ -13,7 +14,7 @@ from prefect.context import FlowRunContext
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from model_lib.config import ENGINES
+from model_lib.config import ENGINES, ConfigError
 from model_lib.predict import (
     BATCH_IMAGES,
     image_like_entries,
@@ -24,22 +25,27 @@ from model_lib.predict import (
 )
 from model_lib.prediction_csv import claim_output
 from model_lib.progress import Progress, register, unregister
-from model_lib.settings import artifacts_location
-from tasks.common import check_deployment_storage
+from model_lib.settings import INBOX_FOLDER, artifacts_location, is_url
+from tasks.common import KEPT_RESULTS, check_deployment_storage, in_parameter_words
 from tasks.prediction import classify_shard_task, publish_csv_task, write_csv_task
 
 SHARD_FILES = 2048  # files per shard task: measured best of 512-5000 for 10,000 CIFAR JPEGs on 2 cores
 Engine = Literal[ENGINES]
 CONCURRENT_SHARDS = 2  # thread-pool default: one shard decodes while the other predicts
+# A shard's time limit: generous (the slowest measured path, six-view TTA through Keras on 2 cores,
+# takes under 0.01 s an image), so it ends a stuck shard, never a slow machine's.
+SHARD_SECONDS_PER_IMAGE = 0.5
+SHARD_TIMEOUT_FLOOR_SECONDS = 600  # the model's load and first compilation come on top
 
 
 class PredictionErrors(RuntimeError):
     """Raised after the CSV is written when `fail_on_error` is set and some files failed."""
 
 
-@flow(name="batch-predict", task_runner=ThreadPoolTaskRunner(max_workers=CONCURRENT_SHARDS))
+@flow(name="batch-predict", task_runner=ThreadPoolTaskRunner(max_workers=CONCURRENT_SHARDS), **KEPT_RESULTS)
+@in_parameter_words({"--output": "output_csv"})
 def batch_predict(
-    input_dir: str,
+    input_dir: str | None = None,
     output_csv: str | None = None,
     model: str = "cifar10@champion",
     top_k: int = 3,
@@ -60,7 +66,8 @@ def batch_predict(
     `ok`.
 
     Args:
-        input_dir: The folder of images (walked recursively by default; links out of it are refused).
+        input_dir: The folder of images (walked recursively by default; links out of it are refused);
+            empty means the inbox, ARTIFACTS_DIR/inbox.
         output_csv: The CSV to write; empty means a new file per run under ARTIFACTS_DIR/predictions/;
             an s3:// URL is written locally, then uploaded once complete.
             An existing file is replaced only when it is an earlier prediction CSV, unless overwrite.
@@ -81,6 +88,7 @@ def batch_predict(
     logger = get_run_logger()
     started = time.perf_counter()
     check_deployment_storage()
+    input_dir = input_dir or default_inbox()
     plan = plan_prediction(
         input_dir, output_csv, model, top_k, batch_size, shard_size, artifacts_location(), overwrite, unsure_below,
         engine,
@@ -110,8 +118,9 @@ def batch_predict(
             write_shard(shard, shard_file)
             parts.append(str(parts_dir / f"{index:06d}.csv"))
             progress.add_total(len(shard))
+            limit = max(SHARD_TIMEOUT_FLOOR_SECONDS, SHARD_SECONDS_PER_IMAGE * len(shard))
             futures.append(
-                classify_shard_task.submit(
+                classify_shard_task.with_options(timeout_seconds=limit).submit(
                     str(root), str(shard_file), model_info, parts[-1], top_k, batch_size, progress_key
                 )
             )
@@ -163,6 +172,20 @@ def batch_predict(
         raise PredictionErrors(f"{errors} file(s) could not be classified; see the error rows in {destination}")
     # The state's message says the outcome in the UI's run list; the caller gets the summary.
     return Completed(message=f"{ok} ok ({flagged} flagged unsure), {errors} error -> {destination}", data=summary)
+
+
+def default_inbox() -> str:
+    """ARTIFACTS_DIR/inbox, the folder a run without `input_dir` classifies.
+
+    Raises:
+        ConfigError: It does not exist (a local one), naming the parameter to pass instead.
+    """
+    inbox = f"{artifacts_location()}/{INBOX_FOLDER}"
+    if not is_url(inbox) and not Path(inbox).is_dir():
+        raise ConfigError(
+            f"input_dir: not given, and the default inbox {inbox} does not exist (create it, or pass input_dir)"
+        )
+    return inbox
 
 
 def with_dask(address: str | None = None, workers: int | None = None):

@@ -18,10 +18,11 @@ from model_lib.checks import check_training_request
 from model_lib.config import (
     CHOICES,
     ENGINES,
-    PROFILE_TIMES,
     PROFILES,
     TrainConfig,
+    check_timeout,
     config_overrides,
+    profile_time,
     resolve_config,
 )
 from model_lib.progress import PROGRESS_SECONDS, stop_requested
@@ -92,19 +93,10 @@ def _expected(error: BaseException) -> bool:
 
 
 def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow with the process's stderr closed: its C++ start-up notes (oneDNN, no CUDA
-    driver) print before any log level applies. An import that fails still raises, after stderr is back."""
-    if _debug or "tensorflow" in sys.modules:
-        return
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    if not _debug:  # --debug shows TensorFlow's notes too
+        from tasks.common import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
 
 
 class PrefectUnreachable(RuntimeError):
@@ -234,10 +226,15 @@ def train(
     ] = None,
     promotion_margin: Annotated[float, typer.Option(help="Accuracy a new version must add to the champion's.")] = 0.0,
     export: Annotated[bool, typer.Option(help="Also write TFLite float32/float16/int8 exports.")] = False,
+    timeout_minutes: Annotated[
+        float | None,
+        typer.Option(help="Fail training after this long (default: 4x the profile's 2-core time, at least 30)."),
+    ] = None,
 ) -> None:
     """Run the train-cifar flow locally (Prefect's embedded temporary API; no server needed)."""
     overrides = config_overrides(locals())  # the options named like config fields
     config = check_training_request(profile, overrides, artifacts_location())  # a mistake costs a second
+    check_timeout(timeout_minutes)
     usual = resolve_config(profile).epochs
     epochs_note = f" at its {usual} epochs, this run has {config.epochs}" if config.epochs != usual else ""
     if export:
@@ -245,7 +242,7 @@ def train(
 
         require_tensorflow_backend()  # before training, not after
     typer.echo(
-        f"Training profile {profile}: {PROFILE_TIMES[profile]} on a 2-core CPU with CIFAR-10{epochs_note} (less with "
+        f"Training profile {profile}: {profile_time(profile)} on a 2-core CPU with CIFAR-10{epochs_note} (less with "
         f"--max-train-images or a GPU); progress as a bar on a terminal, else a line every {PROGRESS_SECONDS} s.",
         err=True,
     )
@@ -255,7 +252,9 @@ def train(
 
     _console_without_expected_tracebacks()
     _import_tensorflow_quietly()
-    result = train_cifar(profile=profile, **overrides, promotion_margin=promotion_margin, export=export)
+    result = train_cifar(
+        profile=profile, **overrides, promotion_margin=promotion_margin, export=export, timeout_minutes=timeout_minutes
+    )
     verdict = "champion" if result["champion"] else "challenger"
     typer.echo(
         f"{result['name']} v{result['version']} ({verdict}): test accuracy {result['test_accuracy']:.4f}\n"
@@ -362,6 +361,13 @@ def watch(
     quiet_seconds: Annotated[
         float, typer.Option(help="Seconds without changes that end a burst of files (one event per burst).")
     ] = QUIET_SECONDS,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=VALUE: a train-cifar parameter for the retrains --data starts (repeatable; "
+            "the deployment's parameters fill in the rest), e.g. profile=fast."
+        ),
+    ] = None,
 ) -> None:
     """Watch folders and emit Prefect events that the deployments' triggers in prefect.yaml act on.
 
@@ -369,12 +375,13 @@ def watch(
     sends one event: `cifar-pipeline.training-data.changed` starts train-cifar/weekly-retrain,
     `cifar-pipeline.inbox.changed` starts batch-predict/on-demand for the burst's files.
     """
-    from flows.watch import check_watch_request, watch_folders
+    from flows.watch import check_watch_request, retrain_parameters, watch_folders
 
     folders = check_watch_request(data, inbox, quiet_seconds)
+    parameters = retrain_parameters(param or [], folders.get("data"))
     typer.echo("Watching " + ", ".join(f"{role} {path}" for role, path in folders.items()) + " (Ctrl-C stops)")
     try:
-        watch_folders(folders, quiet_seconds, log=typer.echo)
+        watch_folders(folders, quiet_seconds, log=typer.echo, parameters=parameters)
     except KeyboardInterrupt:
         typer.echo("stopped")
 

@@ -8,16 +8,17 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.states import Completed
+from prefect.task_engine import TaskRunTimeoutError
 
 from model_lib.checks import check_training_request
-from model_lib.config import CHOICES, PROFILES, TrainConfig, config_overrides
+from model_lib.config import CHOICES, PROFILES, TrainConfig, check_timeout, config_overrides, training_timeout_minutes
 from model_lib.data import suggested_model_name
 from model_lib.export import require_tensorflow_backend
 from model_lib.fileio import read_json
 from model_lib.registry import MANIFEST_FILE, Registry
 from model_lib.report import RunRecord
 from model_lib.settings import artifacts_location
-from tasks.common import check_deployment_storage
+from tasks.common import KEPT_RESULTS, check_deployment_storage, in_parameter_words
 from tasks.export import export_task
 from tasks.training import (
     calibrate_task,
@@ -36,7 +37,8 @@ Architecture = Literal[CHOICES["architecture"]]
 Precision = Literal[CHOICES["precision"]]
 
 
-@flow(name="train-cifar")
+@flow(name="train-cifar", **KEPT_RESULTS)
+@in_parameter_words()
 def train_cifar(
     profile: Profile = "default",
     architecture: Architecture | None = None,
@@ -64,6 +66,7 @@ def train_cifar(
     promotion_margin: float = 0.0,
     export: bool = False,
     skip_unchanged: bool = False,
+    timeout_minutes: float | None = None,
 ) -> dict:
     """Train a model on a profile (plus overrides) and register it; returns the registration.
 
@@ -112,10 +115,13 @@ def train_cifar(
         export: Also write TFLite float32, float16 and int8 exports beside the version.
         skip_unchanged: End at once when the latest version came from the same config and data
             (set by the data trigger, so a queued duplicate never trains twice).
+        timeout_minutes: Fail the training task after this long; empty means 4 times the profile's
+            slowest 2-core CPU time (scaled by epochs), at least 30 minutes.
     """
     overrides = config_overrides(locals())  # every parameter named like a config field, declared once above
     check_deployment_storage()
     config = check_training_request(profile, overrides, artifacts_location()).to_dict()
+    check_timeout(timeout_minutes)
     if export:
         require_tensorflow_backend()  # before training, not after
     dataset = ingest_task(config)
@@ -128,7 +134,14 @@ def train_cifar(
                                                                                   "skipped": why})  # fmt: skip
     prepared = preprocess_task(config, dataset)
     gates = data_report_task(config, dataset, prepared.run_dir)
-    trained = train_task(config, dataset, prepared)
+    limit = timeout_minutes or training_timeout_minutes(TrainConfig(**config))
+    try:
+        trained = train_task.with_options(timeout_seconds=limit * 60)(config, dataset, prepared)
+    except TaskRunTimeoutError as error:
+        raise TrainingTimeout(
+            f"training ran past its time limit of {limit:g} min and was stopped; nothing was registered "
+            "(a longer --timeout-minutes, or the same command again resumes from the last epoch)"
+        ) from error
     calibration = calibrate_task(trained, dataset, prepared)
     metrics = evaluate_task(trained, dataset, config["learned_margin"])
     evaluate_champion_task(config["model_name"], dataset, prepared.test_fingerprint)
@@ -138,6 +151,10 @@ def train_cifar(
     if export:
         registration["exports"] = export_task(registration["path"])
     return Completed(message=outcome(registration), data=registration)
+
+
+class TrainingTimeout(RuntimeError):
+    """The training task ran past the run's time limit."""
 
 
 def outcome(registration: dict) -> str:

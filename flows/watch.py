@@ -8,6 +8,7 @@ folder has been quiet for `quiet_seconds` (watchfiles' timeout), then sent toget
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -45,13 +46,45 @@ def check_watch_request(data: str | None, inbox: str | None, quiet_seconds: floa
     return {role: path.resolve() for role, path in folders.items()}
 
 
+def retrain_parameters(pairs: list[str], data: Path | None) -> dict:
+    """The retrain's parameters from `NAME=VALUE` pairs (a JSON value, else text, as `prefect
+    deployment run --param` reads them); each training-data event adds `data` and `skip_unchanged`,
+    and the deployment's own parameters fill in the rest.
+
+    Raises:
+        ConfigError: A pair without `=`, a name train-cifar does not take, or pairs without --data.
+    """
+    import inspect
+
+    from flows.train_cifar import train_cifar
+
+    if pairs and data is None:
+        raise ConfigError("--param sets the retrain's parameters: it needs --data")
+    accepted = inspect.signature(train_cifar.fn).parameters
+    parameters: dict = {}
+    for pair in pairs:
+        name, equals, raw = pair.partition("=")
+        if not equals or name not in accepted:
+            raise ConfigError(f"--param {pair!r}: expected NAME=VALUE with NAME one of {', '.join(accepted)}")
+        try:
+            parameters[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            parameters[name] = raw
+    return parameters
+
+
 def watch_folders(
     folders: Mapping[str, Path],
     quiet_seconds: float,
     log: Callable[[str], None] = print,
     stop: threading.Event | None = None,
+    parameters: Mapping | None = None,
 ) -> None:
-    """Send one event per quiet-ended burst of image changes in each folder, until `stop` is set."""
+    """Send one event per quiet-ended burst of image changes in each folder, until `stop` is set.
+
+    Args:
+        parameters: The retrain's parameters that each training-data event carries (`retrain_parameters`).
+    """
     from watchfiles import Change, watch
 
     pending: dict[str, dict[str, Change]] = {role: {} for role in folders}
@@ -71,14 +104,15 @@ def watch_folders(
             continue  # the burst goes on: wait for a quiet period
         for role, batch in pending.items():
             if batch:
-                events = burst_events(role, folders[role], batch)
+                events = burst_events(role, folders[role], batch, parameters or {})
                 asyncio.run(send_events(events))
                 log(f"{role} {folders[role]}: {len(batch)} file change(s) -> {len(events)} {EVENTS[role]} event(s)")
                 batch.clear()
 
 
-def burst_events(role: str, root: Path, batch: Mapping[str, object]) -> list:
-    """The events for one burst of changes (`relative path -> watchfiles.Change`) in one folder."""
+def burst_events(role: str, root: Path, batch: Mapping[str, object], parameters: Mapping | None = None) -> list:
+    """The events for one burst of changes (`relative path -> watchfiles.Change`) in one folder;
+    a training-data event carries the retrain's `parameters`, which the deployment's trigger passes on."""
     from prefect.events import Event
     from watchfiles import Change
 
@@ -94,7 +128,10 @@ def burst_events(role: str, root: Path, batch: Mapping[str, object]) -> list:
         kind: sum(change == getattr(Change, kind) for change in batch.values())
         for kind in ("added", "modified", "deleted")
     }
-    payload = {"folder": str(root), **counts, "examples": sorted(batch)[:EXAMPLES]}
+    payload = {
+        "folder": str(root), **counts, "examples": sorted(batch)[:EXAMPLES],
+        "parameters": {"data": str(root), "skip_unchanged": True, **(parameters or {})},
+    }  # fmt: skip
     return [Event(event=TRAINING_EVENT, resource=resource, payload=payload)]
 
 

@@ -245,14 +245,38 @@ PROFILES: dict[str, dict] = {
 # Wall time of each profile's `train` on a 2-core CPU with the shared CIFAR-10 (bench/RESULTS.md): the
 # AMD EPYC and Intel Emerald Rapids hosts, and for `default` and `seed` also the slower Cascade Lake and
 # faster Zen 5 and Intel AMX ones.
-PROFILE_TIMES = {
-    "default": "about 12-35 min",
-    "gpu": "about 1-4 h",  # 50 min on the AMX host, where its training took 4.4x default's: the others scaled by that
-    "airbench94": "about 25 min",
-    "seed": "about 14-35 min",
-    "fast": "about 2-3 min",
-    "smoke": "about 1 min",
+PROFILE_MINUTES = {
+    "default": (12, 35),
+    "gpu": (60, 240),  # 50 min on the AMX host, where its training took 4.4x default's: the others scaled by that
+    "airbench94": (25, 25),
+    "seed": (14, 35),
+    "fast": (2, 3),
+    "smoke": (1, 1),
 }
+TIMEOUT_FACTOR = 4  # a run's time limit: this many times its profile's slowest 2-core time (scaled by epochs),
+TIMEOUT_FLOOR_MINUTES = 30  # and never under this (ingest of a new dataset, a busy machine)
+
+
+def profile_time(profile: str) -> str:
+    """A profile's 2-core CPU time in words: "about 12-35 min", "about 1-4 h"."""
+    low, high = PROFILE_MINUTES[profile]
+    unit, scale = ("h", 60) if low >= 60 else ("min", 1)
+    span = f"{low // scale}-{high // scale}" if low != high else f"{low // scale}"
+    return f"about {span} {unit}"
+
+
+def check_timeout(minutes: float | None) -> None:
+    """Raises ConfigError unless `minutes` (a run's time limit, empty for the default) is above 0."""
+    if minutes is not None and not minutes > 0:
+        raise ConfigError(f"--timeout-minutes must be above 0, not {minutes}")
+
+
+def training_timeout_minutes(config: TrainConfig) -> float:
+    """The default time limit of a training run: TIMEOUT_FACTOR times its profile's slowest 2-core time,
+    scaled by its epochs, at least TIMEOUT_FLOOR_MINUTES. Generous on purpose: it ends a stuck run, not a
+    slow machine's."""
+    usual = resolve_config(config.profile).epochs
+    return max(TIMEOUT_FLOOR_MINUTES, TIMEOUT_FACTOR * PROFILE_MINUTES[config.profile][1] * config.epochs / usual)
 
 
 def config_overrides(values: dict) -> dict:

@@ -15,6 +15,12 @@ DEFAULT_MODEL_NAME = "cifar10"
 REGISTRY_FOLDER = "models"
 """The registry's folder under ARTIFACTS_DIR: `models/<name>/v<N>/` (a stable contract)."""
 
+INBOX_FOLDER = "inbox"
+"""batch-predict's default input folder under ARTIFACTS_DIR (the deployment's inbox)."""
+
+RESULTS_FOLDER = "prefect-results"
+"""Where Prefect keeps the flows' return values, under the local work folder (`work_dir`)."""
+
 CACHE_ENV = "CIFAR_PIPELINE_CACHE"
 """The local cache folder's variable (see `work_dir`)."""
 

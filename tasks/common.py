@@ -1,15 +1,22 @@
-"""What every task module shares: the run logger and the retry rule for flaky I/O."""
+"""What every task and flow module shares: the run logger, the retry rule for flaky I/O, where results
+are kept, and messages in a deployment run's words."""
 
 from __future__ import annotations
 
 import errno
+import functools
+import inspect
 import os
+import re
+import sys
+import typing
+from pathlib import Path
 
 from prefect import get_run_logger
 from prefect.runtime import deployment
 
 from model_lib.config import ConfigError
-from model_lib.settings import is_url
+from model_lib.settings import RESULTS_FOLDER, is_url, work_dir
 
 
 def log_info(message: str) -> None:
@@ -38,6 +45,23 @@ def retry_on_transient_io(task, task_run, state) -> bool:
     return isinstance(error, OSError) and error.errno not in PERMANENT_ERRNOS
 
 
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with the process's stderr closed: its C++ start-up notes (oneDNN, no CUDA
+    driver) print before any log level applies. An import that fails still raises, after stderr is back.
+    The CLI calls it before a run; a deployment's run, whose stderr is the worker's terminal, at its start."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def check_deployment_storage() -> None:
     """A deployment run starts in a temporary folder of whichever worker picks it up (no checkout): an
     unset or relative ARTIFACTS_DIR would put its registry there and lose it when the run ends.
@@ -46,8 +70,64 @@ def check_deployment_storage() -> None:
         ConfigError: In a deployment run, ARTIFACTS_DIR is unset or relative.
     """
     raw = os.environ.get("ARTIFACTS_DIR", "")
+    if deployment.id:
+        import_tensorflow_quietly()
     if deployment.id and not (is_url(raw) or os.path.isabs(raw.removeprefix("file://"))):
         raise ConfigError(
             f"ARTIFACTS_DIR is {raw or 'unset'!r} on this worker: a deployment run starts in a temporary folder, so "
             "set it, where the worker starts, to an absolute folder or an s3:// URL that every worker shares"
         )
+
+
+def in_parameter_words(renamed: dict[str, str] | None = None):
+    """Decorate a flow so that, in a deployment run, a failure's message names the flow's parameters
+    (`data`, `output_csv`) where the library's messages name the CLI's options (`--data`, `--output`).
+
+    Args:
+        renamed: CLI options whose parameter is not the option's name with `_` for `-`.
+    """
+
+    def decorate(function):
+        accepted = set(inspect.signature(function).parameters)
+        names = {f"--{name.replace('_', '-')}": name for name in accepted} | (renamed or {})
+
+        def reword(match: re.Match) -> str:
+            return names.get(match.group(0), match.group(0))
+
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except Exception as error:
+                if deployment.id and error.args and isinstance(error.args[0], str):
+                    error.args = (OPTION.sub(reword, error.args[0]), *error.args[1:])
+                raise
+
+        # Types resolved here, in the flow's module: Prefect builds its parameter model from the
+        # signature but resolves names in the wrapper's module.
+        wrapper.__signature__ = inspect.signature(function, eval_str=True)
+        wrapper.__annotations__ = typing.get_type_hints(function, include_extras=True)
+        return wrapper
+
+    return decorate
+
+
+OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+class WorkDirResults(type(Path())):
+    """Prefect's result storage for the flows' return values: `work_dir()/prefect-results` (beside the
+    registry when ARTIFACTS_DIR is local, else in the worker's cache). Prefect turns a path into its
+    storage when a run starts, so this one is read then, not at import: the CLI and tests set
+    ARTIFACTS_DIR after importing the flows. The stored path is absolute, so the API's
+    `state.result()` reads it from any process on that machine."""
+
+    def __str__(self) -> str:
+        return str(work_dir() / RESULTS_FOLDER)
+
+    def __fspath__(self) -> str:
+        return str(self)
+
+
+# For the flow decorators: JSON, never pickle (a result is read back by whoever asks the API).
+KEPT_RESULTS = {"persist_result": True, "result_storage": WorkDirResults(), "result_serializer": "json"}

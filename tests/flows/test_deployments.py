@@ -3,21 +3,28 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
 import psutil
 import pytest
 
+from flows.alerts import FAILED, OVERDUE, WEBHOOK_ENV
 from model_lib.config import CHOICES, PROFILES
 from model_lib.fileio import read_json
 from model_lib.registry import verify_version
@@ -111,6 +118,15 @@ def flow_runs(api: str, deployment: str) -> list:
         )
 
 
+def automation(api: str, name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        (found,) = client.read_automations_by_name(name)
+        return found
+
+
 def triggered(api: str, deployment: str) -> list:
     """The deployment's flow runs that an automation (a deployment trigger) created."""
     return [run for run in flow_runs(api, deployment) if run.created_by and run.created_by.type == "AUTOMATION"]
@@ -125,41 +141,108 @@ def wait_for(condition, timeout: float, what: str):
     raise TimeoutError(f"no {what} after {timeout}s")
 
 
+@contextmanager
+def webhook_receiver():
+    """A webhook on 127.0.0.1 that keeps the JSON bodies POSTed to it: where the alerts go."""
+    received: list[dict] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (the handler's name is http.server's)
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/alerts", received
+    finally:
+        server.shutdown()
+
+
 def prefect(*args: str, env: dict, timeout: float = 120) -> str:
     done = subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     return done.stdout
 
 
-def test_deployments_run_on_a_real_server_and_worker_and_new_files_trigger_them(cifar_slice, cifar_dir, tmp_path):
+SERVICE_GUIDE = REPO / "docs" / "service.md"
+
+
+def guide_steps() -> dict:
+    """docs/service.md's numbered commands, as written: `{0: the line every terminal starts with (the
+    first of its shell blocks), N: step N}`, each without its comment, and whether it runs in its own
+    terminal."""
+    steps: dict = {}
+    fence = None
+    for line in SERVICE_GUIDE.read_text().splitlines():
+        if line.startswith("```"):
+            fence = None if fence else line.removeprefix("```")
+            continue
+        command, _, comment = line.partition("   # ")
+        if fence == "bash" and command.strip():
+            number = re.match(r"\s*(\d+)\.", comment)
+            steps.setdefault(int(number.group(1)) if number else 0, (command.strip(), "own terminal" in comment))
+    assert list(steps) == list(range(len(steps))), steps  # one preamble, then the steps in order
+    return steps
+
+
+def guide_step(number: int, *extra: str, env: dict, log: Path | None = None, timeout: float = 300):
+    """Run step `number` of docs/service.md as written (plus `extra` arguments) from the checkout, in a
+    shell that began with the guide's first line; a step marked `own terminal` starts in the background."""
+    steps = guide_steps()
+    command, own_terminal = steps[number]
+    script = f"{steps[0][0]} && {'exec ' if own_terminal else ''}{command} {shlex.join(extra)}"
+    if own_terminal:
+        return background(["bash", "-c", script], env, log)
+    done = subprocess.run(["bash", "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"step {number} ({command}) failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return done
+
+
+def test_the_service_guide_runs_as_written_and_new_files_trigger_runs(cifar_slice, cifar_dir, tmp_path):
+    with webhook_receiver() as (webhook, alerts):
+        run_the_service_guide(cifar_slice, cifar_dir, tmp_path, webhook, alerts)
+
+
+def run_the_service_guide(cifar_slice: Path, cifar_dir: Path, tmp_path: Path, webhook: str, alerts: list) -> None:
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect_home"),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "ARTIFACTS_DIR": str(tmp_path / "artifacts"),
-        "CIFAR10_DIR": str(cifar_slice),
-        "PWD": str(REPO),
-        "COLUMNS": "200",
-    }
-    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    artifacts = tmp_path / "artifacts"
+    own = ("PREFECT_", "TF_CPP_MIN_LOG_LEVEL")  # the guide's service.env sets these, not the test session
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(own)},
+           "HOME": str(tmp_path),  # the guide's ~/photos
+           "PREFECT_HOME": str(tmp_path / "prefect_home"),
+           "PREFECT_SERVER_API_PORT": str(port),  # what `export PREFECT_SERVER_API_PORT=...` would do
+           "PREFECT_WORKER_QUERY_SECONDS": "2",
+           "ARTIFACTS_DIR": str(artifacts), "CIFAR10_DIR": str(cifar_slice), "COLUMNS": "200",
+           WEBHOOK_ENV: webhook}  # fmt: skip  # read by `prefect deploy`: the alerts go there
+    client_env = {**env, "PREFECT_API_URL": api}  # for this test's own `prefect` and `cifar-pipeline` calls
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted((cifar_slice / "test" / "ship").iterdir())[:6]:
+        shutil.copyfile(path, photos / path.name)
     server_log, worker_log, watch_log = tmp_path / "server.log", tmp_path / "worker.log", tmp_path / "watch.log"
-    command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with background(command, server_env, server_log) as server:
+    with guide_step(1, env=env, log=server_log) as server:
         wait_healthy(api, server, server_log)
-        prefect("work-pool", "create", POOL, "--type", "process", env=env)
-        with background([PREFECT, "worker", "start", "--pool", POOL], env, worker_log):
-            prefect("--no-prompt", "deploy", "--all", env=env, timeout=300)
+        guide_step(2, env=env)
+        with guide_step(3, env=env, log=worker_log):
+            guide_step(4, env=env)
             training = read_deployment(api, "train-cifar/weekly-retrain")
             assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in training.schedules] == [
                 ("0 3 * * 0", "UTC", True)
             ]
             assert training.global_concurrency_limit.limit == 1 and training.work_pool_name == POOL
             assert training.parameters == {"profile": "default"}
-            assert read_deployment(api, "batch-predict/on-demand").schedules == []
+            predicting = read_deployment(api, "batch-predict/on-demand")
+            assert predicting.schedules == [] and predicting.global_concurrency_limit.limit == 1
+            failed_alert, overdue_alert = automation(api, FAILED), automation(api, OVERDUE)
+            assert overdue_alert.trigger.within == timedelta(days=8)  # the weekly schedule, plus a day's grace
+            assert failed_alert.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
             # The UI's parameter forms: every parameter described, choices as enums from their one declaration.
             for name in ("train-cifar/weekly-retrain", "batch-predict/on-demand"):
                 schema = read_deployment(api, name).parameter_openapi_schema["properties"]
@@ -167,32 +250,49 @@ def test_deployments_run_on_a_real_server_and_worker_and_new_files_trigger_them(
             schema = training.parameter_openapi_schema["properties"]
             assert schema["profile"]["enum"] == list(PROFILES)
             assert schema["precision"]["anyOf"][0]["enum"] == list(CHOICES["precision"])
-            serve = subprocess.run([str(Path(sys.executable).parent / "cifar-pipeline"), "serve"], env=env,
+            serve = subprocess.run([str(Path(sys.executable).parent / "cifar-pipeline"), "serve"], env=client_env,
                                    capture_output=True, text=True, timeout=120)  # fmt: skip
             assert serve.returncode == 2 and "belongs to work pool cifar-process-pool" in serve.stderr, serve.stderr
 
             try:
-                prefect("deployment", "run", "train-cifar/weekly-retrain", "--param", "profile=smoke",
-                        "--param", "max_train_images=400", "--param", "max_test_images=200",
-                        "--param", "learned_margin=-1",  # 4 steps on 160 images: this checks deployment, not learning
-                        "--watch", "--watch-timeout", "900", env=env, timeout=960)  # fmt: skip
-                version_dir = tmp_path / "artifacts" / "models" / "cifar10" / "v1"
+                # 4 steps on 160 images: this checks the deployment, not learning.
+                guide_step(5, "--param", "profile=smoke", "--param", "max_train_images=400", "--param",
+                           "max_test_images=200", "--param", "learned_margin=-1", "--watch-timeout", "900",
+                           env=env, timeout=960)  # fmt: skip
+                (trained,) = [run for run in flow_runs(api, "train-cifar/weekly-retrain") if run.state.is_final()]
+                assert trained.state.message == "registered cifar10 v1, champion"
+                kept = trained.state.result()  # Prefect kept the return value, under ARTIFACTS_DIR
+                assert (kept["name"], kept["version"], kept["champion"]) == ("cifar10", 1, True)
+                version_dir = artifacts / "models" / "cifar10" / "v1"
                 assert verify_version(version_dir) == []
                 manifest = read_json(version_dir / "manifest.json")
                 assert manifest["config"]["profile"] == "smoke" and manifest["dataset"]["train_count"] == 160
 
-                output = tmp_path / "predictions.csv"
-                prefect("deployment", "run", "batch-predict/on-demand",
-                        "--param", f"input_dir={cifar_slice / 'test' / 'cat'}", "--param", f"output_csv={output}",
-                        "--watch", "--watch-timeout", "600", env=env, timeout=660)  # fmt: skip
-                table = pd.read_csv(output)
-                assert len(table) == 10 and set(table["status"]) == {"ok"}
+                # No parameters and no inbox yet: the run fails in one line naming its parameter, and the
+                # shipped automation sends one alert naming the deployment and the error.
+                unset = subprocess.run([PREFECT, "deployment", "run", "batch-predict/on-demand", "--watch",
+                                        "--watch-timeout", "300"], env=client_env, cwd=REPO, capture_output=True,
+                                       text=True, timeout=360)  # fmt: skip
+                assert unset.returncode != 0, unset.stdout
+                (failed,) = [run for run in flow_runs(api, "batch-predict/on-demand") if run.state.is_failed()]
+                assert "input_dir: not given, and the default inbox" in failed.state.message, failed.state.message
+                wait_for(lambda: alerts, 120, "alert")
+                time.sleep(5)  # a second alert for the same run would have come by now
+                assert len(alerts) == 1, alerts
+                assert "batch-predict/on-demand Failed" in alerts[0]["subject"], alerts
+                assert failed.name in alerts[0]["body"] and "input_dir: not given" in alerts[0]["body"], alerts
 
-                inbox = tmp_path / "inbox"
-                inbox.mkdir()
-                watcher = [str(Path(sys.executable).parent / "cifar-pipeline"), "watch", "--data", str(cifar_slice),
-                           "--inbox", str(inbox), "--quiet-seconds", "2"]  # fmt: skip
-                with background(watcher, env, watch_log):
+                guide_step(6, env=env)  # the inbox, with ~/photos in it
+                guide_step(7, "--watch-timeout", "600", env=env, timeout=660)
+                (written,) = (artifacts / "predictions").glob("inbox-*.csv")  # a new CSV under ARTIFACTS_DIR
+                table = pd.read_csv(written)
+                assert sorted(table["path"]) == sorted(p.name for p in photos.iterdir())
+                assert set(table["status"]) == {"ok"}
+                (done,) = [run for run in flow_runs(api, "batch-predict/on-demand") if run.state.is_completed()]
+                assert done.state.message.startswith("6 ok (") and done.state.message.endswith(f"-> {written}")
+
+                inbox = artifacts / "inbox"
+                with guide_step(8, "--quiet-seconds", "2", "--param", "max_train_images=400", env=env, log=watch_log):
                     wait_for(lambda: "Watching" in watch_log.read_text(), 60, "watcher start")
                     new_images = sorted((cifar_slice / "test" / "dog").iterdir())[:3]
                     for path in new_images:  # a burst: one event, one run for exactly these files
@@ -201,8 +301,8 @@ def test_deployments_run_on_a_real_server_and_worker_and_new_files_trigger_them(
                     assert len(run) == 1 and sorted(run[0].parameters["files"]) == [p.name for p in new_images]
                     wait_for(lambda: triggered(api, "batch-predict/on-demand")[0].state.is_final(), 300, "finished run")
                     assert triggered(api, "batch-predict/on-demand")[0].state.is_completed()
-                    (written,) = (tmp_path / "artifacts" / "predictions").glob("inbox-*.csv")  # under ARTIFACTS_DIR
-                    table = pd.read_csv(written)
+                    (burst,) = set((artifacts / "predictions").glob("inbox-*.csv")) - {written}
+                    table = pd.read_csv(burst)
                     assert sorted(table["path"]) == [p.name for p in new_images] and set(table["status"]) == {"ok"}
 
                     for path in sorted((cifar_dir / "train" / "cat").iterdir())[100:120]:
@@ -213,16 +313,21 @@ def test_deployments_run_on_a_real_server_and_worker_and_new_files_trigger_them(
                     assert len(retrains) == 1, [r.name for r in retrains]
                     assert retrains[0].parameters["data"] == str(cifar_slice.resolve())
                     assert retrains[0].parameters["skip_unchanged"] is True
-                    # A default-profile run: not here. On 200 images it may already have ended.
-                    cancel = subprocess.run([PREFECT, "flow-run", "cancel", str(retrains[0].id)], env=env,
+                    # the guide's `--param profile=fast` and this test's own: the event's parameters
+                    assert (retrains[0].parameters["profile"], retrains[0].parameters["max_train_images"]) == (
+                        "fast", 400)  # fmt: skip
+                    # Training it: not here (step 5 did). On 200 images it may already have ended.
+                    cancel = subprocess.run([PREFECT, "flow-run", "cancel", str(retrains[0].id)], env=client_env,
                                             capture_output=True, text=True, timeout=120)  # fmt: skip
                     assert cancel.returncode == 0 or "already in terminal state" in cancel.stdout, cancel.stdout
                     assert (
                         "1 file change(s)" not in watch_log.read_text() and "20 file change(s)" in watch_log.read_text()
                     )
+                assert "cuda" not in worker_log.read_text().lower()  # TensorFlow's start-up notes stay off it
             finally:
                 print(worker_log.read_text()[-6000:])
                 print(watch_log.read_text()[-3000:] if watch_log.exists() else "")
+        assert "Failed to send telemetry" not in server_log.read_text()  # service.env turned it off
 
 
 def test_two_workers_in_empty_folders_share_one_registry_in_an_object_store(cifar_slice, tmp_path, s3_server):

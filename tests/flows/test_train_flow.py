@@ -8,6 +8,7 @@ from pathlib import Path
 
 import keras
 import pytest
+from prefect.client.orchestration import get_client
 
 from flows.train_cifar import train_cifar
 from model_lib.fileio import read_json
@@ -80,6 +81,10 @@ def test_smoke_profile_on_real_cifar_registers_and_reuses_the_cache(
     assert second["version"] == 2
     verdict = "champion" if second["champion"] else f"challenger ({second['reason']})"
     assert finished.message == f"registered cifar10 v2, {verdict}"  # the outcome, in the run list
+    with get_client(sync_client=True) as client:  # Prefect kept the result, as JSON beside the registry
+        kept = client.read_flow_run(finished.state_details.flow_run_id).state
+    assert kept.message == finished.message and kept.result() == second
+    assert Path(kept.data.storage_key).parent == artifacts / "prefect-results"
     assert len(list((artifacts / "datasets").iterdir())) == 1  # decoded once, served from cache the second time
     # Same test set, so the gate compared accuracies instead of refusing.
     assert "champion v1" in second["reason"] or second["champion"]
@@ -118,3 +123,10 @@ def test_flaky_io_is_retried_but_bad_data_fails_at_once_and_leaves_the_champion(
     assert len(calls) == 1  # a permanent OS error is not retried either
     state = Registry(artifacts, "colours").state()
     assert state["aliases"] == {"latest": 1, "champion": 1} and len(state["versions"]) == 1
+
+
+def test_training_over_its_time_limit_fails_the_run_and_registers_nothing(prefect_harness, colour_dataset, artifacts):
+    state = train_cifar(profile="smoke", data=str(colour_dataset), epochs=50, batch_size=8, validation_split=0.25,
+                        timeout_minutes=0.02, return_state=True)  # fmt: skip  # 1.2 s: not enough for 50 epochs
+    assert state.is_failed() and "training ran past its time limit of 0.02 min" in state.message, state.message
+    assert not (artifacts / "models").exists() or not list((artifacts / "models").rglob("manifest.json"))
