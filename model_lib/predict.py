@@ -36,7 +36,15 @@ from model_lib.images import (
     walk_folder,
 )
 from model_lib.inference import KerasClassifier, TFLiteClassifier
-from model_lib.prediction_csv import check_output, check_remote_output, csv_text, default_output_csv
+from model_lib.prediction_csv import (
+    check_output,
+    check_remote_output,
+    csv_columns,
+    csv_row,
+    csv_text,
+    default_output_csv,
+    ranked_columns,
+)
 from model_lib.progress import Progress, check_stop, find
 from model_lib.registry import (
     MANIFEST_FILE,
@@ -341,6 +349,7 @@ def classify_shard(
     top_k = min(top_k, len(model.class_names))
     counts = {"ok": 0, "error": 0, "flagged": 0}
     provenance = csv_text(model.provenance)
+    columns, ranked_names = csv_columns(top_k), ranked_columns(top_k)
     with open(part_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         for entry, (ranked, flag, size, error) in zip(
@@ -349,9 +358,13 @@ def classify_shard(
             path = csv_text(entry.relative_path)
             if error:
                 counts["error"] += 1
-                writer.writerow([path, "error", "", "", "", *[""] * (2 * top_k), "", "", csv_text(error), provenance])
+                writer.writerow(csv_row(columns, path=path, status="error", error=csv_text(error), model=provenance))
             else:
                 counts["ok"] += 1
                 counts["flagged"] += flag not in ("ok", "")
-                writer.writerow([path, "ok", ranked[0], ranked[1], flag, *ranked, *size, "", provenance])
+                cells = dict(zip(ranked_names, ranked, strict=True))
+                writer.writerow(
+                    csv_row(columns, path=path, status="ok", label=ranked[0], confidence=ranked[1], flag=flag,
+                            width=size[0], height=size[1], model=provenance, **cells)
+                )  # fmt: skip
     return counts

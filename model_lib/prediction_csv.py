@@ -93,10 +93,20 @@ def is_prediction_csv(path: Path) -> bool:
         return handle.read(len(prefix)) == prefix.encode()
 
 
+def ranked_columns(top_k: int) -> list[str]:
+    """The ranked predictions' columns: `top1_label`, `top1_probability`, `top2_label`, ..."""
+    return [name for rank in range(1, top_k + 1) for name in (f"top{rank}_label", f"top{rank}_probability")]
+
+
 def csv_columns(top_k: int) -> list[str]:
-    """The CSV header for `top_k` ranked predictions."""
-    ranked = [name for rank in range(1, top_k + 1) for name in (f"top{rank}_label", f"top{rank}_probability")]
+    """The CSV's columns in order, for `top_k` ranked predictions: the one definition of its shape."""
+    ranked = ranked_columns(top_k)
     return ["path", "status", "label", "confidence", "flag", *ranked, "width", "height", "error", "model"]
+
+
+def csv_row(columns: list[str], **cells: str | int) -> list:
+    """One row in the order of `columns` (from `csv_columns`); a column not given is empty."""
+    return [cells.get(column, "") for column in columns]
 
 
 SPREADSHEET_TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "'")  # a leading one makes a spreadsheet evaluate a cell

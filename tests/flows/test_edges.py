@@ -123,13 +123,11 @@ def test_an_earlier_prediction_csv_may_be_replaced_and_overwrite_is_explicit(set
 )
 def test_the_cli_answers_a_usage_error_in_one_line(setup, arguments, code, words):
     command = [*CLI, *(a.format(inbox=setup) for a in arguments)]
-    started = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # `watch` needs one: here there is none
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
-    seconds = time.perf_counter() - started
     lines = done.stderr.strip().splitlines()
     assert done.returncode == code and len(lines) == 1 and words in lines[0], (done.stderr, done.stdout)
-    assert "Prefect" not in done.stderr + done.stdout and seconds < 60  # no server was started
+    assert "Prefect" not in done.stderr + done.stdout  # refused before any server started (its start logs "Prefect")
     assert Path(setup / "photo.jpg").read_bytes()[:2] == b"\xff\xd8"  # the input image is untouched
 
 

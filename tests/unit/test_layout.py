@@ -1,10 +1,12 @@
-"""The library reads top-down: `model_lib` never imports Prefect, and its import graph is at most 4 floors deep."""
+"""The code reads top-down: `model_lib` never imports Prefect, `tasks` never imports `flows`, the library's
+import graph is at most 4 floors deep, and docs/layout.md names every module."""
 
 import ast
 import functools
 from pathlib import Path
 
-LIBRARY = Path(__file__).resolve().parents[2] / "model_lib"
+ROOT = Path(__file__).resolve().parents[2]
+LIBRARY = ROOT / "model_lib"
 MAX_FLOORS = 4  # a module that imports nothing of the package is floor 1
 
 
@@ -41,3 +43,18 @@ def test_the_import_graph_is_at_most_four_floors_deep():
 
     floors = {module: floor(module) for module in graph}
     assert max(floors.values()) <= MAX_FLOORS, sorted(floors.items(), key=lambda item: -item[1])
+
+
+def test_tasks_never_import_the_flows():
+    for path in (ROOT / "tasks").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not {m for m in modules if m.split(".")[0] == "flows"}, path.name
+
+
+def test_the_layout_page_names_every_module():
+    page = (ROOT / "docs" / "layout.md").read_text()
+    modules = [p.relative_to(ROOT).as_posix() for layer in ("flows", "tasks", "model_lib")
+               for p in sorted((ROOT / layer).glob("*.py")) if p.name != "__init__.py"]  # fmt: skip
+    assert [m for m in modules if f"`{m}`" not in page] == []
