@@ -170,6 +170,16 @@ def train(
     data: Annotated[str | None, typer.Option(help="Image folder, cifar-10-batches-py folder or 'keras'.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for split, weights and augmentation.")] = None,
     precision: Annotated[str | None, typer.Option(help=f"One of: {', '.join(CHOICES['precision'])}.")] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help=f"One of: {', '.join(CHOICES['optimizer'])} (muon: airbench only).")
+    ] = None,
+    network_width: Annotated[
+        float | None, typer.Option(help="Multiplier on airbench's channel widths (gpu: 2); compute grows ~squared.")
+    ] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Target mass spread over all classes.")] = None,
+    jit_compile: Annotated[
+        str | None, typer.Option(help=f"XLA, one of: {', '.join(CHOICES['jit_compile'])} (auto: GPUs only).")
+    ] = None,
     validation_split: Annotated[float | None, typer.Option(help="Fraction held out for validation.")] = None,
     max_train_images: Annotated[int | None, typer.Option(help="Class-balanced cap on training images.")] = None,
     max_test_images: Annotated[int | None, typer.Option(help="Class-balanced cap on test images.")] = None,

@@ -35,6 +35,8 @@ from tasks.training import (
 Profile = Literal[tuple(PROFILES)]
 Architecture = Literal[CHOICES["architecture"]]
 Precision = Literal[CHOICES["precision"]]
+Optimizer = Literal[CHOICES["optimizer"]]
+JitCompile = Literal[CHOICES["jit_compile"]]
 
 
 @flow(name="train-cifar", **KEPT_RESULTS)
@@ -48,6 +50,10 @@ def train_cifar(
     data: str | None = None,
     seed: int | None = None,
     precision: Precision | None = None,
+    optimizer: Optimizer | None = None,
+    network_width: float | None = None,
+    label_smoothing: float | None = None,
+    jit_compile: JitCompile | None = None,
     validation_split: float | None = None,
     max_train_images: int | None = None,
     max_test_images: int | None = None,
@@ -88,6 +94,11 @@ def train_cifar(
             (download); empty means CIFAR10_DIR, else keras.
         seed: Seeds the split, weights, shuffling and augmentation.
         precision: auto (decided once per machine), float32, mixed_bfloat16 or mixed_float16.
+        optimizer: sgd (Nesterov momentum), muon (sgd, but Muon on the conv kernels; airbench only) or adam.
+        network_width: Multiplier on airbench's channel widths (64/256/256; gpu uses 2); compute grows
+            about with its square.
+        label_smoothing: Target mass spread uniformly over all classes.
+        jit_compile: XLA compilation of the training step: auto (GPUs only), on or off.
         validation_split: Fraction of training images held out (stratified) for validation and
             calibration.
         max_train_images: Class-balanced cap on training images; empty means all.

@@ -112,3 +112,25 @@ def test_help_lists_every_choice_from_their_single_declaration():
     shown = " ".join(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "250"}).output.split())
     for choices in (PROFILES, CHOICES["architecture"], CHOICES["precision"]):
         assert f"One of: {', '.join(choices)}." in shown
+
+
+def test_the_train_command_and_the_flow_take_the_same_options():
+    import dataclasses
+    import inspect
+    import typing
+
+    from flows.cli import train
+    from flows.train_cifar import train_cifar
+    from model_lib.config import CHOICES, TrainConfig
+
+    command, flow = inspect.signature(train).parameters, inspect.signature(train_cifar.fn).parameters
+    assert set(flow) - set(command) == {"skip_unchanged"}  # the data trigger's; the README says so
+    assert set(command) <= set(flow)
+    assert {name: command[name].default for name in command} == {name: flow[name].default for name in command}
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    assert set(command) - fields == {"promotion_margin", "export", "timeout_minutes"}  # the rest reach the config
+    for field, choices in CHOICES.items():  # the UI's lists and the CLI's check come from one declaration
+        if field in flow:
+            literal = next(a for a in typing.get_args(flow[field].annotation) if typing.get_origin(a) is typing.Literal)
+            assert typing.get_args(literal) == choices, field
+    assert {"jit_compile", "network_width", "optimizer", "label_smoothing"} <= set(command)  # docs/training.md's
