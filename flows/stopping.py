@@ -131,7 +131,11 @@ def start_temporary_server() -> None:
             # Prefect's method with two more Popen arguments: its module sees a `subprocess` whose
             # Popen adds them, for this call only; nothing else in the process is touched.
             def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
-                return subprocess.Popen(*args, **kwargs, process_group=0, preexec_fn=_die_with_parent)
+                process = subprocess.Popen(
+                    *args, **kwargs, process_group=0, preexec_fn=_die_with_parent, stderr=subprocess.PIPE
+                )
+                startup.watch(process.stderr)
+                return process
 
             shim = types.SimpleNamespace(**{**vars(subprocess), "Popen": popen})
             prefect_server.subprocess = shim
@@ -140,8 +144,56 @@ def start_temporary_server() -> None:
             finally:
                 prefect_server.subprocess = subprocess
 
+    startup = ServerErrors()
     _server = OwnedServer()
-    _server.start()
+    try:
+        _server.start()
+    except RuntimeError:  # Prefect's "Timed out ...", after its whole start-up timeout
+        from prefect.settings import PREFECT_HOME
+
+        _server.stop()
+        raise TemporaryServerFailed(
+            f"Prefect's temporary server did not start ({startup.last_error() or 'no answer'}); its database in "
+            f"{PREFECT_HOME.value()} may come from another Prefect version: set PREFECT_HOME to an empty folder, "
+            "or PREFECT_API_URL to a running server"
+        ) from None
+    startup.forward()
+
+
+class ServerErrors:
+    """The temporary server's stderr: kept while it starts (a failed start becomes one line), then
+    passed on to this process's stderr as before."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.forwarding = False
+        self.lock = threading.Lock()
+
+    def watch(self, stream) -> None:
+        def pump() -> None:
+            for raw in stream:
+                line = raw.decode(errors="replace")
+                with self.lock:
+                    if self.forwarding:
+                        sys.stderr.write(line)
+                    else:
+                        self.lines.append(line)
+
+        threading.Thread(target=pump, name="prefect-server-stderr", daemon=True).start()
+
+    def last_error(self) -> str:
+        """The last line that names an error, such as alembic's "Can't locate revision ..."."""
+        errors = [line.strip() for line in self.lines if "Error" in line and line.strip()]
+        return errors[-1] if errors else ""
+
+    def forward(self) -> None:
+        with self.lock:
+            sys.stderr.write("".join(self.lines))
+            self.forwarding = True
+
+
+class TemporaryServerFailed(RuntimeError):
+    """The temporary Prefect server this command starts never answered."""
 
 
 def _die_with_parent() -> None:

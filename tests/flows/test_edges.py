@@ -140,6 +140,24 @@ def test_a_registry_that_cannot_be_written_is_refused_before_training(colour_dat
     assert "the model registry (ARTIFACTS_DIR) is not writable here" in lines[0] and "nothing was started" in lines[0]
 
 
+def test_a_prefect_database_from_another_prefect_version_fails_in_one_line(colour_dataset, tmp_path):
+    import sqlite3
+
+    home = tmp_path / "prefect_home"  # as if a newer Prefect had migrated it: a revision this one does not know
+    home.mkdir()
+    with sqlite3.connect(home / "prefect.db") as db:
+        db.execute("create table alembic_version (version_num varchar(32) not null primary key)")
+        db.execute("insert into alembic_version values ('ffffffffffff')")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # this command starts its own server
+    env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "10"}
+    done = subprocess.run([*CLI, "train", "--data", str(colour_dataset)], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 2, done.stderr[-3000:]  # the time estimate, then the error
+    assert lines[1].startswith("error: Prefect's temporary server did not start (") and "'ffffffffffff'" in lines[1]
+    assert f"its database in {home} may come from another Prefect version: set PREFECT_HOME" in lines[1]
+
+
 @pytest.mark.parametrize("arguments", [["export", "cifar10"], ["train", "--export", "--data", "{data}"]])
 def test_exports_under_another_keras_backend_are_refused_before_any_work(colour_dataset, arguments):
     env = {**os.environ, "KERAS_BACKEND": "jax"}
