@@ -413,6 +413,66 @@ def serve() -> None:
     prefect_serve(*deployments)
 
 
+@app.command("app")
+def app_command(
+    model: Annotated[str, typer.Option(help="The reference served; an alias is followed when it moves.")] = (
+        "cifar10@champion"
+    ),
+    host: Annotated[str, typer.Option(help="Address to listen on; beyond loopback it needs a token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: any free one, printed).")] = 8000,
+    token: Annotated[
+        str | None, typer.Option(envvar="CIFAR_PIPELINE_TOKEN", help="Every /api/ call must carry it (Bearer).")
+    ] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body, all its images together.")] = 10.0,
+    max_megapixels: Annotated[float, typer.Option(help="Largest image, read from its header.")] = 25.0,
+    reload_seconds: Annotated[float, typer.Option(help="How often the reference is resolved again.")] = 2.0,
+    engine: Annotated[str, typer.Option(help=f"One of: {', '.join(ENGINES)} (auto: a checked TFLite export).")] = (
+        "auto"
+    ),
+) -> None:
+    """Serve the HTTP prediction API and the web page (drag-and-drop, webcam, registry) until Ctrl-C."""
+    import socket
+
+    from flows.app import AppSettings, is_loopback
+    from model_lib.config import ConfigError
+
+    settings = AppSettings(model, artifacts_location(), token or None, max_upload_mb, max_megapixels,
+                           reload_seconds, engine)  # fmt: skip
+    if not is_loopback(host) and not settings.token:
+        raise ConfigError(f"--host {host} listens beyond this machine: give a token (--token, or set "
+                          "CIFAR_PIPELINE_TOKEN) that every API call must carry")  # fmt: skip
+    for option, value in (("--max-upload-mb", max_upload_mb), ("--max-megapixels", max_megapixels),
+                          ("--reload-seconds", reload_seconds)):  # fmt: skip
+        if not value > 0:
+            raise ConfigError(f"{option} must be more than 0, not {value}")
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be from 0 to 65535, not {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # bound before the model loads: a port in use is one line, at once
+        listener.bind((host, port))
+    except OSError as error:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({error.strerror})") from None
+    _import_tensorflow_quietly()
+    _serve_app(settings, listener)
+
+
+def _serve_app(settings, listener) -> None:
+    import uvicorn
+
+    from flows.app import create_app
+
+    web = create_app(settings)
+    host, port = listener.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    info = web.state.live.served.info
+    typer.echo(f"serving {info.reference} ({info.version}) at http://{shown}:{port}/ - Ctrl-C stops")
+    uvicorn.Server(uvicorn.Config(web, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[listener])
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)

@@ -17,6 +17,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -68,12 +69,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_rgb(path: str | os.PathLike, size: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int], str]:
+def decode_rgb(
+    path: str | os.PathLike | BinaryIO, size: tuple[int, int] | None, max_pixels: int | None = None
+) -> tuple[np.ndarray, tuple[int, int], str]:
     """Decode an image file into RGB uint8 pixels.
 
     Args:
-        path: The image file.
+        path: The image file, or an upload held in memory (a binary file object; its `name`, if
+            any, names it in errors).
         size: `(width, height)` to resize to, or None to keep the decoded size.
+        max_pixels: Refuse an image with more pixels than this (read from the header, before any
+            pixel is decoded); Pillow's own limit (about 179 million) applies in any case.
 
     Returns:
         The pixels as a `(height, width, 3)` uint8 array, the original `(width, height)`, and the
@@ -83,18 +89,31 @@ def decode_rgb(path: str | os.PathLike, size: tuple[int, int] | None) -> tuple[n
         ImageDecodeError: The file is empty, not an image, truncated, corrupt, or larger than
             Pillow's pixel limit (checked from the header, before any pixel is allocated).
     """
-    path = Path(path)
+    source = path
+    in_memory = not isinstance(path, (str, os.PathLike))
+    path = str(getattr(path, "name", "") or "upload") if in_memory else Path(path)
     try:
-        status = path.stat()
-        if not stat.S_ISREG(status.st_mode):  # a FIFO would block the decoder; a device never ends
-            raise ImageDecodeError(path, f"not a regular file ({_file_kind(status.st_mode)})")
-        if status.st_size == 0:
-            raise ImageDecodeError(path, "empty file")
+        if in_memory:
+            empty = source.seek(0, os.SEEK_END) == 0
+            source.seek(0)
+            if empty:
+                raise ImageDecodeError(path, "empty file")
+        else:
+            status = path.stat()
+            if not stat.S_ISREG(status.st_mode):  # a FIFO would block the decoder; a device never ends
+                raise ImageDecodeError(path, f"not a regular file ({_file_kind(status.st_mode)})")
+            if status.st_size == 0:
+                raise ImageDecodeError(path, "empty file")
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; treat that as the bomb it is.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 original_size, kind = image.size, f"{image.format} {image.mode}"
+                if max_pixels is not None and image.width * image.height > max_pixels:
+                    raise ImageDecodeError(
+                        path, f"{image.width}x{image.height} is {image.width * image.height / 1e6:.1f} megapixels, "
+                        f"over the limit of {max_pixels / 1e6:g}"
+                    )  # fmt: skip
                 if size is not None and image.format == "JPEG":
                     image.draft("RGB", (size[0] * DRAFT_OVERSAMPLE, size[1] * DRAFT_OVERSAMPLE))
                 if "exif" in image.info or image.format == "TIFF":  # parsing EXIF costs a third of a small decode

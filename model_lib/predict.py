@@ -187,20 +187,34 @@ def load_model_once(model: ModelInfo):
     key = str(Path(model.path) / model.model_file)
     with _models_lock:
         if key not in _models:
-            if model.model_file == MODEL_FILE:
-                loaded = KerasClassifier(load_verified_model(Path(model.path)))
-            else:
-                problems = verify_version(Path(model.path), (model.model_file,))
-                if problems:
-                    raise ChecksumError("; ".join(problems))
-                loaded = TFLiteClassifier(key)
-            # Trace (or allocate) here, under the lock, not in two shard threads at once.
-            loaded.predict_on_batch(np.zeros((1, *loaded.input_shape[1:]), np.uint8))
-            _models[key] = loaded
-            # TensorFlow and the model are millions of objects that live as long as the process; a
-            # full collection scanning them stalled every shard thread ~0.3 s. Stop scanning them.
-            gc.freeze()
+            # Under the lock: two shard threads must not trace (or allocate) the same model at once.
+            _models[key] = load_classifier(model)
         return _models[key]
+
+
+def load_classifier(model: ModelInfo):
+    """The model's file, checksums verified, as a classifier of uint8 pixel batches, traced and ready."""
+    if model.model_file == MODEL_FILE:
+        loaded = KerasClassifier(load_verified_model(Path(model.path)))
+    else:
+        problems = verify_version(Path(model.path), (model.model_file,))
+        if problems:
+            raise ChecksumError("; ".join(problems))
+        loaded = TFLiteClassifier(Path(model.path) / model.model_file)
+    loaded.predict_on_batch(np.zeros((1, *loaded.input_shape[1:]), np.uint8))
+    # TensorFlow and the model are millions of objects that live as long as the process; a
+    # full collection scanning them stalled every shard thread ~0.3 s. Stop scanning them.
+    gc.freeze()
+    return loaded
+
+
+def ranked(probabilities: np.ndarray, top_k: int) -> list[tuple[list[int], list[float]]]:
+    """Per image, the `top_k` class indices from most to least probable and their probabilities.
+
+    Ranked per batch and returned as Python values: numpy calls per row took ~0.1 s per 10,000 rows.
+    """
+    ranks = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    return list(zip(ranks.tolist(), np.take_along_axis(probabilities, ranks, axis=1).tolist(), strict=True))
 
 
 def shards(entries: Iterable[FolderEntry], shard_size: int) -> Iterator[list[FolderEntry]]:
@@ -309,13 +323,11 @@ def classified_rows(
             probabilities = np.zeros((len(good), len(model.class_names)), np.float32)
             if good.any():
                 probabilities[good] = classifier.predict_on_batch(chunk.pixels[good])
-            # Ranked per chunk, formatted from Python floats: numpy calls per row took ~0.1 s per 10,000 rows.
-            ranks = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
-            ranked = zip(ranks.tolist(), np.take_along_axis(probabilities, ranks, axis=1).tolist(), strict=True)
             row_flags = flags(probabilities, chunk.pixels, model.unsure_below, model.texture_range)
             if progress is not None:
                 progress.advance(len(chunk.errors))
-            for (labels, values), flag, size, error in zip(ranked, row_flags, chunk.sizes, chunk.errors, strict=True):
+            rows = zip(ranked(probabilities, top_k), row_flags, chunk.sizes, chunk.errors, strict=True)
+            for (labels, values), flag, size, error in rows:
                 pairs = [] if error else zip(labels, values, strict=True)
                 cells = [cell for c, v in pairs for cell in (safe_names[c], f"{v:.6f}")]
                 yield cells, "" if error else flag, size, error

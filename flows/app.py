@@ -1,0 +1,271 @@
+"""`cifar-pipeline app`: the HTTP prediction API and the web page (drag-and-drop, webcam, registry).
+
+Routes:
+- `GET /`: the page (`flows/app_page.html`, one self-contained file: no build step, nothing from the internet);
+- `POST /api/predict`: images in the multipart field `file` (repeated) -> one JSON object per image
+  with the prediction CSV's columns (`flows/live.py`);
+- `GET /api/models`: the registry (names, versions, aliases, test accuracy) and what is served;
+- `GET /api/models/{name}/v{version}/plots/{file}`: a version's report plots, checksums verified;
+- `GET /api/health`: the served version, and why it could not follow its reference, if so.
+
+Every `/api/` call needs the token when the app has one (`Authorization: Bearer <token>`, or
+`?token=` for an `<img>`); the CLI refuses to listen beyond loopback without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from flows.live import (
+    MAX_FILES,
+    MAX_MEGAPIXELS,
+    MAX_UPLOAD_MB,
+    RELOAD_SECONDS,
+    Batcher,
+    LiveModel,
+    ModelChanged,
+    decode_upload,
+    prediction_rows,
+)
+from model_lib.fileio import open_store, read_json
+from model_lib.registry import MANIFEST_FILE, Registry, RegistryError, verify_version
+from model_lib.report import PLOTS
+from model_lib.settings import REGISTRY_FOLDER
+
+PAGE = Path(__file__).with_name("app_page.html")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+TOKEN_ENV = "CIFAR_PIPELINE_TOKEN"
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """What `cifar-pipeline app` was asked to serve, and its limits."""
+
+    model: str = "cifar10@champion"
+    artifacts_root: str = "artifacts"
+    token: str | None = None  # required on every /api/ call when set
+    max_upload_mb: float = MAX_UPLOAD_MB  # MB per request body
+    max_megapixels: float = MAX_MEGAPIXELS  # per image
+    reload_seconds: float = RELOAD_SECONDS  # how often the reference is resolved again
+    engine: str = "auto"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1e6)
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK or host.startswith("127.")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class LimitBody:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before it is read (Content-Length),
+    or as soon as it passes the limit (a chunked upload)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send, int(length))
+        received, started = 0, False
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLarge
+            return message
+
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched_send)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(send, received)
+
+    async def _refuse(self, send, size: int) -> None:
+        detail = f"upload of {size / 1e6:.1f} MB is over the limit of {self.limit / 1e6:g} MB per request"
+        response = JSONResponse({"detail": detail}, status_code=413)
+        await response({"type": "http"}, None, send)
+
+
+def create_app(settings: AppSettings, live: LiveModel | None = None) -> FastAPI:
+    """The app for `settings`; `live` is the already loaded model (loaded here when not given).
+
+    Raises:
+        RegistryError: The model reference does not resolve or its checksums fail (before serving).
+    """
+    live = live or LiveModel(settings.model, settings.artifacts_root, settings.engine)
+    # Starlette spools an uploaded file to a temporary file past 1 MB; uploads stay in memory here, and the
+    # body limit bounds that memory.
+    MultiPartParser.spool_max_size = settings.max_upload_bytes + 1
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        stop = threading.Event()
+        live.follow(stop, settings.reload_seconds)
+        yield
+        stop.set()
+        app.state.batcher.close()
+
+    app = FastAPI(title="cifar-pipeline", lifespan=lifespan, docs_url="/api/docs", redoc_url=None,
+                  openapi_url="/api/openapi.json")  # fmt: skip
+    app.state.live, app.state.batcher = live, Batcher(lambda: live.served)
+    app.add_middleware(LimitBody, limit=settings.max_upload_bytes)
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next):
+        if settings.token and request.url.path.startswith("/api/"):
+            header = request.headers.get("authorization", "")
+            given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
+            given = given or request.query_params.get("token") or ""
+            if not hmac.compare_digest(given.encode(), settings.token.encode()):
+                return JSONResponse(
+                    {"detail": "missing or wrong token: send the header 'Authorization: Bearer <token>'"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await call_next(request)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/api/health")
+    async def health() -> dict:
+        info = live.served.info
+        return {"status": "ok", "model": info.reference, "version": info.version, "file": info.model_file,
+                "problem": live.problem or None, "batches": app.state.batcher.batches,
+                "images": app.state.batcher.images}  # fmt: skip
+
+    @app.post("/api/predict")
+    async def predict(request: Request, top_k: int = 3) -> dict:
+        """Classify the images in the multipart field `file` (repeat it for several)."""
+        classes = len(live.served.info.class_names)
+        if not 1 <= top_k <= classes:
+            raise HTTPException(422, f"top_k must be from 1 to the model's {classes} classes, not {top_k}")
+        try:
+            form = await request.form(max_files=MAX_FILES, max_fields=8)
+        except MultiPartException as error:
+            raise HTTPException(400, f"not a multipart upload this API takes: {error.message}") from None
+        except AssertionError:  # Starlette's own check that python-multipart is there, or a non-form body
+            raise HTTPException(400, "send the images as multipart/form-data in the field 'file'") from None
+        files = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
+        if not files:
+            raise HTTPException(422, "no images: send one or more in the multipart field 'file'")
+        data = [(file.filename or f"image {i + 1}", await file.read()) for i, file in enumerate(files)]
+        await form.close()
+        rows = await classify(data, top_k)
+        if all(row["status"] == "error" for row in rows):
+            raise HTTPException(422, "; ".join(f"{row['path']}: {row['error']}" for row in rows))
+        served = rows[0]
+        return {"model": served["model"], "version": served["version"], "predictions": rows}
+
+    async def classify(data: list[tuple[str, bytes]], top_k: int) -> list[dict]:
+        max_pixels = int(settings.max_megapixels * 1e6)
+        for _ in range(2):  # a version of another image size swapped in between decoding and classifying
+            size = live.served.info.image_size
+            uploads = await run_in_threadpool(decode_uploads, data, size, max_pixels)
+            good = [upload.pixels for upload in uploads if not upload.error]
+            if not good:
+                nothing = np.zeros((0, len(live.served.info.class_names)), np.float32)
+                return prediction_rows(live.served, uploads, nothing, top_k)
+            try:
+                served, probabilities = await asyncio.wrap_future(app.state.batcher.submit(np.stack(good)))
+            except ModelChanged:
+                continue
+            return prediction_rows(served, uploads, probabilities, top_k)
+        raise HTTPException(503, "the served model changed twice during this request; send it again")
+
+    @app.get("/api/models")
+    async def models() -> dict:
+        return await run_in_threadpool(registry_view, settings.artifacts_root, live)
+
+    @app.get("/api/models/{name}/v{version}/plots/{file}")
+    async def plot(name: str, version: int, file: str) -> FileResponse:
+        if file not in PLOTS:
+            raise HTTPException(404, f"{file}: not a report plot (one of {', '.join(PLOTS)})")
+        try:
+            folder = await run_in_threadpool(Registry(settings.artifacts_root, name).version_dir, version)
+        except RegistryError as error:
+            raise HTTPException(404, str(error)) from None
+        problems = await run_in_threadpool(verify_version, folder, (file,))
+        if problems:
+            raise HTTPException(404, "; ".join(problems))
+        return FileResponse(folder / file, media_type="image/png")
+
+    return app
+
+
+def decode_uploads(data: list[tuple[str, bytes]], image_size: int, max_pixels: int) -> list:
+    return [decode_upload(name, content, image_size, max_pixels) for name, content in data]
+
+
+def registry_view(artifacts_root: str, live: LiveModel) -> dict:
+    """Every registered model's versions and aliases, and what this app serves."""
+    names = open_store(f"{str(artifacts_root).rstrip('/')}/{REGISTRY_FOLDER}").list()
+    models = []
+    for name in names:
+        try:
+            state = Registry(artifacts_root, name).state()
+        except RegistryError as error:
+            models.append({"name": name, "problem": str(error)})
+            continue
+        if state["versions"]:
+            models.append({"name": name, "aliases": state["aliases"], "versions": state["versions"]})
+    info = live.served.info
+    manifest = read_json(Path(info.path) / MANIFEST_FILE)
+    plots = [file for file in PLOTS if file in manifest["files"]]
+    serving = {"reference": info.reference, "version": info.version, "name": manifest.get("name"),
+               "number": manifest["version"], "file": info.model_file, "plots": plots,
+               "class_names": info.class_names}  # fmt: skip
+    return json.loads(json.dumps({"serving": serving, "models": models}, default=str))
+
+
+@contextlib.contextmanager
+def background_server(web: FastAPI, host: str = "127.0.0.1", port: int = 0):
+    """Serve `web` from a thread of this process until the block ends; yields its base URL (tests, benches)."""
+    import socket
+
+    import uvicorn
+
+    listener = socket.create_server((host, port))
+    server = uvicorn.Server(uvicorn.Config(web, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="app-server", daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the app's server stopped while starting")
+            threading.Event().wait(0.05)
+        yield f"http://{host}:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        listener.close()
