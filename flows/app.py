@@ -18,9 +18,11 @@ import asyncio
 import contextlib
 import hmac
 import json
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -71,23 +73,45 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK or host.startswith("127.")
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket for uvicorn, bound before the model loads, so a port in use is known at once.
+
+    Made with the protocol named: asyncio disables Nagle's algorithm only on sockets whose `proto` says TCP,
+    and without that every answer on a kept-alive connection waited ~40 ms for the client's delayed ACK.
+    """
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+        listener.listen(2048)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
 class BodyTooLarge(Exception):
     pass
 
 
-class LimitBody:
-    """ASGI middleware: a request body over `limit` bytes gets 413 before it is read (Content-Length),
-    or as soon as it passes the limit (a chunked upload)."""
+class Guard:
+    """ASGI middleware in front of every route: the token on `/api/` calls (401 without it), and a request
+    body over `limit` bytes refused with 413 before it is read (Content-Length) or as soon as it passes
+    the limit (a chunked upload)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, token: str | None):
+        self.app, self.limit, self.token = app, limit, token
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"0")
+        headers = dict(scope["headers"])
+        if self.token and scope["path"].startswith("/api/") and not self._authorised(scope, headers):
+            detail = "missing or wrong token: send the header 'Authorization: Bearer <token>'"
+            return await self._answer(send, 401, detail, {"WWW-Authenticate": "Bearer"})
+        length = headers.get(b"content-length", b"0")
         if length.isdigit() and int(length) > self.limit:
-            return await self._refuse(send, int(length))
+            return await self._too_large(send, int(length))
         received, started = 0, False
 
         async def counted():
@@ -107,12 +131,22 @@ class LimitBody:
             await self.app(scope, counted, watched_send)
         except BodyTooLarge:
             if not started:
-                await self._refuse(send, received)
+                await self._too_large(send, received)
 
-    async def _refuse(self, send, size: int) -> None:
+    def _authorised(self, scope, headers: dict) -> bool:
+        header = headers.get(b"authorization", b"").decode("latin-1")
+        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        if not given:  # an <img> cannot send a header: ?token= in the query
+            given = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token") or [""])[0]
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    async def _too_large(self, send, size: int) -> None:
         detail = f"upload of {size / 1e6:.1f} MB is over the limit of {self.limit / 1e6:g} MB per request"
-        response = JSONResponse({"detail": detail}, status_code=413)
-        await response({"type": "http"}, None, send)
+        await self._answer(send, 413, detail)
+
+    @staticmethod
+    async def _answer(send, status: int, detail: str, headers: dict | None = None) -> None:
+        await JSONResponse({"detail": detail}, status_code=status, headers=headers)({"type": "http"}, None, send)
 
 
 def create_app(settings: AppSettings, live: LiveModel | None = None) -> FastAPI:
@@ -137,21 +171,7 @@ def create_app(settings: AppSettings, live: LiveModel | None = None) -> FastAPI:
     app = FastAPI(title="cifar-pipeline", lifespan=lifespan, docs_url="/api/docs", redoc_url=None,
                   openapi_url="/api/openapi.json")  # fmt: skip
     app.state.live, app.state.batcher = live, Batcher(lambda: live.served)
-    app.add_middleware(LimitBody, limit=settings.max_upload_bytes)
-
-    @app.middleware("http")
-    async def require_token(request: Request, call_next):
-        if settings.token and request.url.path.startswith("/api/"):
-            header = request.headers.get("authorization", "")
-            given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
-            given = given or request.query_params.get("token") or ""
-            if not hmac.compare_digest(given.encode(), settings.token.encode()):
-                return JSONResponse(
-                    {"detail": "missing or wrong token: send the header 'Authorization: Bearer <token>'"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-        return await call_next(request)
+    app.add_middleware(Guard, limit=settings.max_upload_bytes, token=settings.token)
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -251,11 +271,9 @@ def registry_view(artifacts_root: str, live: LiveModel) -> dict:
 @contextlib.contextmanager
 def background_server(web: FastAPI, host: str = "127.0.0.1", port: int = 0):
     """Serve `web` from a thread of this process until the block ends; yields its base URL (tests, benches)."""
-    import socket
-
     import uvicorn
 
-    listener = socket.create_server((host, port))
+    listener = listen(host, port)
     server = uvicorn.Server(uvicorn.Config(web, log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="app-server", daemon=True)
     thread.start()

@@ -431,9 +431,7 @@ def app_command(
     ),
 ) -> None:
     """Serve the HTTP prediction API and the web page (drag-and-drop, webcam, registry) until Ctrl-C."""
-    import socket
-
-    from flows.app import AppSettings, is_loopback
+    from flows.app import AppSettings, is_loopback, listen
     from model_lib.config import ConfigError
 
     settings = AppSettings(model, artifacts_location(), token or None, max_upload_mb, max_megapixels,
@@ -449,18 +447,11 @@ def app_command(
         raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be from 0 to 65535, not {port}")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:  # bound before the model loads: a port in use is one line, at once
-        listener.bind((host, port))
+    try:
+        listener = listen(host, port)
     except OSError as error:
         raise ConfigError(f"--host {host} --port {port}: cannot listen there ({error.strerror})") from None
     _import_tensorflow_quietly()
-    _serve_app(settings, listener)
-
-
-def _serve_app(settings, listener) -> None:
     import uvicorn
 
     from flows.app import create_app
