@@ -48,7 +48,7 @@ def test_a_mistyped_command_or_option_fails_here():
 
 def test_the_documents_show_every_command():
     shown = {arguments[0] for _, arguments in COMMANDS}
-    assert shown == {"train", "predict", "models", "export", "serve", "watch"}
+    assert shown == {"train", "predict", "models", "export", "serve", "watch", "app"}
 
 
 @pytest.mark.parametrize(("where", "arguments"), COMMANDS, ids=[where for where, _ in COMMANDS])
