@@ -120,3 +120,14 @@ def test_evaluation_takes_calibrations_test_scores_only_when_the_saved_model_rep
         with pytest.raises(ScoresMismatch, match="scored.npy"):
             evaluate_run(*args, tmp_path / "wrong", learned_margin=-1.0, scored=str(scored))
     assert not (tmp_path / "wrong" / "metrics.json").exists()
+
+
+def test_the_texture_range_is_measured_on_every_class_of_a_class_ordered_array(monkeypatch):
+    import model_lib.flags
+
+    rng = np.random.default_rng(0)
+    smooth = np.full((300, 8, 8, 3), 120, np.uint8) + rng.integers(0, 3, (300, 8, 8, 3)).astype(np.uint8)
+    busy = rng.integers(0, 256, (300, 8, 8, 3)).astype(np.uint8)  # a second class, stored after the first
+    monkeypatch.setattr(model_lib.flags, "TEXTURE_SAMPLE", 100)
+    low, high = model_lib.flags.texture_range(np.concatenate([smooth, busy]))
+    assert low < model_lib.flags.texture(smooth).max() and high > np.median(model_lib.flags.texture(busy))
