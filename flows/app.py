@@ -181,7 +181,7 @@ def create_app(settings: AppSettings, live: LiveModel | None = None) -> FastAPI:
     async def health() -> dict:
         info = live.served.info
         return {"status": "ok", "model": info.reference, "version": info.version, "file": info.model_file,
-                "problem": live.problem or None, "batches": app.state.batcher.batches,
+                "notes": list(info.notes), "problem": live.problem or None, "batches": app.state.batcher.batches,
                 "images": app.state.batcher.images}  # fmt: skip
 
     @app.post("/api/predict")

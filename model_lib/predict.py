@@ -72,7 +72,20 @@ class ModelInfo:
     image_size: int
     unsure_below: float | None = None  # calibrated confidence below which a row is flagged low_confidence
     texture_range: list[float] | None = None  # image texture outside it is flagged out_of_distribution
-    notes: tuple[str, ...] = ()  # warnings from resolving the reference (an export passed over, and why)
+    export_notes: tuple[str, ...] = ()  # an export passed over when the reference was resolved, and why
+    calibrated_on: str = ""  # what the calibration was fitted on, or why it was not (the manifest's record)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Warnings for the run's log: exports passed over; a flag column that stays empty, and why."""
+        if self.unsure_below is not None:
+            return self.export_notes
+        why = self.calibrated_on or "registered before calibration existed"
+        rule = (
+            f"{self.version.split(' (')[0]} has no unsure rule ({why}): the flag column stays empty; "
+            "--unsure-below P sets one"
+        )
+        return (*self.export_notes, rule)
 
     @property
     def provenance(self) -> str:
@@ -174,7 +187,8 @@ def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") ->
         image_size=int(manifest["config"]["image_size"]),
         unsure_below=calibration.get("unsure_threshold"),
         texture_range=calibration.get("texture_range"),
-        notes=tuple(notes),
+        export_notes=tuple(notes),
+        calibrated_on=calibration.get("fitted_on", ""),
     )
 
 

@@ -172,3 +172,21 @@ def test_upscaled_photos_get_the_models_output_on_the_shared_decoding(
     kinds = flagged["path"].str.split("_").str[0]
     for kind in ("noise", "flat", "gradient"):
         assert (flagged["flag"][kinds == kind] == "out_of_distribution").mean() >= 0.95, kind
+
+
+def test_a_model_without_an_unsure_rule_says_why_its_flag_column_is_empty(registered, artifacts, tmp_path):
+    from model_lib.predict import resolve_model
+
+    assert resolve_model(str(registered), artifacts).notes == (
+        "cifar10 v1 has no unsure rule (registered before calibration existed): the flag column stays empty; "
+        "--unsure-below P sets one",
+    )
+    small = json.loads((registered / "manifest.json").read_text())  # as a folder of 40 validation images records it
+    small["calibration"] = {"fitted_on": "not fitted: 40 validation images, fewer than 50", "unsure_threshold": None}
+    version = tmp_path / "small" / "v1"
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text(json.dumps(small))
+    assert (
+        "no unsure rule (not fitted: 40 validation images, fewer than 50)"
+        in resolve_model(str(version), artifacts).notes[0]
+    )
