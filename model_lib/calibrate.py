@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model_lib.config import MIN_VALIDATION_IMAGES
 from model_lib.evaluate import ECE_BINS, negative_log_likelihood, reliability_bins
 from model_lib.fileio import atomic_open, write_json
 from model_lib.flags import texture_range
@@ -26,7 +27,6 @@ from model_lib.models import tta_views, unwrap_tta, view_pixels, with_tta
 from model_lib.runs import TEST_PROBABILITIES, UNCALIBRATED_PROBABILITIES
 
 LOG_T_RANGE = (-3.0, 3.0)  # natural-log bounds of the temperature search: T from 0.05 to 20
-MIN_CALIBRATION_IMAGES = 50  # fewer validation images than this fit no temperature (T stays 1)
 UNSURE_PASS_RATE = 0.97  # the low-confidence threshold lets this share of correct validation predictions pass
 CALIBRATION_FILE = "calibration.json"
 TEMPERATURE_LAYER = "temperature"
@@ -135,17 +135,17 @@ def calibrate(
         `nll` before and after, `unsure_threshold` (on the calibrated confidences) and
         `texture_range`; and the test probabilities before and after calibration (the calibrated
         model's outputs, computed from the same logits). With fewer than
-        `MIN_CALIBRATION_IMAGES` validation images, the temperature stays as it was.
+        `MIN_VALIDATION_IMAGES` validation images, the temperature stays as it was.
     """
     val, test = view_logits(model, np.asarray(val_images)), view_logits(model, np.asarray(test_images))
     _, folded = _logits_and_temperature(unwrap_tta(model)[0])
-    enough = len(val_labels) >= MIN_CALIBRATION_IMAGES
+    enough = len(val_labels) >= MIN_VALIDATION_IMAGES
     temperature = fit_temperature(val, val_labels) if enough else folded
     before, after = probabilities_at(test, folded), probabilities_at(test, temperature)
     record = {
         "temperature": round(temperature, 6),
         "fitted_on": f"validation split ({len(val_labels)} images)" if enough
-        else f"not fitted: {len(val_labels)} validation images, fewer than {MIN_CALIBRATION_IMAGES}",
+        else f"not fitted: {len(val_labels)} validation images, fewer than {MIN_VALIDATION_IMAGES}",
         "test_ece_before": round(expected_calibration_error(before, test_labels), 6),
         "test_ece_after": round(expected_calibration_error(after, test_labels), 6),
         "test_nll_before": round(negative_log_likelihood(before, test_labels), 6),

@@ -39,6 +39,12 @@ def check_count(option: str, value: int) -> None:
         raise ConfigError(f"{option} must be at most {most:,}, not {value:,}")
 
 
+# Calibration fits no temperature or unsure threshold on fewer validation images than this, so a split holds
+# out at least this many where the classes allow it without giving up more than MAX_VALIDATION_SHARE of any.
+MIN_VALIDATION_IMAGES = 50  # images
+MAX_VALIDATION_SHARE = 0.2  # of a class's images
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every knob of a training run. Saved beside each run and in each registered manifest."""
@@ -53,7 +59,7 @@ class TrainConfig:
     image_size: int = 32  # pixels per side the model sees (folders are resized to this)
     max_train_images: int | None = None  # class-balanced cap on training images; None = all
     max_test_images: int | None = None  # class-balanced cap on test images; None = all
-    validation_split: float = 0.02  # fraction of training images held out, stratified by class
+    validation_split: float = 0.02  # fraction of training images held out, stratified by class (see MIN_VALIDATION)
     skip_corrupt: bool = False  # skip undecodable training files (reported) instead of failing
     # A run must beat always answering the most common class by this much accuracy, on validation
     # and test, to be registered: 0.05 is 5 points, far above chance on CIFAR's 10,000 test images.

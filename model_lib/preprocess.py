@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_lib.config import TrainConfig
+from model_lib.config import MAX_VALIDATION_SHARE, MIN_VALIDATION_IMAGES, TrainConfig
 
 PREFETCH_BATCHES = 2  # batches prepared ahead of the training step
 
@@ -28,8 +28,12 @@ class Split:
     val_index: np.ndarray
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> Split:
+def stratified_split(labels: np.ndarray, fraction: float, seed: int, min_held_out: int = 0) -> Split:
     """Hold out `fraction` of each class for validation, chosen by a seeded shuffle.
+
+    With `min_held_out` (and a `fraction` above 0), each class holds out at least its share of
+    `min_held_out` images, but never more than `MAX_VALIDATION_SHARE` of itself: a folder of a
+    thousand images at 2% would otherwise hold out 20, too few to calibrate confidence on.
 
     Raises:
         ValueError: `fraction` outside [0, 1).
@@ -37,10 +41,12 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> Split:
     if not 0 <= fraction < 1:
         raise ValueError(f"validation split must be in [0, 1), got {fraction}")
     rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    floor = -(-min_held_out // max(len(classes), 1)) if fraction > 0 else 0  # per class, rounded up
     train, val = [], []
-    for label in np.unique(labels):
+    for label in classes:
         members = rng.permutation(np.flatnonzero(labels == label))
-        held_out = int(round(len(members) * fraction))
+        held_out = max(int(round(len(members) * fraction)), min(floor, int(len(members) * MAX_VALIDATION_SHARE)))
         val.append(members[:held_out])
         train.append(members[held_out:])
     return Split(np.sort(np.concatenate(train)), np.sort(np.concatenate(val)))
@@ -374,7 +380,7 @@ def prepare_split(cache_dir: str, class_names: list[str], config: TrainConfig, o
     from model_lib.data import load_arrays
 
     arrays = load_arrays(cache_dir)
-    split = stratified_split(np.asarray(arrays.y_train), config.validation_split, config.seed)
+    split = stratified_split(np.asarray(arrays.y_train), config.validation_split, config.seed, MIN_VALIDATION_IMAGES)
     split_path = out_dir / "split.npz"
     save_split(split, split_path)
     return PreparedSplit(

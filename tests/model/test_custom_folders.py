@@ -40,7 +40,11 @@ def test_greyscale_digits_train_to_95_percent_in_every_cpu_precision(prefect_har
 def test_greyscale_digits_train_to_95_percent_with_the_muon_recipe(prefect_harness, digits, artifacts):
     result = train_cifar(profile="default", data=str(digits), epochs=3, batch_size=128)  # 99.2% (bench/RESULTS.md)
     assert result["test_accuracy"] >= 0.95, result
-    config = read_json(Path(result["path"]) / "manifest.json")["config"]
+    manifest = read_json(Path(result["path"]) / "manifest.json")
+    config, calibration = manifest["config"], manifest["calibration"]
+    # 2% of 1,437 images is 29: too few to calibrate on, so the split holds out 5 of each digit.
+    assert manifest["dataset"]["validation_count"] == 50 and calibration["fitted_on"] == "validation split (50 images)"
+    assert 0 < calibration["unsure_threshold"] < 1  # the prediction CSV's flag column has a rule
     assert config["optimizer"] == "muon" and config["learning_rate"] == pytest.approx(0.828 * 128 / 1000)
     assert config["muon_learning_rate"] == pytest.approx(0.17 * (128 / 1000) ** 0.5)
 

@@ -78,3 +78,22 @@ def test_gpu_is_default_at_twice_the_width_for_half_again_the_epochs():
     assert (default.network_width, default.epochs) == (1.0, 8)
     assert (gpu.network_width, gpu.epochs) == (2.0, 12)
     assert gpu == dataclasses.replace(default, profile="gpu", network_width=2.0, epochs=12)
+
+
+def test_a_small_folder_holds_out_enough_images_to_calibrate_on_without_emptying_a_class():
+    import numpy as np
+
+    from model_lib.config import MIN_VALIDATION_IMAGES
+    from model_lib.preprocess import stratified_split
+
+    def held_out(per_class: int, fraction: float) -> int:
+        labels = np.repeat(np.arange(10), per_class)
+        split = stratified_split(labels, fraction, seed=0, min_held_out=MIN_VALIDATION_IMAGES)
+        assert len(np.intersect1d(split.train_index, split.val_index)) == 0
+        assert len(split.train_index) + len(split.val_index) == len(labels)
+        return len(split.val_index)
+
+    assert held_out(5000, 0.02) == 1000  # CIFAR-10's 50,000: 2% is plenty
+    assert held_out(140, 0.02) == 50  # scikit-learn's digits: 30 at 2%, too few to calibrate on
+    assert held_out(12, 0.02) == 20  # 12 a class: at most 20% of each, 2 images
+    assert held_out(140, 0.0) == 0  # no validation asked for, none taken
