@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +209,54 @@ class TFLiteClassifier(_Classifier):
             raw = self._interpreter.get_tensor(self._output["index"])
         scale, zero = self._output["quantization"]
         return (raw.astype(np.float32) - zero) * scale if scale else raw.astype(np.float32)
+
+
+def sharpened(probabilities: np.ndarray, scale: float) -> np.ndarray:
+    """`softmax(log(p) * scale)` per row: a softmax output at temperature T moved to T / scale."""
+    logits = np.log(np.maximum(probabilities, np.finfo(np.float32).tiny)) * scale
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def cascade(
+    first: np.ndarray, every: Callable[[np.ndarray], np.ndarray], margin: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """First-view probabilities, replaced by every view's (`every(rows)`) where the first view is unsure: its
+    top-1 minus top-2 probability below `margin`. Returns them, and which rows were replaced."""
+    top = np.partition(first, -2, axis=1)[:, -2:]
+    unsure = top[:, 1] - top[:, 0] < margin
+    result = np.array(first, np.float32, copy=True)
+    if unsure.any():
+        result[unsure] = every(np.flatnonzero(unsure))
+    return result, unsure
+
+
+class CascadeClassifier(_Classifier):
+    """A TTA model's output at a fraction of its cost: the network on the image alone, with its own
+    temperature, and every view only for the images that view leaves unsure (`model_lib.calibrate` measures
+    what that costs in accuracy and calibration, and whether `--engine auto` may serve it).
+
+    Args:
+        network: Classifier of the network inside the TTA wrapper (the first view: the image as it is).
+        every_view: Classifier of the whole TTA model.
+        scale: The calibrated temperature over the first view's own (`sharpened`).
+        margin: Below this top-1 minus top-2 probability of the first view, every view decides.
+    """
+
+    def __init__(self, network: _Classifier, every_view: _Classifier, scale: float, margin: float):
+        import keras
+
+        self.network, self.every_view, self.scale, self.margin = network, every_view, scale, margin
+        self.input_shape, self.output_shape = every_view.input_shape, every_view.output_shape
+        # JAX compiles once per batch shape, and the unsure rows of a batch can be any number of them.
+        self._bucketed = keras.backend.backend() == "jax"
+
+    def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
+        first = sharpened(self.network.predict_on_batch(pixels), self.scale)
+        return cascade(first, partial(self._every_view, pixels), self.margin)[0]
+
+    def _every_view(self, pixels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        if not self._bucketed:
+            return self.every_view.predict_on_batch(pixels[rows])
+        padded = np.resize(rows, 1 << (len(rows) - 1).bit_length())  # the next power of two, rows repeated
+        return self.every_view.predict_on_batch(pixels[padded])[: len(rows)]

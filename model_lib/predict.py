@@ -35,7 +35,8 @@ from model_lib.images import (
     decoding_pool,
     walk_folder,
 )
-from model_lib.inference import KerasClassifier, TFLiteClassifier
+from model_lib.inference import CascadeClassifier, KerasClassifier, TFLiteClassifier
+from model_lib.models import unwrap_tta
 from model_lib.prediction_csv import (
     check_output,
     check_remote_output,
@@ -58,6 +59,7 @@ from model_lib.registry import (
 from model_lib.settings import is_url, work_dir
 
 BATCH_IMAGES = 256  # images decoded per pool job and classified per model call
+CASCADE_NOTE = "first view; every view when unsure"  # how a cascade-served model is named in the CSV
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class ModelInfo:
     texture_range: list[float] | None = None  # image texture outside it is flagged out_of_distribution
     export_notes: tuple[str, ...] = ()  # an export passed over when the reference was resolved, and why
     calibrated_on: str = ""  # what the calibration was fitted on, or why it was not (the manifest's record)
+    # Served first view first (model_lib.inference.CascadeClassifier): (temperature scale, margin), or None.
+    cascade: tuple[float, float] | None = None
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -91,7 +95,8 @@ class ModelInfo:
     def provenance(self) -> str:
         """The CSV's `model` cell: the reference asked for, and the version and file that answered it."""
         label = self.version.split(" (")[0]
-        return f"{self.reference} -> {label} {self.model_file}"
+        how = f" ({CASCADE_NOTE})" if self.cascade else ""
+        return f"{self.reference} -> {label} {self.model_file}{how}"
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,11 @@ def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") ->
         raise RegistryError(f"{version_dir / model_file}: not listed in the version's manifest")
     label = f"{manifest.get('name', version_dir.parent.name)} v{manifest['version']}"
     calibration = manifest.get("calibration") or {}
+    cascade = calibration.get("cascade") or {}
+    if engine == "auto" and model_file == MODEL_FILE and cascade.get("serves"):
+        first_view = (calibration["temperature"] / cascade["first_view_temperature"], cascade["margin"])
+    else:
+        first_view = None
     return ModelInfo(
         reference=reference,
         path=str(version_dir),
@@ -189,6 +199,7 @@ def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") ->
         texture_range=calibration.get("texture_range"),
         export_notes=tuple(notes),
         calibrated_on=calibration.get("fitted_on", ""),
+        cascade=first_view,
     )
 
 
@@ -198,7 +209,7 @@ _models_lock = threading.Lock()
 
 def load_model_once(model: ModelInfo):
     """The checksum-verified model as a classifier of uint8 pixel batches, loaded once per process for its threads."""
-    key = str(Path(model.path) / model.model_file)
+    key = f"{Path(model.path) / model.model_file} {model.cascade}"  # one version, served two ways, is two models
     with _models_lock:
         if key not in _models:
             # Under the lock: two shard threads must not trace (or allocate) the same model at once.
@@ -209,7 +220,10 @@ def load_model_once(model: ModelInfo):
 def load_classifier(model: ModelInfo):
     """The model's file, checksums verified, as a classifier of uint8 pixel batches, traced and ready."""
     if model.model_file == MODEL_FILE:
-        loaded = KerasClassifier(load_verified_model(Path(model.path)))
+        keras_model = load_verified_model(Path(model.path))
+        loaded = KerasClassifier(keras_model)
+        if model.cascade:
+            loaded = CascadeClassifier(KerasClassifier(unwrap_tta(keras_model)[0]), loaded, *model.cascade)
     else:
         problems = verify_version(Path(model.path), (model.model_file,))
         if problems:

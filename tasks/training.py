@@ -138,6 +138,13 @@ def calibrate_task(trained: TrainResult, dataset: DatasetInfo, prepared: Prepare
         f"{record['test_ece_before']:.4f} -> {record['test_ece_after']:.4f}, NLL {record['test_nll_before']:.4f} -> "
         f"{record['test_nll_after']:.4f}"
     )
+    if cascade := record.get("cascade"):
+        verdict = "served by --engine auto" if cascade["serves"] else "not served: it loses more than 0.2 points"
+        log_info(
+            f"First view first, every view for the {cascade['every_view_share']:.1%} it leaves unsure: test accuracy "
+            f"{cascade['test_accuracy']:.4f} (every view {cascade['test_accuracy_every_view']:.4f}), ECE "
+            f"{cascade['test_ece']:.4f}; {verdict}"
+        )
     return record
 
 

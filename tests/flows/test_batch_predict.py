@@ -143,13 +143,21 @@ def test_upscaled_photos_get_the_models_output_on_the_shared_decoding(
     """640x480 photos are classified from the same pixels training ingest decodes (see tests/data)."""
     _, photos = upscaled_cifar
     _, trained = smoke_on_real_cifar
-    rows = pd.read_csv(batch_predict(str(photos), model=trained["path"])["output_csv"])
+    from model_lib.predict import CASCADE_NOTE, load_classifier, resolve_model
+
+    rows = pd.read_csv(batch_predict(str(photos), model=trained["path"], engine="keras")["output_csv"])
     assert len(rows) == 300 and (rows["status"] == "ok").all()
     assert (rows[["width", "height"]] == (640, 480)).all().all()
     model = load_verified_model(Path(trained["path"]))
     pixels = np.stack([decode_rgb(photos / path, (32, 32))[0] for path in rows["path"]])
-    expected = model.predict(pixels, batch_size=64, verbose=0)
+    expected = model.predict(pixels, batch_size=64, verbose=0)  # --engine keras: the saved model itself
     np.testing.assert_allclose(rows["confidence"], expected.max(axis=1), atol=1e-5)
+    # --engine auto: the first view first where calibration found that costs at most 0.2 points, as the CSV says.
+    auto = pd.read_csv(batch_predict(str(photos), model=trained["path"])["output_csv"])
+    info = resolve_model(trained["path"], artifacts)
+    serves = json.loads((Path(trained["path"]) / "manifest.json").read_text())["calibration"]["cascade"]["serves"]
+    assert (info.cascade is not None) == serves and auto["model"].str.contains(CASCADE_NOTE).all() == serves
+    np.testing.assert_allclose(auto["confidence"], load_classifier(info).predict(pixels).max(axis=1), atol=1e-5)
     runner_up = np.sort(expected, axis=1)[:, -2]
     clear = expected.max(axis=1) - runner_up > 1e-5
     class_names = json.loads((Path(trained["path"]) / "manifest.json").read_text())["dataset"]["class_names"]

@@ -73,8 +73,52 @@ def test_calibrate_sharpens_an_underconfident_model_and_chooses_the_thresholds()
     assert low < float(np.median(texture(images))) < high
     np.testing.assert_allclose(before, model.predict(images[300:], verbose=0), atol=1e-5)
     np.testing.assert_allclose(after, calibrated.predict(images[300:], verbose=0), atol=1e-5)
+    assert record["cascade"] is None  # no TTA views: nothing to serve first
     _, untouched, _, _ = calibrate(model, images[:10], labels[:10], images[300:], labels[300:], images[:300])
     assert untouched["temperature"] == 1.0 and untouched["unsure_threshold"] is None
+
+
+def colour_data(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, count)
+    signal = np.eye(3)[labels][:, None, None, :] * 60 + rng.normal(0, 25, (count, 1, 1, 3))  # overlapping classes
+    return np.clip(signal + rng.normal(100, 30, (count, 32, 32, 3)), 0, 255).astype(np.uint8), labels
+
+
+@pytest.mark.backends  # under JAX the unsure rows are padded to a power of two (one compilation per size)
+def test_a_tta_model_served_first_view_first_gives_what_calibration_measured():
+    import keras
+
+    from model_lib.inference import CascadeClassifier, KerasClassifier
+    from model_lib.models import unwrap_tta
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    pooled = keras.layers.Flatten()(keras.layers.AveragePooling2D(8)(inputs))  # 4x4 cells: a mirror changes them
+    logits = keras.layers.Dense(3, name="head")(pooled)
+    outputs = keras.layers.Activation("softmax", name="probabilities")(keras.layers.Rescaling(0.05)(logits))
+    network = keras.Model(inputs, outputs, name="cells")
+    kernel = np.tile(np.eye(3), (16, 1)) * 2 / 16 + np.random.default_rng(1).normal(0, 0.05, (48, 3))
+    network.get_layer("head").set_weights([kernel.astype(np.float32), np.zeros(3, np.float32)])
+    images, labels = colour_data(900)
+    val, test = (images[:400], labels[:400]), (images[400:], labels[400:])
+    calibrated, record, _, after = calibrate(with_tta(network), *val, *test, images[:400])
+    cascade = record["cascade"]
+    assert 0 < cascade["every_view_share"] < 1 and cascade["margin"] == 0.4
+    assert cascade["test_accuracy_every_view"] == pytest.approx((after.argmax(1) == test[1]).mean(), abs=1e-6)
+    assert cascade["serves"] == (cascade["test_accuracy_every_view"] - cascade["test_accuracy"] <= 0.002)
+
+    every = KerasClassifier(calibrated)
+    first = KerasClassifier(unwrap_tta(calibrated)[0])
+    scale = record["temperature"] / cascade["first_view_temperature"]
+    served = CascadeClassifier(first, every, scale, cascade["margin"]).predict(test[0])
+    assert (served.argmax(1) == test[1]).mean() == pytest.approx(cascade["test_accuracy"], abs=1.5 / len(test[1]))
+    np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-5)
+    every_time = CascadeClassifier(first, every, scale, margin=2.0).predict(test[0])  # every image is unsure
+    np.testing.assert_allclose(every_time, calibrated.predict(test[0], verbose=0), atol=1e-5)
+    first_only = CascadeClassifier(first, every, scale, margin=0.0).predict(test[0])
+    own_temperature = probabilities_at(view_logits(calibrated, test[0])[:1], cascade["first_view_temperature"])
+    np.testing.assert_allclose(first_only, own_temperature, atol=1e-4)
 
 
 def test_flags_mark_unlike_images_out_of_distribution_and_doubtful_ones_low_confidence():
