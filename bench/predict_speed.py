@@ -15,10 +15,10 @@ Measures on the CIFAR-10 test JPEGs with one registered model version:
     python bench/predict_speed.py --model artifacts/models/cifar10/v2 --engines
 
 compares instead the engines a version can run on (exports written by `cifar-pipeline export`):
-the Keras model, each TFLite export, and what `--engine auto` picks; for each, batch-predict on all
-test JPEGs (cold runs, alternating) with its accuracy from the CSV, and the model-only ceiling
-(the same classifier on pre-decoded pixels); plus the Keras network without its flip TTA, the
-accuracy/speed trade-off of mirroring at prediction time.
+the Keras model, each TFLite export, and what `--engine auto` picks (an export, or the first view
+first); for each, batch-predict on all test JPEGs (cold runs, alternating) with its accuracy from the
+CSV, and the model-only ceiling (the same classifier on pre-decoded pixels); plus the Keras network
+without its TTA, the accuracy/speed trade-off of the views at prediction time.
 """
 
 from __future__ import annotations
@@ -149,6 +149,7 @@ def engine_comparison(data: Path, model_dir: Path, scratch: Path, runs: int) -> 
     from model_lib.images import decode_files
     from model_lib.inference import KerasClassifier, TFLiteClassifier
     from model_lib.models import unwrap_tta
+    from model_lib.predict import load_classifier, resolve_model
     from model_lib.prediction_csv import read_predictions
     from model_lib.registry import load_verified_model
 
@@ -186,6 +187,7 @@ def engine_comparison(data: Path, model_dir: Path, scratch: Path, runs: int) -> 
     network, views = unwrap_tta(keras_model)
     if views:
         ceilings["keras without TTA"] = model_only(KerasClassifier(network))
+    ceilings["auto"] = model_only(load_classifier(resolve_model(str(model_dir), model_dir, "auto")))
     for name, result in results.items():
         result["batch_predict_images_per_s"] = statistics.median(rates[name])
         result["runs"] = rates[name]
