@@ -79,8 +79,9 @@ def decode_only(folder: Path) -> float:
     Every chunk of the folder is queued at once, so the pool never waits; a fresh pool starts
     inside the timing, as the flow's does.
     """
+    from model_lib.config import BATCH_IMAGES
     from model_lib.images import decode_files_in_pool
-    from model_lib.predict import BATCH_IMAGES, decode_pool, image_like_entries
+    from model_lib.predict import decode_pool, image_like_entries
 
     forget_warm_state()
     started = time.perf_counter()

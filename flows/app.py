@@ -33,15 +33,13 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from flows.live import (
     MAX_FILES,
-    MAX_MEGAPIXELS,
-    MAX_UPLOAD_MB,
-    RELOAD_SECONDS,
     Batcher,
     LiveModel,
     ModelChanged,
     decode_upload,
     prediction_rows,
 )
+from model_lib.config import MAX_MEGAPIXELS, MAX_UPLOAD_MB, RELOAD_SECONDS
 from model_lib.fileio import open_store, read_json
 from model_lib.registry import MANIFEST_FILE, Registry, RegistryError, verify_version
 from model_lib.report import PLOTS

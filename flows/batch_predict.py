@@ -14,9 +14,8 @@ from prefect.context import FlowRunContext
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from model_lib.config import ENGINES, ConfigError
+from model_lib.config import BATCH_IMAGES, ENGINES, SHARD_FILES, ConfigError
 from model_lib.predict import (
-    BATCH_IMAGES,
     image_like_entries,
     plan_prediction,
     shards,
@@ -29,7 +28,6 @@ from model_lib.settings import INBOX_FOLDER, artifacts_location, is_url
 from tasks.common import KEPT_RESULTS, check_deployment_storage, in_parameter_words
 from tasks.prediction import classify_shard_task, publish_csv_task, write_csv_task
 
-SHARD_FILES = 2048  # files per shard task: measured best of 512-5000 for 10,000 CIFAR JPEGs on 2 cores
 Engine = Literal[ENGINES]
 CONCURRENT_SHARDS = 2  # thread-pool default: one shard decodes while the other predicts
 # A shard's time limit: generous (the slowest measured path, six-view TTA through Keras on 2 cores,

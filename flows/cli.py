@@ -16,9 +16,15 @@ import typer
 from flows import stopping
 from model_lib.checks import check_training_request
 from model_lib.config import (
+    APP_PORT,
+    BATCH_IMAGES,
     CHOICES,
     ENGINES,
+    MAX_MEGAPIXELS,
+    MAX_UPLOAD_MB,
     PROFILES,
+    RELOAD_SECONDS,
+    SHARD_FILES,
     TrainConfig,
     check_timeout,
     config_overrides,
@@ -280,9 +286,9 @@ def predict(
     ] = None,
     model: Annotated[str, typer.Option(help="cifar10, cifar10@latest, cifar10@v3 or a version folder.")] = "cifar10",
     top_k: Annotated[int, typer.Option(help="Ranked labels per image.")] = 3,
-    batch_size: Annotated[int, typer.Option(help="Images per decoding job and per model call.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Images per decoding job and per model call.")] = BATCH_IMAGES,
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into sub-folders.")] = True,
-    shard_size: Annotated[int, typer.Option(help="Files per shard task.")] = 2048,
+    shard_size: Annotated[int, typer.Option(help="Files per shard task.")] = SHARD_FILES,
     fail_on_error: Annotated[bool, typer.Option(help="Fail the run if any file cannot be classified.")] = False,
     dask_address: Annotated[str | None, typer.Option(help="Run shards on this Dask scheduler.")] = None,
     dask_workers: Annotated[int | None, typer.Option(help="Run shards on a local Dask cluster of N workers.")] = None,
@@ -419,13 +425,15 @@ def app_command(
         "cifar10@champion"
     ),
     host: Annotated[str, typer.Option(help="Address to listen on; beyond loopback it needs a token.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port (0: any free one, printed).")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port (0: any free one, printed).")] = APP_PORT,
     token: Annotated[
         str | None, typer.Option(envvar="CIFAR_PIPELINE_TOKEN", help="Every /api/ call must carry it (Bearer).")
     ] = None,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest request body, all its images together.")] = 10.0,
-    max_megapixels: Annotated[float, typer.Option(help="Largest image, read from its header.")] = 25.0,
-    reload_seconds: Annotated[float, typer.Option(help="How often the reference is resolved again.")] = 2.0,
+    max_upload_mb: Annotated[
+        float, typer.Option(help="Largest request body, all its images together.")
+    ] = MAX_UPLOAD_MB,
+    max_megapixels: Annotated[float, typer.Option(help="Largest image, read from its header.")] = MAX_MEGAPIXELS,
+    reload_seconds: Annotated[float, typer.Option(help="How often the reference is resolved again.")] = RELOAD_SECONDS,
     engine: Annotated[str, typer.Option(help=f"One of: {', '.join(ENGINES)} (auto: a checked TFLite export).")] = (
         "auto"
     ),

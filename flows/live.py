@@ -22,16 +22,14 @@ from queue import Empty, SimpleQueue
 
 import numpy as np
 
+from model_lib.config import BATCH_IMAGES, RELOAD_SECONDS
 from model_lib.flags import flags
 from model_lib.images import ImageDecodeError, decode_rgb
-from model_lib.predict import BATCH_IMAGES, ModelInfo, load_classifier, ranked, resolve_model
+from model_lib.predict import ModelInfo, load_classifier, ranked, resolve_model
 from model_lib.prediction_csv import csv_columns
 
-MAX_UPLOAD_MB = 10  # MB (10^6 bytes): a request body, all its images together
-MAX_MEGAPIXELS = 25  # million pixels per image, read from its header (a 24-megapixel camera photo fits)
 MAX_FILES = 256  # images per request
 BATCH_WAIT_SECONDS = 0.002  # how long the first request of a batch waits for others to join it
-RELOAD_SECONDS = 2.0  # how often the served reference is resolved again (an alias may have moved)
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,17 @@ class TrainConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-ENGINES = ("auto", "keras")  # batch prediction: auto runs an export that passed parity (model_lib.export)
+ENGINES = (
+    "auto",
+    "keras",
+)  # prediction: auto runs an export that passed parity (model_lib.export), or the first view first
+BATCH_IMAGES = 256  # prediction: images decoded per pool job and classified per model call
+SHARD_FILES = 2048  # prediction: files per shard task: measured best of 512-5000 for 10,000 CIFAR JPEGs on 2 cores
+# The app (`cifar-pipeline app`): its defaults and limits.
+APP_PORT = 8000
+MAX_UPLOAD_MB = 10  # MB (10^6 bytes): a request body, all its images together
+MAX_MEGAPIXELS = 25  # million pixels per image, read from its header (a 24-megapixel camera photo fits)
+RELOAD_SECONDS = 2.0  # how often the served reference is resolved again (an alias may have moved)
 CHOICES = {  # the fields that take one of a few names
     "architecture": ("airbench", "seed_cnn", "transfer"),  # model_lib.models.ARCHITECTURES
     "optimizer": ("sgd", "muon", "adam"),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_lib.config import ENGINES, ConfigError, check_count
+from model_lib.config import BATCH_IMAGES, ENGINES, ConfigError, check_count
 from model_lib.data import local_copy
 from model_lib.export import serving_exports
 from model_lib.fileio import read_json
@@ -58,7 +58,6 @@ from model_lib.registry import (
 )
 from model_lib.settings import is_url, work_dir
 
-BATCH_IMAGES = 256  # images decoded per pool job and classified per model call
 CASCADE_NOTE = "first view; every view when unsure"  # how a cascade-served model is named in the CSV
 
 
