@@ -166,7 +166,8 @@ def create_app(settings: AppSettings, live: LiveModel | None = None) -> FastAPI:
         stop.set()
         app.state.batcher.close()
 
-    app = FastAPI(title="cifar-pipeline", lifespan=lifespan, docs_url="/api/docs", redoc_url=None,
+    # No Swagger page: FastAPI's loads its scripts from a CDN, and nothing here comes from the internet.
+    app = FastAPI(title="cifar-pipeline", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")  # fmt: skip
     app.state.live, app.state.batcher = live, Batcher(lambda: live.served)
     app.add_middleware(Guard, limit=settings.max_upload_bytes, token=settings.token)
