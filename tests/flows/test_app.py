@@ -163,6 +163,8 @@ def test_tokens_limits_and_bad_requests_get_a_4xx_with_one_clear_sentence(smoke_
         plot = client.get("/api/models/cifar10/v1/plots/curves.png", params={"token": "s3cret"})
         assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
         assert client.get("/api/models/cifar10/v1/plots/model.keras", headers=bearer).status_code == 404
+        assert "/api/predict" in client.get("/api/openapi.json", headers=bearer).json()["paths"]
+        assert client.get("/api/docs", headers=bearer).status_code == 404  # no page of scripts from a CDN
 
 
 def test_the_app_command_refuses_to_listen_beyond_loopback_without_a_token(tmp_path):
