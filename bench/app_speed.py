@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,12 +28,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def host() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())  # fmt: skip
-    return f"{os.cpu_count()} cores, {model}"
 
 
 def start_app(model: str) -> tuple[subprocess.Popen, str]:
@@ -123,7 +116,9 @@ def main() -> None:
     classes = sorted((Path(args.data) / "test").iterdir())
     paths = [p for folder in classes for p in sorted(folder.iterdir())[: args.images // len(classes)]]
     images = [(path.name, path.read_bytes()) for path in paths]
-    results = {"host": host(), "model": args.model, "images": len(images)}
+    from model_lib.precision import machine_key
+
+    results = {"host": machine_key(), "model": args.model, "images": len(images)}
     results["batch_prediction"] = batch_prediction(paths, args.model)
     print(json.dumps(results["batch_prediction"]), flush=True)
     app, url = start_app(args.model)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import socket
 import threading
 from dataclasses import dataclass
@@ -47,7 +46,6 @@ from model_lib.settings import REGISTRY_FOLDER
 
 PAGE = Path(__file__).with_name("app_page.html")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-TOKEN_ENV = "CIFAR_PIPELINE_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -214,12 +212,13 @@ def create_app(settings: AppSettings, live: LiveModel | None = None) -> FastAPI:
             good = [upload.pixels for upload in uploads if not upload.error]
             if not good:
                 nothing = np.zeros((0, len(live.served.info.class_names)), np.float32)
-                return prediction_rows(live.served, uploads, nothing, top_k)
+                return prediction_rows(live.served, uploads, None, nothing, top_k)
+            pixels = np.stack(good)
             try:
-                served, probabilities = await asyncio.wrap_future(app.state.batcher.submit(np.stack(good)))
+                served, probabilities = await asyncio.wrap_future(app.state.batcher.submit(pixels))
             except ModelChanged:
                 continue
-            return prediction_rows(served, uploads, probabilities, top_k)
+            return prediction_rows(served, uploads, pixels, probabilities, top_k)
         raise HTTPException(503, "the served model changed twice during this request; send it again")
 
     @app.get("/api/models")
@@ -264,16 +263,21 @@ def registry_view(artifacts_root: str, live: LiveModel) -> dict:
     serving = {"reference": info.reference, "version": info.version, "name": manifest.get("name"),
                "number": manifest["version"], "file": info.model_file, "plots": plots,
                "class_names": info.class_names}  # fmt: skip
-    return json.loads(json.dumps({"serving": serving, "models": models}, default=str))
+    return {"serving": serving, "models": models}
+
+
+def server_for(web: FastAPI):
+    """The uvicorn server that runs `web` (on sockets from `listen`): warnings only, 5 s to finish requests."""
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(web, log_level="warning", timeout_graceful_shutdown=5))
 
 
 @contextlib.contextmanager
 def background_server(web: FastAPI, host: str = "127.0.0.1", port: int = 0):
     """Serve `web` from a thread of this process until the block ends; yields its base URL (tests, benches)."""
-    import uvicorn
-
     listener = listen(host, port)
-    server = uvicorn.Server(uvicorn.Config(web, log_level="warning", timeout_graceful_shutdown=5))
+    server = server_for(web)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="app-server", daemon=True)
     thread.start()
     try:

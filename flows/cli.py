@@ -25,7 +25,9 @@ from model_lib.config import (
     PROFILES,
     RELOAD_SECONDS,
     SHARD_FILES,
+    TOKEN_ENV,
     TrainConfig,
+    check_engine,
     check_timeout,
     config_overrides,
     profile_time,
@@ -163,6 +165,14 @@ def _console_without_expected_tracebacks() -> None:
 
 
 ModelName = Annotated[str, typer.Option("--name", help="Registered model name.")]
+EngineOption = Annotated[
+    str,
+    typer.Option(
+        help=f"One of: {', '.join(ENGINES)}. auto runs the version's fastest TFLite export that passed parity with "
+        "the Keras model (written by `export`), else a TTA model first view first where its calibration allows "
+        "it; keras always the Keras model as saved."
+    ),
+]
 VersionRef = Annotated[str, typer.Argument(help="cifar10, cifar10@latest, cifar10@v3 or a version folder.")]
 
 
@@ -301,13 +311,7 @@ def predict(
             help="Flag rows low_confidence below this confidence (default: the model's calibrated threshold)."
         ),
     ] = None,
-    engine: Annotated[
-        str,
-        typer.Option(
-            help=f"One of: {', '.join(ENGINES)}. auto runs the version's fastest TFLite export that passed "
-            "parity with the Keras model (written by `export`), keras always the Keras model."
-        ),
-    ] = ENGINES[0],
+    engine: EngineOption = ENGINES[0],
 ) -> None:
     """Run the batch-predict flow: classify a folder of images into a CSV."""
     from model_lib.predict import plan_prediction
@@ -427,16 +431,14 @@ def app_command(
     host: Annotated[str, typer.Option(help="Address to listen on; beyond loopback it needs a token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0: any free one, printed).")] = APP_PORT,
     token: Annotated[
-        str | None, typer.Option(envvar="CIFAR_PIPELINE_TOKEN", help="Every /api/ call must carry it (Bearer).")
+        str | None, typer.Option(envvar=TOKEN_ENV, help="Every /api/ call must carry it (Bearer).")
     ] = None,
     max_upload_mb: Annotated[
         float, typer.Option(help="Largest request body, all its images together.")
     ] = MAX_UPLOAD_MB,
     max_megapixels: Annotated[float, typer.Option(help="Largest image, read from its header.")] = MAX_MEGAPIXELS,
     reload_seconds: Annotated[float, typer.Option(help="How often the reference is resolved again.")] = RELOAD_SECONDS,
-    engine: Annotated[str, typer.Option(help=f"One of: {', '.join(ENGINES)} (auto: a checked TFLite export).")] = (
-        "auto"
-    ),
+    engine: EngineOption = ENGINES[0],
 ) -> None:
     """Serve the HTTP prediction API and the web page (drag-and-drop, webcam, registry) until Ctrl-C."""
     from flows.app import AppSettings, is_loopback, listen
@@ -446,13 +448,12 @@ def app_command(
                            reload_seconds, engine)  # fmt: skip
     if not is_loopback(host) and not settings.token:
         raise ConfigError(f"--host {host} listens beyond this machine: give a token (--token, or set "
-                          "CIFAR_PIPELINE_TOKEN) that every API call must carry")  # fmt: skip
+                          f"{TOKEN_ENV}) that every API call must carry")  # fmt: skip
     for option, value in (("--max-upload-mb", max_upload_mb), ("--max-megapixels", max_megapixels),
                           ("--reload-seconds", reload_seconds)):  # fmt: skip
         if not value > 0:
             raise ConfigError(f"{option} must be more than 0, not {value}")
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    check_engine(engine)
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be from 0 to 65535, not {port}")
     try:
@@ -460,16 +461,14 @@ def app_command(
     except OSError as error:
         raise ConfigError(f"--host {host} --port {port}: cannot listen there ({error.strerror})") from None
     _import_tensorflow_quietly()
-    import uvicorn
-
-    from flows.app import create_app
+    from flows.app import create_app, server_for
 
     web = create_app(settings)
     host, port = listener.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     info = web.state.live.served.info
     typer.echo(f"serving {info.reference} ({info.version}) at http://{shown}:{port}/ - Ctrl-C stops")
-    uvicorn.Server(uvicorn.Config(web, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[listener])
+    server_for(web).run(sockets=[listener])
 
 
 def _fail(message: str) -> None:

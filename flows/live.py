@@ -61,13 +61,17 @@ def decode_upload(name: str, data: bytes, image_size: int, max_pixels: int) -> U
     return Upload(name, pixels, original)
 
 
-def prediction_rows(served: Served, uploads: list[Upload], probabilities: np.ndarray, top_k: int) -> list[dict]:
+def prediction_rows(
+    served: Served, uploads: list[Upload], pixels: np.ndarray | None, probabilities: np.ndarray, top_k: int
+) -> list[dict]:
     """One object per upload with the prediction CSV's columns and their meaning (see docs/prediction.md),
-    typed for JSON (numbers as numbers, empty cells as null), and the version that answered."""
+    typed for JSON (numbers as numbers, empty cells as null), and the version that answered.
+
+    `pixels` and `probabilities` are those of the uploads that decoded, in order (None and empty if none did).
+    """
     info = served.info
     top_k = min(top_k, len(info.class_names))
-    good = [upload.pixels for upload in uploads if not upload.error]
-    row_flags = iter(flags(probabilities, np.stack(good), info.unsure_below, info.texture_range) if good else [])
+    row_flags = iter(flags(probabilities, pixels, info.unsure_below, info.texture_range) if pixels is not None else [])
     answers = iter(ranked(probabilities, top_k))
     rows = []
     for upload in uploads:
@@ -96,7 +100,6 @@ class LiveModel:
         self.reference, self.artifacts_root, self.engine = reference, artifacts_root, engine
         self.served = self._load(resolve_model(reference, artifacts_root, engine))
         self.problem = ""  # why the last check could not follow the reference ("" when it could)
-        self.loaded_at = time.time()
 
     @staticmethod
     def _load(info: ModelInfo) -> Served:
@@ -118,7 +121,7 @@ class LiveModel:
         except Exception as error:  # noqa: BLE001 - kept and reported by /api/health; the old version serves on
             self.problem = f"{self.reference}: {error}"
             return False
-        self.served, self.problem, self.loaded_at = served, "", time.time()  # one assignment: never half-swapped
+        self.served, self.problem = served, ""  # the served pair is one attribute: never half-swapped
         return True
 
     def follow(self, stop: threading.Event, every: float = RELOAD_SECONDS) -> threading.Thread:

@@ -22,7 +22,7 @@ from model_lib.config import MIN_VALIDATION_IMAGES
 from model_lib.evaluate import ECE_BINS, negative_log_likelihood, reliability_bins
 from model_lib.fileio import atomic_open, write_json
 from model_lib.flags import texture_range
-from model_lib.inference import KerasClassifier, cascade
+from model_lib.inference import KerasClassifier, cascade, softmax
 from model_lib.models import tta_views, unwrap_tta, view_pixels, with_tta
 from model_lib.runs import TEST_PROBABILITIES, UNCALIBRATED_PROBABILITIES
 
@@ -50,14 +50,9 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
     return float(sum(gaps) / len(labels)) if len(labels) else 0.0
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
 def probabilities_at(view_logits: list[np.ndarray], temperature: float) -> np.ndarray:
     """The model's output at a temperature: the mean over its views (see `view_logits`) of softmax(logits / T)."""
-    return np.mean([_softmax(logits / temperature) for logits in view_logits], axis=0)
+    return np.mean([softmax(logits / temperature) for logits in view_logits], axis=0)
 
 
 def fit_temperature(view_logits: list[np.ndarray], labels: np.ndarray) -> float:
@@ -150,6 +145,7 @@ def calibrate(
     enough = len(val_labels) >= MIN_VALIDATION_IMAGES
     temperature = fit_temperature(val, val_labels) if enough else folded
     before, after = probabilities_at(test, folded), probabilities_at(test, temperature)
+    validation = probabilities_at(val, temperature)
     record = {
         "temperature": round(temperature, 6),
         "fitted_on": f"validation split ({len(val_labels)} images)" if enough
@@ -158,26 +154,28 @@ def calibrate(
         "test_ece_after": round(expected_calibration_error(after, test_labels), 6),
         "test_nll_before": round(negative_log_likelihood(before, test_labels), 6),
         "test_nll_after": round(negative_log_likelihood(after, test_labels), 6),
-        "unsure_threshold": round(unsure_threshold(probabilities_at(val, temperature), val_labels), 6) if enough
+        "unsure_threshold": round(unsure_threshold(validation, val_labels), 6) if enough
         else None,
         "unsure_pass_rate": UNSURE_PASS_RATE,
         "texture_range": texture_range(train_images),
-        "cascade": cascade_record(val, val_labels, test, test_labels, temperature) if enough else None,
+        "cascade": cascade_record(val, validation, val_labels, test, after, test_labels) if enough else None,
     }  # fmt: skip
     calibrated = with_temperature(model, temperature) if enough else model
     return calibrated, record, before.astype(np.float32), after.astype(np.float32)
 
 
-def cascade_record(val: list[np.ndarray], val_labels, test: list[np.ndarray], test_labels, temperature: float):
-    """How a TTA model does served first view first (`model_lib.inference.cascade`), from its view logits: the
-    first view's own temperature (fitted on the validation split, like the model's), and on the test set the
-    share of images every view re-ran, accuracy and ECE next to every view's; `serves` when the accuracy lost
-    is at most `CASCADE_TOLERANCE`. None for a model without TTA views."""
+def cascade_record(
+    val: list[np.ndarray], val_every: np.ndarray, val_labels, test: list[np.ndarray], every: np.ndarray, test_labels
+):
+    """How a TTA model does served first view first (`model_lib.inference.cascade`), from its view logits and its
+    calibrated outputs (`val_every`, `every`): the first view's own temperature (fitted on the validation split,
+    like the model's) and margin (`cascade_margin`), and on the test set the share of images every view re-ran,
+    accuracy and ECE next to every view's; `serves` when the accuracy lost is at most `CASCADE_TOLERANCE`. None
+    for a model without TTA views."""
     if len(val) < 2:
         return None
     first_temperature = fit_temperature([val[0]], val_labels)
-    margin = cascade_margin(probabilities_at([val[0]], first_temperature), probabilities_at(val, temperature))
-    every = probabilities_at(test, temperature)
+    margin = cascade_margin(probabilities_at([val[0]], first_temperature), val_every)
     first = probabilities_at([test[0]], first_temperature)
     served, unsure = cascade(first, lambda rows: every[rows], margin or 1.0)
     labels = np.asarray(test_labels)

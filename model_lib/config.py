@@ -59,7 +59,8 @@ class TrainConfig:
     image_size: int = 32  # pixels per side the model sees (folders are resized to this)
     max_train_images: int | None = None  # class-balanced cap on training images; None = all
     max_test_images: int | None = None  # class-balanced cap on test images; None = all
-    validation_split: float = 0.02  # fraction of training images held out, stratified by class (see MIN_VALIDATION)
+    # Fraction of training images held out, stratified by class; at least MIN_VALIDATION_IMAGES where it can.
+    validation_split: float = 0.02
     skip_corrupt: bool = False  # skip undecodable training files (reported) instead of failing
     # A run must beat always answering the most common class by this much accuracy, on validation
     # and test, to be registered: 0.05 is 5 points, far above chance on CIFAR's 10,000 test images.
@@ -158,10 +159,17 @@ class TrainConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-ENGINES = (
-    "auto",
-    "keras",
-)  # prediction: auto runs an export that passed parity (model_lib.export), or the first view first
+# Prediction engines: auto runs an export that passed parity (model_lib.export), or a TTA model first view first
+# where calibration allows it (model_lib.calibrate); keras runs the saved model as it is.
+ENGINES = ("auto", "keras")
+
+
+def check_engine(engine: str) -> None:
+    """Raises ConfigError for a prediction engine that does not exist."""
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+
+
 BATCH_IMAGES = 256  # prediction: images decoded per pool job and classified per model call
 SHARD_FILES = 2048  # prediction: files per shard task: measured best of 512-5000 for 10,000 CIFAR JPEGs on 2 cores
 # The app (`cifar-pipeline app`): its defaults and limits.
@@ -169,6 +177,7 @@ APP_PORT = 8000
 MAX_UPLOAD_MB = 10  # MB (10^6 bytes): a request body, all its images together
 MAX_MEGAPIXELS = 25  # million pixels per image, read from its header (a 24-megapixel camera photo fits)
 RELOAD_SECONDS = 2.0  # how often the served reference is resolved again (an alias may have moved)
+TOKEN_ENV = "CIFAR_PIPELINE_TOKEN"  # the app's token, when not given as --token
 CHOICES = {  # the fields that take one of a few names
     "architecture": ("airbench", "seed_cnn", "transfer"),  # model_lib.models.ARCHITECTURES
     "optimizer": ("sgd", "muon", "adam"),

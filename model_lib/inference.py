@@ -211,11 +211,15 @@ class TFLiteClassifier(_Classifier):
         return (raw.astype(np.float32) - zero) * scale if scale else raw.astype(np.float32)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Per row, in numpy."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
 def sharpened(probabilities: np.ndarray, scale: float) -> np.ndarray:
     """`softmax(log(p) * scale)` per row: a softmax output at temperature T moved to T / scale."""
-    logits = np.log(np.maximum(probabilities, np.finfo(np.float32).tiny)) * scale
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+    return softmax(np.log(np.maximum(probabilities, np.finfo(np.float32).tiny)) * scale).astype(np.float32)
 
 
 def cascade(

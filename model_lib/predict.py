@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_lib.config import BATCH_IMAGES, ENGINES, ConfigError, check_count
+from model_lib.config import BATCH_IMAGES, ConfigError, check_count, check_engine
 from model_lib.data import local_copy
 from model_lib.export import serving_exports
 from model_lib.fileio import read_json
@@ -84,18 +84,19 @@ class ModelInfo:
         if self.unsure_below is not None:
             return self.export_notes
         why = self.calibrated_on or "registered before calibration existed"
-        rule = (
-            f"{self.version.split(' (')[0]} has no unsure rule ({why}): the flag column stays empty; "
-            "--unsure-below P sets one"
-        )
+        rule = f"{self.label} has no unsure rule ({why}): the flag column stays empty; --unsure-below P sets one"
         return (*self.export_notes, rule)
+
+    @property
+    def label(self) -> str:
+        """The version without the file that answers for it: `cifar10 v3`."""
+        return self.version.split(" (")[0]
 
     @property
     def provenance(self) -> str:
         """The CSV's `model` cell: the reference asked for, and the version and file that answered it."""
-        label = self.version.split(" (")[0]
         how = f" ({CASCADE_NOTE})" if self.cascade else ""
-        return f"{self.reference} -> {label} {self.model_file}{how}"
+        return f"{self.reference} -> {self.label} {self.model_file}{how}"
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,7 @@ def plan_prediction(
     root = root.resolve()
     if unsure_below is not None and not 0 <= unsure_below <= 1:
         raise ConfigError(f"--unsure-below is a probability in [0, 1], not {unsure_below}")
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    check_engine(engine)
     info = resolve_model(model, artifacts_root, engine)
     if unsure_below is not None:
         info = replace(info, unsure_below=unsure_below, texture_range=info.texture_range or [0.0, float("inf")])
