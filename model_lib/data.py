@@ -230,6 +230,13 @@ def read_file_table(path: str | os.PathLike):
     )  # fmt: skip
 
 
+def spread_over(index: np.ndarray, count: int) -> np.ndarray:
+    """At most `count` entries of `index` spaced evenly over all of it: the cache stores each class's images
+    together, so a sample taken from the front would be one or two classes."""
+    positions = np.unique(np.linspace(0, len(index) - 1, min(len(index), count)).astype(int))
+    return np.asarray(index)[positions]
+
+
 def load_arrays(cache_dir: str | os.PathLike) -> Arrays:
     """Load a cached dataset (memory-mapped; `allow_pickle` stays off)."""
     cache_dir = Path(cache_dir)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 BACKBONE_INPUT_SIDE = 96  # pixels: MobileNetV3Small's smallest ImageNet resolution; CIFAR is resized up to it
 HEAD_DROPOUT = 0.2  # dropout before the new classifier
-RECALIBRATION_IMAGES = 1024  # training images whose batch statistics replace a scratch backbone's moving ones
 BACKBONE_LAYER_NAME = "backbone"
 WEIGHTS_HELP = (
     "download the no-top MobileNetV3Small ImageNet weights on a connected machine "
@@ -91,29 +90,3 @@ def freeze_backbone(model, trainable_top_layers: int) -> int:
         layer.trainable = index >= first_trainable and not isinstance(layer, layers.BatchNormalization)
         count += layer.trainable
     return count
-
-
-def recalibrate_batch_norm(model, images) -> int:
-    """Replace the moving statistics of every trainable batch norm with those of `images`.
-
-    A backbone trained from scratch in a short run keeps Keras Applications' momentum 0.999, so
-    its moving statistics still mostly hold their initial values (and those of weights long since
-    changed). Measured on scikit-learn's digits: 94% training accuracy in batch mode, 10% (chance)
-    in inference mode; after this, 91% on the test images. Frozen (pretrained) statistics stay.
-
-    Returns:
-        How many batch-norm layers were recalibrated.
-    """
-    from keras import layers
-
-    norms = [layer for layer in model._flatten_layers() if isinstance(layer, layers.BatchNormalization)]
-    norms = [layer for layer in norms if layer.trainable]
-    momenta = [layer.momentum for layer in norms]
-    for layer in norms:
-        layer.momentum = 0.0  # the moving statistics become this batch's
-    try:
-        model(images[:RECALIBRATION_IMAGES].astype("float32"), training=True)
-    finally:
-        for layer, momentum in zip(norms, momenta, strict=True):
-            layer.momentum = momentum
-    return len(norms)

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from model_lib.config import PROFILES, ConfigError, TrainConfig, resolve_config
+from model_lib.config import ADAM_RECIPE, PROFILES, ConfigError, TrainConfig, resolve_config
 
 
 def test_seed_profile_is_the_origin_recipe():
@@ -69,6 +69,13 @@ def test_default_and_gpu_train_airbench_with_muon_and_the_other_architectures_wi
     for architecture in ("seed_cnn", "transfer"):
         other = resolve_config(profile, architecture=architecture)
         assert other == dataclasses.replace(resolve_config("airbench94", architecture=architecture), profile=profile)
+    # The seed's network with the seed's optimiser, the rest of the profile kept; --optimizer overrides it.
+    seed_cnn = resolve_config(profile, architecture="seed_cnn")
+    assert {field: getattr(seed_cnn, field) for field in ADAM_RECIPE} == ADAM_RECIPE and seed_cnn.epochs == 10
+    assert resolve_config(profile, architecture="seed_cnn", optimizer="sgd") == dataclasses.replace(
+        resolve_config("airbench94", architecture="seed_cnn", optimizer="sgd"), profile=profile
+    )
+    assert resolve_config("seed", architecture="airbench").optimizer == "adam"  # the seed profile is Adam already
     with pytest.raises(ConfigError, match="optimizer muon .* trains the airbench architecture only, not seed_cnn"):
         resolve_config(profile, architecture="seed_cnn", optimizer="muon")
 
