@@ -45,7 +45,7 @@ def main() -> None:
         from PIL import Image
 
         from model_lib.models import build_model
-        from tests.flows.test_batch_predict import register_keras_model
+        from tests.registered import register_keras_model
 
         artifacts, inbox = Path(scratch) / "artifacts", Path(scratch) / "inbox"
         register_keras_model(artifacts, build_model("seed_cnn", 10), Path(scratch))

@@ -10,33 +10,14 @@ import pytest
 
 import tasks.prediction
 from flows.batch_predict import PredictionErrors, batch_predict, with_dask
+from model_lib.data import CIFAR10_CLASSES
 from model_lib.images import decode_rgb
 from model_lib.models import build_model
 from model_lib.prediction_csv import csv_columns
-from model_lib.registry import ChecksumError, Registry, RegistryError, load_verified_model
-from model_lib.train import probe_images
+from model_lib.registry import ChecksumError, RegistryError, load_verified_model
 from tests.catalogue import BROKEN, ODD, SKIPPED, build_catalogue
+from tests.registered import register_keras_model
 from tests.synthetic import write_unlike_images
-
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def register_keras_model(artifacts: Path, model, tmp_path: Path, class_names=CLASSES, accuracy=0.5) -> Path:
-    """Register a real Keras model the way the register task does (probe included)."""
-    run = tmp_path / "registered_run"
-    run.mkdir(exist_ok=True)
-    model.save(run / "model.keras")
-    inputs = probe_images(np.zeros((2, 32, 32, 3), np.uint8), 0)
-    np.savez(run / "probe.npz", inputs=inputs, outputs=model.predict(inputs, verbose=0))
-    manifest = {
-        "architecture": model.name,
-        "config": {"image_size": 32},
-        "metrics": {"test_accuracy": accuracy},
-        "dataset": {"class_names": class_names, "test_fingerprint": "t"},
-    }
-    registration = Registry(artifacts).register({"model.keras": run / "model.keras", "probe.npz": run / "probe.npz"},
-                                                manifest)  # fmt: skip
-    return Path(registration.path)
 
 
 @pytest.fixture
@@ -68,7 +49,7 @@ def test_every_broken_file_gets_an_error_row_and_every_odd_one_is_classified(
         row = rows.loc[name]
         assert row["status"] == "ok" and row["error"] == "", (name, row["error"])
         assert (int(row["width"]), int(row["height"])) == (width, height), name
-        assert row["label"] in CLASSES and row["label"] == row["top1_label"]
+        assert row["label"] in CIFAR10_CLASSES and row["label"] == row["top1_label"]
         assert float(row["top1_probability"]) >= float(row["top2_probability"]) >= float(row["top3_probability"])
     assert (summary["ok"], summary["error"], summary["skipped"]) == (len(ODD), len(BROKEN), len(SKIPPED))
     assert summary["model"] == "cifar10 v1"

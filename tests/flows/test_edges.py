@@ -15,7 +15,7 @@ from model_lib.models import build_model
 from model_lib.precision import JAX_CACHE_FOLDER, machine_cache_dir
 from model_lib.predict import plan_prediction
 from model_lib.registry import RegistryError
-from tests.flows.test_batch_predict import register_keras_model
+from tests.registered import register_keras_model
 
 CLI = [sys.executable, "-c", "from flows.cli import main; main()"]  # the console script, in this interpreter
 

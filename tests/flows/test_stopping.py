@@ -14,8 +14,8 @@ import pytest
 from bench.stop_time import CLI, stop_during
 from model_lib.models import build_model
 from model_lib.registry import Registry
-from tests.flows.test_batch_predict import register_keras_model
 from tests.flows.test_edges import colour_training
+from tests.registered import register_keras_model
 
 STOP_LIMIT_SECONDS = 10.0  # issue 44: the process group is gone within 10 s (the aim is under 5)
 
