@@ -13,14 +13,13 @@ softmax, so the model still loads with `safe_mode` and exports to TFLite.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from model_lib.config import MIN_VALIDATION_IMAGES
 from model_lib.evaluate import ECE_BINS, negative_log_likelihood, reliability_bins
-from model_lib.fileio import atomic_open, write_json
+from model_lib.fileio import atomic_open, save_model_atomic, write_json
 from model_lib.flags import texture_range
 from model_lib.inference import KerasClassifier, cascade, softmax
 from model_lib.models import tta_views, unwrap_tta, view_pixels, with_tta
@@ -226,12 +225,7 @@ def calibrate_run(model_path: str, probe_path: str, cache_dir: str, split_path: 
     with atomic_open(out_dir / UNCALIBRATED_PROBABILITIES, "wb") as handle:
         np.save(handle, uncalibrated, allow_pickle=False)
     if calibrated is not model:
-        tmp = Path(model_path).with_name(f".calibrated.{os.getpid()}.keras")
-        try:
-            calibrated.save(tmp)
-            os.replace(tmp, model_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_model_atomic(calibrated, Path(model_path))
         with np.load(probe_path, allow_pickle=False) as probe:
             inputs = probe["inputs"]
         with atomic_open(probe_path, "wb") as handle:

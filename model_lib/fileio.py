@@ -54,6 +54,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
         raise
 
 
+def save_model_atomic(model, path: Path) -> None:
+    """Save a Keras model (`model.save`) so that a crash never leaves a partial `.keras` file at `path`."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def current_umask() -> int:
     """The process's umask, read from /proc where it can be; elsewhere set and straight back."""
     try:

@@ -15,7 +15,7 @@ import numpy as np
 from model_lib.config import TrainConfig
 from model_lib.data import DatasetInfo, load_arrays, spread_over
 from model_lib.evaluate import check_learned
-from model_lib.fileio import atomic_open, write_json
+from model_lib.fileio import atomic_open, save_model_atomic, write_json
 from model_lib.models import WHITEN_SAMPLE_IMAGES, build_model, with_tta
 from model_lib.precision import (
     choose_precision,
@@ -484,13 +484,3 @@ def probe_images(sample: np.ndarray, seed: int) -> np.ndarray:
     noise = np.random.default_rng(seed).integers(0, 256, (2, *sample.shape[1:]), dtype=np.uint8)
     extremes = np.stack([np.zeros(sample.shape[1:], np.uint8), np.full(sample.shape[1:], 255, np.uint8)])
     return np.concatenate([sample.astype(np.uint8), extremes, noise])
-
-
-def save_model_atomic(model, path: Path) -> None:
-    """Save a `.keras` file so that a crash never leaves a partial one at `path`."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
