@@ -250,8 +250,8 @@ PROFILES: dict[str, dict] = {
     # airbench95's accuracy (91.8% on these JPEGs): 91.98% and 91.89% in two runs on a CPU (bench/RESULTS.md).
     "gpu": {**DEFAULT_PROFILE, "network_width": 2.0, "epochs": 12},
     # airbench94's recipe, the field defaults above: SGD with lookahead, 10 epochs, flip TTA. Muon needs batch
-    # norm after every conv, so `default` trains the other architectures with this recipe, the seed's network
-    # with ARCHITECTURE_RECIPES' optimiser (resolve_config).
+    # norm after every conv, so `default` trains the other architectures with this recipe, and with
+    # ARCHITECTURE_OPTIMIZERS' optimiser (resolve_config).
     "airbench94": {},
     "seed": SEED_PROFILE,
     # airbench94's recipe at half width for two epochs: about 900 images/s on two cores, so two
@@ -273,11 +273,24 @@ PROFILES: dict[str, dict] = {
 }
 
 
+# The values that belong to an optimiser. A run that asks for another optimiser than its profile's drops
+# the profile's values of these for that optimiser's own (OPTIMIZER_RECIPES); before, `--optimizer adam`
+# under `smoke` kept airbench's SGD rate of 0.1-0.5 and diverged.
+OPTIMIZER_FIELDS = ("optimizer", "learning_rate", "momentum", "weight_decay", "bias_lr_scale", "muon_learning_rate",
+                    "muon_momentum", "label_smoothing", "lr_schedule", "warmup_fraction", "lr_start_fraction",
+                    "lr_end_fraction", "lookahead_every", "lookahead_decay")  # fmt: skip
+OPTIMIZER_RECIPES: dict[str, dict] = {
+    "sgd": {"optimizer": "sgd"},  # the field defaults: airbench94's
+    "adam": ADAM_RECIPE,
+    # with the batch its rates were tuned at, so that resolve_config scales them to the profile's batch
+    "muon": {k: v for k, v in DEFAULT_PROFILE.items() if k in OPTIMIZER_FIELDS or k == "batch_size"},
+}
+
 # What an architecture trains with under a profile tuned on another network, unless the command sets
 # --optimizer. airbench's SGD (64x steps for batch-norm offsets, label smoothing, a short decaying schedule)
 # left the seed's dense head at 14% training accuracy after smoke's 26 steps, and Adam took it to 29%
-# (34% on test). The transfer backbone learns under airbench94's SGD (97% on scikit-learn's digits).
-ARCHITECTURE_RECIPES: dict[str, dict] = {"seed_cnn": ADAM_RECIPE}
+# (34% on test). The transfer backbone under SGD diverged in one of three `smoke` runs under bf16.
+ARCHITECTURE_OPTIMIZERS: dict[str, str] = {"seed_cnn": "adam", "transfer": "adam"}
 
 # Wall time of each profile's `train` on a 2-core CPU with the shared CIFAR-10 (bench/RESULTS.md): the
 # AMD EPYC and Intel Emerald Rapids hosts, and for `default` and `seed` also the slower Cascade Lake and
@@ -335,7 +348,8 @@ def resolve_config(profile: str = "default", **overrides) -> TrainConfig:
 
     A profile that trains with Muon (`default`) asked for another architecture trains it with airbench94's
     recipe instead: Muon's rescaling assumes batch norm after every conv. An architecture the profile was
-    not tuned on takes its `ARCHITECTURE_RECIPES` optimiser settings unless `optimizer` is given.
+    not tuned on takes its `ARCHITECTURE_OPTIMIZERS` optimiser unless `optimizer` is given, and an optimiser
+    other than the profile's comes with its `OPTIMIZER_RECIPES` values unless they are given.
 
     Raises:
         ConfigError: Unknown profile or unknown field.
@@ -352,14 +366,19 @@ def resolve_config(profile: str = "default", **overrides) -> TrainConfig:
     architecture = given.get("architecture", tuned_for)
     if recipe.get("optimizer") == "muon" and architecture != "airbench":
         recipe = PROFILES["airbench94"]
+    own_optimizer = recipe.get("optimizer", TrainConfig.optimizer)
+    optimizer = given.get("optimizer", own_optimizer)
     if architecture != tuned_for and "optimizer" not in given:
-        recipe = {**recipe, **ARCHITECTURE_RECIPES.get(architecture, {})}
-    values = {**recipe, **given}
-    optimizer = values.get("optimizer", TrainConfig.optimizer)
+        optimizer = ARCHITECTURE_OPTIMIZERS.get(architecture, own_optimizer)
+    layers = [recipe, given]
+    if optimizer != own_optimizer and optimizer in OPTIMIZER_RECIPES:  # an unknown one: TrainConfig says so
+        rest = {k: v for k, v in recipe.items() if k not in OPTIMIZER_FIELDS}
+        layers = [OPTIMIZER_RECIPES[optimizer], rest, given]
+    values = {k: v for layer in layers for k, v in layer.items()}
     if optimizer in ("sgd", "muon"):
-        values["learning_rate"] = _batch_scaled("learning_rate", 1.0, recipe, given)
+        values["learning_rate"] = _batch_scaled("learning_rate", 1.0, *layers)
     if optimizer == "muon":
-        values["muon_learning_rate"] = _batch_scaled("muon_learning_rate", 0.5, recipe, given)
+        values["muon_learning_rate"] = _batch_scaled("muon_learning_rate", 0.5, *layers)
     return TrainConfig(profile=profile, **values)
 
 

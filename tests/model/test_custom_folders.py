@@ -51,13 +51,15 @@ def test_greyscale_digits_train_to_95_percent_with_the_muon_recipe(prefect_harne
 
 @pytest.mark.slow  # not under JAX too: 5 min there; the transfer architecture trains under JAX in test_transfer.py
 def test_greyscale_digits_train_the_transfer_architecture(prefect_harness, digits, artifacts):
-    # 6 epochs: 96.9-98.3% over seeds 0-5. 4 stopped on the steep part of the curve (last epoch's training
-    # accuracy 0.89-0.94) and once scored 82.2% in CI; an epoch after the first costs 3-5 s (bench/RESULTS.md).
+    # 6 epochs: 98.3% with Adam; under SGD 96.9-98.3% over seeds 0-5, where 4 stopped on the steep part of
+    # the curve (last epoch's training accuracy 0.89-0.94) and once scored 82.2% in CI; an epoch after the
+    # first costs 3-5 s (bench/RESULTS.md).
     result = train_cifar(
         profile="smoke", data=str(digits), architecture="transfer", weights="none", epochs=6,
         model_name="digits-transfer",
     )  # fmt: skip
     assert result["name"] == "digits-transfer" and result["test_accuracy"] >= 0.85, result
+    assert read_json(Path(result["path"]) / "manifest.json")["config"]["optimizer"] == "adam"  # smoke's SGD diverged
 
 
 @pytest.mark.backends
@@ -79,8 +81,10 @@ def test_a_run_that_learned_nothing_is_refused_and_registers_nothing(prefect_har
     # Every test image equals a training image: the data gates stop it before training ...
     with pytest.raises(DataGateError, match=r"test leakage: 24 test image\(s\) \(100\.00%\)"):
         train_cifar(**options)
-    # ... and with the gates relaxed, the learned-nothing guard does.
-    with pytest.raises(NothingLearned, match=r"validation accuracy .* majority-class rate 0\.3333 \+ margin 0\.05"):
+    # ... and with the gates relaxed, the learned-nothing guard does: on validation, or where 12 validation
+    # images beat chance by luck (seen under JAX), on the test split, which holds every training picture.
+    refusal = r"(validation|test) accuracy \S+ is not above the majority-class rate 0\.3333 \+ margin 0\.05"
+    with pytest.raises(NothingLearned, match=refusal):
         train_cifar(**options, max_leakage=1.0, min_class_images=1)
     assert Registry(artifacts, "same").state()["versions"] == []
     assert not (artifacts / "models" / "same").exists()

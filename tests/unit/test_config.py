@@ -59,7 +59,8 @@ def test_learning_rates_follow_the_batch_size_unless_given():
     assert quarter.learning_rate == pytest.approx(muon.learning_rate / 4)  # Muon's SGD part scales
     assert quarter.muon_learning_rate == pytest.approx(muon.muon_learning_rate / 2)  # its kernel step by the root
     assert resolve_config("default", batch_size=250, muon_learning_rate=0.3).muon_learning_rate == 0.3
-    assert resolve_config("airbench94", optimizer="muon").muon_learning_rate == TrainConfig.muon_learning_rate
+    muon_under_airbench94 = resolve_config("airbench94", optimizer="muon")  # Muon's batch and rates, as tuned
+    assert (muon_under_airbench94.batch_size, muon_under_airbench94.muon_learning_rate) == (1000, 0.17)
 
 
 @pytest.mark.parametrize("profile", ["default", "gpu"])
@@ -69,15 +70,33 @@ def test_default_and_gpu_train_airbench_with_muon_and_the_other_architectures_wi
     for architecture in ("seed_cnn", "transfer"):
         other = resolve_config(profile, architecture=architecture)
         assert other == dataclasses.replace(resolve_config("airbench94", architecture=architecture), profile=profile)
-    # The seed's network with the seed's optimiser, the rest of the profile kept; --optimizer overrides it.
-    seed_cnn = resolve_config(profile, architecture="seed_cnn")
-    assert {field: getattr(seed_cnn, field) for field in ADAM_RECIPE} == ADAM_RECIPE and seed_cnn.epochs == 10
+    # The seed's network and the transfer backbone with the seed's optimiser, the rest of the profile kept;
+    # --optimizer overrides it.
+    for architecture in ("seed_cnn", "transfer"):
+        other = resolve_config(profile, architecture=architecture)
+        assert {field: getattr(other, field) for field in ADAM_RECIPE} == ADAM_RECIPE and other.epochs == 10
     assert resolve_config(profile, architecture="seed_cnn", optimizer="sgd") == dataclasses.replace(
         resolve_config("airbench94", architecture="seed_cnn", optimizer="sgd"), profile=profile
     )
     assert resolve_config("seed", architecture="airbench").optimizer == "adam"  # the seed profile is Adam already
     with pytest.raises(ConfigError, match="optimizer muon .* trains the airbench architecture only, not seed_cnn"):
         resolve_config(profile, architecture="seed_cnn", optimizer="muon")
+
+
+def test_an_optimizer_asked_for_comes_with_its_own_rates_not_the_profiles():
+    # --optimizer adam under smoke once kept airbench's SGD rate (0.19) and diverged.
+    adam = resolve_config("smoke", optimizer="adam")
+    assert {field: getattr(adam, field) for field in ADAM_RECIPE} == ADAM_RECIPE
+    assert (adam.batch_size, adam.epochs, adam.max_train_images) == (128, 2, 2000)  # the rest of smoke kept
+    assert resolve_config("smoke", optimizer="adam", learning_rate=3e-4).learning_rate == 3e-4
+    # SGD asked of the Adam-tuned seed profile: airbench94's rate, scaled to the seed's batch of 64.
+    sgd = resolve_config("seed", optimizer="sgd")
+    assert sgd.learning_rate == pytest.approx(TrainConfig.learning_rate * 64 / TrainConfig.batch_size)
+    assert (sgd.label_smoothing, sgd.lookahead_every) == (TrainConfig.label_smoothing, TrainConfig.lookahead_every)
+    # Muon's rates were tuned at default's batch of 1,000: scaled from there to smoke's 128.
+    muon, default = resolve_config("smoke", optimizer="muon"), resolve_config("default")
+    assert muon.learning_rate == pytest.approx(default.learning_rate * 128 / 1000)
+    assert muon.muon_learning_rate == pytest.approx(default.muon_learning_rate * (128 / 1000) ** 0.5)
 
 
 def test_gpu_is_default_at_twice_the_width_for_half_again_the_epochs():
