@@ -22,8 +22,11 @@ install: $(BIN)/.installed
 run: install
 	$(BIN)/cifar-pipeline train $(ARGS)
 
-# One pytest-xdist worker per core, each with its own Prefect server; worksteal evens out the long tests.
-PARALLEL ?= -n auto --dist worksteal
+# One pytest-xdist worker per core and one more, each with its own Prefect server: many tests wait on
+# servers and subprocesses, and on 2 cores three workers took the TensorFlow pass from 982 s to 753 s
+# (bench/RESULTS.md). worksteal evens out the long tests.
+WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
+PARALLEL ?= -n $(WORKERS) --dist worksteal
 
 test: install
 	$(BIN)/python -m pytest $(PARALLEL) $(PYTEST_ARGS)
