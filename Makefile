@@ -25,7 +25,8 @@ run: install
 # One pytest-xdist worker per core and one more, each with its own Prefect server: many tests wait on
 # servers and subprocesses, and on 2 cores three workers took the TensorFlow pass from 982 s to 753 s
 # (bench/RESULTS.md). worksteal evens out the long tests.
-WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
+# Counted by Python rather than nproc, which macOS lacks.
+WORKERS ?= $(shell $(PYTHON) -c 'import os; print((os.cpu_count() or 1) + 1)')
 PARALLEL ?= -n $(WORKERS) --dist worksteal
 
 test: install
