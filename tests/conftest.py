@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,27 @@ SHARED_CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"
 # same small programs. Set before any test module imports Keras, which reads it with JAX.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "jax"))
 CLASS_COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist, each worker's share of the run starts with its part of the slow tests.
+
+    worksteal hands each worker a contiguous share of this order and idle workers steal from the others'
+    ends. In file order a slow test could start last and hold one worker for over a minute after the
+    others had finished; here the slow tests are dealt out first, and the short ones that follow them even
+    the finish out. The other tests keep their file order, so a module's fixtures are set up once a worker.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    rest = iter([item for item in items if not item.get_closest_marker("slow")])
+    ordered = []
+    for share in range(workers):  # the sizes worksteal cuts: what is left over the workers still to serve
+        size = (len(items) - len(ordered)) // (workers - share)
+        first = slow[share::workers]
+        ordered += [*first, *islice(rest, size - len(first))]
+    items[:] = ordered
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +141,14 @@ def write_colour_dataset(root: Path, train_per_class: int = 12, test_per_class: 
                 pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i:03d}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """scikit-learn's handwritten digits as an image folder (tests/synthetic.py), written once a worker."""
+    from tests.synthetic import write_digits_dataset
+
+    return write_digits_dataset(tmp_path_factory.mktemp("data") / "digits")
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """The documented transfer, export, list and predict commands (README.md, docs/), run as written
-(training with smoke-sized options), offline; tests/unit/test_docs.py parses every other one."""
+(training under smoke, on scikit-learn's digits), offline; tests/unit/test_docs.py parses every other one."""
 
 import json
 import os
@@ -28,15 +28,14 @@ def readme_command(starts: str, exact: bool = False) -> list[str]:
     return shlex.split(matches.pop())[1:]
 
 
-@pytest.mark.real_data
 @pytest.mark.slow
-def test_transfer_train_export_and_tflite_predict_as_the_readme_shows(cifar_dir, artifacts, tmp_path, prefect_api_env):
-    env = {**os.environ, **prefect_api_env, "CIFAR10_DIR": str(cifar_dir), "ARTIFACTS_DIR": str(artifacts),
-           "HOME": str(tmp_path)}  # fmt: skip
-    photos = tmp_path / "photos"  # the README's ~/photos
+def test_transfer_train_export_and_tflite_predict_as_the_readme_shows(digits, artifacts, tmp_path, prefect_api_env):
+    env = {**os.environ, **prefect_api_env, "ARTIFACTS_DIR": str(artifacts), "HOME": str(tmp_path)}
+    photos = tmp_path / "photos"  # the README's ~/photos: two test images of each of six digits
     photos.mkdir()
-    for path in sorted((cifar_dir / "test" / "ship").iterdir())[:12]:
-        (photos / path.name).write_bytes(path.read_bytes())
+    for digit in range(6):
+        for path in sorted((digits / "test" / str(digit)).iterdir())[:2]:
+            (photos / f"{digit}-{path.name}").write_bytes(path.read_bytes())
 
     def run(arguments: list[str]) -> str:
         command = [sys.executable, "-c", "from flows.cli import main; main()", *arguments]
@@ -44,12 +43,16 @@ def test_transfer_train_export_and_tflite_predict_as_the_readme_shows(cifar_dir,
         assert done.returncode == 0, (arguments, done.stdout[-3000:], done.stderr[-3000:])
         return done.stdout
 
-    # A MobileNet from scratch on a few hundred images learns too little (13-26% after 3 epochs on
-    # 800) for the learned-nothing guard to pass it reliably: this checks the commands, not learning.
-    smoke = ["--profile", "smoke", "--max-train-images", "300", "--max-test-images", "100", "--epochs", "1",
-             "--learned-margin", "-1"]  # fmt: skip
-    trained = run(readme_command("cifar-pipeline train --architecture transfer --weights none --export") + smoke)
-    version = re.search(r"cifar10 v(\d+) \(champion\)", trained).group(1)
+    # Digits rather than CIFAR-10: a MobileNet from scratch learns them under smoke in 6 epochs (98.3% with
+    # Adam; 13-26% on a few hundred CIFAR images), so this one training also checks that the architecture
+    # learns. Registered as cifar10, the name the later commands use; an epoch after the first costs 3-5 s.
+    digits_run = ["--profile", "smoke", "--data", str(digits), "--epochs", "6", "--model-name", "cifar10"]
+    trained = run(readme_command("cifar-pipeline train --architecture transfer --weights none --export") + digits_run)
+    version = re.search(r"cifar10 v(\d+) \(champion\): test accuracy (\S+)", trained)
+    assert float(version.group(2)) >= 0.85, trained  # under SGD once 82.2% in CI, and once diverged
+    version = version.group(1)
+    manifest = json.loads((artifacts / "models" / "cifar10" / f"v{version}" / "manifest.json").read_text())
+    assert manifest["config"]["optimizer"] == "adam"  # smoke's SGD is airbench's, which diverged here
     exported = run(readme_command("cifar-pipeline export cifar10@champion"))
     assert "already exported, checksums verified" in exported  # train --export did it: not converted twice
 
@@ -73,6 +76,9 @@ def test_transfer_train_export_and_tflite_predict_as_the_readme_shows(cifar_dir,
     assert re.search(rf"\bv?{version}\b.*champion", listed)
     plain = readme_command("cifar-pipeline predict ~/photos", exact=True)
     output = run([str(photos) if a == "~/photos" else a for a in plain])
-    manifest = artifacts / "models" / "cifar10" / f"v{version}" / "manifest.json"
-    chosen = serving_export(json.loads(manifest.read_text()))  # auto: int8 if it kept parity on this tiny model
+    manifest = json.loads((artifacts / "models" / "cifar10" / f"v{version}" / "manifest.json").read_text())
+    chosen = serving_export(manifest)  # auto: int8 if it kept parity
     assert f"cifar10 v{version} ({chosen})" in output if chosen else f"cifar10 v{version})" in output
+    table = pd.read_csv(Path(output.strip().splitlines()[-1].strip()))
+    right = table["label"].astype(str) == table["path"].map(lambda path: Path(path).name.split("-")[0])
+    assert right.sum() >= 10, table[["path", "label", "confidence"]]  # 98% on the digits' test split

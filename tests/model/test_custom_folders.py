@@ -9,16 +9,11 @@ from model_lib.data_report import DataGateError
 from model_lib.evaluate import NothingLearned, check_learned, majority_rate
 from model_lib.fileio import read_json
 from model_lib.registry import Registry
-from tests.synthetic import write_digits_dataset, write_hues_dataset, write_uninformative_dataset
+from tests.synthetic import write_hues_dataset, write_uninformative_dataset
 
 # The precisions precision=auto can pick on a CPU (float32; bf16 with AMX or a faster AVX-512 BF16), with
 # the epochs each needs to clear 95% with room: in 3 epochs float32 scored 97.5%, bf16 95.0% (bench/RESULTS.md).
 CPU_PRECISIONS = {"float32": 3, "mixed_bfloat16": 4}
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return write_digits_dataset(tmp_path_factory.mktemp("data") / "digits")
 
 
 @pytest.mark.slow
@@ -47,19 +42,6 @@ def test_greyscale_digits_train_to_95_percent_with_the_muon_recipe(prefect_harne
     assert 0 < calibration["unsure_threshold"] < 1  # the prediction CSV's flag column has a rule
     assert config["optimizer"] == "muon" and config["learning_rate"] == pytest.approx(0.828 * 128 / 1000)
     assert config["muon_learning_rate"] == pytest.approx(0.17 * (128 / 1000) ** 0.5)
-
-
-@pytest.mark.slow  # not under JAX too: 5 min there; the transfer architecture trains under JAX in test_transfer.py
-def test_greyscale_digits_train_the_transfer_architecture(prefect_harness, digits, artifacts):
-    # 6 epochs: 98.3% with Adam; under SGD 96.9-98.3% over seeds 0-5, where 4 stopped on the steep part of
-    # the curve (last epoch's training accuracy 0.89-0.94) and once scored 82.2% in CI; an epoch after the
-    # first costs 3-5 s (bench/RESULTS.md).
-    result = train_cifar(
-        profile="smoke", data=str(digits), architecture="transfer", weights="none", epochs=6,
-        model_name="digits-transfer",
-    )  # fmt: skip
-    assert result["name"] == "digits-transfer" and result["test_accuracy"] >= 0.85, result
-    assert read_json(Path(result["path"]) / "manifest.json")["config"]["optimizer"] == "adam"  # smoke's SGD diverged
 
 
 @pytest.mark.backends
