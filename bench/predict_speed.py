@@ -146,9 +146,10 @@ def subset_folder(source: Path, target: Path, count: int) -> Path:
 
 def engine_comparison(data: Path, model_dir: Path, scratch: Path, runs: int) -> dict:
     """Batch-predict and model-only speed and accuracy for each engine of one version (see the docstring)."""
+    from model_lib.export import cascade_rule
     from model_lib.fileio import read_json
     from model_lib.images import decode_files
-    from model_lib.inference import KerasClassifier, TFLiteClassifier
+    from model_lib.inference import CascadeClassifier, KerasClassifier, TFLiteClassifier
     from model_lib.models import unwrap_tta
     from model_lib.predict import load_classifier, resolve_model
     from model_lib.prediction_csv import read_predictions
@@ -188,6 +189,12 @@ def engine_comparison(data: Path, model_dir: Path, scratch: Path, runs: int) -> 
     network, views = unwrap_tta(keras_model)
     if views:
         ceilings["keras without TTA"] = model_only(KerasClassifier(network))
+    rule = cascade_rule(manifest)
+    if views and rule:
+        keras_cascade = CascadeClassifier(KerasClassifier(network), KerasClassifier(keras_model), *rule)
+        ceilings["keras, first view first"] = model_only(keras_cascade)
+    for first_view in [entry["first_view"]["file"] for entry in manifest.get("exports", []) if entry.get("first_view")]:
+        ceilings[f"{first_view} alone"] = model_only(TFLiteClassifier(model_dir / first_view))
     ceilings["auto"] = model_only(load_classifier(resolve_model(str(model_dir), model_dir, "auto")))
     for name, result in results.items():
         result["batch_predict_images_per_s"] = statistics.median(rates[name])

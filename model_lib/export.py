@@ -6,6 +6,10 @@ is recorded as failed, with the reason. An export passes parity when it is withi
 `PARITY_MAX_DROP` of the Keras model's test accuracy and gives the same top-1 label on at least
 `PARITY_MIN_AGREEMENT` of the test images: batch prediction then runs the fastest such export
 in place of the Keras model (`serving_export`).
+
+A TTA model that calibration found may be served first view first (`model_lib.calibrate`) also gets its first
+view (the network inside the TTA wrapper) in int8 beside the int8 export: the same cascade, served over TFLite,
+measured on the test set against the Keras model like any export.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import numpy as np
 from model_lib.config import ConfigError
 from model_lib.data import load_arrays
 from model_lib.fileio import read_json
-from model_lib.inference import KerasClassifier, TFLiteClassifier
+from model_lib.inference import CASCADE_TOLERANCE, KerasClassifier, TFLiteClassifier, cascade, sharpened
+from model_lib.models import unwrap_tta
 from model_lib.registry import MANIFEST_FILE, attach_to_version, load_verified_model, verify_version
 
 EXPORT_FORMATS = ("float32", "float16", "int8")
@@ -27,11 +32,28 @@ CALIBRATION_IMAGES = 200  # training images the int8 quantiser calibrates its ra
 PARITY_MAX_DROP = 0.003  # test accuracy an export may lose against the Keras model and still serve
 PARITY_MIN_AGREEMENT = 0.98  # share of test images on which an export that serves matches Keras' top-1
 SERVING_ORDER = ("int8", "float16", "float32")  # fastest first: int8 ran 3.2x Keras on 2 cores (bench/RESULTS.md)
+FIRST_VIEW_FORMAT = "int8"  # the format whose export a TTA model's first view is exported beside
 
 
 def export_file(export_format: str) -> str:
     """The file name of an export in a version folder."""
     return f"model_{export_format}.tflite"
+
+
+def first_view_file(export_format: str) -> str:
+    """The file name of a TTA model's first view exported beside the export of `export_format`."""
+    return f"model_{export_format}_first_view.tflite"
+
+
+def cascade_rule(manifest: dict) -> tuple[float, float] | None:
+    """`(temperature scale, margin)` for serving a version first view first (`model_lib.inference.cascade`): the
+    calibrated temperature over the first view's own, and the margin calibration chose; None unless calibration
+    found that served so it keeps accuracy (then int8, which only adds error, is not tried either)."""
+    calibration = manifest.get("calibration") or {}
+    record = calibration.get("cascade") or {}
+    if not record.get("serves"):
+        return None
+    return calibration["temperature"] / record["first_view_temperature"], record["margin"]
 
 
 def check_formats(formats: tuple[str, ...]) -> None:
@@ -153,19 +175,23 @@ def export_version(
     arrays = load_arrays(cache_dir)
     log(f"Exporting {version_dir}: the Keras model's labels on {len(arrays.y_test)} test images first, then "
         f"{', '.join(to_do)}, each measured on them")  # fmt: skip
-    model = load_verified_model(version_dir, replacing=tuple(export_file(fmt) for fmt in to_do))
+    replaced = tuple(name for fmt in to_do for name in (export_file(fmt), first_view_file(fmt)))
+    model = load_verified_model(version_dir, replacing=replaced)
     calibration = np.asarray(arrays.x_train[:: max(1, len(arrays.y_train) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES])
     x_test, y_test = np.asarray(arrays.x_test), np.asarray(arrays.y_test)
-    keras_top1 = _top1(KerasClassifier(model), x_test)
+    keras_top1 = _outputs(KerasClassifier(model), x_test).argmax(axis=1)
     keras_accuracy = float((keras_top1 == y_test).mean())
-    entries, files, input_dtypes = [], {}, {}
+    network, views = unwrap_tta(model)
+    rule = cascade_rule(manifest) if views else None
+    entries, files, input_dtypes, outputs = [], {}, {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         saved_model = write_saved_model(model, Path(scratch) / "saved_model")
         for export_format in to_do:
             path = Path(scratch) / export_file(export_format)
             path.write_bytes(convert(saved_model, export_format, calibration))
             classifier = TFLiteClassifier(path)
-            top1, input_dtypes[path.name] = _top1(classifier, x_test), classifier.input_dtype
+            outputs[export_format], input_dtypes[path.name] = _outputs(classifier, x_test), classifier.input_dtype
+            top1 = outputs[export_format].argmax(axis=1)
             accuracy, agreement = float((top1 == y_test).mean()), float((top1 == keras_top1).mean())
             entries.append({"format": export_format, "file": path.name, "size_bytes": path.stat().st_size,
                             "test_accuracy": accuracy, "agreement": agreement, "status": "ok",
@@ -193,20 +219,61 @@ def export_version(
                 and entry["test_accuracy"] >= keras_accuracy - PARITY_MAX_DROP
                 and entry["agreement"] >= PARITY_MIN_AGREEMENT
             )
+            if entry["format"] == FIRST_VIEW_FORMAT and rule is not None:
+                path = Path(scratch) / first_view_file(FIRST_VIEW_FORMAT)
+                saved_network = write_saved_model(network, Path(scratch) / "first_view")
+                path.write_bytes(convert(saved_network, FIRST_VIEW_FORMAT, calibration))
+                entry["first_view"] = first_view_record(path, x_test, outputs[FIRST_VIEW_FORMAT], rule, entry["parity"],
+                                                        y_test, keras_top1)  # fmt: skip
+                files[path.name] = path
+                view = entry["first_view"]
+                served = "" if view["parity"] else "; not served"
+                log(f"{FIRST_VIEW_FORMAT} first view first, every view for the {view['every_view_share']:.1%} it "
+                    f"leaves unsure: test accuracy {view['test_accuracy']:.4f} (Keras {keras_accuracy:.4f}), "
+                    f"same top-1 as Keras on {view['agreement']:.2%}{served}")  # fmt: skip
         # Formats not redone (exported earlier, or not asked for now) stay listed.
         checksums = attach_to_version(version_dir, files, "exports", entries, merge_on="format")
     by_format = {**kept, **{entry["format"]: {**entry, "sha256": checksums[entry["file"]]} for entry in entries}}
     return [by_format[export_format] for export_format in formats]
 
 
-def _intact_exports(version_dir: Path, manifest: dict, formats: tuple[str, ...]) -> dict[str, dict]:
-    """The manifest's export entries of `formats` whose files exist with the recorded checksum, by format."""
-    entries = {entry["format"]: entry for entry in manifest.get("exports", []) if entry["format"] in formats}
+def first_view_record(
+    path: Path, images: np.ndarray, every_view: np.ndarray, rule: tuple[float, float], every_view_parity: bool,
+    labels: np.ndarray, keras_top1: np.ndarray,
+) -> dict:  # fmt: skip
+    """The first view's export at `path` served first, `every_view` (the export's outputs on `images`) for the images
+    it leaves unsure, under `rule` (`cascade_rule`): its file, size, test accuracy, agreement with the Keras model,
+    share of images every view re-ran, and parity: within `CASCADE_TOLERANCE` of the Keras model's accuracy and
+    `PARITY_MIN_AGREEMENT` of its labels, over an export that passed parity itself."""
+    scale, margin = rule
+    first = sharpened(_outputs(TFLiteClassifier(path), images), scale)
+    served, unsure = cascade(first, lambda rows: every_view[rows], margin)
+    top1 = served.argmax(axis=1)
+    accuracy, agreement = float((top1 == labels).mean()), float((top1 == keras_top1).mean())
+    keras_accuracy = float((keras_top1 == labels).mean())
     return {
-        export_format: entry
-        for export_format, entry in entries.items()
-        if not verify_version(version_dir, (entry["file"],))  # also refuses a file the manifest does not list
+        "file": path.name,
+        "size_bytes": path.stat().st_size,
+        "test_accuracy": accuracy,
+        "agreement": agreement,
+        "every_view_share": float(unsure.mean()),
+        "parity": every_view_parity
+        and accuracy >= keras_accuracy - CASCADE_TOLERANCE
+        and agreement >= PARITY_MIN_AGREEMENT,
     }
+
+
+def _intact_exports(version_dir: Path, manifest: dict, formats: tuple[str, ...]) -> dict[str, dict]:
+    """The manifest's export entries of `formats` whose files (and first view's) exist with the recorded checksum,
+    by format."""
+    entries = {entry["format"]: entry for entry in manifest.get("exports", []) if entry["format"] in formats}
+    # verify_version also refuses a file the manifest does not list
+    return {fmt: entry for fmt, entry in entries.items() if not verify_version(version_dir, export_files(entry))}
+
+
+def export_files(entry: dict) -> tuple[str, ...]:
+    """The files of a manifest's export entry: the export, and the first view exported beside it if any."""
+    return (entry["file"], *([entry["first_view"]["file"]] if entry.get("first_view") else []))
 
 
 def serving_exports(manifest: dict) -> list[str]:
@@ -220,5 +287,12 @@ def serving_export(manifest: dict) -> str | None:
     return next(iter(serving_exports(manifest)), None)
 
 
-def _top1(classifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    return classifier.predict(images, batch_size).argmax(axis=1)
+def served_first_view(manifest: dict, export: str) -> str | None:
+    """The file of the first view exported beside `export` if it passed parity and the manifest lists it, else None."""
+    entry = next((entry for entry in manifest.get("exports", []) if entry["file"] == export), {})
+    view = entry.get("first_view") or {}
+    return view["file"] if view.get("parity") and view["file"] in manifest["files"] else None
+
+
+def _outputs(classifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    return classifier.predict(images, batch_size)

@@ -19,6 +19,7 @@ import numpy as np
 
 FOLD_TOLERANCE = 1e-4  # largest probability difference accepted between the folded copy and the model
 CHECK_IMAGES = 8  # random images both models classify before the copy is used
+CASCADE_TOLERANCE = 0.002  # test accuracy a model served first view first may lose against every view (0.2 points)
 _CARRIES_OFFSET = ("MaxPooling2D", "Dropout")  # max(a + o) = max(a) + o; dropout is the identity at inference
 
 
@@ -26,6 +27,7 @@ class _Classifier:
     """Keras' `predict` over a subclass's `predict_on_batch`; `output_shape` as Keras gives it."""
 
     output_shape: tuple
+    compiles_per_shape = False  # True where every new batch shape compiles again (Keras on JAX)
 
     def predict(self, pixels: np.ndarray, batch_size: int = 256, verbose: int = 0) -> np.ndarray:
         """The model's output for any number of images, `batch_size` at a time."""
@@ -52,6 +54,7 @@ class KerasClassifier(_Classifier):
 
         self.model = fold_batch_norms(model) if fold else model
         self.input_shape, self.output_shape = model.input_shape, model.output_shape
+        self.compiles_per_shape = keras.backend.backend() != "tensorflow"
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
@@ -241,19 +244,18 @@ class CascadeClassifier(_Classifier):
     what that costs in accuracy and calibration, and whether `--engine auto` may serve it).
 
     Args:
-        network: Classifier of the network inside the TTA wrapper (the first view: the image as it is).
-        every_view: Classifier of the whole TTA model.
+        network: Classifier of the network inside the TTA wrapper (the first view: the image as it is), Keras or its
+            TFLite export.
+        every_view: Classifier of the whole TTA model, Keras or its TFLite export.
         scale: The calibrated temperature over the first view's own (`sharpened`).
         margin: Below this top-1 minus top-2 probability of the first view, every view decides.
     """
 
     def __init__(self, network: _Classifier, every_view: _Classifier, scale: float, margin: float):
-        import keras
-
         self.network, self.every_view, self.scale, self.margin = network, every_view, scale, margin
         self.input_shape, self.output_shape = every_view.input_shape, every_view.output_shape
-        # JAX compiles once per batch shape, and the unsure rows of a batch can be any number of them.
-        self._bucketed = keras.backend.backend() == "jax"
+        # The unsure rows of a batch can be any number of them.
+        self._bucketed = every_view.compiles_per_shape
 
     def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
         first = sharpened(self.network.predict_on_batch(pixels), self.scale)

@@ -24,7 +24,7 @@ import numpy as np
 
 from model_lib.config import BATCH_IMAGES, ConfigError, check_count, check_engine
 from model_lib.data import local_copy
-from model_lib.export import serving_exports
+from model_lib.export import cascade_rule, served_first_view, serving_exports
 from model_lib.fileio import read_json
 from model_lib.flags import flags
 from model_lib.images import (
@@ -77,6 +77,7 @@ class ModelInfo:
     calibrated_on: str = ""  # what the calibration was fitted on, or why it was not (the manifest's record)
     # Served first view first (model_lib.inference.CascadeClassifier): (temperature scale, margin), or None.
     cascade: tuple[float, float] | None = None
+    first_view_file: str = ""  # the first view's own export when a TFLite export is served first view first
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -170,23 +171,22 @@ def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") ->
     else:
         version_dir = parse_reference(reference, artifacts_root)
     manifest = read_json(version_dir / MANIFEST_FILE)
-    notes = []
+    notes, first_view_file = [], ""
     if model_file == MODEL_FILE and engine == "auto":
         for candidate_file in serving_exports(manifest):
             problems = verify_version(version_dir, (candidate_file,))
             if not problems:
-                model_file = candidate_file
+                model_file, first_view_file = candidate_file, served_first_view(manifest, candidate_file) or ""
                 break
             notes += [f"{problem}; not used" for problem in problems]
+    if first_view_file and (problems := verify_version(version_dir, (first_view_file,))):
+        notes += [f"{problem}; {model_file} serves every view of every image" for problem in problems]
+        first_view_file = ""
     if model_file not in manifest["files"]:
         raise RegistryError(f"{version_dir / model_file}: not listed in the version's manifest")
     label = f"{manifest.get('name', version_dir.parent.name)} v{manifest['version']}"
     calibration = manifest.get("calibration") or {}
-    cascade = calibration.get("cascade") or {}
-    if engine == "auto" and model_file == MODEL_FILE and cascade.get("serves"):
-        first_view = (calibration["temperature"] / cascade["first_view_temperature"], cascade["margin"])
-    else:
-        first_view = None
+    first_view = cascade_rule(manifest) if engine == "auto" and (model_file == MODEL_FILE or first_view_file) else None
     return ModelInfo(
         reference=reference,
         path=str(version_dir),
@@ -199,6 +199,7 @@ def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") ->
         export_notes=tuple(notes),
         calibrated_on=calibration.get("fitted_on", ""),
         cascade=first_view,
+        first_view_file=first_view_file,
     )
 
 
@@ -224,10 +225,14 @@ def load_classifier(model: ModelInfo):
         if model.cascade:
             loaded = CascadeClassifier(KerasClassifier(unwrap_tta(keras_model)[0]), loaded, *model.cascade)
     else:
-        problems = verify_version(Path(model.path), (model.model_file,))
+        files = (model.model_file, model.first_view_file) if model.first_view_file else (model.model_file,)
+        problems = verify_version(Path(model.path), files)
         if problems:
             raise ChecksumError("; ".join(problems))
         loaded = TFLiteClassifier(Path(model.path) / model.model_file)
+        if model.cascade and model.first_view_file:
+            first_view = TFLiteClassifier(Path(model.path) / model.first_view_file)
+            loaded = CascadeClassifier(first_view, loaded, *model.cascade)
     loaded.predict_on_batch(np.zeros((1, *loaded.input_shape[1:]), np.uint8))
     # TensorFlow and the model are millions of objects that live as long as the process; a
     # full collection scanning them stalled every shard thread ~0.3 s. Stop scanning them.

@@ -6,14 +6,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 import model_lib.export
 from flows.batch_predict import batch_predict
 from flows.train_cifar import train_cifar
 from model_lib.data import load_arrays
-from model_lib.export import EXPORT_FORMATS, export_version, serving_export
-from model_lib.fileio import read_json, sha256_file
-from model_lib.inference import TFLiteClassifier
+from model_lib.export import EXPORT_FORMATS, cascade_rule, export_version, serving_export
+from model_lib.fileio import read_json, sha256_file, write_json
+from model_lib.inference import TFLiteClassifier, cascade, sharpened
+from model_lib.predict import CASCADE_NOTE, load_classifier, resolve_model
 from model_lib.registry import load_verified_model, verify_version
 from tests.conftest import write_colour_dataset
 
@@ -142,3 +144,60 @@ def test_batch_predict_runs_a_tflite_export(exported, colour_dataset, artifacts,
     chosen_path.unlink()  # a missing export is passed over the same way, not a crash
     gone = batch_predict(str(colour_dataset / "test"), output_csv=str(tmp_path / "g.csv"), model=str(version_dir))
     assert gone["model"] == fallback["model"] and gone["ok"] == len(keras_csv)
+
+
+@pytest.mark.real_data
+def test_a_tta_models_first_view_exports_in_int8_and_serves_it_first(smoke_on_real_cifar, artifacts, tmp_path):
+    """The cascade calibration chose (first view, every view where it is unsure) served over int8 TFLite: measured
+    at export as served, listed with its checksum, served by `--engine auto` where it passed parity, else not."""
+    source, trained = smoke_on_real_cifar
+    shutil.copytree(source, artifacts, dirs_exist_ok=True)
+    version_dir = artifacts / Path(trained["path"]).relative_to(source)
+    record = read_json(version_dir / "manifest.json")  # a smoke model may be far from what calibration serves
+    record["calibration"]["cascade"].update(serves=True, margin=record["calibration"]["cascade"]["margin"] or 0.8)
+    write_json(version_dir / "manifest.json", record)
+    int8 = export_int8(version_dir, artifacts, cascade_tolerance=1.0)  # and from parity
+    view, manifest = int8["first_view"], read_json(version_dir / "manifest.json")
+    assert view["file"] == "model_int8_first_view.tflite" and view["parity"] and int8["parity"]
+    assert manifest["files"][view["file"]] == sha256_file(version_dir / view["file"])
+
+    arrays = load_arrays(artifacts / "datasets" / manifest["dataset"]["fingerprint"])
+    x_test, y_test = np.asarray(arrays.x_test), np.asarray(arrays.y_test)
+    first = TFLiteClassifier(version_dir / view["file"]).predict(x_test)
+    every = TFLiteClassifier(version_dir / int8["file"]).predict(x_test)
+    scale, margin = cascade_rule(manifest)
+    served, unsure = cascade(sharpened(first, scale), lambda rows: every[rows], margin)
+    assert view["test_accuracy"] == pytest.approx((served.argmax(axis=1) == y_test).mean(), abs=1e-6)
+    assert view["every_view_share"] == pytest.approx(unsure.mean()) and 0 < unsure.mean() < 1
+
+    info = resolve_model(str(version_dir), artifacts)
+    assert (info.model_file, info.first_view_file, info.cascade) == (int8["file"], view["file"], (scale, margin))
+    assert load_classifier(info).predict(x_test[:64]) == pytest.approx(served[:64], abs=1e-6)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(8):
+        Image.fromarray(x_test[index]).save(photos / f"{index}.png")
+    table = pd.read_csv(
+        batch_predict(str(photos), output_csv=str(tmp_path / "p.csv"), model=str(version_dir))["output_csv"]
+    )
+    assert table["model"].str.endswith(f"{int8['file']} ({CASCADE_NOTE})").all()
+    assert table["confidence"].to_numpy() == pytest.approx(served[:8].max(axis=1), abs=1e-5)
+
+    # A first view that lost parity, or whose file was tampered with, is passed over: the int8 export serves alone.
+    (version_dir / view["file"]).write_bytes(b"tampered")
+    tampered = resolve_model(str(version_dir), artifacts)
+    assert (tampered.model_file, tampered.first_view_file, tampered.cascade) == (int8["file"], "", None)
+    assert any(view["file"] in note for note in tampered.notes)
+    int8 = export_int8(version_dir, artifacts, cascade_tolerance=-1.0, force=True)
+    assert int8["parity"] and not int8["first_view"]["parity"]
+    assert resolve_model(str(version_dir), artifacts).first_view_file == ""
+
+
+def export_int8(version_dir: Path, artifacts: Path, cascade_tolerance: float, force: bool = False) -> dict:
+    """The int8 export's entry, exported with its own parity rules waived and the cascade's tolerance given."""
+    waived = {"INT8_MAX_DROP": 1.0, "PARITY_MAX_DROP": 1.0, "PARITY_MIN_AGREEMENT": 0.0}
+    with pytest.MonkeyPatch.context() as rules:
+        for name, value in {**waived, "CASCADE_TOLERANCE": cascade_tolerance}.items():
+            rules.setattr(model_lib.export, name, value)
+        (int8,) = export_version(version_dir, artifacts, ("int8",), log=lambda message: None, force=force)
+    return int8
