@@ -162,6 +162,9 @@ def export_version(
     check_formats(formats)
     manifest = read_json(version_dir / MANIFEST_FILE)
     kept = {} if force else _intact_exports(version_dir, manifest, formats)
+    earlier = kept.get(FIRST_VIEW_FORMAT, {})
+    if earlier.get("status") == "ok" and "first_view" not in earlier and cascade_rule(manifest):
+        del kept[FIRST_VIEW_FORMAT]  # exported before first views were: once more, with its first view
     to_do = [export_format for export_format in formats if export_format not in kept]
     if not to_do:
         log(f"{version_dir}: {', '.join(formats)} already exported, checksums verified (--force exports again)")
@@ -219,7 +222,7 @@ def export_version(
                 and entry["test_accuracy"] >= keras_accuracy - PARITY_MAX_DROP
                 and entry["agreement"] >= PARITY_MIN_AGREEMENT
             )
-            if entry["format"] == FIRST_VIEW_FORMAT and rule is not None:
+            if entry["format"] == FIRST_VIEW_FORMAT and entry["status"] == "ok" and rule is not None:
                 path = Path(scratch) / first_view_file(FIRST_VIEW_FORMAT)
                 saved_network = write_saved_model(network, Path(scratch) / "first_view")
                 path.write_bytes(convert(saved_network, FIRST_VIEW_FORMAT, calibration))
