@@ -182,7 +182,7 @@ def export_version(
     model = load_verified_model(version_dir, replacing=replaced)
     calibration = np.asarray(arrays.x_train[:: max(1, len(arrays.y_train) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES])
     x_test, y_test = np.asarray(arrays.x_test), np.asarray(arrays.y_test)
-    keras_top1 = _outputs(KerasClassifier(model), x_test).argmax(axis=1)
+    keras_top1 = KerasClassifier(model).predict(x_test).argmax(axis=1)
     keras_accuracy = float((keras_top1 == y_test).mean())
     network, views = unwrap_tta(model)
     rule = cascade_rule(manifest) if views else None
@@ -193,7 +193,7 @@ def export_version(
             path = Path(scratch) / export_file(export_format)
             path.write_bytes(convert(saved_model, export_format, calibration))
             classifier = TFLiteClassifier(path)
-            outputs[export_format], input_dtypes[path.name] = _outputs(classifier, x_test), classifier.input_dtype
+            outputs[export_format], input_dtypes[path.name] = classifier.predict(x_test), classifier.input_dtype
             top1 = outputs[export_format].argmax(axis=1)
             accuracy, agreement = float((top1 == y_test).mean()), float((top1 == keras_top1).mean())
             entries.append({"format": export_format, "file": path.name, "size_bytes": path.stat().st_size,
@@ -249,7 +249,7 @@ def first_view_record(
     share of images every view re-ran, and parity: within `CASCADE_TOLERANCE` of the Keras model's accuracy and
     `PARITY_MIN_AGREEMENT` of its labels, over an export that passed parity itself."""
     scale, margin = rule
-    first = sharpened(_outputs(TFLiteClassifier(path), images), scale)
+    first = sharpened(TFLiteClassifier(path).predict(images), scale)
     served, unsure = cascade(first, lambda rows: every_view[rows], margin)
     top1 = served.argmax(axis=1)
     accuracy, agreement = float((top1 == labels).mean()), float((top1 == keras_top1).mean())
@@ -295,7 +295,3 @@ def served_first_view(manifest: dict, export: str) -> str | None:
     entry = next((entry for entry in manifest.get("exports", []) if entry["file"] == export), {})
     view = entry.get("first_view") or {}
     return view["file"] if view.get("parity") and view["file"] in manifest["files"] else None
-
-
-def _outputs(classifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    return classifier.predict(images, batch_size)
