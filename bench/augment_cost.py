@@ -31,9 +31,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def layers(config) -> dict:
     import keras
 
-    from model_lib.preprocess import whole_pixel_translation
+    from model_lib.preprocess import translate_factor, whole_pixel_translation
 
-    factor = config.augment_translate / config.image_size
+    factor = translate_factor(config)
     return {
         "keras RandomTranslation": keras.layers.RandomTranslation(
             factor, factor, fill_mode="reflect", interpolation="nearest", seed=3

@@ -52,6 +52,7 @@ def run(mode: str, data_root: Path, artifacts: Path, profile: str, precision: st
     dataset = ingest(config.data, artifacts, config.image_size, config.max_train_images, config.max_test_images,
                      log=lambda m: None)  # fmt: skip
     ingest_seconds = time.perf_counter() - started
+    config = config.at_size(dataset.image_shape[0])
     arrays = load_arrays(dataset.cache_dir)
     if mode == "train":
         trained = _train(config, dataset, arrays, artifacts, per_step_sync)

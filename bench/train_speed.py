@@ -2,6 +2,8 @@
 
     python bench/train_speed.py [--profiles seed,fast,default] [--data ../shared/datasets/cifar10]
     python bench/train_speed.py --profiles smoke,default --data digits --set epochs=3 --set batch_size=128
+    python bench/train_speed.py --profiles default --data scattered-digits --image-sizes 32,64,128 \
+        --set epochs=8 --set batch_size=64
 
 Each profile runs the real `train-cifar` flow (ingest served from the cache, which the first step
 fills), timed from the flow's start to its registration: the wall time a user of
@@ -9,8 +11,10 @@ fills), timed from the flow's start to its registration: the wall time a user of
 temporary one this process starts before the first profile, so that it does not count against
 it). Prints a JSON summary per profile, with the seconds of each of the flow's tasks as Prefect
 recorded them (where the time outside training goes). `--data digits` trains on scikit-learn's
-digits as 8x8 greyscale PNGs, the tests' small folder; `--set` passes a flow parameter to every
-profile (`--set epochs=3`).
+digits as 8x8 greyscale PNGs, the tests' small folder; `--data scattered-digits`, the same digits at
+16 px on 128-px canvases of noise (tests/synthetic.py), a folder whose accuracy depends on the image size.
+`--set` passes a flow parameter to every profile (`--set epochs=3`); `--image-sizes` runs each profile at
+each of these sizes (`auto` or pixels).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -30,6 +35,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from train_jax import parse_override  # noqa: E402  (a neighbour in bench/, the script's folder)
 
+from model_lib.config import parse_image_size  # noqa: E402
+
+GENERATED = {"digits": "write_digits_dataset", "scattered-digits": "write_scattered_digits_dataset"}  # tests/synthetic
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,6 +46,7 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("CIFAR10_DIR", str(REPO.parent / "shared/datasets/cifar10")))
     parser.add_argument("--artifacts", default=None, help="ARTIFACTS_DIR to use (default: a temporary folder)")
     parser.add_argument("--set", action="append", default=[], type=parse_override, help="PARAMETER=VALUE for every run")
+    parser.add_argument("--image-sizes", default="auto", help="each profile runs at each: auto,32,...")
     args = parser.parse_args()
     _check(parser, args)
 
@@ -49,26 +59,39 @@ def main() -> None:
         from model_lib.fileio import read_json
         from model_lib.settings import work_dir
 
-        if args.data == "digits":
-            from tests.synthetic import write_digits_dataset
+        if args.data in GENERATED:
+            from tests import synthetic
 
-            args.data = str(write_digits_dataset(Path(scratch) / "digits"))
-        started = time.perf_counter()
-        ingest(args.data, work_dir(), log=lambda m: None)  # fill the cache once, untimed below
-        print(json.dumps({"ingest_seconds": round(time.perf_counter() - started, 1)}), flush=True)
+            args.data = str(getattr(synthetic, GENERATED[args.data])(Path(scratch) / args.data))
+        sizes = [parse_image_size(size) for size in args.image_sizes.split(",")]
+        for size in sizes:
+            started = time.perf_counter()
+            ingest(args.data, work_dir(), size, log=lambda m: None)  # fill the cache once, untimed below
+            print(
+                json.dumps({"image_size": size, "ingest_seconds": round(time.perf_counter() - started, 1)}), flush=True
+            )
         flow(name="bench-warm-up")(lambda: None)()  # start Prefect's temporary server (15-20 s), untimed below
         results = {}
-        for profile in args.profiles.split(","):
+        for profile, size in ((profile, size) for profile in args.profiles.split(",") for size in sizes):
+            key = profile if len(sizes) == 1 else f"{profile}@{size}"
             started = time.perf_counter()
             state = train_cifar(
-                profile=profile, data=args.data, model_name=f"bench-{profile}", **dict(args.set), return_state=True
-            )
+                profile=profile, data=args.data, model_name=f"bench-{profile}", image_size=size, **dict(args.set),
+                return_state=True,
+            )  # fmt: skip
             wall = time.perf_counter() - started
             registration = state.result()
             manifest = read_json(Path(registration["path"]) / "manifest.json")
-            results[profile] = {
+            results[key] = {
+                "host": platform.processor() or platform.machine(),
                 "wall_seconds": round(wall, 1),
                 "train_seconds": manifest["metrics"]["train_seconds"],
+                "image_size": manifest["config"]["image_size"],
+                "train_images_per_second": round(
+                    manifest["dataset"]["train_count"]
+                    * manifest["metrics"]["epochs_run"]
+                    / manifest["metrics"]["train_seconds"]
+                ),
                 "epochs_run": manifest["metrics"]["epochs_run"],
                 "test_accuracy": manifest["metrics"]["test_accuracy"],
                 "precision": manifest["training"]["precision"],
@@ -76,7 +99,7 @@ def main() -> None:
                 "config": manifest["config"],
                 "task_seconds": task_seconds(state.state_details.flow_run_id),
             }
-            print(json.dumps({profile: results[profile]}), flush=True)
+            print(json.dumps({key: results[key]}), flush=True)
         print(json.dumps(results, indent=2))
 
 
@@ -95,7 +118,11 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if unknown := [name for name, _ in args.set if name not in parameters]:
         choices = ", ".join(sorted(parameters))
         parser.error(f"--set: {', '.join(unknown)} is not a train-cifar parameter; choose from {choices}")
-    if args.data != "digits":
+    try:
+        [parse_image_size(size) for size in args.image_sizes.split(",")]
+    except ValueError as error:
+        parser.error(f"--image-sizes: {error}")
+    if args.data not in GENERATED:
         try:
             resolve_source(args.data)
         except DatasetError as error:

@@ -17,6 +17,7 @@ from flows import stopping
 from model_lib.checks import check_training_request
 from model_lib.config import (
     APP_PORT,
+    AUTO_IMAGE_SIZES,
     BATCH_IMAGES,
     CHOICES,
     ENGINES,
@@ -30,6 +31,7 @@ from model_lib.config import (
     check_engine,
     check_timeout,
     config_overrides,
+    parse_image_size,
     profile_time,
     resolve_config,
 )
@@ -176,6 +178,13 @@ EngineOption = Annotated[
 VersionRef = Annotated[str, typer.Argument(help="cifar10, cifar10@latest, cifar10@v3 or a version folder.")]
 
 
+def _image_size(value: str) -> int | str:
+    try:
+        return parse_image_size(value)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
 @app.command()
 def train(
     profile: Annotated[str, typer.Option(help=f"One of: {', '.join(PROFILES)}.")] = "default",
@@ -191,6 +200,14 @@ def train(
     ] = None,
     network_width: Annotated[
         float | None, typer.Option(help="Multiplier on airbench's channel widths (gpu: 2); compute grows ~squared.")
+    ] = None,
+    image_size: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Pixels per side the model sees, or auto (default): the largest of "
+            f"{', '.join(map(str, AUTO_IMAGE_SIZES))} px at most the images' median short side.",
+            parser=_image_size,
+        ),
     ] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Target mass spread over all classes.")] = None,
     jit_compile: Annotated[

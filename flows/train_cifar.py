@@ -52,6 +52,7 @@ def train_cifar(
     precision: Precision | None = None,
     optimizer: Optimizer | None = None,
     network_width: float | None = None,
+    image_size: int | Literal["auto"] | None = None,
     label_smoothing: float | None = None,
     jit_compile: JitCompile | None = None,
     validation_split: float | None = None,
@@ -97,6 +98,8 @@ def train_cifar(
         optimizer: sgd (Nesterov momentum), muon (sgd, but Muon on the conv kernels; airbench only) or adam.
         network_width: Multiplier on airbench's channel widths (64/256/256; gpu uses 2); compute grows
             about with its square.
+        image_size: Pixels per side the model sees, or auto (the default): the largest of 32, 64, 96 and
+            128 px at most the training images' median short side (CIFAR-10: 32).
         label_smoothing: Target mass spread uniformly over all classes.
         jit_compile: XLA compilation of the training step: auto (GPUs only), on or off.
         validation_split: Fraction of training images held out (stratified) for validation and
@@ -136,6 +139,7 @@ def train_cifar(
     if export:
         require_tensorflow_backend()  # before training, not after
     dataset = ingest_task(config)
+    config = TrainConfig(**config).at_size(dataset.image_shape[0]).to_dict()  # auto: the side ingest chose
     config["model_name"] = config["model_name"] or suggested_model_name(dataset.source, dataset.class_names)
     if skip_unchanged and (same := latest_with_run_key(config, dataset.fingerprint)):
         why = f"v{same} was trained on this config and data"
@@ -155,7 +159,7 @@ def train_cifar(
         ) from error
     calibration = calibrate_task(trained, dataset, prepared)
     metrics = evaluate_task(trained, dataset, config["learned_margin"])
-    evaluate_champion_task(config["model_name"], dataset, prepared.test_fingerprint)
+    evaluate_champion_task(config, dataset, prepared.test_fingerprint)
     plot_task(trained, dataset, config["seed"])
     run = RunRecord(config, dataset, prepared, trained, metrics, gates, calibration)
     registration = register_task(run, promotion_margin)

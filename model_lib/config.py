@@ -39,6 +39,28 @@ def check_count(option: str, value: int) -> None:
         raise ConfigError(f"{option} must be at most {most:,}, not {value:,}")
 
 
+AUTO = "auto"  # image_size: chosen from the data
+MIN_IMAGE_SIZE = 24  # pixels per side: the smallest every architecture builds at (seed_cnn's three valid convs)
+# What `auto` picks from: the largest of these at most the median short side of the training images. Its top
+# bounds memory while datasets are held in RAM (128 px: 49 KB an image, 2.5 GB for 50,000); ask for more by
+# number. airbench runs its body at 32-63 px whatever the size (model_lib.models), so these cost about
+# the same time per step.
+AUTO_IMAGE_SIZES = (32, 64, 96, 128)  # pixels per side
+
+
+def parse_image_size(value: str | int) -> int | str:
+    """An `--image-size` value as given on a command line: `auto` or a whole number of pixels.
+
+    Raises:
+        ConfigError: Neither.
+    """
+    if isinstance(value, int) or value == AUTO:
+        return value
+    if not str(value).strip().isdigit():
+        raise ConfigError(f"a side in pixels or {AUTO}, not {value!r}")
+    return int(value)
+
+
 # Calibration fits no temperature or unsure threshold on fewer validation images than this, so a split holds
 # out at least this many where the classes allow it without giving up more than MAX_VALIDATION_SHARE of any.
 MIN_VALIDATION_IMAGES = 50  # images
@@ -56,7 +78,9 @@ class TrainConfig:
     network_width: float = 1.0  # multiplier on airbench's channel widths (64/256/256); compute grows ~squared
 
     # data
-    image_size: int = 32  # pixels per side the model sees (folders are resized to this)
+    # Pixels per side the model sees (images are resized to it), or "auto": chosen by ingest from the training
+    # images' own sizes (model_lib.data.auto_image_size; CIFAR-10 gets 32). A run's saved config holds the side.
+    image_size: int | str = AUTO
     max_train_images: int | None = None  # class-balanced cap on training images; None = all
     max_test_images: int | None = None  # class-balanced cap on test images; None = all
     # Fraction of training images held out, stratified by class; at least MIN_VALIDATION_IMAGES where it can.
@@ -103,7 +127,7 @@ class TrainConfig:
     alternate_flip: bool = False  # with augment_flip: alternate each image's mirroring by epoch instead
     augment_rotation: float = 0.0  # max rotation, fraction of a full turn (Keras RandomRotation factor)
     augment_zoom: float = 0.0  # max zoom in/out, fraction of the side (Keras RandomZoom factor)
-    augment_translate: int = 2  # max shift, pixels, with reflected borders
+    augment_translate: int = 2  # max shift, pixels per 32 px of side (8 at 128 px), with reflected borders
     tta_flip: bool = True  # saved model averages the image's and its mirror's probabilities
     # airbench's evaluation: that pair at half weight, plus the pairs seen through a window moved one pixel
     # up-left and down-right (reflected borders) at a quarter each; three times flip TTA's inference.
@@ -126,9 +150,15 @@ class TrainConfig:
         for field, choices in CHOICES.items():
             if getattr(self, field) not in choices:
                 raise ConfigError(f"--{_option(field)} {getattr(self, field)!r}: choose from {', '.join(choices)}")
-        for field in ("epochs", "batch_size", "image_size", "head_epochs", "max_train_images", "max_test_images"):
+        for field in ("epochs", "batch_size", "head_epochs", "max_train_images", "max_test_images"):
             if getattr(self, field) is not None:
                 check_count(f"--{_option(field)}", getattr(self, field))
+        if self.image_size != AUTO:
+            if not isinstance(self.image_size, int) or isinstance(self.image_size, bool):
+                raise ConfigError(f"--image-size is a side in pixels or {AUTO}, not {self.image_size!r}")
+            check_count("--image-size", self.image_size)
+            if self.image_size < MIN_IMAGE_SIZE:
+                raise ConfigError(f"--image-size must be at least {MIN_IMAGE_SIZE}, not {self.image_size}")
         for field in ("max_leakage", "balance_shift_warning"):
             if not 0 <= getattr(self, field) <= 1:
                 raise ConfigError(f"--{_option(field)} is a fraction in [0, 1], not {getattr(self, field)}")
@@ -144,6 +174,16 @@ class TrainConfig:
             if not 0 < getattr(self, field) <= UPPER_LIMITS[field]:
                 raise ConfigError(f"--{_option(field)} must be above 0 and at most {UPPER_LIMITS[field]:g}, "
                                   f"not {getattr(self, field)}")  # fmt: skip
+
+    def at_size(self, side: int) -> TrainConfig:
+        """This config for data of `side` pixels: `auto` becomes the side; a number must be it.
+
+        Raises:
+            ConfigError: The config asks for another side than the data has.
+        """
+        if self.image_size not in (AUTO, side):
+            raise ConfigError(f"--image-size {self.image_size}: the ingested images are {side} px")
+        return dataclasses.replace(self, image_size=side)
 
     @property
     def flip_alternates(self) -> bool:

@@ -24,8 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
+from model_lib.config import AUTO, AUTO_IMAGE_SIZES
 from model_lib.fileio import open_store, read_json, write_json
-from model_lib.images import ENTRY_ERRORS, decode_files_in_pool, decoding_pool, join_decoded, walk_folder
+from model_lib.images import (
+    ENTRY_ERRORS,
+    decode_files_in_pool,
+    decoding_pool,
+    header_size,
+    join_decoded,
+    resize_pixels,
+    walk_folder,
+)
 from model_lib.progress import Progress
 from model_lib.settings import DEFAULT_MODEL_NAME, KERAS_DOWNLOAD, is_url, work_dir
 
@@ -36,6 +45,8 @@ ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
 FILE_TABLE = "files.csv"  # one row per cached image: split, path, class, original size and kind, pixel hash
 KEYS = "dataset-keys"  # beside datasets/: <listing key>.json, what a folder listing (names, sizes, times) decoded to
 COPIES = "copies"  # under the local cache: local copies of image folders kept in object stores
+AUTO_SAMPLE_FILES = 200  # training images, spread over the classes, whose headers `auto` reads for their size
+ARRAY_SIDE = 32  # pixels per side of CIFAR-10's batches and Keras' download
 
 
 class DatasetError(ValueError):
@@ -55,6 +66,7 @@ class DatasetInfo:
     image_shape: list[int]
     from_cache: bool = False
     skipped_files: list[str] = field(default_factory=list)
+    size_reason: str = ""  # how the image side was chosen, in words, for the log and the version's report
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,7 +108,7 @@ def resolve_source(data: str) -> tuple[str, Path | None]:
 def ingest(
     data: str,
     artifacts_root: Path,
-    image_size: int = 32,
+    image_size: int | str = AUTO,
     max_train_images: int | None = None,
     max_test_images: int | None = None,
     skip_corrupt: bool = False,
@@ -108,7 +120,7 @@ def ingest(
     Args:
         data: A folder path (image folder or cifar-10-batches-py) or `keras`.
         artifacts_root: The local cache (`settings.work_dir()`); the datasets live in its `datasets/` folder.
-        image_size: Side in pixels that images from a folder are resized to.
+        image_size: Side in pixels that images are resized to, or `auto` (`auto_image_size`).
         max_train_images: Keep a class-balanced subset of at most this many training images.
         max_test_images: Likewise for the test split.
         skip_corrupt: Skip undecodable files (reported in `skipped_files`) instead of failing.
@@ -128,6 +140,8 @@ def ingest(
         root = local_copy(data, log) if is_url(data) else root
         source = f"image_folder:{data if is_url(data) else root}"
         class_names, splits = _list_image_folder(root, max_train_images, max_test_images)
+        image_size, size_reason = _chosen_size(image_size, [path for path, _ in splits["train"]])
+        log(f"Image size {image_size} px: {size_reason}")
         # What the listing says (names, sizes, times) finds the cache in a second; what it decodes to names it.
         listing_key = _fingerprint(
             {"kind": kind, "size": image_size, "classes": class_names},
@@ -137,7 +151,7 @@ def ingest(
         cached = _load_info(datasets_dir / read_json(known)["fingerprint"]) if known.is_file() else None
         if cached:
             log(f"Dataset {cached.fingerprint[:12]} served from cache ({cached.train_count} train images)")
-            return replace(cached, source=source)
+            return replace(cached, source=source, size_reason=size_reason)
         arrays, skipped, files = _decode_image_folder(root, splits, class_names, image_size, skip_corrupt, workers, log)
         fingerprint = None  # from the decoded pixels, below
     else:
@@ -151,6 +165,14 @@ def ingest(
             *_balanced_subset(arrays.x_train, arrays.y_train, max_train_images),
             *_balanced_subset(arrays.x_test, arrays.y_test, max_test_images),
         )
+        image_size, size_reason = (
+            (ARRAY_SIDE, f"auto: CIFAR-10's images are {ARRAY_SIDE} px") if image_size == AUTO
+            else (image_size, f"asked for (CIFAR-10's images are {ARRAY_SIDE} px)")
+        )  # fmt: skip
+        log(f"Image size {image_size} px: {size_reason}")
+        if image_size != ARRAY_SIDE:
+            arrays = Arrays(resize_pixels(arrays.x_train, image_size), arrays.y_train,
+                            resize_pixels(arrays.x_test, image_size), arrays.y_test)  # fmt: skip
         digest = hashlib.sha256()
         for name in ARRAY_NAMES:
             digest.update(np.ascontiguousarray(getattr(arrays, name)).data)
@@ -158,7 +180,7 @@ def ingest(
         cached = _load_info(datasets_dir / fingerprint)
         if cached:
             log(f"Dataset {fingerprint[:12]} served from cache")
-            return cached
+            return replace(cached, size_reason=size_reason)
         skipped = []
         files = [
             {"split": split, "path": f"{split}/{i}", "class": class_names[label], "width": shape[1],
@@ -183,12 +205,36 @@ def ingest(
         test_count=len(arrays.y_test),
         image_shape=list(arrays.x_train.shape[1:]),
         skipped_files=skipped,
+        size_reason=size_reason,
     )
     _write_cache(Path(info.cache_dir), arrays, info, files)
     if listing_key is not None:
         write_json(Path(artifacts_root) / KEYS / f"{listing_key}.json", {"fingerprint": fingerprint})
     log(f"Dataset {fingerprint[:12]} cached: {info.train_count} train, {info.test_count} test images")
     return info
+
+
+def auto_image_size(short_sides: Sequence[int]) -> int:
+    """The side `auto` picks for images with these short sides: the largest of `AUTO_IMAGE_SIZES` at most
+    their median, so images are not blown up past their own detail (CIFAR-10: 32; 500x375 photos: 128)."""
+    median = float(np.median(short_sides))
+    return max([AUTO_IMAGE_SIZES[0]] + [side for side in AUTO_IMAGE_SIZES if side <= median])
+
+
+def _chosen_size(image_size: int | str, train_files: Sequence[Path]) -> tuple[int, str]:
+    """`(side, how it was chosen)`: as asked, or for `auto` from the headers of a sample of the training files
+    spread over the classes (the listing holds each class's files together)."""
+    if image_size != AUTO:
+        return int(image_size), "asked for"
+    sample = [train_files[i] for i in spread_over(np.arange(len(train_files)), AUTO_SAMPLE_FILES)]
+    sides = [min(size) for size in map(header_size, sample) if size]
+    if not sides:  # none readable: decoding will name the broken files
+        return AUTO_IMAGE_SIZES[0], "auto: no readable image header among the sampled files"
+    side = auto_image_size(sides)
+    return side, (
+        f"auto: the median short side of {len(sides)} sampled training images is {np.median(sides):g} px; auto picks "
+        f"the largest of {', '.join(map(str, AUTO_IMAGE_SIZES))} px not above it (--image-size N for another)"
+    )
 
 
 def local_copy(url: str, log: Callable[[str], None] = print) -> Path:

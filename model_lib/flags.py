@@ -28,8 +28,10 @@ def texture_range(train_images: np.ndarray) -> list[float]:
     are stored class by class, and the first 20,000 of CIFAR-10's are four of its ten classes.
     """
     count = len(train_images)
-    sample = np.asarray(train_images[np.unique(np.linspace(0, count - 1, min(count, TEXTURE_SAMPLE)).astype(int))])
-    return [round(float(q), 4) for q in np.quantile(texture(sample), TEXTURE_QUANTILES)]
+    sample = np.unique(np.linspace(0, count - 1, min(count, TEXTURE_SAMPLE)).astype(int))
+    # A chunk at a time: as float32, 20,000 images of 128 px would take 4 GB at once.
+    values = np.concatenate([texture(train_images[chunk]) for chunk in np.array_split(sample, -(-len(sample) // 1000))])
+    return [round(float(q), 4) for q in np.quantile(values, TEXTURE_QUANTILES)]
 
 
 def flags(probabilities: np.ndarray, pixels: np.ndarray, unsure_below: float | None, textures) -> list[str]:

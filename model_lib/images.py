@@ -140,6 +140,25 @@ def decode_rgb(
         raise ImageDecodeError(path, f"truncated or corrupt image ({error})") from None
 
 
+def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """An image's `(width, height)` as its header says, without decoding pixels; None if unreadable."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def resize_pixels(images: np.ndarray, size: int) -> np.ndarray:
+    """NHWC uint8 images resized to `size`x`size` with the decoder's filter (what a folder's files get)."""
+    if images.shape[1:3] == (size, size):
+        return images
+    out = np.empty((len(images), size, size, 3), np.uint8)
+    for i, image in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(image).resize((size, size), RESIZE_FILTER, reducing_gap=3.0))
+    return out
+
+
 @dataclass(frozen=True)
 class DecodedFiles:
     """Several files decoded to one size, in order; a file that failed keeps zero pixels and a reason."""

@@ -19,6 +19,11 @@ CIFAR_MEAN = (125.3, 123.0, 113.9)  # per-channel pixel mean of CIFAR-10's train
 CIFAR_STD = (63.0, 62.1, 66.7)  # per-channel pixel standard deviation, 0-255
 WHITEN_EPSILON = 5e-4  # added to the patch covariance's eigenvalues before the inverse square root
 WHITEN_SAMPLE_IMAGES = 5000  # training images build_model derives data-dependent layers (whitening) from
+WHITEN_CHUNK_IMAGES = 500  # images whose patches are in memory at once while the whitening is fitted
+# Whitened patch components kept: all 12 of airbench's 2x2 patches; 48 (every one of a 4x4 patch, 128 px) at most,
+# so a large image's first layer stays near a CIFAR one's cost.
+WHITEN_COMPONENTS = 48
+AIRBENCH_BODY_SIDE = 32  # pixels per side: airbench's conv groups run at 1-2x this whatever the image size
 AIRBENCH_WIDTHS = (64, 256, 256)  # channels of the three conv groups
 # Weight on the old statistic. airbench's is 0.6 (it hands PyTorch 1 - 0.6, PyTorch's weight on the
 # new one); 0.4 follows the weights faster and is what every figure of bench/RESULTS.md was measured with.
@@ -108,34 +113,58 @@ def _seed_cnn(inputs, num_classes: int, policy: str, calibration_images, weights
     return layers.Dense(num_classes, dtype=policy)(x)
 
 
-def patch_whitening_kernel(images: np.ndarray, patch: int = 2) -> np.ndarray:
+def patch_whitening_kernel(images: np.ndarray, patch: int = 2, stride: int = 1) -> np.ndarray:
     """A conv kernel that whitens `patch`x`patch` pixel patches (airbench's frozen first layer).
 
-    Returns a `(patch, patch, 3, 2 * patch * patch * 3)` kernel: each eigenvector of the patch
-    covariance scaled by its inverse square root eigenvalue, and its negation.
+    The covariance is taken over the patches the conv sees (every `stride` pixels), summed a few images at a
+    time so large patches fit in memory. Above `WHITEN_COMPONENTS`, only that many leading components are kept.
+
+    Returns a `(patch, patch, 3, 2 * components)` kernel: each eigenvector of the patch covariance scaled by
+    its inverse square root eigenvalue, and its negation (components = `patch * patch * 3`, or at most
+    `WHITEN_COMPONENTS`).
     """
-    x = np.asarray(images, np.float32)
-    x = (x - np.array(CIFAR_MEAN, np.float32)) / np.array(CIFAR_STD, np.float32)
-    h, w = x.shape[1] - patch + 1, x.shape[2] - patch + 1
-    patches = np.stack([x[:, i : i + h, j : j + w, :] for i in range(patch) for j in range(patch)], axis=3).reshape(
-        -1, patch, patch, 3
-    )
-    flat = patches.reshape(len(patches), -1).astype(np.float64)
-    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(flat, rowvar=False))
+    dims = patch * patch * 3
+    total, outer, count = np.zeros(dims), np.zeros((dims, dims)), 0
+    for start in range(0, len(images), WHITEN_CHUNK_IMAGES):
+        x = np.asarray(images[start : start + WHITEN_CHUNK_IMAGES], np.float32)
+        x = (x - np.array(CIFAR_MEAN, np.float32)) / np.array(CIFAR_STD, np.float32)
+        h, w = (x.shape[1] - patch) // stride + 1, (x.shape[2] - patch) // stride + 1
+        offsets = [(i, j) for i in range(patch) for j in range(patch)]
+        patches = np.stack([x[:, i : i + stride * h : stride, j : j + stride * w : stride] for i, j in offsets], 3)
+        flat = patches.reshape(-1, dims).astype(np.float64)
+        total, outer, count = total + flat.sum(0), outer + flat.T @ flat, count + len(flat)
+    mean = total / count
+    covariance = (outer - count * np.outer(mean, mean)) / (count - 1)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)  # ascending
+    eigenvalues, eigenvectors = eigenvalues[-WHITEN_COMPONENTS:], eigenvectors[:, -WHITEN_COMPONENTS:]
     filters = eigenvectors / np.sqrt(eigenvalues + WHITEN_EPSILON)
     kernel = filters.T.reshape(-1, patch, patch, 3).transpose(1, 2, 3, 0)
     return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
 
 
+def airbench_stride(image_size: int | None) -> int:
+    """The first layer's stride: images larger than CIFAR's are cut into `stride`-pixel patches, so the conv
+    groups always run at 32-63 px (the cost of a CIFAR image) while each patch keeps all its pixels in its
+    whitened channels."""
+    return max(1, (image_size or 0) // AIRBENCH_BODY_SIDE)  # None: any size, as a crop-trained model takes
+
+
 def _airbench(inputs, num_classes: int, policy: str, calibration_images, weights, width) -> object:
-    """airbench94's network in Keras: frozen patch whitening, three conv groups, scaled linear head."""
+    """airbench94's network in Keras: frozen patch whitening, three conv groups, scaled linear head.
+
+    At 32-63 px the whitening takes 2x2 patches at every pixel, as airbench does; larger images are cut into
+    non-overlapping patches of `airbench_stride` pixels, whitened the same way.
+    """
     from keras import layers
 
+    stride = airbench_stride(inputs.shape[1])
+    patch = 2 if stride == 1 else stride
+    components = min(WHITEN_COMPONENTS, patch * patch * 3)
     x = layers.Normalization(mean=CIFAR_MEAN, variance=np.square(CIFAR_STD), dtype=policy)(inputs)
-    whiten = layers.Conv2D(24, 2, dtype=policy, trainable=False, name="whiten")
+    whiten = layers.Conv2D(2 * components, patch, strides=stride, dtype=policy, trainable=False, name="whiten")
     x = whiten(x)
     if calibration_images is not None:
-        whiten.kernel.assign(patch_whitening_kernel(calibration_images[:WHITEN_SAMPLE_IMAGES]))
+        whiten.kernel.assign(patch_whitening_kernel(calibration_images[:WHITEN_SAMPLE_IMAGES], patch, stride))
     x = layers.Activation("gelu", dtype=policy)(x)
     for channels in (max(8, round(base * width)) for base in AIRBENCH_WIDTHS):
         x = _identity_initialised_conv(x, channels, policy)

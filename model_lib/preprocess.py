@@ -18,6 +18,7 @@ import numpy as np
 from model_lib.config import MAX_VALIDATION_SHARE, MIN_VALIDATION_IMAGES, TrainConfig
 
 PREFETCH_BATCHES = 2  # batches prepared ahead of the training step
+TRANSLATE_PER_SIDE = 32  # pixels of side that augment_translate's shift is given per
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,6 @@ def batch_augmenter(config: TrainConfig, place: str = "all"):
     import keras
     from keras import layers
 
-    size = config.image_size
     steps = []
     if config.augment_flip and not config.flip_alternates:
         steps.append(layers.RandomFlip("horizontal", seed=config.seed))
@@ -93,10 +93,16 @@ def batch_augmenter(config: TrainConfig, place: str = "all"):
     if config.augment_zoom:
         steps.append(layers.RandomZoom(config.augment_zoom, seed=config.seed + 2))
     if config.augment_translate:
-        steps.append(random_translation(config.augment_translate / size, config.seed + 3))
+        steps.append(random_translation(translate_factor(config), config.seed + 3))
     if place != "all":
         steps = [layer for layer in steps if layer.supports_jit == (place == "step")]
     return keras.Sequential(steps, name=f"augment_{place}") if steps else None
+
+
+def translate_factor(config: TrainConfig) -> float:
+    """`augment_translate` as a fraction of the side: its pixels are per 32 px (airbench's 2 of 32), so a larger
+    image shifts by as much of itself."""
+    return config.augment_translate / TRANSLATE_PER_SIDE
 
 
 def random_translation(factor: float, seed: int):

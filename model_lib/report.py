@@ -70,6 +70,7 @@ def build_manifest(run: RunRecord, model, flow_run_id: str | None) -> dict:
             "validation_count": prepared.validation_count,
             "test_count": prepared.test_count,
             "class_names": dataset.class_names,
+            "image_size": {"side": config["image_size"], "chosen": dataset.size_reason},
             "skipped_files": dataset.skipped_files,
             "gates": run.gates,
         },
@@ -127,6 +128,7 @@ def report_markdown(
 | training time | {metrics["train_seconds"]:.0f} s ({training["precision"]}, {training["device"]}, {backend}) |
 | architecture | {manifest["architecture"]} ({manifest["parameter_count"]:,} parameters) |
 | data | {data["source"]} ({counts}) |
+| image size | {_image_size(manifest)} |
 
 | class | precision | recall | F1 | support |
 |---|---|---|---|---|
@@ -134,6 +136,13 @@ def report_markdown(
 
 {plots}
 """
+
+
+def _image_size(manifest: dict) -> str:
+    """The model's side and how it was chosen, in the report's words (versions before the record: the side)."""
+    chosen = manifest["dataset"].get("image_size", {}).get("chosen")
+    side = manifest["input"]["shape"][0]
+    return f"{side} px ({chosen})" if chosen else f"{side} px"
 
 
 def _image_uri(path: Path) -> str:

@@ -120,7 +120,7 @@ def train(
     """
     import keras
 
-    strategy, device, precision, xla, config = _set_up(config, log)
+    strategy, device, precision, xla, config = _set_up(config.at_size(dataset.image_shape[0]), log)
     arrays, split = load_arrays(dataset.cache_dir), load_split(split_path)
     num_classes = len(dataset.class_names)
     shards = strategy.num_replicas_in_sync
@@ -472,8 +472,9 @@ def to_serving_model(trained, config: TrainConfig, num_classes: int, calibration
     Serving in float32 keeps the saved model portable: it runs the same on CPUs without bf16 and
     converts cleanly to TFLite.
     """
+    side = trained.input_shape[1]
     serving = build_model(
-        config.architecture, num_classes, config.image_size, "float32", calibration_images, width=config.network_width
+        config.architecture, num_classes, side, "float32", calibration_images, width=config.network_width
     )
     serving.set_weights(trained.get_weights())
     return with_tta(serving, translate=config.tta_translate) if config.tta_flip or config.tta_translate else serving

@@ -1,14 +1,15 @@
 """Transfer learning: a Keras Applications backbone under a new head, trained in two phases.
 
-Images are upscaled inside the model (and the backbone's own preprocessing is kept), so the saved
-model still takes raw 32x32 RGB pixels 0-255 like every other architecture here.
+Images smaller than the backbone's smallest ImageNet resolution are upscaled inside the model (and the
+backbone's own preprocessing is kept), so the saved model still takes raw RGB pixels 0-255 at the run's
+image size like every other architecture here; larger ones go in as they are.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-BACKBONE_INPUT_SIDE = 96  # pixels: MobileNetV3Small's smallest ImageNet resolution; CIFAR is resized up to it
+BACKBONE_INPUT_SIDE = 96  # pixels: MobileNetV3Small's smallest ImageNet resolution; smaller images are resized up to it
 HEAD_DROPOUT = 0.2  # dropout before the new classifier
 BACKBONE_LAYER_NAME = "backbone"
 WEIGHTS_HELP = (
@@ -48,12 +49,13 @@ def transfer_logits(inputs, num_classes: int, policy: str, weights: str = "none"
     import keras
     from keras import layers
 
-    x = layers.Resizing(BACKBONE_INPUT_SIDE, BACKBONE_INPUT_SIDE, dtype=policy)(inputs)
+    side = max(BACKBONE_INPUT_SIDE, inputs.shape[1])
+    x = layers.Resizing(side, side, dtype=policy)(inputs) if side != inputs.shape[1] else inputs
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(policy)  # Applications models take the global policy
     try:
         backbone = keras.applications.MobileNetV3Small(
-            input_shape=(BACKBONE_INPUT_SIDE, BACKBONE_INPUT_SIDE, 3),
+            input_shape=(side, side, 3),
             include_top=False,
             weights=backbone_weights(weights),
             include_preprocessing=True,

@@ -164,8 +164,11 @@ def evaluate_task(trained: TrainResult, dataset: DatasetInfo, learned_margin: fl
 
 
 @task(name="evaluate-champion", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_on_transient_io)
-def evaluate_champion_task(model_name: str, dataset: DatasetInfo, test_fingerprint: str) -> dict | None:
+def evaluate_champion_task(config: dict, dataset: DatasetInfo, test_fingerprint: str) -> dict | None:
     """Score the current champion on this run's test set, so the gate compares both on the same images.
+
+    A champion that takes another image size than this run's is scored on the same files decoded at its own
+    size (ingested once more, from the cache after the first time).
 
     The score is stored in the registry under the test set's fingerprint and reused, never
     recomputed. Nothing is scored when there is no champion or its classes differ from the data's
@@ -174,6 +177,7 @@ def evaluate_champion_task(model_name: str, dataset: DatasetInfo, test_fingerpri
     Returns:
         `version`, `accuracy` and `recomputed`, or None when nothing was scored.
     """
+    model_name = config["model_name"]
     registry = Registry(artifacts_location(), model_name)
     state = registry.state()
     champion = state["aliases"]["champion"]
@@ -193,6 +197,10 @@ def evaluate_champion_task(model_name: str, dataset: DatasetInfo, test_fingerpri
     except ChecksumError as error:  # never score (or serve) a tampered model; the gate will refuse to compare
         log_warning(f"Champion v{champion} not scored: {error}")
         return None
+    side = model.input_shape[1]
+    if side != dataset.image_shape[0]:
+        log_info(f"Champion v{champion} takes {side}-px images: the test images are decoded at that size for it")
+        dataset = ingest_task.fn({**config, "image_size": side})
     metrics, _ = score_model(model, dataset.cache_dir, dataset.class_names)
     score = {"accuracy": metrics["test_accuracy"], "loss": metrics["test_loss"], "count": metrics["test_count"]}
     registry.record_score(champion, test_fingerprint, score)

@@ -27,6 +27,30 @@ def write_digits_dataset(root: Path, seed: int = 0) -> Path:
     return root
 
 
+def write_scattered_digits_dataset(root: Path, canvas: int = 128, side: int = 16, seed: int = 0) -> Path:
+    """scikit-learn's digits, each upscaled to `side` px and pasted at a random place on a `canvas`-px square of
+    mild noise, as PNGs in `root/{train,test}/<digit>/` (the split of `write_digits_dataset`).
+
+    At 32 px a digit shrinks to 4 px and its strokes blur away; at the canvas's own size they stay: a folder
+    whose accuracy depends on the image size the model sees.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    test = set(rng.permutation(len(digits.target))[:DIGITS_TEST_COUNT].tolist())
+    for index, (pixels, digit) in enumerate(zip(digits.images, digits.target, strict=True)):
+        image = rng.normal(40, 12, (canvas, canvas)).clip(0, 255)
+        glyph = np.kron(pixels * 255 / 16, np.ones((side // 8, side // 8)))
+        top, left = rng.integers(0, canvas - side + 1, 2)
+        window = image[top : top + side, left : left + side]
+        window[:] = np.maximum(window, glyph)
+        folder = root / ("test" if index in test else "train") / str(digit)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.astype(np.uint8), "L").save(folder / f"{index:04d}.png")
+    return root
+
+
 def write_hues_dataset(root: Path, classes: int = 12, train_per_class: int = 6, test_per_class: int = 3) -> Path:
     """More than 10 classes, few images each, non-square (48x30) RGB: a hue per class plus noise."""
     import colorsys

@@ -99,6 +99,26 @@ def test_patch_whitening_decorrelates_patches():
     np.testing.assert_allclose(kernel[..., :12], -kernel[..., 12:])
 
 
+def test_a_large_image_is_cut_into_whitened_patches_and_the_conv_groups_run_at_cifar_size():
+    images = rng.integers(0, 256, (40, 128, 128, 3), dtype=np.uint8)
+    model = build_model("airbench", 10, 128, calibration_images=images)
+    whiten = model.get_layer("whiten")
+    assert whiten.kernel.shape == (4, 4, 3, 96) and whiten.strides == (4, 4)
+    assert whiten.output.shape[1:3] == (32, 32)  # then airbench's three groups, as on a CIFAR image
+    # Its outputs are whitened: about unit variance, uncorrelated (the first half; the second is its negation).
+    features = keras.Model(model.inputs, whiten.output).predict(images, verbose=0)[..., :48].reshape(-1, 48)
+    covariance = np.cov(features, rowvar=False)
+    np.testing.assert_allclose(covariance, np.eye(48), atol=0.05)
+    assert model.predict(images[:2], verbose=0).shape == (2, 10)
+
+
+def test_auto_image_size_takes_the_largest_supported_side_within_the_images():
+    from model_lib.data import auto_image_size
+
+    assert auto_image_size([32] * 5) == 32 and auto_image_size([8, 8, 8]) == 32  # never below 32
+    assert auto_image_size([375, 480, 375]) == 128 and auto_image_size([70, 100, 90]) == 64
+
+
 def test_warmup_linear_schedule_rises_from_a_fraction_to_the_peak_then_falls_to_a_fraction():
     config = resolve_config(
         "default", learning_rate=0.4, warmup_fraction=0.2, lr_start_fraction=0.2, lr_end_fraction=0.1
