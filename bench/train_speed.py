@@ -121,7 +121,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     try:
         [parse_image_size(size) for size in args.image_sizes.split(",")]
     except ValueError as error:
-        parser.error(f"--image-sizes: {error}")
+        parser.error(f"--image-sizes: {str(error).removeprefix('--image-size is ')}")
     if args.data not in GENERATED:
         try:
             resolve_source(args.data)

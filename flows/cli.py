@@ -178,13 +178,6 @@ EngineOption = Annotated[
 VersionRef = Annotated[str, typer.Argument(help="cifar10, cifar10@latest, cifar10@v3 or a version folder.")]
 
 
-def _image_size(value: str) -> int | str:
-    try:
-        return parse_image_size(value)
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
-
-
 @app.command()
 def train(
     profile: Annotated[str, typer.Option(help=f"One of: {', '.join(PROFILES)}.")] = "default",
@@ -206,7 +199,6 @@ def train(
         typer.Option(
             help=f"Pixels per side the model sees, or auto (default): the largest of "
             f"{', '.join(map(str, AUTO_IMAGE_SIZES))} px at most the images' median short side.",
-            parser=_image_size,
         ),
     ] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Target mass spread over all classes.")] = None,
@@ -276,6 +268,10 @@ def train(
 ) -> None:
     """Run the train-cifar flow locally (Prefect's embedded temporary API; no server needed)."""
     overrides = config_overrides(locals())  # the options named like config fields
+    if image_size is not None:
+        overrides["image_size"] = parse_image_size(image_size)
+    if weights not in (None, "none", "imagenet"):
+        _import_tensorflow_quietly()  # the request's check loads the file into Keras: without TensorFlow's notes
     config = check_training_request(profile, overrides, artifacts_location())  # a mistake costs a second
     check_timeout(timeout_minutes)
     usual = resolve_config(profile).epochs

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-from model_lib.config import TrainConfig, resolve_config
+from model_lib.config import ConfigError, TrainConfig, resolve_config
 from model_lib.fileio import check_writable
 from model_lib.settings import REGISTRY_FOLDER, default_data_source, is_url, work_dir
+from model_lib.transfer import BACKBONE_INPUT_SIDE, TransferWeightsError, backbone_weights, from_scratch
 
 
 def check_training_request(profile: str, overrides: dict, artifacts_root: Path) -> TrainConfig:
@@ -22,6 +24,7 @@ def check_training_request(profile: str, overrides: dict, artifacts_root: Path) 
     from model_lib.registry import Registry
 
     config = resolve_config(profile, **{**overrides, "data": overrides.get("data") or default_data_source()})
+    check_weights(config.weights, config.architecture)
     resolve_source(config.data)
     if config.model_name:
         Registry(artifacts_root, config.model_name).state()
@@ -29,3 +32,33 @@ def check_training_request(profile: str, overrides: dict, artifacts_root: Path) 
         check_writable(Path(artifacts_root) / REGISTRY_FOLDER, "the model registry (ARTIFACTS_DIR)")
     check_writable(work_dir(), "the work folder (runs and caches)")
     return config
+
+
+def check_weights(weights: str, architecture: str) -> None:
+    """Refuse, before any data is read, backbone weights no run can use: weights for another architecture, a
+    missing file, or a file whose arrays do not fit MobileNetV3Small without its top (loaded into one built at
+    `BACKBONE_INPUT_SIDE` px: its weights are the same at every image size).
+
+    Raises:
+        ConfigError: Naming `--weights` and what is wrong.
+    """
+    if from_scratch(weights) or weights == "imagenet" and architecture == "transfer":
+        return
+    if architecture != "transfer":
+        raise ConfigError(f"--weights applies to the transfer architecture only, not {architecture}")
+    try:
+        path = backbone_weights(weights)
+    except TransferWeightsError as error:
+        raise ConfigError(f"--weights {error}") from None
+    import keras
+
+    backbone = keras.applications.MobileNetV3Small(
+        input_shape=(BACKBONE_INPUT_SIDE, BACKBONE_INPUT_SIDE, 3), include_top=False, weights=None, pooling="avg"
+    )
+    try:
+        with warnings.catch_warnings():  # a misfit file warns once per layer before the error says it all
+            warnings.simplefilter("ignore")
+            backbone.load_weights(path)
+    except Exception as error:  # h5py's and Keras' own types, for a file that is not weights or not these
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"--weights {path}: does not fit MobileNetV3Small without its top ({reason})") from None

@@ -52,12 +52,12 @@ def parse_image_size(value: str | int) -> int | str:
     """An `--image-size` value as given on a command line: `auto` or a whole number of pixels.
 
     Raises:
-        ConfigError: Neither.
+        ConfigError: Neither, naming the option.
     """
     if isinstance(value, int) or value == AUTO:
         return value
     if not str(value).strip().isdigit():
-        raise ConfigError(f"a side in pixels or {AUTO}, not {value!r}")
+        raise ConfigError(f"--image-size is a side in pixels or {AUTO}, not {value!r}")
     return int(value)
 
 

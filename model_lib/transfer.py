@@ -44,6 +44,17 @@ def backbone_weights(weights: str) -> str | None:
     return str(path)
 
 
+def imagenet_weights_note() -> str:
+    """Where `--weights imagenet` comes from on this run: Keras' cache, or a download into it (once)."""
+    import keras
+
+    folder = Path(keras.src.backend.config.keras_home()) / "models"
+    cached = sorted(folder.glob("weights_mobilenet_v3_small_224_1.0_float_no_top*.h5"))
+    if cached:
+        return f"ImageNet weights for the backbone from Keras' cache: {cached[0]}"
+    return f"ImageNet weights for the backbone: downloading once into Keras' cache, {folder} (about 4 MB)"
+
+
 def transfer_logits(inputs, num_classes: int, policy: str, weights: str = "none"):
     """MobileNetV3Small (ImageNet preprocessing included) on upscaled inputs, then a new linear head."""
     import keras

@@ -46,16 +46,19 @@ def retry_on_transient_io(task, task_run, state) -> bool:
 
 
 def import_tensorflow_quietly() -> None:
-    """Import TensorFlow with the process's stderr closed: its C++ start-up notes (oneDNN, no CUDA
-    driver) print before any log level applies. An import that fails still raises, after stderr is back.
-    The CLI calls it before a run; a deployment's run, whose stderr is the worker's terminal, at its start."""
+    """Import TensorFlow and probe its devices with the process's stderr closed: its C++ start-up notes
+    (oneDNN, no CUDA driver) print before any log level applies. An import that fails still raises, after
+    stderr is back. The CLI calls it before a run; a deployment's run, whose stderr is the worker's terminal,
+    at its start."""
     if "tensorflow" in sys.modules:
         return
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
+        import tensorflow
+
+        tensorflow.config.list_physical_devices("GPU")  # the CUDA probe's "failed call to cuInit" on a CPU host
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -1,9 +1,11 @@
 """Transfer learning offline: weights from a file, a clear error for ImageNet, two training phases."""
 
+import keras
 import numpy as np
 import pytest
 
-from model_lib.config import resolve_config
+from model_lib.checks import check_weights
+from model_lib.config import ConfigError, resolve_config
 from model_lib.models import build_model
 from model_lib.runs import read_history
 from model_lib.train import train
@@ -18,6 +20,20 @@ def test_backbone_weights_load_from_a_local_file(tmp_path):
     loaded = build_model("transfer", 10, weights=str(path)).get_layer(BACKBONE_LAYER_NAME)
     for a, b in zip(source.get_weights(), loaded.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_weights_file_is_checked_before_any_data_and_fits_every_image_size(tmp_path):
+    path = tmp_path / "backbone.weights.h5"
+    source = build_model("transfer", 10).get_layer(BACKBONE_LAYER_NAME)
+    source.save_weights(path)
+    check_weights(str(path), "transfer")
+    model = build_model("transfer", 10, image_size=128, weights=str(path))  # 128 px go in as they are
+    assert not [layer for layer in model.layers if isinstance(layer, keras.layers.Resizing)]
+    for a, b in zip(source.get_weights(), model.get_layer(BACKBONE_LAYER_NAME).get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    (tmp_path / "other.weights.h5").write_bytes(b"not an HDF5 file")
+    with pytest.raises(ConfigError, match="other.weights.h5: does not fit MobileNetV3Small without its top"):
+        check_weights(str(tmp_path / "other.weights.h5"), "transfer")
 
 
 def test_imagenet_offline_and_missing_files_explain_what_to_do(monkeypatch, tmp_path):
