@@ -10,6 +10,7 @@ Three sources, chosen by `resolve_source`:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -26,15 +28,7 @@ import numpy as np
 
 from model_lib.config import AUTO, AUTO_IMAGE_SIZES
 from model_lib.fileio import open_store, read_json, write_json
-from model_lib.images import (
-    ENTRY_ERRORS,
-    decode_files_in_pool,
-    decoding_pool,
-    header_size,
-    join_decoded,
-    resize_pixels,
-    walk_folder,
-)
+from model_lib.images import ENTRY_ERRORS, decode_files_ahead, decoding_pool, header_size, resize_pixels, walk_folder
 from model_lib.progress import Progress
 from model_lib.settings import DEFAULT_MODEL_NAME, KERAS_DOWNLOAD, is_url, work_dir
 
@@ -47,6 +41,8 @@ KEYS = "dataset-keys"  # beside datasets/: <listing key>.json, what a folder lis
 COPIES = "copies"  # under the local cache: local copies of image folders kept in object stores
 AUTO_SAMPLE_FILES = 200  # training images, spread over the classes, whose headers `auto` reads for their size
 ARRAY_SIDE = 32  # pixels per side of CIFAR-10's batches and Keras' download
+STAGING_PREFIX = ".tmp-"  # datasets/<this><id>/: a cache entry being assembled
+STALE_STAGING_HOURS = 6  # an assembly untouched this long was left by a killed ingest (a live one writes on)
 
 
 class DatasetError(ValueError):
@@ -152,7 +148,14 @@ def ingest(
         if cached:
             log(f"Dataset {cached.fingerprint[:12]} served from cache ({cached.train_count} train images)")
             return replace(cached, source=source, size_reason=size_reason)
-        arrays, skipped, files = _decode_image_folder(root, splits, class_names, image_size, skip_corrupt, workers, log)
+        staging = _staging(datasets_dir)
+        try:
+            arrays, skipped, files = _decode_image_folder(
+                root, splits, class_names, image_size, skip_corrupt, workers, log, staging
+            )
+        except BaseException:  # a bad file, Ctrl-C: no half-decoded dataset stays behind
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         fingerprint = None  # from the decoded pixels, below
     else:
         if kind == "cifar_batches":
@@ -181,16 +184,14 @@ def ingest(
         if cached:
             log(f"Dataset {fingerprint[:12]} served from cache")
             return replace(cached, size_reason=size_reason)
-        skipped = []
+        skipped, staging = [], None
         files = [
-            {"split": split, "path": f"{split}/{i}", "class": class_names[label], "width": shape[1],
-             "height": shape[0], "kind": "array"}
-            for split, labels, shape in (("train", arrays.y_train, arrays.x_train.shape[1:]),
-                                         ("test", arrays.y_test, arrays.x_test.shape[1:]))
-            for i, label in enumerate(labels)
+            {"split": split, "path": f"{split}/{i}", "class": class_names[label], "width": ARRAY_SIDE,
+             "height": ARRAY_SIDE, "kind": "array", "pixels": pixel_hash(image)}
+            for split, labels, images in (("train", arrays.y_train, arrays.x_train),
+                                          ("test", arrays.y_test, arrays.x_test))
+            for i, (label, image) in enumerate(zip(labels, images, strict=True))
         ]  # fmt: skip
-    hashes = [pixel_hash(image) for split in (arrays.x_train, arrays.x_test) for image in split]
-    files = [{**row, "pixels": digest} for row, digest in zip(files, hashes, strict=True)]
     if fingerprint is None:  # an image folder: the same files on any disk or store give the same fingerprint
         fingerprint = _fingerprint(
             {"kind": kind, "size": image_size, "classes": class_names},
@@ -207,7 +208,7 @@ def ingest(
         skipped_files=skipped,
         size_reason=size_reason,
     )
-    _write_cache(Path(info.cache_dir), arrays, info, files)
+    _write_cache(Path(info.cache_dir), arrays, info, files, staging or _staging(datasets_dir))
     if listing_key is not None:
         write_json(Path(artifacts_root) / KEYS / f"{listing_key}.json", {"fingerprint": fingerprint})
     log(f"Dataset {fingerprint[:12]} cached: {info.train_count} train, {info.test_count} test images")
@@ -289,6 +290,53 @@ def load_arrays(cache_dir: str | os.PathLike) -> Arrays:
     return Arrays(*(np.load(cache_dir / f"{name}.npy", mmap_mode="r") for name in ARRAY_NAMES))
 
 
+class PixelRows:
+    """A cached image array's rows read with positional reads (`os.pread`), a batch at a time.
+
+    Unlike a memory map, the rows read stay in the kernel's page cache, not in this process's memory: a pass
+    over a dataset larger than memory leaves the process's size where it was. Reads from several threads at
+    once are safe (no shared file position).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read_header(handle)
+            self.offset = handle.tell()
+        if fortran_order or dtype.hasobject:
+            raise DatasetError(f"{path}: not a cached image array")
+        self.shape, self.dtype = tuple(shape), dtype
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self.descriptor = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.atleast_1d(np.arange(self.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows))
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        if not len(rows):
+            return out
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        for i, row in enumerate(rows.tolist()):
+            flat[i] = np.frombuffer(
+                os.pread(self.descriptor, self.row_bytes, self.offset + row * self.row_bytes), np.uint8
+            )
+        return out
+
+    def __del__(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):
+            os.close(self.descriptor)
+
+
+def train_rows(cache_dir: str | os.PathLike) -> PixelRows:
+    """A cached dataset's training images as `PixelRows`: what training reads its batches from."""
+    return PixelRows(Path(cache_dir) / "x_train.npy")
+
+
 def _stat_key(path: Path) -> tuple[int, int]:
     stat = path.stat()
     return stat.st_size, stat.st_mtime_ns
@@ -309,15 +357,29 @@ def _load_info(cache_dir: Path) -> DatasetInfo | None:
         return DatasetInfo(**{**json.load(handle), "cache_dir": str(cache_dir), "from_cache": True})
 
 
-def _write_cache(cache_dir: Path, arrays: Arrays, info: DatasetInfo, files: list[dict]) -> None:
+def _staging(datasets_dir: Path) -> Path:
+    """A hidden folder beside the datasets where a cache entry is assembled before its rename. Ones a killed
+    ingest left behind (untouched for `STALE_STAGING_HOURS`) are removed first."""
+    datasets_dir.mkdir(parents=True, exist_ok=True)
+    for old in datasets_dir.glob(f"{STAGING_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            touched = max(path.stat().st_mtime for path in [old, *old.iterdir()])  # files it is writing count
+            if time.time() - touched > STALE_STAGING_HOURS * 3600:
+                shutil.rmtree(old, ignore_errors=True)
+    staging = datasets_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+    staging.mkdir()
+    return staging
+
+
+def _write_cache(cache_dir: Path, arrays: Arrays, info: DatasetInfo, files: list[dict], staging: Path) -> None:
+    """Complete the entry assembled in `staging` (the arrays not written there yet, the file table, the info)
+    and rename it into place: a reader never sees a half-written cache."""
     import pandas as pd
 
-    # Assemble in a hidden sibling, then rename: a reader never sees a half-written cache.
-    staging = cache_dir.parent / f".tmp-{cache_dir.name}-{uuid.uuid4().hex}"
-    staging.mkdir(parents=True)
     try:
         for name in ARRAY_NAMES:
-            np.save(staging / f"{name}.npy", getattr(arrays, name), allow_pickle=False)
+            if not (staging / f"{name}.npy").is_file():
+                np.save(staging / f"{name}.npy", getattr(arrays, name), allow_pickle=False)
         pd.DataFrame(files, columns=["split", "path", "class", "width", "height", "kind", "pixels"]).to_csv(
             staging / FILE_TABLE, index=False, encoding="utf-8", errors="surrogateescape"
         )
@@ -408,7 +470,10 @@ def _decode_image_folder(
     skip_corrupt: bool,
     workers: int | None,
     log: Callable[[str], None],
+    staging: Path,
 ) -> tuple[Arrays, list[str], list[dict]]:
+    """Decode each split's files into `<staging>/x_<split>.npy` a few chunks at a time: memory holds chunks,
+    never the dataset. The file rows come back with their pixel hashes, taken from the chunks as they pass."""
     workers = workers or os.cpu_count() or 1
     decoded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     failures: list[str] = []
@@ -421,19 +486,27 @@ def _decode_image_folder(
         for split, items in splits.items():
             paths = [str(path) for path, _ in items]
             labels = np.array([label for _, label in items], np.int32)
-            chunks = decode_files_in_pool(paths, size, pool, DECODE_CHUNK_FILES)
-            counted = (progress.advance(len(chunk.errors), f"decoding {split} images") or chunk for chunk in chunks)
-            files = join_decoded(counted, size)
-            failures += [f"{path}: {error}" for path, error in zip(paths, files.errors, strict=True) if error]
-            rows += [
-                {"split": split, "path": Path(path).relative_to(root).as_posix(), "class": class_names[label],
-                 "width": original[0], "height": original[1], "kind": kind}
-                for path, label, original, kind, error in zip(paths, labels, files.sizes, files.kinds, files.errors,
-                                                              strict=True)
-                if not error
-            ]  # fmt: skip
+            ok = np.zeros(len(paths), bool)
+            with PixelFile(staging / f"x_{split}.npy", (size, size, 3), len(paths)) as pixels:
+                done = 0
+                for chunk in decode_files_ahead(paths, size, pool, DECODE_CHUNK_FILES, ahead=2 * workers):
+                    progress.advance(len(chunk.errors), f"decoding {split} images")
+                    pixels.append(chunk.pixels[chunk.decoded])
+                    for offset, (original, kind, error) in enumerate(zip(chunk.sizes, chunk.kinds, chunk.errors,
+                                                                         strict=True)):  # fmt: skip
+                        path, label = paths[done + offset], labels[done + offset]
+                        if error:
+                            failures.append(f"{path}: {error}")
+                            continue
+                        ok[done + offset] = True
+                        rows.append(
+                            {"split": split, "path": Path(path).relative_to(root).as_posix(),
+                             "class": class_names[label], "width": original[0], "height": original[1], "kind": kind,
+                             "pixels": pixel_hash(chunk.pixels[offset])}
+                        )  # fmt: skip
+                    done += len(chunk.errors)
             log(f"Decoded {len(paths)} {split} images with {workers} processes")
-            decoded[split] = (files.pixels[files.decoded], labels[files.decoded])
+            decoded[split] = (np.load(pixels.path, mmap_mode="r" if ok.any() else None), labels[ok])
     if failures and not skip_corrupt:
         listing = "\n  ".join(failures[:20]) + (f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else "")
         raise DatasetError(
@@ -442,6 +515,47 @@ def _decode_image_folder(
     for failure in failures:
         log(f"Skipped {failure}")
     return Arrays(*decoded["train"], *decoded["test"]), failures, rows
+
+
+class PixelFile:
+    """A `.npy` of uint8 images written a chunk at a time with plain writes (no memory map, so the written
+    pages are the kernel's cache, not this process's memory). The header is written for `most` images and
+    rewritten for the count appended when it closes."""
+
+    def __init__(self, path: Path, image_shape: tuple[int, ...], most: int):
+        self.path, self.image_shape, self.count = Path(path), tuple(image_shape), 0
+        self.handle = open(self.path, "wb")  # noqa: SIM115 (closed by __exit__)
+        self.header = self._header(most)
+        self.handle.write(self.header)
+
+    def _header(self, count: int) -> bytes:
+        buffer = io.BytesIO()
+        header = {"descr": "|u1", "fortran_order": False, "shape": (count, *self.image_shape)}
+        np.lib.format.write_array_header_1_0(buffer, header)
+        return buffer.getvalue()
+
+    def append(self, images: np.ndarray) -> None:
+        self.handle.write(np.ascontiguousarray(images, np.uint8).tobytes())
+        self.count += len(images)
+
+    def __enter__(self) -> PixelFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        final = self._header(self.count)
+        try:
+            if len(final) == len(self.header):  # same padded length: rewrite in place
+                self.handle.seek(0)
+                self.handle.write(final)
+                return
+            self.handle.close()  # a header that grew shorter than its padding: move the pixels once
+            with open(self.path, "rb") as source, open(self.path.with_suffix(".tmp"), "wb") as target:
+                source.seek(len(self.header))
+                target.write(final)
+                shutil.copyfileobj(source, target, 1 << 24)
+            os.replace(self.path.with_suffix(".tmp"), self.path)
+        finally:
+            self.handle.close()
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):

@@ -12,9 +12,11 @@ import os
 import signal
 import stat
 import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
 from typing import BinaryIO
@@ -222,7 +224,29 @@ def decode_files_in_pool(
     if pool is None:
         return (decode_files(paths[i : i + chunk_files], size) for i in starts)
     futures = [pool.submit(decode_files, paths[i : i + chunk_files], size) for i in starts]
-    return (future.result() for future in futures)
+    return _released(futures)
+
+
+def decode_files_ahead(
+    paths: Sequence[str | os.PathLike], size: int, pool: Executor, chunk_files: int, ahead: int
+) -> Iterator[DecodedFiles]:
+    """`decode_files_in_pool`, but with at most `ahead` chunks submitted and not yet taken: memory holds a few
+    chunks, not the whole folder, however fast the pool decodes."""
+    starts = iter(range(0, len(paths), chunk_files))
+    pending = deque(pool.submit(decode_files, paths[i : i + chunk_files], size) for i in islice(starts, ahead))
+    while pending:
+        chunk = pending.popleft().result()
+        for i in islice(starts, 1):
+            pending.append(pool.submit(decode_files, paths[i : i + chunk_files], size))
+        yield chunk
+
+
+def _released(futures: list) -> Iterator[DecodedFiles]:
+    """The futures' results in order, each dropped from the list once taken, so a consumer that writes the
+    chunks away does not keep them all alive."""
+    for i, future in enumerate(futures):
+        futures[i] = None
+        yield future.result()
 
 
 def join_decoded(chunks: Iterable[DecodedFiles], size: int) -> DecodedFiles:

@@ -196,17 +196,37 @@ def with_augmentation(model, config: TrainConfig, steps_per_epoch: int):
     return keras.Sequential([keras.Input(model.input_shape[1:]), *steps, model], name=f"{model.name}_training")
 
 
-def mirror_half(images: np.ndarray, seed: int) -> np.ndarray:
-    """A copy of `images` with a seeded half of them mirrored: the alternate-epoch mirror's first epoch."""
-    mirrored = np.random.default_rng(seed).random(len(images)) < 0.5
-    out = np.array(images)
-    out[mirrored] = out[mirrored, :, ::-1]
-    return out
+def mirror_mask(count: int, seed: int) -> np.ndarray:
+    """Which of `count` training images start mirrored: a seeded half, the alternate-epoch mirror's first epoch."""
+    return np.random.default_rng(seed).random(count) < 0.5
+
+
+class TrainImages:
+    """The training split's images, read a batch at a time from the cached array (a file reader or a memory
+    map: never a copy of the whole split), with `mirror_mask`'s images mirrored when given one.
+
+    Indexed by position in the split: `images[positions]` is a dense uint8 batch.
+    """
+
+    def __init__(self, source, index: np.ndarray, mirrored: np.ndarray | None = None):
+        self.source, self.index, self.mirrored = source, np.asarray(index), mirrored
+        self.shape = (len(self.index), *source.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, positions) -> np.ndarray:
+        positions = np.asarray(positions)
+        images = np.array(self.source[self.index[positions]])
+        if self.mirrored is not None:
+            flip = self.mirrored[positions]
+            images[flip] = images[flip, :, ::-1]
+        return images
 
 
 def alternate_epoch_mirror(steps_per_epoch: int):
     """A layer that mirrors whole training batches in odd epochs (airbench's alternating flip over
-    `mirror_half`'s images), counting its training calls in a variable: checkpoints carry the
+    `mirror_mask`'s images), counting its training calls in a variable: checkpoints carry the
     count, so a resumed run keeps the parity, and no host round trip tells it the epoch."""
     import keras
     from keras import ops
@@ -288,9 +308,8 @@ def make_datasets(x: np.ndarray, y: np.ndarray, split: Split, num_classes: int, 
     Args:
         shards: Devices that split each batch: every batch holds a multiple of them.
     """
-    train = np.asarray(x[split.train_index]), np.asarray(y[split.train_index])
-    if config.flip_alternates:
-        train = mirror_half(train[0], config.seed), train[1]
+    mirrored = mirror_mask(len(split.train_index), config.seed) if config.flip_alternates else None
+    train = TrainImages(x, split.train_index, mirrored), np.asarray(y[split.train_index], np.int32)
     val = (np.asarray(x[split.val_index]), np.asarray(y[split.val_index])) if len(split.val_index) else None
     if not augments_in_step():
         return _tf_datasets(train, val, num_classes, config, shards)
@@ -332,12 +351,25 @@ def _tf_datasets(train: tuple, val: tuple | None, num_classes: int, config: Trai
     def one_hot(images, labels):
         return tf.cast(images, tf.float32), tf.one_hot(labels, num_classes)
 
+    train_images, train_labels = train
+
+    def gather(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return train_images[positions], train_labels[positions]
+
+    def load(positions):
+        # The batch is read here, in tf.data's threads (positional reads, no shared state), so neither the
+        # split nor a shuffle buffer of images is ever held whole: the shuffle holds positions.
+        batch, batch_labels = tf.numpy_function(gather, [positions], (tf.uint8, tf.int32), stateful=False)
+        batch.set_shape((None, *train_images.shape[1:]))
+        batch_labels.set_shape((None,))
+        return one_hot(batch, batch_labels)
+
     train_ds = (
-        tf.data.Dataset.from_tensor_slices(train)
-        .shuffle(len(train[1]), seed=config.seed, reshuffle_each_iteration=True)
-        .take(training_images(len(train[1]), config.batch_size, shards))
+        tf.data.Dataset.range(len(train_labels))
+        .shuffle(len(train_labels), seed=config.seed, reshuffle_each_iteration=True)
+        .take(training_images(len(train_labels), config.batch_size, shards))
         .batch(config.batch_size)
-        .map(one_hot, num_parallel_calls=parallel)
+        .map(load, num_parallel_calls=parallel)
     )
     augmenter = batch_augmenter(config)
     if augmenter is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from model_lib.config import TrainConfig
-from model_lib.data import DatasetInfo, load_arrays, spread_over
+from model_lib.data import DatasetInfo, load_arrays, spread_over, train_rows
 from model_lib.evaluate import check_learned
 from model_lib.fileio import atomic_open, save_model_atomic, write_json
 from model_lib.models import WHITEN_SAMPLE_IMAGES, build_model, with_tta
@@ -29,7 +29,7 @@ from model_lib.preprocess import load_split, make_datasets, with_augmentation
 from model_lib.progress import PROGRESS_SECONDS, Progress
 from model_lib.recipe import make_optimizer
 from model_lib.runs import TrainResult, read_history
-from model_lib.transfer import freeze_backbone, from_scratch
+from model_lib.transfer import freeze_backbone, from_scratch, imagenet_weights_note
 
 PROBE_IMAGES = 16  # fixed inputs whose outputs a reloaded model must reproduce (registry gate)
 DIVERGENCE_FACTOR = 10  # a final loss this many times uniform guessing's (ln of the class count) means divergence
@@ -122,13 +122,16 @@ def train(
 
     strategy, device, precision, xla, config = _set_up(config.at_size(dataset.image_shape[0]), log)
     arrays, split = load_arrays(dataset.cache_dir), load_split(split_path)
+    images = train_rows(dataset.cache_dir)  # read a batch at a time: memory does not grow with the dataset
     num_classes = len(dataset.class_names)
     shards = strategy.num_replicas_in_sync
-    train_ds, val_ds = make_datasets(arrays.x_train, arrays.y_train, split, num_classes, config, shards)
+    train_ds, val_ds = make_datasets(images, arrays.y_train, split, num_classes, config, shards)
     phases = training_phases(config)
     history_path = _start_run_folder(run_dir, config, phases)
 
-    calibration = np.asarray(arrays.x_train[spread_over(split.train_index, WHITEN_SAMPLE_IMAGES)])
+    calibration = images[spread_over(split.train_index, WHITEN_SAMPLE_IMAGES)]
+    if config.weights == "imagenet":
+        log(imagenet_weights_note())
     with strategy.scope():
         model = build_model(
             config.architecture, num_classes, config.image_size, precision, calibration, config.weights,
@@ -145,7 +148,7 @@ def train(
     for phase in phases:  # finished: an identical run started later trains afresh, like BackupAndRestore
         (run_dir / phase.done_marker).unlink(missing_ok=True)
     history = read_history(history_path)
-    recalibration = np.asarray(arrays.x_train[spread_over(split.train_index, RECALIBRATION_IMAGES)])
+    recalibration = images[spread_over(split.train_index, RECALIBRATION_IMAGES)]
     count = recalibrate_stale_batch_norm(model, recalibration, steps=steps_per_epoch * len(history))
     if count:
         log(f"Recomputed the moving statistics of {count} batch-norm layers that {len(history)} epochs left stale")

@@ -256,14 +256,22 @@ def test_alternate_flip_shows_each_image_both_ways_every_two_epochs_and_keeps_th
     """airbench's alternating flip: a seeded half mirrored once, then every image mirrored in odd epochs."""
     import numpy as np
 
-    from model_lib.preprocess import alternate_epoch_mirror, batch_augmenter, mirror_half, with_augmentation
+    from model_lib.preprocess import (
+        TrainImages,
+        alternate_epoch_mirror,
+        batch_augmenter,
+        mirror_mask,
+        with_augmentation,
+    )
 
     images = np.random.default_rng(0).integers(0, 256, (100, 4, 4, 3), dtype=np.uint8)
-    first = mirror_half(images, seed=3)
+    first = TrainImages(images, np.arange(100), mirror_mask(100, seed=3))[np.arange(100)]
     mirrored = [np.array_equal(a, b[:, ::-1]) for a, b in zip(first, images, strict=True)]
     unchanged = [np.array_equal(a, b) for a, b in zip(first, images, strict=True)]
     assert 35 < sum(mirrored) < 65 and all(m or u for m, u in zip(mirrored, unchanged, strict=True))
-    np.testing.assert_array_equal(mirror_half(images, seed=3), first)
+    again = TrainImages(images, np.arange(100), mirror_mask(100, seed=3))[np.arange(99, -1, -1)]  # any order
+    np.testing.assert_array_equal(again[::-1], first)
+    np.testing.assert_array_equal(images, np.random.default_rng(0).integers(0, 256, (100, 4, 4, 3), dtype=np.uint8))
 
     layer = alternate_epoch_mirror(steps_per_epoch=2)
     batch = first[:8].astype(np.float32)
