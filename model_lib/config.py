@@ -42,9 +42,9 @@ def check_count(option: str, value: int) -> None:
 AUTO = "auto"  # image_size: chosen from the data
 MIN_IMAGE_SIZE = 24  # pixels per side: the smallest every architecture builds at (seed_cnn's three valid convs)
 # What `auto` picks from: the largest of these at most the median short side of the training images. Its top
-# bounds memory while datasets are held in RAM (128 px: 49 KB an image, 2.5 GB for 50,000); ask for more by
-# number. airbench runs its body at 32-63 px whatever the size (model_lib.models), so these cost about
-# the same time per step.
+# bounds the cost a user did not ask for: at 128 px `fast` trains at half its 32-px rate and the cache holds
+# 49 KB an image (bench/RESULTS.md, "Memory"); ask for more by number. airbench runs its conv groups at 32-63 px
+# whatever the size (model_lib.models).
 AUTO_IMAGE_SIZES = (32, 64, 96, 128)  # pixels per side
 
 
