@@ -13,7 +13,7 @@ import signal
 import stat
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -247,17 +247,6 @@ def _released(futures: list) -> Iterator[DecodedFiles]:
     for i, future in enumerate(futures):
         futures[i] = None
         yield future.result()
-
-
-def join_decoded(chunks: Iterable[DecodedFiles], size: int) -> DecodedFiles:
-    """One `DecodedFiles` from consecutive chunks of it."""
-    chunks = list(chunks)
-    return DecodedFiles(
-        np.concatenate([chunk.pixels for chunk in chunks]) if chunks else np.zeros((0, size, size, 3), np.uint8),
-        [original for chunk in chunks for original in chunk.sizes],
-        [kind for chunk in chunks for kind in chunk.kinds],
-        [error for chunk in chunks for error in chunk.errors],
-    )
 
 
 @dataclass(frozen=True)

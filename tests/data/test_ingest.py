@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_lib.data import DatasetError, ingest, load_arrays, resolve_source
+from model_lib.data import DatasetError, ingest, load_arrays, resolve_source, train_rows
 from model_lib.images import decode_rgb
 from tests.conftest import CLASS_COLOURS, write_colour_dataset
 
@@ -24,6 +24,10 @@ def test_image_folder_is_decoded_into_cached_arrays(colour_dataset, artifacts):
     blue = arrays.x_train[arrays.y_train == 0].mean(axis=(0, 1, 2))
     assert blue[2] > 150 and blue[0] < 80
     assert Path(info.cache_dir).parent == artifacts / "datasets"
+    # Training reads the same rows by position, in any order, without loading the array.
+    rows = train_rows(info.cache_dir)
+    np.testing.assert_array_equal(rows[[35, 0, 7, 7]], arrays.x_train[[35, 0, 7, 7]])
+    assert rows[2:2].shape == (0, 32, 32, 3) and len(rows) == 36 and not list(artifacts.glob("datasets/.tmp-*"))
 
 
 def test_second_ingest_is_served_from_cache_and_changes_invalidate_it(colour_dataset, artifacts):

@@ -10,9 +10,9 @@ from PIL import Image
 from model_lib.images import (
     ImageDecodeError,
     decode_files,
+    decode_files_ahead,
     decode_files_in_pool,
     decode_rgb,
-    join_decoded,
     walk_folder,
 )
 from tests.catalogue import bomb_png
@@ -86,11 +86,17 @@ def test_decoding_in_pool_chunks_keeps_file_order_and_records_broken_files(tmp_p
     paths[3].write_bytes(b"not an image")
     in_process = decode_files(paths, 4)
     with ThreadPoolExecutor(2) as pool:
-        pooled = join_decoded(decode_files_in_pool(paths, 4, pool, chunk_files=2), 4)
-    np.testing.assert_array_equal(pooled.pixels, in_process.pixels)
-    assert pooled.sizes == in_process.sizes and pooled.errors == in_process.errors
-    assert [bool(error) for error in pooled.errors] == [False, False, False, True, False, False, False]
-    assert pooled.sizes[6] == (16, 8) and pooled.pixels[3].max() == 0 and pooled.pixels[6, 0, 0, 0] == 180
+        for chunks in (
+            decode_files_in_pool(paths, 4, pool, chunk_files=2),  # prediction's: all submitted at once
+            decode_files_ahead(paths, 4, pool, chunk_files=2, ahead=1),
+        ):  # ingest's: a chunk ahead
+            chunks = list(chunks)
+            pixels = np.concatenate([chunk.pixels for chunk in chunks])
+            sizes, errors = [s for c in chunks for s in c.sizes], [e for c in chunks for e in c.errors]
+            np.testing.assert_array_equal(pixels, in_process.pixels)
+            assert sizes == in_process.sizes and errors == in_process.errors and len(chunks) == 4
+    assert [bool(error) for error in errors] == [False, False, False, True, False, False, False]
+    assert sizes[6] == (16, 8) and pixels[3].max() == 0 and pixels[6, 0, 0, 0] == 180
 
 
 def test_an_unreadable_sub_folder_is_one_entry_and_the_walk_goes_on(tmp_path, monkeypatch):
