@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -9,6 +10,9 @@ from model_lib.config import ConfigError, TrainConfig, resolve_config
 from model_lib.fileio import check_writable
 from model_lib.settings import REGISTRY_FOLDER, default_data_source, is_url, work_dir
 from model_lib.transfer import BACKBONE_INPUT_SIDE, TransferWeightsError, backbone_weights, from_scratch
+
+# Calibration and evaluation hold the validation and test images whole: at most this share of the memory.
+EVALUATION_MEMORY_SHARE = 0.25
 
 
 def check_training_request(profile: str, overrides: dict, artifacts_root: Path) -> TrainConfig:
@@ -62,3 +66,20 @@ def check_weights(weights: str, architecture: str) -> None:
     except Exception as error:  # h5py's and Keras' own types, for a file that is not weights or not these
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         raise ConfigError(f"--weights {path}: does not fit MobileNetV3Small without its top ({reason})") from None
+
+
+def check_evaluation_memory(side: int, held_images: int) -> None:
+    """Refuse, right after ingest, an image size at which the validation and test images (calibration and
+    evaluation hold them whole) would take more than `EVALUATION_MEMORY_SHARE` of this machine's memory.
+
+    Raises:
+        ConfigError: Naming `--image-size`, the images' size and the machine's memory.
+    """
+    need = held_images * side * side * 3
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > EVALUATION_MEMORY_SHARE * total:
+        raise ConfigError(
+            f"--image-size {side}: the {held_images:,} validation and test images take {need / 2**30:.1f} GiB at "
+            f"{side} px, and calibration and evaluation hold them whole: more than {EVALUATION_MEMORY_SHARE:.0%} of "
+            f"this machine's {total / 2**30:.0f} GiB (a smaller --image-size, or --max-test-images)"
+        )

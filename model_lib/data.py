@@ -110,6 +110,7 @@ def ingest(
     skip_corrupt: bool = False,
     workers: int | None = None,
     log: Callable[[str], None] = print,
+    check_size: Callable[[int, int, int], None] | None = None,
 ) -> DatasetInfo:
     """Decode a dataset once and cache it; later calls with the same content load the cache.
 
@@ -122,6 +123,8 @@ def ingest(
         skip_corrupt: Skip undecodable files (reported in `skipped_files`) instead of failing.
         workers: Decoding processes; default one per CPU core.
         log: Where progress lines go.
+        check_size: Called with (side, training images, test images) once the side is known, before anything is
+            decoded: it raises to refuse a size the run could not afford.
 
     Returns:
         The cache location and what it holds.
@@ -138,6 +141,8 @@ def ingest(
         class_names, splits = _list_image_folder(root, max_train_images, max_test_images)
         image_size, size_reason = _chosen_size(image_size, [path for path, _ in splits["train"]])
         log(f"Image size {image_size} px: {size_reason}")
+        if check_size:
+            check_size(image_size, len(splits["train"]), len(splits["test"]))
         # What the listing says (names, sizes, times) finds the cache in a second; what it decodes to names it.
         listing_key = _fingerprint(
             {"kind": kind, "size": image_size, "classes": class_names},
@@ -173,6 +178,8 @@ def ingest(
             else (image_size, f"asked for (CIFAR-10's images are {ARRAY_SIDE} px)")
         )  # fmt: skip
         log(f"Image size {image_size} px: {size_reason}")
+        if check_size:
+            check_size(image_size, len(arrays.y_train), len(arrays.y_test))
         if image_size != ARRAY_SIDE:
             arrays = Arrays(resize_pixels(arrays.x_train, image_size), arrays.y_train,
                             resize_pixels(arrays.x_test, image_size), arrays.y_test)  # fmt: skip

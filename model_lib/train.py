@@ -31,6 +31,9 @@ from model_lib.recipe import make_optimizer
 from model_lib.runs import TrainResult, read_history
 from model_lib.transfer import freeze_backbone, from_scratch, imagenet_weights_note
 
+# A whole-array sample of training images takes at most this much: 5,000 for the whitening fit and 1,024 for the
+# batch-norm recount up to 128 px (as at 32), 85 and 64 at 1,024 px.
+SAMPLE_MIB = 256
 PROBE_IMAGES = 16  # fixed inputs whose outputs a reloaded model must reproduce (registry gate)
 DIVERGENCE_FACTOR = 10  # a final loss this many times uniform guessing's (ln of the class count) means divergence
 STALE_SHARE = 0.01  # batch norm whose moving statistics still hold more of their initial values than this is recomputed
@@ -129,7 +132,7 @@ def train(
     phases = training_phases(config)
     history_path = _start_run_folder(run_dir, config, phases)
 
-    calibration = images[spread_over(split.train_index, WHITEN_SAMPLE_IMAGES)]
+    calibration = images[spread_over(split.train_index, affordable(WHITEN_SAMPLE_IMAGES, images.shape[1:], 1))]
     if config.weights == "imagenet":
         log(imagenet_weights_note())
     with strategy.scope():
@@ -148,7 +151,7 @@ def train(
     for phase in phases:  # finished: an identical run started later trains afresh, like BackupAndRestore
         (run_dir / phase.done_marker).unlink(missing_ok=True)
     history = read_history(history_path)
-    recalibration = images[spread_over(split.train_index, RECALIBRATION_IMAGES)]
+    recalibration = images[spread_over(split.train_index, affordable(RECALIBRATION_IMAGES, images.shape[1:], 4))]
     count = recalibrate_stale_batch_norm(model, recalibration, steps=steps_per_epoch * len(history))
     if count:
         log(f"Recomputed the moving statistics of {count} batch-norm layers that {len(history)} epochs left stale")
@@ -437,6 +440,12 @@ def _off_the_step(callback):
     """
     callback.async_safe = True
     return callback
+
+
+def affordable(count: int, image_shape: tuple[int, ...], bytes_per_value: int) -> int:
+    """At most `count` images, fewer where `count` of this shape would take more than `SAMPLE_MIB`: the
+    whitening fit (uint8) and the batch-norm recount (float32, one batch) hold their whole sample."""
+    return max(1, min(count, SAMPLE_MIB * 2**20 // (int(np.prod(image_shape)) * bytes_per_value)))
 
 
 def recalibrate_stale_batch_norm(model, images: np.ndarray, steps: int) -> int:

@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from model_lib.calibrate import CALIBRATION_FILE, calibrate_run
+from model_lib.checks import check_evaluation_memory
 from model_lib.config import TrainConfig
 from model_lib.data import DatasetInfo, ingest, load_file_table
 from model_lib.data_report import (
@@ -55,9 +56,13 @@ RUN_FILES = (
 def ingest_task(config: dict) -> DatasetInfo:
     """Decode the dataset once into the content-addressed cache; later runs load the cache."""
     cfg = TrainConfig(**config)
+
+    def affordable(side: int, train: int, test: int) -> None:
+        check_evaluation_memory(side, test + round(train * cfg.validation_split))
+
     info = ingest(
         cfg.data, work_dir(), cfg.image_size, cfg.max_train_images, cfg.max_test_images, cfg.skip_corrupt,
-        log=log_info,
+        log=log_info, check_size=affordable,
     )  # fmt: skip
     return info
 

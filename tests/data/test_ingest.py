@@ -182,3 +182,21 @@ def test_data_that_cannot_give_a_meaningful_accuracy_is_refused(colour_dataset, 
         ingest(str(colour_dataset), artifacts, **quiet)
     with pytest.raises(DatasetError, match=re.escape("--max-test-images 2 leaves some of the 3 classes empty")):
         ingest(str(write_colour_dataset(colour_dataset.parent / "fresh")), artifacts, max_test_images=2, **quiet)
+
+
+def test_a_size_the_run_cannot_afford_is_refused_before_anything_is_decoded(colour_dataset, artifacts):
+    from model_lib.checks import check_evaluation_memory
+    from model_lib.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--image-size 1024: the 100,000 validation and test images take 293.0 GiB"):
+        check_evaluation_memory(1024, 100_000)
+    check_evaluation_memory(32, 100_000)  # 0.3 GiB: fine anywhere
+    seen = []
+
+    def refuse(side: int, train: int, test: int) -> None:
+        seen.append((side, train, test))
+        raise ConfigError("too big")
+
+    with pytest.raises(ConfigError, match="too big"):
+        ingest(str(colour_dataset), artifacts, image_size=64, check_size=refuse, **quiet)
+    assert seen == [(64, 36, 12)] and not list(artifacts.glob("datasets/*"))  # nothing decoded, nothing cached
