@@ -203,7 +203,20 @@ def decoding_pool(workers: int) -> ProcessPoolExecutor:
     """`workers` decoding processes, spawned, not forked: the parent may hold threads (Prefect,
     TensorFlow) that a fork would copy broken. They ignore Ctrl-C, which a terminal sends to the
     whole process group: the parent that owns them stops them, without a traceback from each."""
-    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_ignore_interrupts)
+    return _DecodingPool(workers, mp_context=get_context("spawn"), initializer=_ignore_interrupts)
+
+
+class _DecodingPool(ProcessPoolExecutor):
+    """Workers are spawned inside `submit`, and a Ctrl-C that reached one while it was still importing (before
+    its initializer ignores it) printed a traceback. Each submit blocks SIGINT in the submitting thread, so a
+    worker spawned then starts with it blocked; the parent gets a Ctrl-C of that moment right after."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return super().submit(fn, *args, **kwargs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _ignore_interrupts() -> None:
