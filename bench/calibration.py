@@ -2,7 +2,8 @@
 
 Runs the training flow's own calibration step (`model_lib.calibrate.calibrate`) on a run folder
 (its `model.keras` before calibration and its `split.npz`) and the run's dataset cache, then
-measures the flags on the test set and on synthetic noise, flat and gradient images.
+measures the flags on the test set and on the six kinds of synthetic non-photos (the texture rule alone:
+bench/ood_flags.py measures it with the feature-space rule, through the prediction path).
 
     python bench/calibration.py RUN_DIR CACHE_DIR [--out results.json]
 """

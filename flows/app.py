@@ -215,10 +215,10 @@ def create_app(settings: AppSettings, live: LiveModel | None = None) -> FastAPI:
                 return prediction_rows(live.served, uploads, None, nothing, top_k)
             pixels = np.stack(good)
             try:
-                served, probabilities = await asyncio.wrap_future(app.state.batcher.submit(pixels))
+                served, probabilities, outside = await asyncio.wrap_future(app.state.batcher.submit(pixels))
             except ModelChanged:
                 continue
-            return prediction_rows(served, uploads, pixels, probabilities, top_k)
+            return prediction_rows(served, uploads, pixels, probabilities, top_k, outside)
         raise HTTPException(503, "the served model changed twice during this request; send it again")
 
     @app.get("/api/models")

@@ -62,16 +62,24 @@ def decode_upload(name: str, data: bytes, image_size: int, max_pixels: int) -> U
 
 
 def prediction_rows(
-    served: Served, uploads: list[Upload], pixels: np.ndarray | None, probabilities: np.ndarray, top_k: int
+    served: Served,
+    uploads: list[Upload],
+    pixels: np.ndarray | None,
+    probabilities: np.ndarray,
+    top_k: int,
+    outside: np.ndarray | None = None,
 ) -> list[dict]:
     """One object per upload with the prediction CSV's columns and their meaning (see docs/prediction.md),
     typed for JSON (numbers as numbers, empty cells as null), and the version that answered.
 
-    `pixels` and `probabilities` are those of the uploads that decoded, in order (None and empty if none did).
+    `pixels`, `probabilities` and `outside` (the feature rule's verdicts, or None) are those of the uploads
+    that decoded, in order (None and empty if none did).
     """
     info = served.info
     top_k = min(top_k, len(info.class_names))
-    row_flags = iter(flags(probabilities, pixels, info.unsure_below, info.texture_range) if pixels is not None else [])
+    row_flags = iter(
+        flags(probabilities, pixels, info.unsure_below, info.texture_range, outside) if pixels is not None else []
+    )
     answers = iter(ranked(probabilities, top_k))
     rows = []
     for upload in uploads:
@@ -149,8 +157,8 @@ class _Request:
 class Batcher:
     """Classifies the pixels of concurrent requests together, in batches of up to `max_images`.
 
-    `submit` returns a future of `(served, probabilities)`: the version that classified the pixels,
-    and one row of probabilities per image.
+    `submit` returns a future of `(served, probabilities, outside)`: the version that classified the pixels,
+    one row of probabilities per image, and the feature rule's verdicts on them (None without one).
     """
 
     def __init__(self, model: Callable[[], Served], max_images: int = BATCH_IMAGES,
@@ -201,7 +209,7 @@ class Batcher:
             if not batch:
                 continue
             try:
-                probabilities = served.classifier.predict_on_batch(np.concatenate([r.pixels for r in batch]))
+                probabilities, outside = served.classifier.flagged(np.concatenate([r.pixels for r in batch]))
             except Exception as error:  # noqa: BLE001 - each waiting request gets it
                 for request in batch:
                     request.future.set_exception(error)
@@ -210,5 +218,6 @@ class Batcher:
             start = 0
             for request in batch:
                 end = start + len(request.pixels)
-                request.future.set_result((served, probabilities[start:end]))
+                verdicts = None if outside is None else outside[start:end]
+                request.future.set_result((served, probabilities[start:end], verdicts))
                 start = end

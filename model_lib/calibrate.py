@@ -23,6 +23,7 @@ from model_lib.fileio import atomic_open, save_model_atomic, write_json
 from model_lib.flags import texture_range
 from model_lib.inference import CASCADE_TOLERANCE, KerasClassifier, cascade, softmax
 from model_lib.models import tta_views, unwrap_tta, view_pixels, with_tta
+from model_lib.ood import OOD_FILE, fit_feature_rule, spread_sample
 from model_lib.runs import TEST_PROBABILITIES, UNCALIBRATED_PROBABILITIES
 
 LOG_T_RANGE = (-3.0, 3.0)  # natural-log bounds of the temperature search: T from 0.05 to 20
@@ -203,7 +204,10 @@ def cascade_margin(first: np.ndarray, every: np.ndarray) -> float | None:
 def calibrate_run(model_path: str, probe_path: str, cache_dir: str, split_path: str, out_dir: Path) -> dict:
     """Calibrate a run's saved model in place: the model and its probe outputs are replaced atomically.
 
-    Also writes `calibration.json` and the test probabilities before (for the reliability diagram)
+    Also fits the feature-space rule of the `out_of_distribution` flag (`model_lib.ood`) on a sample of the
+    training split and the validation split, into `ood.npz`, recorded as the record's `feature_rule` (None
+    where the validation split is too small to set limits on). Writes `calibration.json` and the test
+    probabilities before (for the reliability diagram)
     and after calibration (for evaluation, which then need not score the test set again) into `out_dir`.
 
     Returns:
@@ -231,5 +235,14 @@ def calibrate_run(model_path: str, probe_path: str, cache_dir: str, split_path: 
             np.savez(handle, inputs=inputs, outputs=calibrated.predict(inputs, verbose=0))
     with atomic_open(out_dir / TEST_PROBABILITIES, "wb") as handle:  # after the model it describes
         np.save(handle, probabilities, allow_pickle=False)
+    record["feature_rule"] = None
+    (out_dir / OOD_FILE).unlink(missing_ok=True)  # an earlier attempt's, were this one to fit none
+    if record["unsure_threshold"] is not None:
+        sample = split.train_index[spread_sample(arrays.y_train[split.train_index])]
+        rule, record["feature_rule"] = fit_feature_rule(
+            unwrap_tta(model)[0], np.asarray(arrays.x_train[sample]), arrays.y_train[sample], val_images
+        )
+        with atomic_open(out_dir / OOD_FILE, "wb") as handle:
+            rule.save(handle)
     write_json(out_dir / CALIBRATION_FILE, record)
     return record

@@ -2,7 +2,8 @@
 
 * `out_of_distribution`: the image's texture (mean absolute difference between neighbouring
   pixels, 0-255, on the pixels the model sees) is outside the range of 99.6% of the training
-  images: random noise lies above it, flat colours and smooth gradients below it;
+  images (random noise lies above it, flat colours and smooth gradients below it), or what the
+  network computes from it lies far from every class (`model_lib.ood`);
 * `low_confidence`: the calibrated top-1 probability is below the model's threshold (chosen by
   `model_lib.calibrate` on the validation split).
 """
@@ -34,14 +35,22 @@ def texture_range(train_images: np.ndarray) -> list[float]:
     return [round(float(q), 4) for q in np.quantile(values, TEXTURE_QUANTILES)]
 
 
-def flags(probabilities: np.ndarray, pixels: np.ndarray, unsure_below: float | None, textures) -> list[str]:
-    """Each prediction's flag: `out_of_distribution`, `low_confidence` or `ok`; "" where the model has no rule."""
+def flags(
+    probabilities: np.ndarray, pixels: np.ndarray, unsure_below: float | None, textures, outside=None
+) -> list[str]:
+    """Each prediction's flag: `out_of_distribution`, `low_confidence` or `ok`; "" where the model has no rule.
+
+    `outside`: per image, whether its features lie beyond the model's feature rule (`model_lib.ood`), or None.
+    """
     if unsure_below is None or textures is None:
         return [""] * len(probabilities)
     low, high = textures
     image_texture = texture(pixels)
+    unlike = (image_texture < low) | (image_texture > high)
+    if outside is not None:
+        unlike |= np.asarray(outside, bool)
     confidence = probabilities.max(axis=1)
     return [
-        "out_of_distribution" if not low <= t <= high else "low_confidence" if c < unsure_below else "ok"
-        for t, c in zip(image_texture.tolist(), confidence.tolist(), strict=True)
+        "out_of_distribution" if u else "low_confidence" if c < unsure_below else "ok"
+        for u, c in zip(unlike.tolist(), confidence.tolist(), strict=True)
     ]

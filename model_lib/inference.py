@@ -34,6 +34,16 @@ class _Classifier:
         outputs = [self.predict_on_batch(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0, *self.output_shape[1:]), np.float32)
 
+    def classify(self, pixels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """A batch's probabilities, and the features of its network's stages where the model reports them
+        (`model_lib.ood.with_features`), else None."""
+        return self.predict_on_batch(pixels), None
+
+    def flagged(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """A batch's probabilities, and per image whether the model's feature rule finds it out of distribution
+        (None here: a plain classifier has none; `model_lib.ood.FeatureClassifier` does)."""
+        return self.predict_on_batch(pixels), None
+
 
 class KerasClassifier(_Classifier):
     """A Keras model's inference on uint8 pixels as one function traced once for every batch size.
@@ -52,8 +62,9 @@ class KerasClassifier(_Classifier):
     def __init__(self, model, fold: bool = True):
         import keras
 
-        self.model = fold_batch_norms(model) if fold else model
-        self.input_shape, self.output_shape = model.input_shape, model.output_shape
+        self.model = fold_batch_norms(model) if fold else model  # a model with features stays unfolded
+        self.input_shape = model.input_shape
+        self.output_shape = model.output_shape[0] if len(model.outputs) > 1 else model.output_shape
         self.compiles_per_shape = keras.backend.backend() != "tensorflow"
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
@@ -64,8 +75,14 @@ class KerasClassifier(_Classifier):
             self._call = self.model.predict_on_batch
 
     def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
-        """The model's output for a batch of uint8 pixels."""
-        return np.asarray(self._call(pixels))
+        """The model's output (its first, for a model with features) for a batch of uint8 pixels."""
+        return self.classify(pixels)[0]
+
+    def classify(self, pixels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        outputs = self._call(pixels)
+        if isinstance(outputs, (list, tuple)):
+            return np.asarray(outputs[0]), [np.asarray(output) for output in outputs[1:]]
+        return np.asarray(outputs), None
 
 
 def fold_batch_norms(model):
@@ -258,8 +275,11 @@ class CascadeClassifier(_Classifier):
         self._bucketed = every_view.compiles_per_shape
 
     def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
-        first = sharpened(self.network.predict_on_batch(pixels), self.scale)
-        return cascade(first, partial(self._every_view, pixels), self.margin)[0]
+        return self.classify(pixels)[0]
+
+    def classify(self, pixels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        first, features = self.network.classify(pixels)  # the image's own features: no pass of their own
+        return cascade(sharpened(first, self.scale), partial(self._every_view, pixels), self.margin)[0], features
 
     def _every_view(self, pixels: np.ndarray, rows: np.ndarray) -> np.ndarray:
         if not self._bucketed:

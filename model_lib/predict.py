@@ -36,7 +36,8 @@ from model_lib.images import (
     walk_folder,
 )
 from model_lib.inference import CascadeClassifier, KerasClassifier, TFLiteClassifier
-from model_lib.models import unwrap_tta
+from model_lib.models import tta_views, unwrap_tta, with_tta
+from model_lib.ood import FeatureClassifier, FeatureRule, with_features
 from model_lib.prediction_csv import (
     check_output,
     check_remote_output,
@@ -78,6 +79,7 @@ class ModelInfo:
     # Served first view first (model_lib.inference.CascadeClassifier): (temperature scale, margin), or None.
     cascade: tuple[float, float] | None = None
     first_view_file: str = ""  # the first view's own export when a TFLite export is served first view first
+    feature_rule: str = ""  # the out_of_distribution flag's feature-space rule (model_lib.ood) in the version, if used
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -186,6 +188,10 @@ def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") ->
         raise RegistryError(f"{version_dir / model_file}: not listed in the version's manifest")
     label = f"{manifest.get('name', version_dir.parent.name)} v{manifest['version']}"
     calibration = manifest.get("calibration") or {}
+    feature_rule = (calibration.get("feature_rule") or {}).get("file", "")
+    if feature_rule and model_file != MODEL_FILE:
+        notes.append(f"{model_file} reports no features: out_of_distribution tests pixel texture only "
+                     f"(--engine keras adds the feature-space test)")  # fmt: skip
     first_view = cascade_rule(manifest) if engine == "auto" and (model_file == MODEL_FILE or first_view_file) else None
     return ModelInfo(
         reference=reference,
@@ -200,6 +206,7 @@ def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") ->
         calibrated_on=calibration.get("fitted_on", ""),
         cascade=first_view,
         first_view_file=first_view_file,
+        feature_rule=feature_rule if model_file == MODEL_FILE else "",
     )
 
 
@@ -221,9 +228,17 @@ def load_classifier(model: ModelInfo):
     """The model's file, checksums verified, as a classifier of uint8 pixel batches, traced and ready."""
     if model.model_file == MODEL_FILE:
         keras_model = load_verified_model(Path(model.path))
-        loaded = KerasClassifier(keras_model)
+        network, views = unwrap_tta(keras_model)
+        rule = load_feature_rule(Path(model.path), model.feature_rule) if model.feature_rule else None
+        scored = with_features(network, rule.layers) if rule else network  # the image's own view reports them
         if model.cascade:
-            loaded = CascadeClassifier(KerasClassifier(unwrap_tta(keras_model)[0]), loaded, *model.cascade)
+            loaded = CascadeClassifier(KerasClassifier(scored), KerasClassifier(keras_model), *model.cascade)
+        elif rule and views:
+            loaded = KerasClassifier(with_tta(network, views == tta_views(translate=True), own_view=scored))
+        else:
+            loaded = KerasClassifier(scored if rule else keras_model)
+        if rule:
+            loaded = FeatureClassifier(loaded, rule)
     else:
         files = (model.model_file, model.first_view_file) if model.first_view_file else (model.model_file,)
         problems = verify_version(Path(model.path), files)
@@ -238,6 +253,13 @@ def load_classifier(model: ModelInfo):
     # full collection scanning them stalled every shard thread ~0.3 s. Stop scanning them.
     gc.freeze()
     return loaded
+
+
+def load_feature_rule(version_dir: Path, name: str) -> FeatureRule:
+    """A version's feature rule (`model_lib.ood`), its checksum verified against the manifest first."""
+    if problems := verify_version(version_dir, (name,)):
+        raise ChecksumError("; ".join(problems))
+    return FeatureRule.load(version_dir / name)
 
 
 def ranked(probabilities: np.ndarray, top_k: int) -> list[tuple[list[int], list[float]]]:
@@ -353,9 +375,11 @@ def classified_rows(
         for chunk in chunks:
             good = chunk.decoded
             probabilities = np.zeros((len(good), len(model.class_names)), np.float32)
+            outside = np.zeros(len(good), bool)
             if good.any():
-                probabilities[good] = classifier.predict_on_batch(chunk.pixels[good])
-            row_flags = flags(probabilities, chunk.pixels, model.unsure_below, model.texture_range)
+                probabilities[good], beyond = classifier.flagged(chunk.pixels[good])
+                outside[good] = False if beyond is None else beyond
+            row_flags = flags(probabilities, chunk.pixels, model.unsure_below, model.texture_range, outside)
             if progress is not None:
                 progress.advance(len(chunk.errors))
             rows = zip(ranked(probabilities, top_k), row_flags, chunk.sizes, chunk.errors, strict=True)

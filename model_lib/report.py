@@ -124,6 +124,7 @@ def report_markdown(
 | test accuracy | {metrics["test_accuracy"]:.4f} |
 | test loss | {metrics["test_loss"]:.4f} |
 | calibration | {calibrated} |
+| unsure flags | {_flag_rules(calibration)} |
 | epochs | {metrics["epochs_run"]} |
 | training time | {metrics["train_seconds"]:.0f} s ({training["precision"]}, {training["device"]}, {backend}) |
 | architecture | {manifest["architecture"]} ({manifest["parameter_count"]:,} parameters) |
@@ -136,6 +137,19 @@ def report_markdown(
 
 {plots}
 """
+
+
+def _flag_rules(calibration: dict) -> str:
+    """What decides the prediction CSV's flag column, and on how many images (docs/prediction.md)."""
+    if calibration.get("unsure_threshold") is None:
+        return f"none: the flag column stays empty ({calibration.get('fitted_on') or 'not calibrated'})"
+    low, high = calibration["texture_range"]
+    features = calibration.get("feature_rule")
+    distance = f"; or features far from every class ({features['fitted_on']})" if features else ""
+    return (
+        f"low_confidence below {calibration['unsure_threshold']:.3f} ({calibration['fitted_on']}); "
+        f"out_of_distribution: texture outside {low:.2f}-{high:.2f}{distance}"
+    )
 
 
 def _image_size(manifest: dict) -> str:

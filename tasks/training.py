@@ -28,6 +28,7 @@ from model_lib.data_report import (
     write_report,
 )
 from model_lib.evaluate import evaluate_run, score_model
+from model_lib.ood import OOD_FILE
 from model_lib.plots import plot_run
 from model_lib.preprocess import PreparedSplit, prepare_split
 from model_lib.registry import (
@@ -48,7 +49,7 @@ from tasks.common import log_info, log_warning, retry_on_transient_io
 RUN_FILES = (
     "config.json", "history.csv", "metrics.json", "per_class.csv", "confusion_matrix.csv",
     "curves.png", "confusion_matrix.png", "samples.png", "reliability.png", CALIBRATION_FILE, DATA_REPORT_FILE,
-    DATA_REPORT_MARKDOWN, FILES_FILE,
+    DATA_REPORT_MARKDOWN, FILES_FILE, OOD_FILE,
 )  # fmt: skip
 
 

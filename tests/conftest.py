@@ -118,15 +118,9 @@ def smoke_on_real_cifar(prefect_harness, cifar_dir, tmp_path_factory) -> tuple[P
 @pytest.fixture
 def upscaled_cifar(cifar_dir, tmp_path) -> tuple[Path, Path]:
     """30 real CIFAR-10 test images per class, as they are and as 640x480 JPEG "photos" (bicubic, quality 90)."""
-    originals, photos = tmp_path / "originals", tmp_path / "photos"
-    for class_dir in sorted((cifar_dir / "test").iterdir()):
-        for root in (originals, photos):
-            (root / class_dir.name).mkdir(parents=True)
-        for path in sorted(class_dir.iterdir())[:30]:
-            image = Image.open(path)
-            image.save(originals / class_dir.name / path.name)
-            image.resize((640, 480), Image.Resampling.BICUBIC).save(photos / class_dir.name / path.name, quality=90)
-    return originals, photos
+    from tests.synthetic import write_upscaled_cifar
+
+    return write_upscaled_cifar(cifar_dir, tmp_path / "originals", tmp_path / "photos")
 
 
 def write_colour_dataset(root: Path, train_per_class: int = 12, test_per_class: int = 4, size: int = 32) -> Path:

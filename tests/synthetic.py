@@ -84,17 +84,37 @@ def write_uninformative_dataset(root: Path, classes: int = 3, per_class: int = 8
     return root
 
 
-def unlike_images(per_kind: int = 40, size: int = 32) -> dict[str, np.ndarray]:
-    """Random noise, flat colours and smooth two-colour gradients (uint8 arrays by kind): unlike any photo."""
-    rng = np.random.default_rng(0)
+UNLIKE_KINDS = ("noise", "flat", "ramp", "shaped_noise", "checkerboard", "text")  # non-photos, the issue's six
+WORDS = ("INVOICE", "Total", "page 3", "hello", "ERROR", "2026", "Q&A", "menu", "SALE", "notes")
+
+
+def unlike_images(per_kind: int = 40, size: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
+    """Non-photos by kind (`UNLIKE_KINDS`, uint8 arrays): uniform noise; flat colours; two-colour ramps (left to
+    right or diagonal); noise whose amplitude follows a ramp; checkerboards of two colours and 2-8 px squares;
+    a word or two in a plain colour on a plain background."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
     ramp = np.linspace(0, 1, size)
     shapes = [ramp[None, :, None] + 0 * ramp[:, None, None], (ramp[None, :, None] + ramp[:, None, None]) / 2]
-    images: dict[str, list] = {"noise": [], "flat": [], "gradient": []}
+    images: dict[str, list] = {kind: [] for kind in UNLIKE_KINDS}
     for i in range(per_kind):
         low, high = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        shape = shapes[i % 2]
         images["noise"].append(rng.integers(0, 256, (size, size, 3)))
         images["flat"].append(np.broadcast_to(low, (size, size, 3)))
-        images["gradient"].append(low * (1 - shapes[i % 2]) + high * shapes[i % 2])
+        images["ramp"].append(low * (1 - shape) + high * shape)
+        images["shaped_noise"].append(np.clip(low + shape * rng.normal(0, 90, (size, size, 3)), 0, 255))
+        square = int(rng.integers(2, 9))
+        cells = (np.arange(size)[:, None] // square + np.arange(size)[None, :] // square) % 2
+        images["checkerboard"].append(np.where(cells[..., None] == 1, high, low))
+        canvas = Image.new("RGB", (size, size), tuple(int(v) for v in low))
+        ink = tuple(int(v) for v in (255 - low if np.abs(high - low).sum() < 150 else high))
+        draw = ImageDraw.Draw(canvas)
+        for line in range(1 + i % 2):
+            word = WORDS[int(rng.integers(len(WORDS)))]
+            draw.text((int(rng.integers(0, 6)), 2 + line * 13 + int(rng.integers(0, 4))), word, fill=ink)
+        images["text"].append(np.asarray(canvas))
     return {kind: np.asarray(arrays).astype(np.uint8) for kind, arrays in images.items()}
 
 
@@ -105,3 +125,16 @@ def write_unlike_images(folder: Path, per_kind: int = 40) -> Path:
         for i, pixels in enumerate(arrays):
             Image.fromarray(pixels).save(folder / f"{kind}_{i:02d}.png")
     return folder
+
+
+def write_upscaled_cifar(cifar_dir: Path, originals: Path, photos: Path, per_class: int = 30) -> tuple[Path, Path]:
+    """The first `per_class` real CIFAR-10 test images of each class, as they are under `originals` and as
+    640x480 JPEG "photos" (bicubic, quality 90) under `photos`, in class folders."""
+    for class_dir in sorted((cifar_dir / "test").iterdir()):
+        for root in (originals, photos):
+            (root / class_dir.name).mkdir(parents=True)
+        for path in sorted(class_dir.iterdir())[:per_class]:
+            image = Image.open(path)
+            image.save(originals / class_dir.name / path.name)
+            image.resize((640, 480), Image.Resampling.BICUBIC).save(photos / class_dir.name / path.name, quality=90)
+    return originals, photos

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from model_lib.prediction_csv import csv_columns
 from model_lib.registry import ChecksumError, RegistryError, load_verified_model
 from tests.catalogue import BROKEN, ODD, SKIPPED, build_catalogue
 from tests.registered import register_keras_model
-from tests.synthetic import write_unlike_images
+from tests.synthetic import UNLIKE_KINDS, write_unlike_images
 
 
 @pytest.fixture
@@ -122,7 +123,7 @@ def test_upscaled_photos_get_the_models_output_on_the_shared_decoding(
     prefect_harness, smoke_on_real_cifar, upscaled_cifar, artifacts
 ):
     """640x480 photos are classified from the same pixels training ingest decodes (see tests/data)."""
-    _, photos = upscaled_cifar
+    originals, photos = upscaled_cifar
     _, trained = smoke_on_real_cifar
     from model_lib.predict import CASCADE_NOTE, load_classifier, resolve_model
 
@@ -153,14 +154,26 @@ def test_upscaled_photos_get_the_models_output_on_the_shared_decoding(
     calibration = manifest["calibration"]
     assert "temperature" in {layer.name for inner in model.layers for layer in getattr(inner, "layers", [])}
     assert calibration["test_ece_after"] < calibration["test_ece_before"]
-    assert (rows["flag"] == "out_of_distribution").mean() <= 0.02
+    assert (rows["flag"] == "out_of_distribution").mean() <= 0.05  # 1.0% (bench/RESULTS.md)
     assert set(rows["flag"]) <= {"ok", "low_confidence", "out_of_distribution"}
     assert (rows["model"] == f"{trained['path']} -> cifar10 v1 model.keras").all()
+    # Non-photos of six kinds: pixel texture catches noise, flat colours and ramps; checkerboards and text have a
+    # photo's texture, and only the feature-space rule (fitted at calibration, model_lib.ood) catches them.
+    assert calibration["feature_rule"]["file"] in manifest["files"]
     synthetic = write_unlike_images(photos.parent / "unlike")
     flagged = pd.read_csv(batch_predict(str(synthetic), model=trained["path"])["output_csv"])
-    kinds = flagged["path"].str.split("_").str[0]
-    for kind in ("noise", "flat", "gradient"):
-        assert (flagged["flag"][kinds == kind] == "out_of_distribution").mean() >= 0.95, kind
+    kinds = flagged["path"].str.rsplit("_", n=1).str[0]
+    assert set(kinds) == set(UNLIKE_KINDS)
+    for kind in UNLIKE_KINDS:
+        assert (flagged["flag"][kinds == kind] == "out_of_distribution").mean() >= 0.97, kind
+    # CIFAR-10 test images as they are: rarely out of distribution (1.6% of this model's 1,000).
+    as_they_are = pd.read_csv(batch_predict(str(originals), model=trained["path"])["output_csv"])
+    assert (as_they_are["flag"] == "out_of_distribution").mean() <= 0.03
+    # The rule is a file of the version: checked like the model before it is used.
+    copy = Path(shutil.copytree(trained["path"], photos.parent / "copy" / "v1"))
+    (copy / "ood.npz").write_bytes((copy / "ood.npz").read_bytes()[:-1] + b"x")
+    with pytest.raises(ChecksumError, match=r"ood\.npz: checksum differs"):
+        load_classifier(resolve_model(str(copy), artifacts))
 
 
 def test_a_model_without_an_unsure_rule_says_why_its_flag_column_is_empty(registered, artifacts, tmp_path):

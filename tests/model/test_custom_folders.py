@@ -5,7 +5,9 @@ import csv
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
+from PIL import Image
 
 from flows.batch_predict import batch_predict
 from flows.train_cifar import train_cifar
@@ -25,7 +27,9 @@ CPU_PRECISIONS = {"float32": 3, "mixed_bfloat16": 4}
 @pytest.mark.parametrize(
     "precision", [pytest.param(p, marks=pytest.mark.backends) if p == "float32" else p for p in CPU_PRECISIONS]
 )
-def test_greyscale_digits_train_to_95_percent_in_every_cpu_precision(prefect_harness, digits, artifacts, precision):
+def test_greyscale_digits_train_to_95_percent_in_every_cpu_precision(
+    prefect_harness, digits, artifacts, precision, tmp_path
+):
     # bf16 once sat at chance here (10.6%) while float32 reached 98.9%: batch norm's epsilon.
     result = train_cifar(profile="smoke", data=str(digits), epochs=CPU_PRECISIONS[precision], precision=precision)
     assert result["test_accuracy"] >= 0.95, result
@@ -33,6 +37,21 @@ def test_greyscale_digits_train_to_95_percent_in_every_cpu_precision(prefect_har
     manifest = read_json(Path(result["path"]) / "manifest.json")
     assert manifest["training"]["precision"] == precision
     assert manifest["dataset"]["test_count"] == 360 and len(manifest["dataset"]["class_names"]) == 10
+    if precision != "float32":
+        return
+    # 1,437 images of 8x8 px get both flag rules, decided by the held-out images: noise is flagged, digits rarely.
+    calibration, held_out = manifest["calibration"], manifest["dataset"]["validation_count"]
+    assert calibration["fitted_on"] == f"validation split ({held_out} images)" and calibration["unsure_threshold"]
+    assert f"limit from {held_out} validation images" in calibration["feature_rule"]["fitted_on"]
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    for i, pixels in enumerate(np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8)):
+        Image.fromarray(pixels).save(noise / f"{i:02d}.png")
+    for folder, low, high in ((noise, 0.95, 1.0), (digits / "test", 0.0, 0.10)):  # 40/40 and 6.4% flagged
+        output = tmp_path / f"{folder.name}.csv"
+        batch_predict(str(folder), output_csv=str(output), model=result["path"])
+        flags = [row["flag"] for row in csv.DictReader(open(output, encoding="utf-8"))]
+        assert "" not in flags and low <= sum(flag != "ok" for flag in flags) / len(flags) <= high, folder
 
 
 # TensorFlow only: under JAX the kernel step itself is checked against airbench94_muon's (test_recipe.py).
