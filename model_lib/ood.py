@@ -150,11 +150,8 @@ def spread_sample(labels: np.ndarray, count: int = FIT_SAMPLE) -> np.ndarray:
     return np.unique(np.linspace(0, len(labels) - 1, min(len(labels), count)).astype(int))
 
 
-def stage_features(model, images: np.ndarray, batch_size: int = 500) -> list[np.ndarray]:
-    """Each stage's features (see `with_features`) of `images`, from a model built by `with_features`."""
-    from model_lib.inference import KerasClassifier
-
-    classifier = KerasClassifier(model, fold=False)
+def stage_features(classifier, images: np.ndarray, batch_size: int = 500) -> list[np.ndarray]:
+    """Each stage's features of `images`, from a classifier of a model built by `with_features`."""
     batches = [classifier.classify(images[i : i + batch_size])[1] for i in range(0, len(images), batch_size)]
     return [np.concatenate([np.asarray(batch[s], np.float64) for batch in batches]) for s in range(len(batches[0]))]
 
@@ -172,10 +169,12 @@ def fit_feature_rule(
     Returns:
         The rule, and a JSON-friendly record of what decided it.
     """
+    from model_lib.inference import KerasClassifier
+
     layers = stage_layers(network)
-    model = with_features(network, layers)
+    classifier = KerasClassifier(with_features(network, layers))  # traced once for both sets
     labels = np.asarray(train_labels)
-    rule = fit_rule(layers, stage_features(model, train_images), labels, stage_features(model, val_images))
+    rule = fit_rule(layers, stage_features(classifier, train_images), labels, stage_features(classifier, val_images))
     record = {
         "file": OOD_FILE,
         "stages": list(layers),

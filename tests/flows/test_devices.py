@@ -14,8 +14,8 @@ from model_lib.fileio import read_json
 CLI = [sys.executable, "-c", "from flows.cli import main; main()"]
 
 
+# TensorFlow's MirroredStrategy; JAX's keras.distribution is test_edges.py's data-parallel test (same checks).
 @pytest.mark.slow
-@pytest.mark.backends
 def test_two_devices_train_a_model_that_serves_like_any_other(colour_dataset, artifacts, tmp_path, prefect_api_env):
     env = {**os.environ, **prefect_api_env, "ARTIFACTS_DIR": str(artifacts), "CIFAR_PIPELINE_CPU_DEVICES": "2"}
     train = [*CLI, "train", "--profile", "smoke", "--data", str(colour_dataset), "--epochs", "3", "--batch-size", "4",

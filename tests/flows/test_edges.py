@@ -332,11 +332,21 @@ def test_jax_trains_data_parallel_over_devices_that_do_not_divide_the_data(tmp_p
     assert "2 replicas: global batch 16" in console
     manifest = read_json(artifacts / "models" / "pair" / "v1" / "manifest.json")
     assert manifest["training"]["backend"] == "jax" and manifest["metrics"]["epochs_run"] == 2
+    assert manifest["training"]["device_count"] == 2 and manifest["config"]["batch_size"] == 8  # per device
     assert manifest["dataset"]["test_count"] == 9  # scored on one device after training, like the probe
     history = read_history(next((artifacts / "runs").glob("*/history.csv")))
     assert len(list((machine_cache_dir() / JAX_CACHE_FOLDER).glob("*-cache"))) > 10  # compiled once, kept
     nines = history["val_accuracy"] * 9  # padding weighted 0: each of the 9 validation images counts once
     assert len(history) == 2 and ((nines - nines.round()).abs() < 1e-5).all(), history
+    # Served on one device, like any model: the registry's test accuracy, file by file.
+    env.pop("XLA_FLAGS")
+    output = tmp_path / "pair.csv"
+    predict = [*CLI, "predict", str(colour_dataset / "test"), "--model", "pair@v1", "--output", str(output)]
+    done = subprocess.run(predict, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = pd.read_csv(output)
+    accuracy = (table["label"] == table["path"].str.split("/").str[0]).mean()
+    assert len(table) == 9 and abs(accuracy - manifest["metrics"]["test_accuracy"]) < 1e-9
 
 
 def test_the_prediction_reader_keeps_names_and_labels_as_text_and_sizes_as_integers(tmp_path):

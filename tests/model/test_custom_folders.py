@@ -4,7 +4,6 @@ for useless runs."""
 import csv
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -58,8 +57,8 @@ def test_greyscale_digits_train_to_95_percent_in_every_cpu_precision(
 @pytest.mark.slow
 def test_digits_on_a_large_canvas_train_at_their_own_size_with_the_muon_recipe(prefect_harness, tmp_path, artifacts):
     folder = write_scattered_digits_dataset(tmp_path / "scattered")  # 16-px digits at random places on 128-px noise
-    result = train_cifar(profile="default", data=str(folder), epochs=8, batch_size=64)  # image_size: auto
-    # 96.1%; at 32 px, where a digit is 4 px, 90.6% after twice the epochs (bench/RESULTS.md)
+    result = train_cifar(profile="default", data=str(folder), epochs=6, batch_size=64)  # image_size: auto
+    # 96.1% in 6 epochs as in 8; at 32 px, where a digit is 4 px, 88.9% in 8 (bench/RESULTS.md)
     assert result["test_accuracy"] >= 0.93, result
     manifest = read_json(Path(result["path"]) / "manifest.json")
     config, calibration = manifest["config"], manifest["calibration"]
@@ -79,7 +78,7 @@ def test_digits_on_a_large_canvas_train_at_their_own_size_with_the_muon_recipe(p
     assert abs(sum(row["label"] == "3" for row in rows) - threes["recall"] * len(rows)) <= 1, threes
 
 
-@pytest.mark.backends
+# TensorFlow only: under JAX, tiny folders and odd last batches are the learned-nothing test's (24 images, batch 8).
 def test_many_classes_of_few_non_square_images(prefect_harness, tmp_path, artifacts):
     folder = write_hues_dataset(tmp_path / "My Hues!")
     result = train_cifar(
@@ -89,8 +88,6 @@ def test_many_classes_of_few_non_square_images(prefect_harness, tmp_path, artifa
     assert result["name"] == "My-Hues" and len(manifest["dataset"]["class_names"]) == 12
     assert manifest["input"]["shape"] == [32, 32, 3]  # auto: 48x30 images resized to the model's input
     assert result["test_accuracy"] >= 0.8, result
-    if keras.backend.backend() != "tensorflow":  # what follows is the flow's, not the backend's: JAX would only
-        return  # compile a second input size from cold (30-40 s of the JAX pass)
     # Asked at another size, the run still faces the champion: on the same files, decoded at each model's size.
     second = train_cifar(
         profile="smoke", data=str(folder), epochs=8, batch_size=12, validation_split=0.2, min_class_images=6,
