@@ -598,7 +598,7 @@ def _read_cifar_batches(root: Path) -> tuple[Arrays, list[str]]:
             if not path.is_file():
                 raise DatasetError(f"{path}: missing CIFAR batch file")
             batch = _unpickle_batch(path)
-            xs.append(np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            xs.append(np.asarray(batch["data"], np.uint8).reshape(-1, 3, ARRAY_SIDE, ARRAY_SIDE).transpose(0, 2, 3, 1))
             ys.append(np.asarray(batch["labels"], np.int32))
         return np.concatenate(xs), np.concatenate(ys)
 
