@@ -24,7 +24,7 @@ from model_lib.calibrate import calibrate  # noqa: E402
 from model_lib.data import load_arrays  # noqa: E402
 from model_lib.flags import flags  # noqa: E402
 from model_lib.precision import machine_key  # noqa: E402
-from model_lib.preprocess import load_split  # noqa: E402
+from model_lib.split import load_split  # noqa: E402
 from tests.synthetic import unlike_images  # noqa: E402
 
 

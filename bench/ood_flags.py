@@ -5,7 +5,10 @@ and the engine's speed on the test images with and without the features,
 on the version's cached CIFAR-10 test images, 300 of them upscaled to 640x480 JPEG photos (decoded as
 `predict` decodes them), and `--per-kind` synthetic non-photos of each of tests/synthetic.py's six kinds.
 
-    python bench/ood_flags.py ARTIFACTS_DIR/models/cifar10/v1 [--per-kind 200] [--out results.json]
+    python bench/ood_flags.py ARTIFACTS_DIR/models/cifar10/v1 [--per-kind 200] [--exports] [--out results.json]
+
+With `--exports`, also each TFLite export of the version (`cifar-pipeline export` first) with its own feature rule,
+and the int8 export under the Keras model's rule: why each export gets a rule of its own.
 
 Needs the version's dataset cache under ARTIFACTS_DIR (train first) and the real CIFAR-10 in CIFAR10_DIR.
 """
@@ -29,6 +32,8 @@ from model_lib.data import load_arrays  # noqa: E402
 from model_lib.fileio import read_json  # noqa: E402
 from model_lib.flags import flags  # noqa: E402
 from model_lib.images import decode_rgb  # noqa: E402
+from model_lib.inference import TFLiteClassifier  # noqa: E402
+from model_lib.ood import FeatureClassifier, FeatureRule  # noqa: E402
 from model_lib.precision import machine_key  # noqa: E402
 from model_lib.predict import load_classifier, resolve_model  # noqa: E402
 from model_lib.settings import artifacts_location, work_dir  # noqa: E402
@@ -39,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("version", type=Path)
     parser.add_argument("--per-kind", type=int, default=200)
+    parser.add_argument("--exports", action="store_true", help="also each TFLite export, with its own feature rule")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     info = resolve_model(str(args.version), artifacts_location(), engine="keras")
@@ -91,8 +97,40 @@ def main() -> None:
     for name, rate in rates.items():
         print(f"| {name} ({rate['images']}) | {rate['texture rule']:.1%} | **{rate['texture + features']:.1%}** "
               f"| {rate['low_confidence']:.1%} |")  # fmt: skip
+    if args.exports:
+        result["exports"] = export_rates(args.version, manifest, info, sets)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def export_rates(version: Path, manifest: dict, info, sets: dict[str, np.ndarray]) -> dict:
+    """`out_of_distribution` (texture or features) per set through each export with its own rule, through the int8
+    export with the Keras model's rule, and each one's speed with its features on the test images (best of two)."""
+    engines = {}
+    for entry in manifest.get("exports", []):
+        if (entry.get("features") or {}).get("file"):
+            served = resolve_model(str(version / entry["file"]), artifacts_location())
+            engines[f"{entry['format']}, own rule"] = load_classifier(served)
+        if entry["format"] == "int8":
+            keras_rule = FeatureRule.load(version / info.feature_rule)
+            engines["int8, Keras' rule"] = FeatureClassifier(TFLiteClassifier(version / entry["file"]), keras_rule)
+    rates, speed = {}, {}
+    for engine, classifier in engines.items():
+        for name, pixels in sets.items():
+            probabilities, outside = classifier.flagged(pixels)
+            flagged = np.array(flags(probabilities, pixels, info.unsure_below, info.texture_range, outside))
+            rates.setdefault(name, {})[engine] = round(float((flagged == "out_of_distribution").mean()), 4)
+        test = sets["CIFAR-10 test"]
+        for _ in range(2):
+            started = time.perf_counter()
+            for i in range(0, len(test), 256):
+                classifier.flagged(test[i : i + 256])
+            speed[engine] = max(speed.get(engine, 0), round(len(test) / (time.perf_counter() - started)))
+    print(json.dumps({"flags": rates, "test_images_per_second": speed}, indent=2))
+    print(f"| images | {' | '.join(engines)} |\n|---|{'---|' * len(engines)}")
+    for name, row in rates.items():
+        print(f"| {name} | {' | '.join(f'{row[engine]:.1%}' for engine in engines)} |")
+    return {"flags": rates, "test_images_per_second": speed}
 
 
 if __name__ == "__main__":

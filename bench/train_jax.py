@@ -113,8 +113,9 @@ def _fit(config, dataset, arrays, artifacts: Path, per_step_sync: bool, crop: tu
 
     from model_lib import models
     from model_lib.precision import choose_precision, cpu_bf16_units, devices, release_devices
-    from model_lib.preprocess import make_datasets, random_translation, stratified_split, with_augmentation
+    from model_lib.preprocess import make_datasets, random_translation, with_augmentation
     from model_lib.recipe import make_optimizer
+    from model_lib.split import stratified_split
     from model_lib.train import to_serving_model
 
     _, _, capabilities = devices()  # also JAX's persistent compilation cache, as training sets it

@@ -22,8 +22,8 @@ from model_lib.evaluate import ECE_BINS, negative_log_likelihood, reliability_bi
 from model_lib.fileio import atomic_open, save_model_atomic, write_json
 from model_lib.flags import texture_range
 from model_lib.inference import CASCADE_TOLERANCE, KerasClassifier, cascade, softmax
-from model_lib.models import tta_views, unwrap_tta, view_pixels, with_tta
-from model_lib.ood import OOD_FILE, fit_feature_rule, spread_sample
+from model_lib.models import tta_views, unwrap_tta, view_pixels, with_features, with_tta
+from model_lib.ood import OOD_FILE, fit_feature_rule, stage_layers
 from model_lib.runs import TEST_PROBABILITIES, UNCALIBRATED_PROBABILITIES
 
 LOG_T_RANGE = (-3.0, 3.0)  # natural-log bounds of the temperature search: T from 0.05 to 20
@@ -216,7 +216,7 @@ def calibrate_run(model_path: str, probe_path: str, cache_dir: str, split_path: 
     import keras
 
     from model_lib.data import load_arrays
-    from model_lib.preprocess import load_split
+    from model_lib.split import load_split
 
     arrays, split = load_arrays(cache_dir), load_split(Path(split_path))
     model = keras.saving.load_model(model_path, safe_mode=True)
@@ -238,10 +238,13 @@ def calibrate_run(model_path: str, probe_path: str, cache_dir: str, split_path: 
     record["feature_rule"] = None
     (out_dir / OOD_FILE).unlink(missing_ok=True)  # an earlier attempt's, were this one to fit none
     if record["unsure_threshold"] is not None:
-        sample = split.train_index[spread_sample(arrays.y_train[split.train_index])]
+        network = unwrap_tta(model)[0]  # the image's own view
+        layers = stage_layers(network)
+        labels = np.asarray(arrays.y_train)
         rule, record["feature_rule"] = fit_feature_rule(
-            unwrap_tta(model)[0], np.asarray(arrays.x_train[sample]), arrays.y_train[sample], val_images
-        )
+            KerasClassifier(with_features(network, layers)), layers, arrays.x_train, labels, split.train_index,
+            split.val_index,
+        )  # fmt: skip
         with atomic_open(out_dir / OOD_FILE, "wb") as handle:
             rule.save(handle)
     write_json(out_dir / CALIBRATION_FILE, record)

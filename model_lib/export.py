@@ -15,6 +15,8 @@ measured on the test set against the Keras model like any export.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +25,10 @@ from model_lib.config import ConfigError
 from model_lib.data import load_arrays
 from model_lib.fileio import read_json
 from model_lib.inference import CASCADE_TOLERANCE, KerasClassifier, TFLiteClassifier, cascade, sharpened
-from model_lib.models import unwrap_tta
+from model_lib.models import served_with_features, unwrap_tta, with_features
+from model_lib.ood import OOD_FILE, FeatureRule, classified, fit_feature_rule
 from model_lib.registry import MANIFEST_FILE, attach_to_version, load_verified_model, verify_version
+from model_lib.split import Split, run_split
 
 EXPORT_FORMATS = ("float32", "float16", "int8")
 INT8_MAX_DROP = 0.01  # int8 may lose at most one point of test accuracy against float32
@@ -33,6 +37,7 @@ PARITY_MAX_DROP = 0.003  # test accuracy an export may lose against the Keras mo
 PARITY_MIN_AGREEMENT = 0.98  # share of test images on which an export that serves matches Keras' top-1
 SERVING_ORDER = ("int8", "float16", "float32")  # fastest first: int8 ran 3.2x Keras on 2 cores (bench/RESULTS.md)
 FIRST_VIEW_FORMAT = "int8"  # the format whose export a TTA model's first view is exported beside
+FEATURE_MIN_AGREEMENT = 0.995  # share of test images an export's feature-space flags must share with Keras' to serve
 
 
 def export_file(export_format: str) -> str:
@@ -165,6 +170,8 @@ def export_version(
     earlier = kept.get(FIRST_VIEW_FORMAT, {})
     if earlier.get("status") == "ok" and "first_view" not in earlier and cascade_rule(manifest):
         del kept[FIRST_VIEW_FORMAT]  # exported before first views were: once more, with its first view
+    if _scored_layers(manifest):  # exported before exports reported features: once more, with them
+        kept = {fmt: entry for fmt, entry in kept.items() if "features" in entry}
     to_do = [export_format for export_format in formats if export_format not in kept]
     if not to_do:
         log(f"{version_dir}: {', '.join(formats)} already exported, checksums verified (--force exports again)")
@@ -178,7 +185,8 @@ def export_version(
     arrays = load_arrays(cache_dir)
     log(f"Exporting {version_dir}: the Keras model's labels on {len(arrays.y_test)} test images first, then "
         f"{', '.join(to_do)}, each measured on them")  # fmt: skip
-    replaced = tuple(name for fmt in to_do for name in (export_file(fmt), first_view_file(fmt)))
+    replaced = tuple(name for fmt in to_do for export in (export_file(fmt), first_view_file(fmt))
+                     for name in (export, feature_rule_file(export)))  # fmt: skip
     model = load_verified_model(version_dir, replacing=replaced)
     calibration = np.asarray(arrays.x_train[:: max(1, len(arrays.y_train) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES])
     x_test, y_test = np.asarray(arrays.x_test), np.asarray(arrays.y_test)
@@ -186,22 +194,28 @@ def export_version(
     keras_accuracy = float((keras_top1 == y_test).mean())
     network, views = unwrap_tta(model)
     rule = cascade_rule(manifest) if views else None
+    # Where the version has a feature rule, each export reports the image's own features too, with a rule fitted on
+    # its own features: int8's differ from Keras' enough to move a rule fitted on those (bench/RESULTS.md).
+    check_features = partial(export_features, check=_feature_check(version_dir, manifest, network, arrays, x_test))
     entries, files, input_dtypes, outputs = [], {}, {}, {}
     with tempfile.TemporaryDirectory() as scratch:
-        saved_model = write_saved_model(model, Path(scratch) / "saved_model")
+        layers = _scored_layers(manifest)
+        exported = served_with_features(model, layers) if layers else model
+        saved_model = write_saved_model(exported, Path(scratch) / "saved_model")
         for export_format in to_do:
             path = Path(scratch) / export_file(export_format)
             path.write_bytes(convert(saved_model, export_format, calibration))
             classifier = TFLiteClassifier(path)
-            outputs[export_format], input_dtypes[path.name] = classifier.predict(x_test), classifier.input_dtype
+            outputs[export_format], features = classified(classifier, x_test)
+            input_dtypes[path.name] = classifier.input_dtype
             top1 = outputs[export_format].argmax(axis=1)
             accuracy, agreement = float((top1 == y_test).mean()), float((top1 == keras_top1).mean())
             entries.append({"format": export_format, "file": path.name, "size_bytes": path.stat().st_size,
                             "test_accuracy": accuracy, "agreement": agreement, "status": "ok",
-                            "reason": ""})  # fmt: skip
+                            "reason": "", **check_features(classifier, path, features)})  # fmt: skip
             files[path.name] = path
-            log(f"{export_format}: {path.stat().st_size / 1e6:.2f} MB, test accuracy {accuracy:.4f} "
-                f"(Keras {keras_accuracy:.4f}), same top-1 as Keras on {agreement:.2%}")  # fmt: skip
+            log(f"{export_format}: {path.stat().st_size / 1e6:.2f} MB, test accuracy {accuracy:.4f} (Keras "
+                f"{keras_accuracy:.4f}), same top-1 as Keras on {agreement:.2%}{_said(entries[-1])}")  # fmt: skip
         measured = [*kept.values(), *entries]
         reference = next((e["test_accuracy"] for e in measured if e["format"] == "float32"), keras_accuracy)
         for entry in entries:
@@ -224,16 +238,17 @@ def export_version(
             )
             if entry["format"] == FIRST_VIEW_FORMAT and entry["status"] == "ok" and rule is not None:
                 path = Path(scratch) / first_view_file(FIRST_VIEW_FORMAT)
-                saved_network = write_saved_model(network, Path(scratch) / "first_view")
+                first_view = with_features(network, layers) if layers else network
+                saved_network = write_saved_model(first_view, Path(scratch) / "first_view")
                 path.write_bytes(convert(saved_network, FIRST_VIEW_FORMAT, calibration))
                 entry["first_view"] = first_view_record(path, x_test, outputs[FIRST_VIEW_FORMAT], rule, entry["parity"],
-                                                        y_test, keras_top1)  # fmt: skip
-                files[path.name] = path
+                                                        y_test, keras_top1, check_features)  # fmt: skip
                 view = entry["first_view"]
                 served = "" if view["parity"] else "; not served"
                 log(f"{FIRST_VIEW_FORMAT} first view first, every view for the {view['every_view_share']:.1%} it "
                     f"leaves unsure: test accuracy {view['test_accuracy']:.4f} (Keras {keras_accuracy:.4f}), "
-                    f"same top-1 as Keras on {view['agreement']:.2%}{served}")  # fmt: skip
+                    f"same top-1 as Keras on {view['agreement']:.2%}{served}{_said(view)}")  # fmt: skip
+        files.update({name: Path(scratch) / name for entry in entries for name in export_files(entry)})
         # Formats not redone (exported earlier, or not asked for now) stay listed.
         checksums = attach_to_version(version_dir, files, "exports", entries, merge_on="format")
     by_format = {**kept, **{entry["format"]: {**entry, "sha256": checksums[entry["file"]]} for entry in entries}}
@@ -242,14 +257,17 @@ def export_version(
 
 def first_view_record(
     path: Path, images: np.ndarray, every_view: np.ndarray, rule: tuple[float, float], every_view_parity: bool,
-    labels: np.ndarray, keras_top1: np.ndarray,
+    labels: np.ndarray, keras_top1: np.ndarray, check_features: Callable[..., dict],
 ) -> dict:  # fmt: skip
     """The first view's export at `path` served first, `every_view` (the export's outputs on `images`) for the images
     it leaves unsure, under `rule` (`cascade_rule`): its file, size, test accuracy, agreement with the Keras model,
     share of images every view re-ran, and parity: within `CASCADE_TOLERANCE` of the Keras model's accuracy and
-    `PARITY_MIN_AGREEMENT` of its labels, over an export that passed parity itself."""
+    `PARITY_MIN_AGREEMENT` of its labels, over an export that passed parity itself; and what `check_features` says
+    of the features it reports (`export_features`)."""
     scale, margin = rule
-    first = sharpened(TFLiteClassifier(path).predict(images), scale)
+    classifier = TFLiteClassifier(path)
+    probabilities, features = classified(classifier, images)
+    first = sharpened(probabilities, scale)
     served, unsure = cascade(first, lambda rows: every_view[rows], margin)
     top1 = served.argmax(axis=1)
     accuracy, agreement = float((top1 == labels).mean()), float((top1 == keras_top1).mean())
@@ -263,7 +281,73 @@ def first_view_record(
         "parity": every_view_parity
         and accuracy >= keras_accuracy - CASCADE_TOLERANCE
         and agreement >= PARITY_MIN_AGREEMENT,
+        **check_features(classifier, path, features),
     }
+
+
+def _said(record: dict) -> str:
+    """What a log line adds about an export's features (`export_features`)."""
+    features = record.get("features")
+    if not features or "agreement" not in features:
+        return ""
+    served = "" if features["parity"] else f" (under {FEATURE_MIN_AGREEMENT:.1%}: served, it flags by texture alone)"
+    return (
+        f"; its own feature rule flags {features['flagged']:.1%} of the test images out of distribution (Keras "
+        f"{features['keras_flagged']:.1%}), the same call on {features['agreement']:.1%}{served}"
+    )
+
+
+def _scored_layers(manifest: dict) -> list[str]:
+    """The layers the version's feature rule scores (`model_lib.ood`), or none for a version without one."""
+    return ((manifest.get("calibration") or {}).get("feature_rule") or {}).get("stages") or []
+
+
+@dataclass(frozen=True)
+class FeatureCheck:
+    """What each export's own feature rule is fitted on, and measured against."""
+
+    layers: list[str]  # the scored layers
+    images: object  # the version's cached training images (a memory map)
+    labels: np.ndarray  # their labels
+    split: Split  # the version's split, made again from its config (`model_lib.split.run_split`)
+    keras_outside: np.ndarray  # per test image, whether the version's own rule (on the Keras model) flags it
+
+
+def _feature_check(version_dir: Path, manifest: dict, network, arrays, x_test: np.ndarray) -> FeatureCheck | None:
+    """The version's `FeatureCheck`, or None where it has no feature rule. Its rule file's checksum was verified with
+    the version's other files by `load_verified_model`."""
+    layers = _scored_layers(manifest)
+    if not layers:
+        return None
+    rule = FeatureRule.load(version_dir / manifest["calibration"]["feature_rule"]["file"])
+    labels = np.asarray(arrays.y_train)
+    split = run_split(labels, manifest["config"]["validation_split"], manifest["config"]["seed"])
+    keras_outside = rule.outside(classified(KerasClassifier(with_features(network, layers)), x_test)[1])
+    return FeatureCheck(layers, arrays.x_train, labels, split, keras_outside)
+
+
+def feature_rule_file(export: str) -> str:
+    """The file of an export's own feature rule, beside it."""
+    return f"{Path(export).stem}.{OOD_FILE}"
+
+
+def export_features(classifier, path: Path, test_features: list | None, check: FeatureCheck | None) -> dict:
+    """An export's `features` entry: its own rule, fitted on its features as calibration fitted the version's on the
+    Keras model's (`model_lib.ood.fit_feature_rule`) and written beside it; the share of test images it flags against
+    the Keras model's rule, the share on which the two agree, and parity (at least `FEATURE_MIN_AGREEMENT`). Empty for
+    a version without a feature rule."""
+    if check is None:
+        return {}
+    rule, _ = fit_feature_rule(classifier, check.layers, check.images, check.labels, check.split.train_index,
+                               check.split.val_index)  # fmt: skip
+    rule_path = path.with_name(feature_rule_file(path.name))
+    with open(rule_path, "wb") as handle:
+        rule.save(handle)
+    outside = rule.outside(test_features)
+    agreement = float((outside == check.keras_outside).mean())
+    return {"features": {"file": rule_path.name, "flagged": float(outside.mean()),
+                         "keras_flagged": float(check.keras_outside.mean()), "agreement": agreement,
+                         "parity": agreement >= FEATURE_MIN_AGREEMENT}}  # fmt: skip
 
 
 def _intact_exports(version_dir: Path, manifest: dict, formats: tuple[str, ...]) -> dict[str, dict]:
@@ -275,8 +359,11 @@ def _intact_exports(version_dir: Path, manifest: dict, formats: tuple[str, ...])
 
 
 def export_files(entry: dict) -> tuple[str, ...]:
-    """The files of a manifest's export entry: the export, and the first view exported beside it if any."""
-    return (entry["file"], *([entry["first_view"]["file"]] if entry.get("first_view") else []))
+    """The files of a manifest's export entry: the export, the first view exported beside it if any, and their own
+    feature rules."""
+    records = (entry, entry.get("first_view") or {})
+    return tuple(name for record in records for name in (record.get("file"), (record.get("features") or {}).get("file"))
+                 if name)  # fmt: skip
 
 
 def serving_exports(manifest: dict) -> list[str]:
@@ -288,6 +375,19 @@ def serving_exports(manifest: dict) -> list[str]:
 def serving_export(manifest: dict) -> str | None:
     """The file of the fastest export that passed parity, or None."""
     return next(iter(serving_exports(manifest)), None)
+
+
+def export_feature_rule(manifest: dict, file: str) -> tuple[str, str]:
+    """The feature rule an export `file` (or a first view exported beside one) serves with, and "" for why not;
+    or "" and why not: exported before exports had features, or its flags disagreed with the Keras model's."""
+    records = [record for entry in manifest.get("exports", []) for record in (entry, entry.get("first_view") or {})]
+    features = next((record.get("features") for record in records if record.get("file") == file), None)
+    if not features or "file" not in features:
+        return "", f"{file} reports no features (exported before exports did; running export again adds them)"
+    if not features["parity"]:
+        return "", (f"{file}'s features flag as the Keras model's on {features['agreement']:.1%} of the test images "
+                    f"(under {FEATURE_MIN_AGREEMENT:.1%})")  # fmt: skip
+    return features["file"], ""
 
 
 def served_first_view(manifest: dict, export: str) -> str | None:

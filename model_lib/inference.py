@@ -196,7 +196,8 @@ def _kernel_and_bias(kind: str, config: dict, weights: list[np.ndarray]) -> tupl
 
 
 class TFLiteClassifier(_Classifier):
-    """A `.tflite` classifier with Keras' `predict` interface: uint8 or float pixels in, probabilities out."""
+    """A `.tflite` classifier with Keras' `predict` interface: uint8 or float pixels in, probabilities out, and
+    the features of its further outputs where it was exported with them (`model_lib.export`)."""
 
     def __init__(self, path: str | Path):
         from ai_edge_litert.interpreter import Interpreter
@@ -205,30 +206,47 @@ class TFLiteClassifier(_Classifier):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self._interpreter = Interpreter(model_path=str(path), num_threads=cores)
         self._input = self._interpreter.get_input_details()[0]
-        self._output = self._interpreter.get_output_details()[0]
+        self._outputs = _signature_outputs(self._interpreter)
         self.input_shape = (None, *self._input["shape"][1:])
-        self.output_shape = (None, *self._output["shape"][1:])
+        self.output_shape = (None, *self._outputs[0]["shape"][1:])
         self.input_dtype = np.dtype(self._input["dtype"])
         self._lock = threading.Lock()  # one interpreter, one invocation at a time
         self._batch = None
 
     def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
-        return self._run(images)
+        return self._run(images)[0]
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def classify(self, pixels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        probabilities, *features = self._run(pixels)
+        return probabilities, features or None
+
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         kind = self._input["dtype"]
         values = np.clip(np.rint(batch), 0, 255) if np.issubdtype(kind, np.integer) else batch
         with self._lock:
             if self._batch != len(batch):
                 self._interpreter.resize_tensor_input(self._input["index"], [len(batch), *self._input["shape"][1:]])
                 self._interpreter.allocate_tensors()
-                self._output = self._interpreter.get_output_details()[0]
                 self._batch = len(batch)
             self._interpreter.set_tensor(self._input["index"], values.astype(kind))
             self._interpreter.invoke()
-            raw = self._interpreter.get_tensor(self._output["index"])
-        scale, zero = self._output["quantization"]
-        return (raw.astype(np.float32) - zero) * scale if scale else raw.astype(np.float32)
+            raw = [self._interpreter.get_tensor(output["index"]) for output in self._outputs]
+        return [_dequantized(values, output["quantization"]) for values, output in zip(raw, self._outputs, strict=True)]
+
+
+def _signature_outputs(interpreter) -> list[dict]:
+    """The model's output details in the order the exported function returned them: its signature names them
+    `output_0`, `output_1`, ... (the interpreter's own list may be in any order)."""
+    signatures = interpreter.get_signature_list()
+    if len(signatures) != 1:
+        return interpreter.get_output_details()
+    by_name = interpreter.get_signature_runner(next(iter(signatures))).get_output_details()
+    return [by_name[name] for name in sorted(by_name, key=lambda name: (len(name), name))]
+
+
+def _dequantized(values: np.ndarray, quantization: tuple[float, int]) -> np.ndarray:
+    scale, zero = quantization
+    return (values.astype(np.float32) - zero) * scale if scale else values.astype(np.float32)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

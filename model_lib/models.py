@@ -35,6 +35,7 @@ AIRBENCH_BN_MOMENTUM = 0.4
 AIRBENCH_BN_EPSILON = 1e-3
 AIRBENCH_LOGIT_SCALE = 1 / 9  # airbench's temperature on the head's logits
 TTA_FLIP, TTA_TRANSLATE = "flip_tta", "flip_translate_tta"  # names of a TTA wrapper's Average layer
+FEATURE_PREFIX = "ood_"  # the pooling layers `with_features` adds to read a stage's features
 
 
 def build_model(
@@ -234,7 +235,7 @@ def view_pixels(images: np.ndarray, shift: int, mirrored: bool) -> np.ndarray:
 def with_tta(model, translate: bool = False, own_view=None):
     """Wrap a model so it returns the weighted mean of its probabilities over `tta_views(translate)`.
 
-    `own_view`: the same network with features as further outputs (`model_lib.ood.with_features`), to run
+    `own_view`: the same network with features as further outputs (`with_features`), to run
     the image's own view through; the wrapper then returns them after the probabilities. The other views
     run the plain network: computing features for them cost a flip-TTA model 30% of its speed.
 
@@ -266,6 +267,31 @@ def with_tta(model, translate: bool = False, own_view=None):
         return keras.Model(inputs, [averaged, *features], name=f"{model.name}_{name}")
     averaged = layers.Average(name=name)([outputs[view] for view in tta_views(translate)])
     return keras.Model(inputs, averaged, name=f"{model.name}_{name}")
+
+
+def with_features(network, layers: tuple[str, ...] | list[str]):
+    """`network` with its probabilities first, then each named layer's output as a vector: a 4-D one pooled by
+    mean and by max over positions (stock Keras layers, so the copy needs no custom code)."""
+    import keras
+    from keras import layers as kl
+
+    outputs = []
+    for name in layers:
+        tensor = network.get_layer(name).output
+        if len(tensor.shape) == 4:
+            mean = kl.GlobalAveragePooling2D(dtype="float32", name=f"{FEATURE_PREFIX}{name}_mean")(tensor)
+            peak = kl.GlobalMaxPooling2D(dtype="float32", name=f"{FEATURE_PREFIX}{name}_max")(tensor)
+            tensor = kl.Concatenate(dtype="float32", name=f"{FEATURE_PREFIX}{name}")([mean, peak])
+        outputs.append(tensor)
+    return keras.Model(network.inputs, [network.outputs[0], *outputs], name=f"{network.name}_features")
+
+
+def served_with_features(model, layers: tuple[str, ...] | list[str]):
+    """A served model (a TTA wrapper or a plain network) that also returns the features of `layers` for the
+    image's own view (`with_features`), what `model_lib.ood`'s rule scores."""
+    network, views = unwrap_tta(model)
+    scored = with_features(network, layers)
+    return with_tta(network, views == tta_views(translate=True), own_view=scored) if views else scored
 
 
 def _fixed_axis_map(tensor, index: np.ndarray, axis: int, name: str):

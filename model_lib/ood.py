@@ -29,7 +29,6 @@ import numpy as np
 OOD_FILE = "ood.npz"  # the fitted rule, beside model.keras in the run and version folders
 PASS_RATE = 0.99  # validation images each stage's scale and the final limit let pass
 FIT_SAMPLE = 5000  # training images (spread evenly over the class-ordered cache) the class means are fitted on
-FEATURE_PREFIX = "ood_"  # the pooling layers added to read a stage's features
 
 
 def stage_layers(network) -> list[str]:
@@ -52,23 +51,6 @@ def stage_layers(network) -> list[str]:
     if reader.name not in names and len(head.input.shape) == 2:
         names.append(reader.name)
     return names
-
-
-def with_features(network, layers: tuple[str, ...] | list[str]):
-    """`network` with its probabilities first, then each named layer's output as a vector: a 4-D one pooled by
-    mean and by max over positions (stock Keras layers, so the copy needs no custom code)."""
-    import keras
-    from keras import layers as kl
-
-    outputs = []
-    for name in layers:
-        tensor = network.get_layer(name).output
-        if len(tensor.shape) == 4:
-            mean = kl.GlobalAveragePooling2D(dtype="float32", name=f"{FEATURE_PREFIX}{name}_mean")(tensor)
-            peak = kl.GlobalMaxPooling2D(dtype="float32", name=f"{FEATURE_PREFIX}{name}_max")(tensor)
-            tensor = kl.Concatenate(dtype="float32", name=f"{FEATURE_PREFIX}{name}")([mean, peak])
-        outputs.append(tensor)
-    return keras.Model(network.inputs, [network.outputs[0], *outputs], name=f"{network.name}_features")
 
 
 def shrunk_covariance(centred: np.ndarray) -> np.ndarray:
@@ -150,36 +132,42 @@ def spread_sample(labels: np.ndarray, count: int = FIT_SAMPLE) -> np.ndarray:
     return np.unique(np.linspace(0, len(labels) - 1, min(len(labels), count)).astype(int))
 
 
-def stage_features(classifier, images: np.ndarray, batch_size: int = 500) -> list[np.ndarray]:
-    """Each stage's features of `images`, from a classifier of a model built by `with_features`."""
-    batches = [classifier.classify(images[i : i + batch_size])[1] for i in range(0, len(images), batch_size)]
-    return [np.concatenate([np.asarray(batch[s], np.float64) for batch in batches]) for s in range(len(batches[0]))]
+def classified(classifier, images: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """`images`' probabilities and each stage's features (None from a classifier without them) in one pass, from a
+    classifier of a model built by `model_lib.models.with_features` or `served_with_features`."""
+    batches = [classifier.classify(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    probabilities = np.concatenate([np.asarray(batch[0], np.float32) for batch in batches])
+    if batches[0][1] is None:
+        return probabilities, None
+    stages = range(len(batches[0][1]))
+    return probabilities, [np.concatenate([np.asarray(batch[1][s], np.float64) for batch in batches]) for s in stages]
 
 
 def fit_feature_rule(
-    network, train_images: np.ndarray, train_labels: np.ndarray, val_images: np.ndarray
+    classifier, layers: list[str], images, labels: np.ndarray, train_index: np.ndarray, val_index: np.ndarray
 ) -> tuple[FeatureRule, dict]:
     """Fit the detector on training images of every class and set its limits on validation images.
 
     Args:
-        network: The network that ends in the softmax (a TTA wrapper's inner model): its first view.
-        train_images, train_labels: The training images to fit the class means on (see `spread_sample`).
-        val_images: Held-out images the scales and the limit are the `PASS_RATE` quantiles of.
+        classifier: A classifier whose further outputs are `layers`' features (a model built by
+            `model_lib.models.with_features`, or its export), run once over each set.
+        layers: The scored layers (`stage_layers` of the network).
+        images, labels: The cached training images (an array or memory map) and their labels.
+        train_index, val_index: The run's split (`model_lib.split`): the class means are fitted on `FIT_SAMPLE` of
+            its training images spread over every class, the scales and the limit are `PASS_RATE` quantiles over
+            its validation images.
 
     Returns:
         The rule, and a JSON-friendly record of what decided it.
     """
-    from model_lib.inference import KerasClassifier
-
-    layers = stage_layers(network)
-    classifier = KerasClassifier(with_features(network, layers))  # traced once for both sets
-    labels = np.asarray(train_labels)
-    rule = fit_rule(layers, stage_features(classifier, train_images), labels, stage_features(classifier, val_images))
+    sample = train_index[spread_sample(labels[train_index])]
+    train_features, val_features = (classified(classifier, np.asarray(images[rows]))[1] for rows in (sample, val_index))
+    rule = fit_rule(layers, train_features, labels[sample], val_features)
     record = {
         "file": OOD_FILE,
         "stages": list(layers),
-        "fitted_on": f"{len(labels)} training images of {len(np.unique(labels))} classes; limit from "
-        f"{len(val_images)} validation images ({PASS_RATE:.0%} pass)",
+        "fitted_on": f"{len(sample)} training images of {len(np.unique(labels[sample]))} classes; limit from "
+        f"{len(val_index)} validation images ({PASS_RATE:.0%} pass)",
         "pass_rate": PASS_RATE,
     }
     return rule, record

@@ -24,7 +24,7 @@ import numpy as np
 
 from model_lib.config import BATCH_IMAGES, ConfigError, check_count, check_engine
 from model_lib.data import local_copy
-from model_lib.export import cascade_rule, served_first_view, serving_exports
+from model_lib.export import cascade_rule, export_feature_rule, served_first_view, serving_exports
 from model_lib.fileio import read_json
 from model_lib.flags import flags
 from model_lib.images import (
@@ -36,8 +36,8 @@ from model_lib.images import (
     walk_folder,
 )
 from model_lib.inference import CascadeClassifier, KerasClassifier, TFLiteClassifier
-from model_lib.models import tta_views, unwrap_tta, with_tta
-from model_lib.ood import FeatureClassifier, FeatureRule, with_features
+from model_lib.models import served_with_features, unwrap_tta, with_features
+from model_lib.ood import FeatureClassifier, FeatureRule
 from model_lib.prediction_csv import (
     check_output,
     check_remote_output,
@@ -189,9 +189,12 @@ def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") ->
     label = f"{manifest.get('name', version_dir.parent.name)} v{manifest['version']}"
     calibration = manifest.get("calibration") or {}
     feature_rule = (calibration.get("feature_rule") or {}).get("file", "")
-    if feature_rule and model_file != MODEL_FILE:
-        notes.append(f"{model_file} reports no features: out_of_distribution tests pixel texture only "
-                     f"(--engine keras adds the feature-space test)")  # fmt: skip
+    if feature_rule and model_file != MODEL_FILE:  # an export's features come with a rule of its own
+        # The image's own features come from the first view where one serves first, else from the export itself.
+        feature_rule, why = export_feature_rule(manifest, first_view_file or model_file)
+        if why:
+            notes.append(f"{why}: out_of_distribution tests pixel texture only (--engine keras adds the feature-space "
+                         f"test)")  # fmt: skip
     first_view = cascade_rule(manifest) if engine == "auto" and (model_file == MODEL_FILE or first_view_file) else None
     return ModelInfo(
         reference=reference,
@@ -206,7 +209,7 @@ def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") ->
         calibrated_on=calibration.get("fitted_on", ""),
         cascade=first_view,
         first_view_file=first_view_file,
-        feature_rule=feature_rule if model_file == MODEL_FILE else "",
+        feature_rule=feature_rule,
     )
 
 
@@ -226,19 +229,15 @@ def load_model_once(model: ModelInfo):
 
 def load_classifier(model: ModelInfo):
     """The model's file, checksums verified, as a classifier of uint8 pixel batches, traced and ready."""
+    rule = load_feature_rule(Path(model.path), model.feature_rule) if model.feature_rule else None
     if model.model_file == MODEL_FILE:
         keras_model = load_verified_model(Path(model.path))
-        network, views = unwrap_tta(keras_model)
-        rule = load_feature_rule(Path(model.path), model.feature_rule) if model.feature_rule else None
-        scored = with_features(network, rule.layers) if rule else network  # the image's own view reports them
-        if model.cascade:
-            loaded = CascadeClassifier(KerasClassifier(scored), KerasClassifier(keras_model), *model.cascade)
-        elif rule and views:
-            loaded = KerasClassifier(with_tta(network, views == tta_views(translate=True), own_view=scored))
+        network = unwrap_tta(keras_model)[0]
+        if model.cascade:  # the first view, the image's own, reports the features
+            first_view = with_features(network, rule.layers) if rule else network
+            loaded = CascadeClassifier(KerasClassifier(first_view), KerasClassifier(keras_model), *model.cascade)
         else:
-            loaded = KerasClassifier(scored if rule else keras_model)
-        if rule:
-            loaded = FeatureClassifier(loaded, rule)
+            loaded = KerasClassifier(served_with_features(keras_model, rule.layers) if rule else keras_model)
     else:
         files = (model.model_file, model.first_view_file) if model.first_view_file else (model.model_file,)
         problems = verify_version(Path(model.path), files)
@@ -248,6 +247,8 @@ def load_classifier(model: ModelInfo):
         if model.cascade and model.first_view_file:
             first_view = TFLiteClassifier(Path(model.path) / model.first_view_file)
             loaded = CascadeClassifier(first_view, loaded, *model.cascade)
+    if rule:
+        loaded = FeatureClassifier(loaded, rule)
     loaded.predict_on_batch(np.zeros((1, *loaded.input_shape[1:]), np.uint8))
     # TensorFlow and the model are millions of objects that live as long as the process; a
     # full collection scanning them stalled every shard thread ~0.3 s. Stop scanning them.

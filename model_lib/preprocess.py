@@ -15,55 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from model_lib.config import MAX_VALIDATION_SHARE, MIN_VALIDATION_IMAGES, TrainConfig
+from model_lib.config import TrainConfig
+from model_lib.split import Split, run_split, save_split
 
 PREFETCH_BATCHES = 2  # batches prepared ahead of the training step
 TRANSLATE_PER_SIDE = 32  # pixels of side that augment_translate's shift is given per
-
-
-@dataclass(frozen=True)
-class Split:
-    """Indices into the cached training arrays: who trains, who validates."""
-
-    train_index: np.ndarray
-    val_index: np.ndarray
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int, min_held_out: int = 0) -> Split:
-    """Hold out `fraction` of each class for validation, chosen by a seeded shuffle.
-
-    With `min_held_out` (and a `fraction` above 0), each class holds out at least its share of
-    `min_held_out` images, but never more than `MAX_VALIDATION_SHARE` of itself: a folder of a
-    thousand images at 2% would otherwise hold out 20, too few to calibrate confidence on.
-
-    Raises:
-        ValueError: `fraction` outside [0, 1).
-    """
-    if not 0 <= fraction < 1:
-        raise ValueError(f"validation split must be in [0, 1), got {fraction}")
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    floor = -(-min_held_out // max(len(classes), 1)) if fraction > 0 else 0  # per class, rounded up
-    train, val = [], []
-    for label in classes:
-        members = rng.permutation(np.flatnonzero(labels == label))
-        held_out = max(int(round(len(members) * fraction)), min(floor, int(len(members) * MAX_VALIDATION_SHARE)))
-        val.append(members[:held_out])
-        train.append(members[held_out:])
-    return Split(np.sort(np.concatenate(train)), np.sort(np.concatenate(val)))
-
-
-def save_split(split: Split, path: Path) -> None:
-    """Save a split as an `.npz` of plain integer arrays (loaded back without pickle)."""
-    from model_lib.fileio import atomic_open
-
-    with atomic_open(path, "wb") as handle:
-        np.savez(handle, train_index=split.train_index, val_index=split.val_index)
-
-
-def load_split(path: Path) -> Split:
-    with np.load(path, allow_pickle=False) as data:
-        return Split(data["train_index"], data["val_index"])
 
 
 def test_set_fingerprint(x_test: np.ndarray, y_test: np.ndarray, class_names: list[str]) -> str:
@@ -418,7 +374,7 @@ def prepare_split(cache_dir: str, class_names: list[str], config: TrainConfig, o
     from model_lib.data import load_arrays
 
     arrays = load_arrays(cache_dir)
-    split = stratified_split(np.asarray(arrays.y_train), config.validation_split, config.seed, MIN_VALIDATION_IMAGES)
+    split = run_split(np.asarray(arrays.y_train), config.validation_split, config.seed)
     split_path = out_dir / "split.npz"
     save_split(split, split_path)
     return PreparedSplit(

@@ -25,10 +25,11 @@ from model_lib.precision import (
     scale_for_replicas,
     use_xla,
 )
-from model_lib.preprocess import load_split, make_datasets, with_augmentation
+from model_lib.preprocess import make_datasets, with_augmentation
 from model_lib.progress import PROGRESS_SECONDS, Progress
 from model_lib.recipe import make_optimizer
 from model_lib.runs import TrainResult, read_history
+from model_lib.split import load_split
 from model_lib.transfer import freeze_backbone, from_scratch, imagenet_weights_note
 
 # A whole-array sample of training images takes at most this much: 5,000 for the whitening fit and 1,024 for the

@@ -6,9 +6,10 @@ import io
 import numpy as np
 import pytest
 
-from model_lib.inference import CascadeClassifier, KerasClassifier
-from model_lib.models import build_model, unwrap_tta, with_tta
-from model_lib.ood import PASS_RATE, FeatureClassifier, FeatureRule, fit_rule, stage_layers, with_features
+from model_lib.export import convert, write_saved_model
+from model_lib.inference import CascadeClassifier, KerasClassifier, TFLiteClassifier
+from model_lib.models import build_model, served_with_features, unwrap_tta, with_features, with_tta
+from model_lib.ood import PASS_RATE, FeatureClassifier, FeatureRule, fit_rule, stage_layers
 
 
 def test_the_rule_passes_held_out_images_of_the_classes_and_flags_what_lies_far_from_all_of_them():
@@ -36,10 +37,10 @@ def test_the_rule_passes_held_out_images_of_the_classes_and_flags_what_lies_far_
 
 
 @pytest.mark.parametrize("architecture", ["airbench", "seed_cnn"])
-def test_features_ride_along_without_changing_the_probabilities_in_every_keras_serving(architecture):
+def test_features_ride_along_without_changing_the_probabilities_in_every_serving(architecture, tmp_path):
     pixels = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3)).astype(np.uint8)
     model = with_tta(build_model(architecture, 4, width=0.25, seed=0), translate=architecture == "airbench")
-    network, views = unwrap_tta(model)
+    network = unwrap_tta(model)[0]
     layers = stage_layers(network)
     sides = [network.get_layer(name).output.shape[1] for name in layers[:-1]]
     assert len(sides) >= 2 and sides == sorted(set(sides), reverse=True)  # the last activation at each resolution
@@ -49,11 +50,21 @@ def test_features_ride_along_without_changing_the_probabilities_in_every_keras_s
     alone, features = KerasClassifier(scored).classify(pixels)
     np.testing.assert_allclose(alone, KerasClassifier(network).predict(pixels), atol=1e-5)
     assert [f.shape[0] for f in features] == [6] * len(layers) and all(f.ndim == 2 for f in features)
-    wrapper = with_tta(network, translate=views != ((0, False), (0, True)), own_view=scored)
+    wrapper = served_with_features(model, layers)
+    assert [layer.name for layer in wrapper.layers if "tta" in layer.name] == [
+        layer.name for layer in model.layers if "tta" in layer.name
+    ]  # the same views
     every, tta_features = KerasClassifier(wrapper).classify(pixels)
     np.testing.assert_allclose(every, KerasClassifier(model).predict(pixels), atol=1e-5)
     for mine, reference in zip(tta_features, features, strict=True):  # the image's own view, not a mirror
         np.testing.assert_allclose(mine, reference, atol=1e-4)
+    # Its TFLite export returns them too, in the same order (the interpreter lists outputs in any order).
+    path = tmp_path / "model.tflite"
+    path.write_bytes(convert(write_saved_model(wrapper, tmp_path / "saved"), "float32", pixels))
+    exported, exported_features = TFLiteClassifier(path).classify(pixels)
+    np.testing.assert_allclose(exported, every, atol=1e-5)
+    for mine, reference in zip(exported_features, features, strict=True):
+        np.testing.assert_allclose(mine, reference, rtol=1e-4, atol=1e-4)
     cascade = CascadeClassifier(KerasClassifier(scored), KerasClassifier(model), 1.0, 0.5)
     _, cascade_features = cascade.classify(pixels)
     for mine, reference in zip(cascade_features, features, strict=True):

@@ -183,7 +183,8 @@ def test_a_deterministic_pipeline_augments_the_same_batches_while_the_cores_are_
 
     import numpy as np
 
-    from model_lib.preprocess import make_datasets, stratified_split
+    from model_lib.preprocess import make_datasets
+    from model_lib.split import stratified_split
 
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (2000, 32, 32, 3), dtype=np.uint8), np.arange(2000) % 10

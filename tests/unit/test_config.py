@@ -110,7 +110,7 @@ def test_a_small_folder_holds_out_enough_images_to_calibrate_on_without_emptying
     import numpy as np
 
     from model_lib.config import MIN_VALIDATION_IMAGES
-    from model_lib.preprocess import stratified_split
+    from model_lib.split import stratified_split
 
     def held_out(per_class: int, fraction: float) -> int:
         labels = np.repeat(np.arange(10), per_class)
