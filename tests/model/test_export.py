@@ -20,6 +20,7 @@ from model_lib.models import unwrap_tta, with_features
 from model_lib.ood import FeatureRule, classified
 from model_lib.predict import CASCADE_NOTE, load_classifier, resolve_model
 from model_lib.registry import ChecksumError, load_verified_model, verify_version
+from model_lib.split import load_split, run_split
 from tests.conftest import write_colour_dataset
 from tests.synthetic import UNLIKE_KINDS, write_unlike_images
 
@@ -236,6 +237,10 @@ def test_an_export_flags_by_the_networks_features_with_a_rule_fitted_on_its_own(
 
     # What the entry records is what the export and its rule do on the test images, against the Keras model's rule.
     arrays = load_arrays(artifacts / "datasets" / manifest["dataset"]["fingerprint"])
+    # The rule was fitted on the version's own split, made again from its config: the one its run trained on.
+    (run_split_file,) = (artifacts / "runs").glob("*/split.npz")
+    again = run_split(np.asarray(arrays.y_train), manifest["config"]["validation_split"], manifest["config"]["seed"])
+    assert np.array_equal(again.val_index, load_split(run_split_file).val_index)
     x_test = np.asarray(arrays.x_test)
     keras_rule = FeatureRule.load(version_dir / "ood.npz")
     network = unwrap_tta(load_verified_model(version_dir))[0]
