@@ -25,7 +25,7 @@ import numpy as np
 
 from model_lib.config import TrainConfig
 from model_lib.fileio import read_json, write_json
-from model_lib.settings import cpu_devices, work_dir
+from model_lib.settings import MACHINE_CACHE_ENV, cpu_devices, work_dir
 
 # GPUs from Ampere (compute capability 8.0) on multiply bf16 natively. auto does not pick
 # mixed_float16 on older ones: float16's range (65,504) overflowed in the forward pass on
@@ -46,7 +46,10 @@ JAX_CACHE_MAX_BYTES = 2 << 30  # the cache's size limit; having one also makes J
 
 
 def machine_cache_dir() -> Path:
-    """What runs on this machine keep for later ones (the bf16 probe, JAX's programs): <cache>/cache."""
+    """What runs on this machine keep for later ones (the bf16 probe, JAX's programs): `CIFAR_PIPELINE_MACHINE_CACHE`,
+    else <cache>/cache."""
+    if os.environ.get(MACHINE_CACHE_ENV):
+        return Path(os.environ[MACHINE_CACHE_ENV]).expanduser().resolve()
     return work_dir() / "cache"
 
 

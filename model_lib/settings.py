@@ -27,6 +27,10 @@ CACHE_ENV = "CIFAR_PIPELINE_CACHE"
 DEFAULT_CACHE = "~/.cache/cifar-pipeline"
 """The local cache when `ARTIFACTS_DIR` is an object store and `CIFAR_PIPELINE_CACHE` is unset."""
 
+MACHINE_CACHE_ENV = "CIFAR_PIPELINE_MACHINE_CACHE"
+"""Where facts about this machine are kept for later runs (the bf16 probe, JAX's compiled programs), whatever their
+ARTIFACTS_DIR: default `cache/` in the local cache (`model_lib.precision.machine_cache_dir`)."""
+
 
 def is_url(location: str | os.PathLike) -> bool:
     """Whether a location names an object store (`s3://...`) rather than a local folder (`file://` is local)."""

@@ -18,6 +18,9 @@ SHARED_CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"
 # subprocesses (JAX locks it), rather than in each test's own ARTIFACTS_DIR: most tests compile the
 # same small programs. Set before any test module imports Keras, which reads it with JAX.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "jax"))
+# Likewise the bf16 probe (AVX-512 BF16 CPUs without AMX): measured once for the run rather than in each test's
+# ARTIFACTS_DIR, about 10 s each of some 20 trainings.
+os.environ.setdefault("CIFAR_PIPELINE_MACHINE_CACHE", str(REPO / ".pytest_cache" / "machine"))
 CLASS_COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 
 

@@ -309,7 +309,9 @@ def test_a_training_command_killed_mid_epoch_resumes_when_run_again(colour_datas
 
 
 @pytest.mark.slow
-def test_jax_trains_data_parallel_over_devices_that_do_not_divide_the_data(tmp_path, artifacts, prefect_api_env):
+def test_jax_trains_data_parallel_over_devices_that_do_not_divide_the_data(
+    tmp_path, artifacts, prefect_api_env, monkeypatch
+):
     """Two CPU devices stand in for two GPUs: 27 training and 9 validation images in global batches
     of 16 leave a last batch of 11 and one of 9, and 9 test images make 13 probe images, none of
     which JAX can split in two."""
@@ -323,7 +325,9 @@ def test_jax_trains_data_parallel_over_devices_that_do_not_divide_the_data(tmp_p
 
     env = {**os.environ, **prefect_api_env, "ARTIFACTS_DIR": str(artifacts), "KERAS_BACKEND": "jax",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # fmt: skip
-    env.pop("JAX_COMPILATION_CACHE_DIR")  # the tests' shared cache: here, the product's own place
+    env.pop("JAX_COMPILATION_CACHE_DIR")  # the tests' shared caches: here, the product's own place
+    env.pop("CIFAR_PIPELINE_MACHINE_CACHE")
+    monkeypatch.delenv("CIFAR_PIPELINE_MACHINE_CACHE")
     done = subprocess.run(colour_training(colour_dataset, "pair", epochs=2), env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     console = done.stdout + done.stderr
