@@ -166,11 +166,12 @@ def export_version(
     require_tensorflow_backend()
     check_formats(formats)
     manifest = read_json(version_dir / MANIFEST_FILE)
+    layers = _scored_layers(manifest)
     kept = {} if force else _intact_exports(version_dir, manifest, formats)
     earlier = kept.get(FIRST_VIEW_FORMAT, {})
     if earlier.get("status") == "ok" and "first_view" not in earlier and cascade_rule(manifest):
         del kept[FIRST_VIEW_FORMAT]  # exported before first views were: once more, with its first view
-    if _scored_layers(manifest):  # exported before exports reported features: once more, with them
+    if layers:  # exported before exports reported features: once more, with them
         kept = {fmt: entry for fmt, entry in kept.items() if "features" in entry}
     to_do = [export_format for export_format in formats if export_format not in kept]
     if not to_do:
@@ -196,10 +197,11 @@ def export_version(
     rule = cascade_rule(manifest) if views else None
     # Where the version has a feature rule, each export reports the image's own features too, with a rule fitted on
     # its own features: int8's differ from Keras' enough to move a rule fitted on those (bench/RESULTS.md).
-    check_features = partial(export_features, check=_feature_check(version_dir, manifest, network, arrays, x_test))
+    check_features = partial(
+        export_features, check=_feature_check(version_dir, manifest, layers, network, arrays, x_test)
+    )
     entries, files, input_dtypes, outputs = [], {}, {}, {}
     with tempfile.TemporaryDirectory() as scratch:
-        layers = _scored_layers(manifest)
         exported = served_with_features(model, layers) if layers else model
         saved_model = write_saved_model(exported, Path(scratch) / "saved_model")
         for export_format in to_do:
@@ -313,10 +315,11 @@ class FeatureCheck:
     keras_outside: np.ndarray  # per test image, whether the version's own rule (on the Keras model) flags it
 
 
-def _feature_check(version_dir: Path, manifest: dict, network, arrays, x_test: np.ndarray) -> FeatureCheck | None:
-    """The version's `FeatureCheck`, or None where it has no feature rule. Its rule file's checksum was verified with
-    the version's other files by `load_verified_model`."""
-    layers = _scored_layers(manifest)
+def _feature_check(
+    version_dir: Path, manifest: dict, layers: list[str], network, arrays, x_test: np.ndarray
+) -> FeatureCheck | None:
+    """The version's `FeatureCheck` for the `layers` its rule scores, or None where it has none. Its rule file's
+    checksum was verified with the version's other files by `load_verified_model`."""
     if not layers:
         return None
     rule = FeatureRule.load(version_dir / manifest["calibration"]["feature_rule"]["file"])
@@ -358,12 +361,16 @@ def _intact_exports(version_dir: Path, manifest: dict, formats: tuple[str, ...])
     return {fmt: entry for fmt, entry in entries.items() if not verify_version(version_dir, export_files(entry))}
 
 
+def _records(entry: dict) -> tuple[dict, dict]:
+    """A manifest's export entry and the record of the first view exported beside it ({} without one)."""
+    return entry, entry.get("first_view") or {}
+
+
 def export_files(entry: dict) -> tuple[str, ...]:
     """The files of a manifest's export entry: the export, the first view exported beside it if any, and their own
     feature rules."""
-    records = (entry, entry.get("first_view") or {})
-    return tuple(name for record in records for name in (record.get("file"), (record.get("features") or {}).get("file"))
-                 if name)  # fmt: skip
+    names = ((record.get("file"), (record.get("features") or {}).get("file")) for record in _records(entry))
+    return tuple(name for pair in names for name in pair if name)
 
 
 def serving_exports(manifest: dict) -> list[str]:
@@ -378,9 +385,10 @@ def serving_export(manifest: dict) -> str | None:
 
 
 def export_feature_rule(manifest: dict, file: str) -> tuple[str, str]:
-    """The feature rule an export `file` (or a first view exported beside one) serves with, and "" for why not;
-    or "" and why not: exported before exports had features, or its flags disagreed with the Keras model's."""
-    records = [record for entry in manifest.get("exports", []) for record in (entry, entry.get("first_view") or {})]
+    """`(rule file, "")`: the feature rule an export `file` (or a first view exported beside one) serves with; or
+    `("", why not)`: it was exported before exports had features, or its rule's flags disagreed with the Keras
+    model's."""
+    records = [record for entry in manifest.get("exports", []) for record in _records(entry)]
     features = next((record.get("features") for record in records if record.get("file") == file), None)
     if not features or "file" not in features:
         return "", f"{file} reports no features (exported before exports did; running export again adds them)"

@@ -231,7 +231,7 @@ class TFLiteClassifier(_Classifier):
             self._interpreter.set_tensor(self._input["index"], values.astype(kind))
             self._interpreter.invoke()
             raw = [self._interpreter.get_tensor(output["index"]) for output in self._outputs]
-        return [_dequantized(values, output["quantization"]) for values, output in zip(raw, self._outputs, strict=True)]
+        return [_dequantized(tensor, output["quantization"]) for tensor, output in zip(raw, self._outputs, strict=True)]
 
 
 def _signature_outputs(interpreter) -> list[dict]:
