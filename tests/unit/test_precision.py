@@ -4,6 +4,7 @@ from model_lib.precision import (
     cached_bf16_speedup,
     choose_precision,
     cpu_bf16_units,
+    machine_cache_dir,
     machine_key,
     measure_bf16_speedup,
     scale_for_replicas,
@@ -93,3 +94,12 @@ def test_batch_size_and_learning_rate_scale_together_with_replicas():
     assert scale_for_replicas(config, 1) is config
     four = scale_for_replicas(config, 4)
     assert (four.batch_size, four.learning_rate) == (config.batch_size * 4, config.learning_rate * 4)
+
+
+def test_the_machine_cache_is_its_variable_else_the_local_caches_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARTIFACTS_DIR", str(tmp_path / "artifacts"))
+    monkeypatch.delenv("CIFAR_PIPELINE_CACHE", raising=False)
+    monkeypatch.setenv("CIFAR_PIPELINE_MACHINE_CACHE", str(tmp_path / "machine"))
+    assert machine_cache_dir() == tmp_path / "machine"  # whatever the ARTIFACTS_DIR: one probe per machine
+    monkeypatch.delenv("CIFAR_PIPELINE_MACHINE_CACHE")
+    assert machine_cache_dir() == tmp_path / "artifacts" / "cache"
