@@ -13,6 +13,7 @@ process the command started was still alive 10 s after the signal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
@@ -86,10 +87,25 @@ def stop_during(
     seconds = time.perf_counter() - sent
     reader.join(5)
     _, alive = psutil.wait_procs(children, timeout=max(0.0, LEFTOVER_SECONDS - (time.perf_counter() - sent)))
-    leftovers = [" ".join(child.cmdline())[:120] for child in alive if child.is_running()]
+    leftovers = [line for line in map(_living_command, alive) if line is not None]
     for child in alive:
-        child.kill()
+        with contextlib.suppress(psutil.Error):
+            child.kill()
     return StopResult(code, seconds, leftovers, "".join(lines))
+
+
+def _living_command(process: psutil.Process) -> str | None:
+    """The command line of a process still running, or None once it exited.
+
+    An orphan that exited stays a zombie where the container's PID 1 reaps no one (as in CI): it runs
+    nothing, so it is no leftover.
+    """
+    try:
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return " ".join(process.cmdline())[:120]
+    except psutil.NoSuchProcess:  # ZombieProcess included
+        return None
 
 
 def main() -> None:

@@ -8,10 +8,12 @@ which is the process that used to die first and keep the command retrying for mi
 import os
 import signal
 import subprocess
+import time
 
+import psutil
 import pytest
 
-from bench.stop_time import CLI, stop_during
+from bench.stop_time import CLI, _living_command, stop_during
 from model_lib.models import build_model
 from model_lib.registry import Registry
 from tests.flows.test_edges import colour_training
@@ -36,6 +38,22 @@ def assert_stopped_cleanly(result, signum: int) -> None:
     assert signal.Signals(signum).name in stop_lines[0]
     for noise in ("Traceback", "Unable to connect", "Aborted!", "KeyboardInterrupt", "ConnectError"):
         assert noise not in result.console, noise
+
+
+def test_an_exited_child_nobody_reaped_is_no_leftover_but_a_running_one_is():
+    # In CI the container's PID 1 reaps no orphans: a child that exited stays a zombie, runs nothing.
+    exited = subprocess.Popen(["true"])
+    running = subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while psutil.Process(exited.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _living_command(psutil.Process(exited.pid)) is None
+        assert _living_command(psutil.Process(running.pid)) == "sleep 30"
+    finally:
+        running.kill()
+        running.wait()
+        exited.wait()
 
 
 @pytest.mark.real_data
