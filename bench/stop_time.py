@@ -87,14 +87,14 @@ def stop_during(
     seconds = time.perf_counter() - sent
     reader.join(5)
     _, alive = psutil.wait_procs(children, timeout=max(0.0, LEFTOVER_SECONDS - (time.perf_counter() - sent)))
-    leftovers = [line for line in map(_living_command, alive) if line is not None]
+    leftovers = [line for line in map(living_command, alive) if line is not None]
     for child in alive:
         with contextlib.suppress(psutil.Error):
             child.kill()
     return StopResult(code, seconds, leftovers, "".join(lines))
 
 
-def _living_command(process: psutil.Process) -> str | None:
+def living_command(process: psutil.Process) -> str | None:
     """The command line of a process still running, or None once it exited.
 
     An orphan that exited stays a zombie where the container's PID 1 reaps no one (as in CI): it runs

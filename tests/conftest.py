@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from itertools import islice
 from pathlib import Path
 
@@ -21,6 +22,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / 
 # Likewise the bf16 probe (AVX-512 BF16 CPUs without AMX): measured once for the run rather than in each test's
 # ARTIFACTS_DIR, about 10 s each of some 20 trainings.
 os.environ.setdefault("CIFAR_PIPELINE_MACHINE_CACHE", str(REPO / ".pytest_cache" / "machine"))
+# TensorFlow's C++ start-up notes, which the CLI keeps off the console. Whole words: Prefect's random run
+# names (woodoo-barracuda) must not match.
+TF_STARTUP_NOTES = re.compile(r"oneDNN|\bcuInit\b|\babsl\b|\bcuda\b|\bcuDNN\b", re.IGNORECASE)
 CLASS_COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 
 

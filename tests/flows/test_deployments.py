@@ -24,11 +24,12 @@ import pandas as pd
 import psutil
 import pytest
 
+from bench.stop_time import living_command
 from flows.alerts import FAILED, OVERDUE, WEBHOOK_ENV
 from model_lib.config import CHOICES, PROFILES
 from model_lib.fileio import read_json
 from model_lib.registry import verify_version
-from tests.conftest import REPO
+from tests.conftest import REPO, TF_STARTUP_NOTES
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -71,7 +72,7 @@ def background(command: list[str], env: dict, log: Path, cwd: Path = REPO):
         for leftover in alive:
             leftover.kill()
         psutil.wait_procs(alive, timeout=10)
-        assert not [p for p in map(_process, tree) if p and p.is_running() and p.status() != "zombie"]
+        assert not [line for p in map(_process, tree) if p and (line := living_command(p))]
 
 
 def _children(pid: int) -> list:
@@ -323,7 +324,7 @@ def run_the_service_guide(cifar_slice: Path, cifar_dir: Path, tmp_path: Path, we
                     assert (
                         "1 file change(s)" not in watch_log.read_text() and "20 file change(s)" in watch_log.read_text()
                     )
-                assert "cuda" not in worker_log.read_text().lower()  # TensorFlow's start-up notes stay off it
+                assert not TF_STARTUP_NOTES.search(worker_log.read_text())
             finally:
                 print(worker_log.read_text()[-6000:])
                 print(watch_log.read_text()[-3000:] if watch_log.exists() else "")

@@ -15,6 +15,7 @@ from model_lib.models import build_model
 from model_lib.precision import JAX_CACHE_FOLDER, machine_cache_dir
 from model_lib.predict import plan_prediction
 from model_lib.registry import RegistryError
+from tests.conftest import TF_STARTUP_NOTES
 from tests.registered import register_keras_model
 
 CLI = [sys.executable, "-c", "from flows.cli import main; main()"]  # the console script, in this interpreter
@@ -268,8 +269,7 @@ def test_a_failed_run_on_the_console_ends_in_one_line_without_tracebacks_or_chat
     errors = [line for line in console.splitlines() if line.startswith("error: ")]
     said = console[-4000:]
     assert len(errors) == 1 and errors[0].startswith("error: the model learned nothing: validation accuracy"), said
-    for noise in ("Traceback", "oneDNN", "cuInit", "absl", "cuda drivers"):
-        assert noise not in console, noise
+    assert "Traceback" not in console and not TF_STARTUP_NOTES.search(console), said
     assert "Task run 'train" in console  # the progress a person needs stays
     assert done.stderr.startswith("Training profile smoke: about 1 min on a 2-core CPU")  # said before Prefect starts
 

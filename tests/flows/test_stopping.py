@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from bench.stop_time import CLI, _living_command, stop_during
+from bench.stop_time import CLI, living_command, stop_during
 from model_lib.models import build_model
 from model_lib.registry import Registry
 from tests.flows.test_edges import colour_training
@@ -48,8 +48,8 @@ def test_an_exited_child_nobody_reaped_is_no_leftover_but_a_running_one_is():
         deadline = time.monotonic() + 10
         while psutil.Process(exited.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _living_command(psutil.Process(exited.pid)) is None
-        assert _living_command(psutil.Process(running.pid)) == "sleep 30"
+        assert living_command(psutil.Process(exited.pid)) is None
+        assert living_command(psutil.Process(running.pid)) == "sleep 30"
     finally:
         running.kill()
         running.wait()
