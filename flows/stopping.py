@@ -16,6 +16,8 @@ What the command process does:
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -23,10 +25,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 from model_lib.progress import Stopped, request_stop, stop_requested
 
+STARTUP_FAILED_EXIT_CODE = 3  # uvicorn's exit when its port is in use, or its app failed to start
+PORT_TAKEN = "address already in use"  # uvicorn's line for the first
+TEMPORARY_SERVER_START_SECONDS = 90  # at least, unless PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS is set
 STOP_GRACE_SECONDS = 8.0  # first signal -> forced exit if the orderly stop has not finished by then
 SIGNALS = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -124,7 +130,10 @@ def start_temporary_server() -> None:
     global _server
     import types
 
+    import httpx
     from prefect.server.api import server as prefect_server
+    from prefect.settings import PREFECT_HOME
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP_TIMEOUT
 
     class OwnedServer(prefect_server.SubprocessASGIServer):
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
@@ -144,14 +153,50 @@ def start_temporary_server() -> None:
             finally:
                 prefect_server.subprocess = subprocess
 
+        def start(self, timeout: float | None = None) -> None:
+            """Prefect's start, but over when the server exits, timed by the clock, and never reading the server's
+            stderr (the pump does): Prefect's read it to its end when the server was slow, and a server still
+            starting never ends it, so the command hung for good; and it waited out its whole allowance for a
+            server that had already exited."""
+            if self.running:
+                return
+            self.port = self.port or self.find_available_port()
+            self.running = True
+            self.server_process = self._run_uvicorn_command()
+            atexit.register(self.stop)
+            deadline = time.monotonic() + (timeout or STARTUP_TIMEOUT.value())
+            with httpx.Client() as client:
+                while time.monotonic() < deadline:
+                    code = self.server_process.poll()
+                    if code == STARTUP_FAILED_EXIT_CODE and PORT_TAKEN in startup.drained():
+                        self.port = self.find_available_port()  # taken between choosing it and binding it
+                        self.server_process = self._run_uvicorn_command()
+                        continue
+                    if code is not None:
+                        break
+                    with contextlib.suppress(httpx.TransportError):
+                        if client.get(f"{self.api_url}/health", timeout=5).status_code == 200:
+                            return
+                    time.sleep(0.1)
+            self.running = False
+            raise RuntimeError("Prefect's temporary server did not answer")
+
     startup = ServerErrors()
     _server = OwnedServer()
+    # Prefect's 20 s are short for a fresh database on 2 busy cores; a value the user set is kept.
+    allowance = STARTUP_TIMEOUT.value()
+    if STARTUP_TIMEOUT.name not in os.environ:
+        allowance = max(allowance, TEMPORARY_SERVER_START_SECONDS)
     try:
-        _server.start()
-    except RuntimeError:  # Prefect's "Timed out ...", after its whole start-up timeout
-        from prefect.settings import PREFECT_HOME
-
+        _server.start(timeout=allowance)
+    except RuntimeError:
+        still_starting = _server.server_process is not None and _server.server_process.poll() is None
         _server.stop()
+        if still_starting:
+            raise TemporaryServerFailed(
+                f"Prefect's temporary server did not answer within {allowance} s (a busy or slow machine): set "
+                f"{STARTUP_TIMEOUT.name} higher, or PREFECT_API_URL to a running server"
+            ) from None
         raise TemporaryServerFailed(
             f"Prefect's temporary server did not start ({startup.last_error() or 'no answer'}); its database in "
             f"{PREFECT_HOME.value()} may come from another Prefect version: set PREFECT_HOME to an empty folder, "
@@ -168,6 +213,7 @@ class ServerErrors:
         self.lines: list[str] = []
         self.forwarding = False
         self.lock = threading.Lock()
+        self.pump: threading.Thread | None = None
 
     def watch(self, stream) -> None:
         def pump() -> None:
@@ -179,7 +225,15 @@ class ServerErrors:
                     else:
                         self.lines.append(line)
 
-        threading.Thread(target=pump, name="prefect-server-stderr", daemon=True).start()
+        self.pump = threading.Thread(target=pump, name="prefect-server-stderr", daemon=True)
+        self.pump.start()
+
+    def drained(self, timeout: float = 5.0) -> str:
+        """What the server wrote, once the server that exited has had its last lines read."""
+        if self.pump is not None:
+            self.pump.join(timeout)
+        with self.lock:
+            return "".join(self.lines)
 
     def last_error(self) -> str:
         """The last line that names an error, such as alembic's "Can't locate revision ..."."""

@@ -159,13 +159,29 @@ def test_a_prefect_database_from_another_prefect_version_fails_in_one_line(colou
         db.execute("create table alembic_version (version_num varchar(32) not null primary key)")
         db.execute("insert into alembic_version values ('ffffffffffff')")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # this command starts its own server
-    env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "10"}
+    # The server exits at once; the command says so then, not after the allowance (which would outlast the timeout).
+    env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "900"}
     done = subprocess.run([*CLI, "train", "--data", str(colour_dataset)], capture_output=True, text=True, env=env,
                           timeout=300)  # fmt: skip
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(lines) == 2, done.stderr[-3000:]  # the time estimate, then the error
     assert lines[1].startswith("error: Prefect's temporary server did not start (") and "'ffffffffffff'" in lines[1]
     assert f"its database in {home} may come from another Prefect version: set PREFECT_HOME" in lines[1]
+
+
+def test_a_temporary_server_slower_than_its_allowance_fails_in_one_line_instead_of_hanging(colour_dataset, tmp_path):
+    # As on 2 busy cores, where CI's run hung until its 600 s timeout: Prefect's start read the stderr of a server
+    # still starting. 1 s is shorter than any server start.
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    done = subprocess.run([*CLI, "train", "--data", str(colour_dataset)], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 2, done.stderr[-3000:]
+    assert lines[1] == (
+        "error: Prefect's temporary server did not answer within 1 s (a busy or slow machine): set "
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or PREFECT_API_URL to a running server"
+    )
 
 
 @pytest.mark.parametrize("arguments", [["export", "cifar10"], ["train", "--export", "--data", "{data}"]])
