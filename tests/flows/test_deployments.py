@@ -72,7 +72,7 @@ def background(command: list[str], env: dict, log: Path, cwd: Path = REPO):
         for leftover in alive:
             leftover.kill()
         psutil.wait_procs(alive, timeout=10)
-        assert not [line for p in map(_process, tree) if p and (line := living_command(p))]
+        assert not [line for p in map(_process, tree) if p and (line := living_command(p)) is not None]
 
 
 def _children(pid: int) -> list:
