@@ -27,6 +27,7 @@ from model_lib.config import (
     RELOAD_SECONDS,
     SHARD_FILES,
     TOKEN_ENV,
+    ConfigError,
     TrainConfig,
     check_engine,
     check_timeout,
@@ -81,7 +82,6 @@ def main() -> None:
             _stopped()
         if _debug or not _expected(error):
             raise
-        from model_lib.config import ConfigError
 
         typer.echo(f"error: {error}", err=True)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
@@ -122,9 +122,13 @@ def _require_prefect_api() -> None:
         PrefectUnreachable: Nothing answers at the address, or what answers is not a Prefect API.
     """
     import httpx
+    import pydantic
     from prefect.settings import PREFECT_API_URL
 
-    api = PREFECT_API_URL.value()
+    try:
+        api = PREFECT_API_URL.value()  # every Prefect setting is validated here
+    except pydantic.ValidationError as error:
+        raise ConfigError(_invalid_prefect_setting(error)) from None
     if not api:
         stopping.start_temporary_server()
         return
@@ -139,6 +143,15 @@ def _require_prefect_api() -> None:
             f"PREFECT_API_URL={api}: what answers there is not a Prefect API (/health gave HTTP "
             f"{response.status_code}); {advice}"
         )
+
+
+def _invalid_prefect_setting(error) -> str:
+    """One line for a Prefect setting that does not validate, naming its environment variable where one is set."""
+    problem = error.errors()[0]
+    field, value = str(problem["loc"][-1]).upper(), problem.get("input")
+    names = [name for name in os.environ if name.startswith("PREFECT_") and name.endswith(field)]
+    named = next((name for name in names if os.environ[name] == value), f"the Prefect setting {field.lower()}")
+    return f"{named}={value!r}: {problem['msg'].lower()} (Prefect's settings: the environment and its profile)"
 
 
 def _console_without_expected_tracebacks() -> None:
@@ -455,7 +468,6 @@ def app_command(
 ) -> None:
     """Serve the HTTP prediction API and the web page (drag-and-drop, webcam, registry) until Ctrl-C."""
     from flows.app import AppSettings, is_loopback, listen
-    from model_lib.config import ConfigError
 
     settings = AppSettings(model, artifacts_location(), token or None, max_upload_mb, max_megapixels,
                            reload_seconds, engine)  # fmt: skip
@@ -491,8 +503,6 @@ def _fail(message: str) -> None:
 
 def _require_reason(reason: str) -> None:
     if not reason.strip():
-        from model_lib.config import ConfigError
-
         raise ConfigError("--reason must say why the champion moves (it is kept in the history)")
 
 

@@ -169,6 +169,18 @@ def test_a_prefect_database_from_another_prefect_version_fails_in_one_line(colou
     assert f"its database in {home} may come from another Prefect version: set PREFECT_HOME" in lines[1]
 
 
+def test_a_prefect_setting_that_does_not_validate_is_named_in_one_line_usage_error(colour_dataset, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "abc"}
+    done = subprocess.run([*CLI, "train", "--data", str(colour_dataset)], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS='abc': input should be a valid integer, unable to "
+        "parse string as an integer (Prefect's settings: the environment and its profile)"
+    )
+
+
 def test_a_temporary_server_slower_than_its_allowance_fails_in_one_line_instead_of_hanging(colour_dataset, tmp_path):
     # As on 2 busy cores, where CI's run hung until its 600 s timeout: Prefect's start read the stderr of a server
     # still starting. 1 s is shorter than any server start.
