@@ -9,15 +9,27 @@ SHARED_CIFAR10 := $(abspath ../shared/datasets/cifar10)
 export CIFAR10_DIR ?= $(if $(wildcard $(SHARED_CIFAR10)/train),$(SHARED_CIFAR10),)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install run test lint
+.PHONY: install lock run test lint
 
-$(BIN)/.installed: pyproject.toml
+# The exact set every install gets, hashes checked: pyproject.toml's ranges resolved by `make lock`.
+LOCK := requirements.lock
+EXTRAS := dev dask jax s3
+
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,dask,jax,s3]"
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
 install: $(BIN)/.installed
+
+# After editing pyproject.toml's dependencies, or to take upgrades: its own commit, with the whole suite run.
+# Universal: one lock for Linux, macOS and Windows, Python 3.11 and newer.
+lock:
+	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet uv
+	UV_CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/uv pip compile pyproject.toml $(addprefix --extra ,$(EXTRAS)) \
+		--universal --python-version 3.11 --generate-hashes --quiet -o $(LOCK)
 
 run: install
 	$(BIN)/cifar-pipeline train $(ARGS)
