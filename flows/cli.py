@@ -310,7 +310,7 @@ def train(
     verdict = "champion" if result["champion"] else "challenger"
     typer.echo(
         f"{result['name']} v{result['version']} ({verdict}): test accuracy {result['test_accuracy']:.4f}\n"
-        f"  {result['path']}\n  gate: {result['reason']}"
+        f"  {result['location']}\n  gate: {result['reason']}"
     )
 
 
@@ -584,16 +584,19 @@ def models_compare(
 
 @models_app.command("verify")
 def models_verify(ref: VersionRef) -> None:
-    """Check every file's sha256 against the manifest; exits 1 on any mismatch."""
-    from model_lib.registry import verify_version
+    """Check every file's sha256 against the manifest, in the registry as it is now (an object store's files are
+    downloaded again, not taken from this machine's copy); exits 1 on any mismatch."""
+    from model_lib.registry import RegistryError, check_reference
 
-    version_dir = _version_dir(ref)
-    problems = verify_version(version_dir)
+    try:
+        where, problems = check_reference(ref, artifacts_location())
+    except RegistryError as error:
+        _fail(str(error))
     for problem in problems:
         typer.echo(f"FAILED {problem}", err=True)
     if problems:
         raise typer.Exit(1)
-    typer.echo(f"OK {version_dir}: every checksum matches")
+    typer.echo(f"OK {where}: every checksum matches")
 
 
 @models_app.command("promote")

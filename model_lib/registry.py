@@ -233,10 +233,18 @@ class Registry:
         Raises:
             ChecksumError: A file is missing from the store or differs from its manifest's sha256.
         """
+        folder, problems = self._fetch(version, fresh)
+        if problems:
+            raise ChecksumError(f"{self.name} v{version} refused: " + "; ".join(problems))
+        return folder
+
+    def _fetch(self, version: int, fresh: bool) -> tuple[Path, list[str]]:
+        """The verified copy's folder and the problems found (named by their place in the store) when the files
+        were downloaded now. A copy whose store files no longer match is dropped, so no later read serves it."""
         data = self.store.read(f"v{version}/{MANIFEST_FILE}")
         folder = self._mirror_dir(version, data)
         if (folder / MANIFEST_FILE).is_file() and not fresh:
-            return folder
+            return folder, []
         self.root.mkdir(parents=True, exist_ok=True)
         remove_abandoned(self.root, STAGING_PREFIX)
         staging = owned_folder(self.root, STAGING_PREFIX)
@@ -250,13 +258,21 @@ class Registry:
             problems = [
                 problem.replace(str(staging), self.store.where(f"v{version}")) for problem in verify_version(staging)
             ]
-            if problems:
-                raise ChecksumError(f"{self.name} v{version} refused: " + "; ".join(problems))
             shutil.rmtree(folder, ignore_errors=True)
-            os.replace(staging, folder)
+            if not problems:
+                os.replace(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return folder
+        return folder, problems
+
+    def check(self, version: int) -> tuple[str, list[str]]:
+        """Where the version's files are, and the problems with them as they are there now (empty when every
+        checksum matches). A remote version's files are downloaded again and hashed: a verified copy on this
+        machine says nothing of the store, where someone may have replaced a file since."""
+        if not self.remote:
+            folder = self.version_dir(version)
+            return str(folder), verify_version(folder)
+        return self.store.where(f"v{version}"), self._fetch(version, fresh=True)[1]
 
     # ----- writing ---------------------------------------------------------------------------
 
@@ -652,9 +668,27 @@ def parse_reference(ref: str, artifacts_root: str | os.PathLike) -> Path:
     Raises:
         RegistryError: The reference does not resolve.
     """
+    if folder := _folder_reference(ref):
+        return folder
+    name, tag = _registry_reference(ref)
+    return Registry(artifacts_root, name).resolve(tag)
+
+
+def check_reference(ref: str, artifacts_root: str | os.PathLike) -> tuple[str, list[str]]:
+    """Where the version `ref` names keeps its files, and their problems as they are there now (`Registry.check`)."""
+    if folder := _folder_reference(ref):
+        return str(folder), verify_version(folder)
+    name, tag = _registry_reference(ref)
+    registry = Registry(artifacts_root, name)
+    return registry.check(registry.resolve_version(tag))
+
+
+def _folder_reference(ref: str) -> Path | None:
     candidate = Path(ref).expanduser()
-    if ref and (candidate / MANIFEST_FILE).is_file():
-        return candidate.resolve()
+    return candidate.resolve() if ref and (candidate / MANIFEST_FILE).is_file() else None
+
+
+def _registry_reference(ref: str) -> tuple[str, str]:
     name, at, tag = ref.partition("@")
     if not name or (at and not tag):
         raise ConfigError(
@@ -662,7 +696,7 @@ def parse_reference(ref: str, artifacts_root: str | os.PathLike) -> Path:
         )
     if "/" in name or os.sep in name:
         raise RegistryError(f"{ref}: not a version folder (no {MANIFEST_FILE})")
-    return Registry(artifacts_root, name or DEFAULT_MODEL_NAME).resolve(tag or "champion")
+    return name, tag or "champion"
 
 
 def verify_version(version_dir: Path, names: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()) -> list[str]:

@@ -44,6 +44,29 @@ def test_a_version_lands_in_the_bucket_and_loads_from_a_verified_local_copy(s3_a
     assert load_verified_model(copy).count_params() == 147
 
 
+def test_verify_reads_the_store_not_this_machines_verified_copy(s3_artifacts, s3_server, files, tmp_path):
+    """A copy verified yesterday says nothing of the bucket today: `models verify` hashes the store's objects, and a
+    copy whose source changed is dropped, so no later command serves it."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    Registry(s3_artifacts).register(files, manifest(0.5))
+    cached = Registry(s3_artifacts).resolve("v1")  # this machine's verified copy
+    verified = CliRunner().invoke(app, ["models", "verify", "cifar10@v1"])
+    assert verified.exit_code == 0 and verified.output.strip() == (
+        f"OK {s3_artifacts}/models/cifar10/v1: every checksum matches"
+    ), verified.output
+    bucket, _, prefix = s3_artifacts.removeprefix("s3://").partition("/")
+    s3_server.client().put_object(Bucket=bucket, Key=f"{prefix}/models/cifar10/v1/metrics.json", Body=b"{}")
+    refused = CliRunner().invoke(app, ["models", "verify", "cifar10@v1"])
+    assert refused.exit_code == 1, refused.output
+    assert f"FAILED {s3_artifacts}/models/cifar10/v1/metrics.json: checksum differs" in refused.output
+    assert not cached.exists()  # dropped: nothing reads the stale copy again
+    with pytest.raises(ChecksumError, match="metrics.json"):
+        Registry(s3_artifacts).resolve("v1")
+
+
 def _register_from_own_cache(url: str, cache: str, files: dict, accuracy: float, queue) -> None:
     os.environ["CIFAR_PIPELINE_CACHE"] = cache
     queue.put(Registry(url).register(files, manifest(accuracy)).version)
