@@ -86,9 +86,10 @@ class Registration:
 
     name: str
     version: int
-    path: str
+    path: str  # a local folder with its files: the registry's own, or this machine's verified copy
     champion: bool
     reason: str
+    location: str  # where the registry keeps it: the same folder, or its s3:// URL
 
 
 def _now() -> str:
@@ -212,7 +213,10 @@ class Registry:
         if tag in state["aliases"]:
             version = state["aliases"][tag]
             if version is None:
-                raise RegistryError(f"{self.name}@{tag}: no version is {tag} yet (train one first)")
+                others = [] if state["versions"] else self.other_names()
+                hint = f"registered here: {', '.join(others)} (name one, e.g. {others[0]}@{tag})" if others else (
+                    "train one first")  # fmt: skip
+                raise RegistryError(f"{self.name}@{tag}: no version is {tag} yet; {hint}")
         elif match := re.fullmatch(r"v?(\d+)", tag):
             version = int(match.group(1))
             if not any(entry["version"] == version for entry in state["versions"]):
@@ -220,6 +224,12 @@ class Registry:
         else:
             raise RegistryError(f"{self.name}@{tag}: unknown tag (use champion, latest or v<N>)")
         return version
+
+    def other_names(self) -> list[str]:
+        """The other model names with a registry beside this one (a user who trained `--data ~/digits` and then
+        asks for the default `cifar10` should be told `digits` is there)."""
+        parent = open_store(self.location.rsplit("/", 1)[0] if self.remote else self.store.root.parent)
+        return [name for name in parent.list() if name != self.name and parent.exists(f"{name}/{REGISTRY_FILE}")]
 
     def _mirror_dir(self, version: int, manifest: bytes) -> Path:
         return self.root / f"v{version}-{content_tag(manifest)[:16]}"
@@ -340,7 +350,9 @@ class Registry:
         finally:
             _in_flight.discard(claim)
             shutil.rmtree(staging, ignore_errors=True)
-        return Registration(self.name, version, str(self.version_dir(version)), promoted, reason)
+        return Registration(
+            self.name, version, str(self.version_dir(version)), promoted, reason, self.store.where(f"v{version}")
+        )
 
     def promote(self, tag: str, reason: str) -> int:
         """Make a version champion by hand, after checking its checksums; recorded in the history.

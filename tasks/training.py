@@ -260,6 +260,7 @@ def register_task(run: RunRecord, margin: float = 0.0) -> dict:
         "name": registration.name,
         "version": registration.version,
         "path": registration.path,
+        "location": registration.location,
         "champion": registration.champion,
         "reason": registration.reason,
         "test_accuracy": metrics["test_accuracy"],

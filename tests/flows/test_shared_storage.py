@@ -45,6 +45,7 @@ def test_one_machine_trains_into_the_bucket_another_predicts_from_it_a_third_mov
     data = ["--data", str(cifar_dir), "--profile", "smoke", "--max-train-images", "1000", "--max-test-images", "300"]
     first = trainer("train", *data).stdout
     assert re.search(r"cifar10 v1 \(champion\)", first), first
+    assert f"  {s3_artifacts}/models/cifar10/v1\n" in first, first  # where the registry keeps it, not a cache path
     second = trainer("train", *data, "--seed", "1", "--promotion-margin", "1").stdout  # stays a challenger
     assert re.search(r"cifar10 v2 \(challenger\)", second), second
     assert not (tmp_path / "trainer" / "artifacts").exists()  # nothing shared on the trainer's disk

@@ -304,3 +304,14 @@ def test_a_version_folder_without_its_manifest_is_named(artifacts, files):
     (registry.root / "v1" / "manifest.json").unlink()
     with pytest.raises(RegistryError, match=r"v1/manifest\.json: missing; the version folder is incomplete"):
         parse_reference("cifar10@v1", artifacts)
+
+
+def test_asking_for_a_model_name_with_no_versions_names_the_ones_registered(artifacts, files):
+    with pytest.raises(RegistryError, match=r"^cifar10@champion: no version is champion yet; train one first$"):
+        Registry(artifacts).resolve("champion")
+    Registry(artifacts, "digits").register(files, manifest(0.9))
+    with pytest.raises(RegistryError) as raised:
+        Registry(artifacts).resolve("champion")
+    assert str(raised.value) == (
+        "cifar10@champion: no version is champion yet; registered here: digits (name one, e.g. digits@champion)"
+    )
