@@ -15,7 +15,8 @@ import pytest
 
 import model_lib.fileio as fileio_module
 from model_lib.fileio import StoreError, open_store
-from model_lib.registry import ChecksumError, Registry, load_verified_model, verify_version
+from model_lib.registry import ChecksumError, Registry, RegistryError, load_verified_model, verify_version
+from tests.conftest import REPO
 from tests.unit.test_registry import make_model_files, manifest, run_at_once
 
 
@@ -65,6 +66,25 @@ def test_verify_reads_the_store_not_this_machines_verified_copy(s3_artifacts, s3
     assert not cached.exists()  # dropped: nothing reads the stale copy again
     with pytest.raises(ChecksumError, match="metrics.json"):
         Registry(s3_artifacts).resolve("v1")
+    with pytest.raises(RegistryError, match=r"no version is champion yet; registered here: cifar10 \(name one"):
+        Registry(s3_artifacts, "digits").resolve("champion")  # the store's registries, named
+
+
+def test_the_guides_object_store_steps_run_as_written(s3_server, tmp_path):
+    """docs/registry.md's bucket step and first command, as written, against the test server (its endpoint and
+    credentials in place of the guide's `export` line): a new user's first commands must not fail."""
+    guide = (REPO / "docs" / "registry.md").read_text().split("## One registry for several machines")[1]
+    block = guide.split("```bash\n")[1].split("```")[0].splitlines()
+    assert block[0].startswith("export AWS_ENDPOINT_URL=")
+    create, listing = block[1], block[2]
+    env = {**os.environ, **s3_server.env, "CIFAR_PIPELINE_CACHE": str(tmp_path / "cache"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    env.pop("ARTIFACTS_DIR")
+    for command in (create, listing):
+        done = subprocess.run(["bash", "-c", command], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        assert done.returncode == 0, (command, done.stdout, done.stderr[-2000:])
+    assert done.stdout.strip() == "cifar10: no versions registered under s3://team-models/cifar/models/cifar10"
 
 
 def _register_from_own_cache(url: str, cache: str, files: dict, accuracy: float, queue) -> None:
@@ -107,6 +127,7 @@ def test_alias_moves_and_scores_from_several_processes_are_all_kept(s3_artifacts
 KILLER = """
 import os, sys
 import model_lib.registry as registry
+from tests.conftest import REPO
 from tests.unit.test_registry import make_model_files, manifest, run_at_once
 from pathlib import Path
 
