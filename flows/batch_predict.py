@@ -11,7 +11,6 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import FlowRunContext
-from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from model_lib.config import BATCH_IMAGES, ENGINES, SHARD_FILES, ConfigError
@@ -25,7 +24,7 @@ from model_lib.predict import (
 from model_lib.prediction_csv import claim_output
 from model_lib.progress import Progress, register, unregister
 from model_lib.settings import INBOX_FOLDER, artifacts_location, is_url
-from tasks.common import KEPT_RESULTS, check_deployment_storage, in_parameter_words
+from tasks.common import KEPT_RESULTS, check_deployment_storage, finished, in_parameter_words
 from tasks.prediction import classify_shard_task, publish_csv_task, write_csv_task
 
 Engine = Literal[ENGINES]
@@ -169,7 +168,7 @@ def batch_predict(
     if fail_on_error and errors:
         raise PredictionErrors(f"{errors} file(s) could not be classified; see the error rows in {destination}")
     # The state's message says the outcome in the UI's run list; the caller gets the summary.
-    return Completed(message=f"{ok} ok ({flagged} flagged unsure), {errors} error -> {destination}", data=summary)
+    return finished(f"{ok} ok ({flagged} flagged unsure), {errors} error -> {destination}", summary)
 
 
 def default_inbox() -> str:

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from prefect import flow, get_run_logger
-from prefect.states import Completed
+from prefect import flow
 from prefect.task_engine import TaskRunTimeoutError
 
 from model_lib.checks import check_training_request
@@ -18,7 +17,7 @@ from model_lib.fileio import read_json
 from model_lib.registry import MANIFEST_FILE, Registry
 from model_lib.report import RunRecord
 from model_lib.settings import artifacts_location
-from tasks.common import KEPT_RESULTS, check_deployment_storage, in_parameter_words
+from tasks.common import KEPT_RESULTS, check_deployment_storage, finished, in_parameter_words
 from tasks.export import export_task
 from tasks.training import (
     calibrate_task,
@@ -143,10 +142,8 @@ def train_cifar(
     config["model_name"] = config["model_name"] or suggested_model_name(dataset.source, dataset.class_names)
     if skip_unchanged and (same := latest_with_run_key(config, dataset.fingerprint)):
         why = f"v{same} was trained on this config and data"
-        get_run_logger().info(f"Nothing to do: {config['model_name']} {why}")
         # The state's message says the outcome in the UI's run list; the caller gets the data.
-        return Completed(message=f"skipped: {config['model_name']} {why}", data={"name": config["model_name"],
-                                                                                  "skipped": why})  # fmt: skip
+        return finished(f"skipped: {config['model_name']} {why}", {"name": config["model_name"], "skipped": why})
     prepared = preprocess_task(config, dataset)
     gates = data_report_task(config, dataset, prepared.run_dir)
     limit = timeout_minutes or training_timeout_minutes(TrainConfig(**config))
@@ -165,7 +162,7 @@ def train_cifar(
     registration = register_task(run, promotion_margin)
     if export:
         registration["exports"] = export_task(registration["path"])
-    return Completed(message=outcome(registration), data=registration)
+    return finished(outcome(registration), registration)
 
 
 class TrainingTimeout(RuntimeError):

@@ -13,7 +13,9 @@ import typing
 from pathlib import Path
 
 from prefect import get_run_logger
+from prefect.logging.handlers import APILogHandler
 from prefect.runtime import deployment
+from prefect.states import Completed
 
 from model_lib.config import ConfigError
 from model_lib.settings import RESULTS_FOLDER, is_url, work_dir
@@ -22,6 +24,14 @@ from model_lib.settings import RESULTS_FOLDER, is_url, work_dir
 def log_info(message: str) -> None:
     """Log a line to the current Prefect run (shown in the UI and on the console)."""
     get_run_logger().info(message)
+
+
+def finished(message: str, data) -> Completed:
+    """A run's final state, its one-line outcome also logged (and sent before the state changes): `prefect
+    deployment run --watch` streams a run's logs but never shows its state's message."""
+    log_info(message)
+    APILogHandler().flush()  # the handler sends in batches; the state change must not overtake the line
+    return Completed(message=message, data=data)
 
 
 def log_warning(message: str) -> None:

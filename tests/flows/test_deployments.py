@@ -287,11 +287,12 @@ def run_the_service_guide(cifar_slice: Path, cifar_dir: Path, tmp_path: Path, we
 
             try:
                 # 4 steps on 160 images: this checks the deployment, not learning.
-                guide_step(5, "--param", "profile=smoke", "--param", "max_train_images=400", "--param",
+                trained_now = guide_step(5, "--param", "profile=smoke", "--param", "max_train_images=400", "--param",
                            "max_test_images=200", "--param", "learned_margin=-1", "--watch-timeout", "900",
                            env=env, timeout=960)  # fmt: skip
                 (trained,) = [run for run in flow_runs(api, "train-cifar/weekly-retrain") if run.state.is_final()]
                 assert trained.state.message == "registered cifar10 v1, champion"
+                assert "registered cifar10 v1, champion" in trained_now.stdout  # --watch shows the outcome
                 kept = trained.state.result()  # Prefect kept the return value, under ARTIFACTS_DIR
                 assert (kept["name"], kept["version"], kept["champion"]) == ("cifar10", 1, True)
                 version_dir = artifacts / "models" / "cifar10" / "v1"
@@ -314,13 +315,14 @@ def run_the_service_guide(cifar_slice: Path, cifar_dir: Path, tmp_path: Path, we
                 assert failed.name in alerts[0]["body"] and "input_dir: not given" in alerts[0]["body"], alerts
 
                 guide_step(6, env=env)  # the inbox, with ~/photos in it
-                guide_step(7, "--watch-timeout", "600", env=env, timeout=660)
+                predicted = guide_step(7, "--watch-timeout", "600", env=env, timeout=660)
                 (written,) = (artifacts / "predictions").glob("inbox-*.csv")  # a new CSV under ARTIFACTS_DIR
                 table = pd.read_csv(written)
                 assert sorted(table["path"]) == sorted(p.name for p in photos.iterdir())
                 assert set(table["status"]) == {"ok"}
                 (done,) = [run for run in flow_runs(api, "batch-predict/on-demand") if run.state.is_completed()]
                 assert done.state.message.startswith("6 ok (") and done.state.message.endswith(f"-> {written}")
+                assert done.state.message.split(" -> ")[0] in predicted.stdout  # the CSV's path may wrap there
 
                 inbox = artifacts / "inbox"
                 with guide_step(8, "--quiet-seconds", "2", "--param", "max_train_images=400", env=env, log=watch_log):
