@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,11 @@ def test_the_page_shows_an_uploads_class_and_live_camera_labels_in_a_real_browse
         card = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f".result[data-path='{photo.name}']"))[0]
         assert card.get_attribute("data-label") == truth[photo.name]
         assert truth[photo.name] in card.text and len(card.find_elements(By.CSS_SELECTOR, ".bar")) == 3
+        assert "answered by cifar10 v1" in card.text  # each card names the version that answered
+        confidence = card.find_element(By.CSS_SELECTOR, ".label").find_element(By.XPATH, "..").text.split()[-1]
+        assert re.fullmatch(r"(>?\d{1,2}\.\d%|100%)", confidence), confidence  # one decimal, never "100.0%"
+        assert "100.0%" not in driver.find_element(By.TAG_NAME, "body").text
+        assert not driver.find_element(By.ID, "notes").is_displayed()  # the engine's notes: behind "details"
 
         driver.find_element(By.ID, "camera").click()
         labels, deadline = [], time.monotonic() + 45
