@@ -9,7 +9,7 @@ SHARED_CIFAR10 := $(abspath ../shared/datasets/cifar10)
 export CIFAR10_DIR ?= $(if $(wildcard $(SHARED_CIFAR10)/train),$(SHARED_CIFAR10),)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install lock run test lint
+.PHONY: install lock run test test-quick lint
 
 # The exact set every install gets, hashes checked: pyproject.toml's ranges resolved by `make lock`.
 LOCK := requirements.lock
@@ -40,6 +40,11 @@ run: install
 # Counted by Python rather than nproc, which macOS lacks.
 WORKERS ?= $(shell $(PYTHON) -c 'import os; print((os.cpu_count() or 1) + 1)')
 PARALLEL ?= -n $(WORKERS) --dist worksteal
+
+# The lane for every change: each test that takes under about 4 s on two cores (no real training beyond a few
+# steps, no service of its own), about 2 minutes in all. `make test` runs everything, as CI does.
+test-quick: install
+	$(BIN)/python -m pytest -m "not slow" $(PARALLEL) $(PYTEST_ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PARALLEL) $(PYTEST_ARGS)

@@ -28,14 +28,23 @@ TF_STARTUP_NOTES = re.compile(r"oneDNN|\bcuInit\b|\babsl\b|\bcuda\b|\bcuDNN\b", 
 CLASS_COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 
 
+# Fixtures that train or start a service for the tests that share them (a minute or more on two cores): every
+# test that uses one is `slow`, out of `make test-quick`, wherever it is declared.
+SLOW_FIXTURES = frozenset({"smoke_on_real_cifar", "trained_and_exported"})
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist, each worker's share of the run starts with its part of the slow tests.
+    """Tests on a slow fixture are marked `slow`; then, under pytest-xdist, each worker's share of the run starts
+    with its part of the slow tests.
 
     worksteal hands each worker a contiguous share of this order and idle workers steal from the others'
     ends. In file order a slow test could start last and hold one worker for over a minute after the
     others had finished; here the slow tests are dealt out first, and the short ones that follow them even
     the finish out. The other tests keep their file order, so a module's fixtures are set up once a worker.
     """
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers < 2:
         return

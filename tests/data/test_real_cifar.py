@@ -17,6 +17,7 @@ def test_real_cifar_slice_ingests_through_the_image_folder_path(cifar_slice, art
     assert 60 < arrays.x_train.mean() < 180 and arrays.x_train.std() > 30  # real photos, not blanks
 
 
+@pytest.mark.slow
 def test_capped_ingest_of_the_full_folder_then_cache(cifar_dir, artifacts):
     lines = []
     first = ingest(str(cifar_dir), artifacts, max_train_images=300, max_test_images=100, log=lines.append)

@@ -87,6 +87,7 @@ def test_concurrent_clients_are_classified_together_in_fewer_model_calls(smoke_r
     assert health["images"] == 40 and health["batches"] < 40, health  # requests that met were batched
 
 
+@pytest.mark.slow
 def test_a_promotion_while_a_client_keeps_requesting_switches_the_version_without_an_error(
     smoke_on_real_cifar, cifar_dir, tmp_path
 ):

@@ -84,6 +84,7 @@ def test_interrupted_run_leaves_no_partial_csv(prefect_harness, registered, cata
     assert [p.name for p in output.parent.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_default_output_and_reference_forms(prefect_harness, registered, catalogue, artifacts):
     results = {}
     for reference in ("cifar10", "cifar10@champion", "cifar10@latest", "cifar10@v1", str(registered)):

@@ -131,6 +131,7 @@ def test_an_earlier_prediction_csv_may_be_replaced_and_overwrite_is_explicit(set
         (["export", "cifar10", "--formats", "int9"], 2, "--formats int9: choose from float32, float16, int8"),
     ],
 )
+@pytest.mark.slow
 def test_the_cli_answers_a_usage_error_in_one_line(setup, arguments, code, words):
     command = [*CLI, *(a.format(inbox=setup) for a in arguments)]
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # `watch` needs one: here there is none
@@ -150,6 +151,7 @@ def test_a_registry_that_cannot_be_written_is_refused_before_training(colour_dat
     assert "the model registry (ARTIFACTS_DIR) is not writable here" in lines[0] and "nothing was started" in lines[0]
 
 
+@pytest.mark.slow
 def test_a_prefect_database_from_another_prefect_version_fails_in_one_line(colour_dataset, tmp_path):
     import sqlite3
 
@@ -181,6 +183,7 @@ def test_a_prefect_setting_that_does_not_validate_is_named_in_one_line_usage_err
     )
 
 
+@pytest.mark.slow
 def test_a_temporary_server_slower_than_its_allowance_fails_in_one_line_instead_of_hanging(colour_dataset, tmp_path):
     # As on 2 busy cores, where CI's run hung until its 600 s timeout: Prefect's start read the stderr of a server
     # still starting. 1 s is shorter than any server start.
@@ -197,6 +200,7 @@ def test_a_temporary_server_slower_than_its_allowance_fails_in_one_line_instead_
 
 
 @pytest.mark.parametrize("arguments", [["export", "cifar10"], ["train", "--export", "--data", "{data}"]])
+@pytest.mark.slow
 def test_exports_under_another_keras_backend_are_refused_before_any_work(colour_dataset, arguments):
     env = {**os.environ, "KERAS_BACKEND": "jax"}
     done = subprocess.run([*CLI, *(a.format(data=colour_dataset) for a in arguments)], capture_output=True,
@@ -261,6 +265,7 @@ def test_two_identical_training_commands_at_once_both_register_and_deterministic
     assert metrics[0]["test_loss"] == metrics[1]["test_loss"] and metrics[0]["per_class"] == metrics[1]["per_class"]
 
 
+@pytest.mark.slow
 def test_a_failed_run_on_the_console_ends_in_one_line_without_tracebacks_or_chatter(tmp_path, artifacts):
     import os
 
@@ -411,6 +416,7 @@ def test_a_class_name_that_looks_like_a_formula_is_neutralised_too(prefect_harne
     assert sorted(read_predictions(output).loc[0, ["top1_label", "top2_label", "top3_label"]]) == sorted(classes)
 
 
+@pytest.mark.slow
 def test_an_unreachable_or_foreign_prefect_api_is_one_line_before_any_work(setup, colour_dataset, artifacts):
     import http.server
     import os

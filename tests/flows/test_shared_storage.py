@@ -83,6 +83,7 @@ def test_a_store_that_cannot_be_used_is_one_error_line(s3_server, tmp_path, pref
     assert done.stderr.strip() == "error: s3://no-such-bucket: no such bucket (create it first)"
 
 
+@pytest.mark.slow
 def test_a_lasting_outage_fails_a_command_with_one_line(s3_artifacts, s3_server, tmp_path, prefect_api_env):
     run = machine(s3_server, s3_artifacts, tmp_path, "a", prefect_api_env)
     s3_server.gate.close()

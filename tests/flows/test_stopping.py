@@ -58,6 +58,7 @@ def test_an_exited_child_nobody_reaped_is_no_leftover_but_a_running_one_is():
 
 @pytest.mark.real_data
 @pytest.mark.parametrize("signum, group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "sigterm"])
+@pytest.mark.slow
 def test_a_prediction_stops_within_seconds_and_leaves_no_csv_and_no_process(
     cifar_dir, artifacts, tmp_path, signum, group
 ):
@@ -73,6 +74,7 @@ def test_a_prediction_stops_within_seconds_and_leaves_no_csv_and_no_process(
 
 
 @pytest.mark.real_data
+@pytest.mark.slow
 def test_a_second_run_writing_the_same_output_is_refused_while_the_first_runs(cifar_dir, artifacts, tmp_path):
     register_keras_model(artifacts, build_model("seed_cnn", 10), tmp_path)
     output = tmp_path / "predictions.csv"

@@ -34,6 +34,7 @@ def manifest_after(version_dir: Path) -> dict:
     return read_json(version_dir / "manifest.json")
 
 
+@pytest.mark.slow
 def test_flow_trains_and_registers_a_complete_version(prefect_harness, colour_dataset, artifacts):
     result = train_cifar(profile="smoke", data=str(colour_dataset), epochs=3, batch_size=8, validation_split=0.25)
     assert result["version"] == 1 and result["champion"]
@@ -103,6 +104,7 @@ def test_the_seed_architecture_learns_under_smoke(prefect_harness, cifar_dir, ar
     assert manifest_after(Path(result["path"]))["config"]["optimizer"] == "adam"
 
 
+@pytest.mark.slow
 def test_flaky_io_is_retried_but_bad_data_fails_at_once_and_leaves_the_champion(
     prefect_harness, colour_dataset, artifacts, monkeypatch
 ):

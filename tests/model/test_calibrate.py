@@ -136,6 +136,7 @@ def test_flags_mark_unlike_images_out_of_distribution_and_doubtful_ones_low_conf
     assert flags(probabilities, pixels, None, None) == [""] * 4  # a model registered before calibration
 
 
+@pytest.mark.slow
 def test_evaluation_takes_calibrations_test_scores_only_when_the_saved_model_reproduces_them(tmp_path):
     import keras
 

@@ -79,6 +79,7 @@ def test_digits_on_a_large_canvas_train_at_their_own_size_with_the_muon_recipe(p
 
 
 # TensorFlow only: under JAX, tiny folders and odd last batches are the learned-nothing test's (24 images, batch 8).
+@pytest.mark.slow
 def test_many_classes_of_few_non_square_images(prefect_harness, tmp_path, artifacts):
     folder = write_hues_dataset(tmp_path / "My Hues!")
     result = train_cifar(
@@ -98,6 +99,7 @@ def test_many_classes_of_few_non_square_images(prefect_harness, tmp_path, artifa
 
 
 @pytest.mark.backends
+@pytest.mark.slow
 def test_a_run_that_learned_nothing_is_refused_and_registers_nothing(prefect_harness, tmp_path, artifacts):
     folder = write_uninformative_dataset(tmp_path / "same")
     options = dict(profile="smoke", data=str(folder), epochs=1, batch_size=8, validation_split=0.5)

@@ -75,6 +75,7 @@ def test_exports_match_keras_and_are_recorded(exported, artifacts):
     assert verify_version(version_dir) == []
 
 
+@pytest.mark.slow
 def test_int8_too_far_below_float32_is_marked_failed(exported, artifacts, monkeypatch):
     version_dir, _ = exported
     monkeypatch.setattr(model_lib.export, "INT8_MAX_DROP", -1.0)  # any int8 result is now "too far below"
@@ -115,6 +116,7 @@ def test_serving_export_is_the_fastest_that_passed_parity():
     assert serving_export(unlisted) is None  # a file the manifest does not vouch for never serves
 
 
+@pytest.mark.slow
 def test_batch_predict_runs_a_tflite_export(exported, colour_dataset, artifacts, tmp_path):
     version_dir, _ = exported
     auto = batch_predict(str(colour_dataset / "test"), output_csv=str(tmp_path / "a.csv"), model=str(version_dir))

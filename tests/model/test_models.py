@@ -35,6 +35,7 @@ def test_seed_cnn_is_the_origin_network():
 
 
 @pytest.mark.parametrize("architecture", ON_EVERY_BACKEND)
+@pytest.mark.slow
 def test_architectures_build_and_train_a_step_on_cpu(architecture):
     model = build_model(architecture, 10, calibration_images=IMAGES, dtype_policy="mixed_bfloat16")
     model.compile(optimizer="sgd", loss="categorical_crossentropy")
@@ -131,6 +132,7 @@ def test_warmup_linear_schedule_rises_from_a_fraction_to_the_peak_then_falls_to_
 
 
 @pytest.mark.parametrize("architecture", ON_EVERY_BACKEND)
+@pytest.mark.slow
 def test_a_seed_gives_the_same_weights_while_other_threads_draw_random_numbers(architecture):
     """Prefect's background threads draw from Python's `random` too: Keras' initializers must not."""
     import random

@@ -37,6 +37,7 @@ def test_the_rule_passes_held_out_images_of_the_classes_and_flags_what_lies_far_
 
 
 @pytest.mark.parametrize("architecture", ["airbench", "seed_cnn"])
+@pytest.mark.slow
 def test_features_ride_along_without_changing_the_probabilities_in_every_serving(architecture, tmp_path):
     pixels = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3)).astype(np.uint8)
     model = with_tta(build_model(architecture, 4, width=0.25, seed=0), translate=architecture == "airbench")

@@ -19,6 +19,7 @@ def _one_step_deltas(model, start_weights, config) -> dict[str, np.ndarray]:
     return {w.path: w.numpy() - s for w, s in zip(model.weights, start_weights, strict=True)}
 
 
+@pytest.mark.slow
 def test_batch_norm_offsets_step_bias_lr_scale_times_further():
     model = build_model("airbench", 10, calibration_images=IMAGES.astype(np.uint8), width=0.25)
     start = [w.numpy() for w in model.weights]
@@ -35,6 +36,7 @@ def test_batch_norm_offsets_step_bias_lr_scale_times_further():
 
 
 @pytest.mark.parametrize("backend_step", ["compiled", "eager"])
+@pytest.mark.slow
 def test_lookahead_blends_into_slow_weights_every_few_steps_with_a_cubic_ramp(backend_step):
     def fresh_model(optimizer):
         keras.utils.set_random_seed(1)
@@ -60,6 +62,7 @@ def test_lookahead_blends_into_slow_weights_every_few_steps_with_a_cubic_ramp(ba
     assert not np.allclose(by_hand.get_weights()[0], with_slow.get_weights()[0], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_lookahead_state_survives_a_checkpoint(tmp_path):
     """A resumed run continues from the same slow copy: it is saved with the optimiser's variables."""
     x, y = rng.normal(size=(8, 4)).astype(np.float32), rng.normal(size=(8, 3)).astype(np.float32)

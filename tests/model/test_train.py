@@ -39,6 +39,7 @@ def _prepare(colour_dataset, artifacts, **overrides):
 
 
 @pytest.mark.backends
+@pytest.mark.slow
 def test_interrupted_run_resumes_where_it_stopped(colour_dataset, artifacts, monkeypatch):
     import model_lib.train
 
@@ -74,6 +75,7 @@ def test_interrupted_run_resumes_where_it_stopped(colour_dataset, artifacts, mon
 
 
 @pytest.mark.backends
+@pytest.mark.slow
 def test_diverged_training_raises_and_saves_no_model(colour_dataset, artifacts):
     from model_lib.train import TrainingDiverged
 
@@ -103,6 +105,7 @@ class CrashInEpoch(keras.callbacks.Callback):
 
 @pytest.mark.backends
 @pytest.mark.parametrize("saves", [1, 2])
+@pytest.mark.slow
 def test_a_checkpoint_cut_short_by_a_kill_never_blocks_the_resume(colour_dataset, artifacts, saves):
     config, dataset, split_path, run_dir = _prepare(colour_dataset, artifacts, epochs=4)
     with pytest.raises(Interrupt):
@@ -120,6 +123,7 @@ def test_a_checkpoint_cut_short_by_a_kill_never_blocks_the_resume(colour_dataset
 
 
 @pytest.mark.backends
+@pytest.mark.slow
 def test_a_long_epoch_reports_progress_from_hooks_run_off_the_training_loop(colour_dataset, artifacts, monkeypatch):
     """Progress lines with rate and time left. Under JAX the callbacks' batch-end hooks run in Keras' thread pool,
     so the loop never waits for each step to finish (on a GPU, a third of an epoch). A hook there must neither

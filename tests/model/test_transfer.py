@@ -52,6 +52,7 @@ def test_imagenet_offline_and_missing_files_explain_what_to_do(monkeypatch, tmp_
 
 
 @pytest.mark.backends
+@pytest.mark.slow
 def test_two_phases_frozen_head_then_fine_tuning(colour_dataset, artifacts, tmp_path):
     weights = tmp_path / "pretrained.weights.h5"
     build_model("transfer", 10).get_layer(BACKBONE_LAYER_NAME).save_weights(weights)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -61,6 +62,7 @@ def test_models_commands(artifacts, tmp_path):
     assert not (artifacts / "models" / "nosuch").exists()
 
 
+@pytest.mark.slow
 def test_train_command_passes_every_option_to_the_flow(prefect_harness, colour_dataset, artifacts):
     result = runner.invoke(
         app,

@@ -280,6 +280,7 @@ def run_at_once(target, argument_lists: list[tuple], timeout: float = 300) -> li
     return [queue.get(timeout=5) for _ in workers]
 
 
+@pytest.mark.slow
 def test_eight_processes_registering_at_once_all_succeed(artifacts, files):
     versions = sorted(run_at_once(_register_in_process, [(str(artifacts), files, 0.5 + i / 100) for i in range(8)]))
     assert versions == list(range(1, 9))

@@ -92,6 +92,7 @@ def _register_from_own_cache(url: str, cache: str, files: dict, accuracy: float,
     queue.put(Registry(url).register(files, manifest(accuracy)).version)
 
 
+@pytest.mark.slow
 def test_eight_processes_with_their_own_caches_register_at_once_and_none_is_lost(s3_artifacts, files, tmp_path):
     machines = [(s3_artifacts, str(tmp_path / f"cache{i}"), files, 0.5 + i / 100) for i in range(8)]
     versions = sorted(run_at_once(_register_from_own_cache, machines))
@@ -113,6 +114,7 @@ def _promote_or_score(url: str, cache: str, version: int, queue) -> None:
     queue.put(version)
 
 
+@pytest.mark.slow
 def test_alias_moves_and_scores_from_several_processes_are_all_kept(s3_artifacts, files, tmp_path):
     registry = Registry(s3_artifacts)
     for accuracy in (0.5, 0.4, 0.3, 0.2):
@@ -139,6 +141,7 @@ registry.Registry(os.environ["ARTIFACTS_DIR"]).register(files, manifest(0.9))
 
 
 @pytest.mark.parametrize(("step", "listed"), [("uploading", False), ("renamed", True)])
+@pytest.mark.slow
 def test_a_writer_killed_mid_registration_leaves_the_registry_valid_and_the_next_one_cleans_up(
     s3_artifacts, s3_server, files, tmp_path, step, listed
 ):
@@ -184,6 +187,7 @@ def test_a_file_tampered_with_in_the_bucket_is_refused_on_promotion_and_on_a_fre
         Registry(s3_artifacts).resolve("v2")
 
 
+@pytest.mark.slow
 def test_a_short_outage_is_retried_and_a_lasting_one_is_one_clear_error(s3_artifacts, s3_server, files, monkeypatch):
     registry = Registry(s3_artifacts)
     registry.register(files, manifest(0.5))
