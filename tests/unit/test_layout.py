@@ -3,6 +3,7 @@ import graph is at most 4 floors deep, and docs/layout.md names every module."""
 
 import ast
 import functools
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,3 +59,19 @@ def test_the_layout_page_names_every_module():
     modules = [p.relative_to(ROOT).as_posix() for layer in ("flows", "tasks", "model_lib")
                for p in sorted((ROOT / layer).glob("*.py")) if p.name != "__init__.py"]  # fmt: skip
     assert [m for m in modules if f"`{m}`" not in page] == []
+
+
+def test_every_library_and_flow_module_has_a_test_file_named_for_it_or_one_named_on_the_layout_page():
+    page = (ROOT / "docs" / "layout.md").read_text()
+    covered = {line.split("|")[1].strip(" `"): line for line in page.splitlines() if line.startswith("| `")}
+    named = {path.stem.removeprefix("test_") for path in (ROOT / "tests").rglob("test_*.py")}
+    missing = []
+    for layer in ("flows", "model_lib"):
+        for path in sorted((ROOT / layer).glob("*.py")):
+            module = path.relative_to(ROOT).as_posix()
+            if path.name == "__init__.py" or path.stem in named:
+                continue
+            files = re.findall(r"`(tests/[\w/]+\.py)`", covered.get(module, ""))
+            if not files or not all((ROOT / file).is_file() for file in files):
+                missing.append(module)
+    assert missing == [], "no test file named for these, and none (or a missing one) in docs/layout.md's table"
