@@ -21,7 +21,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -59,6 +59,8 @@ class AppSettings:
     max_megapixels: float = MAX_MEGAPIXELS  # per image
     reload_seconds: float = RELOAD_SECONDS  # how often the reference is resolved again
     engine: str = "auto"
+    # Host header names answered, beside the loopback names; ("*",) answers any (a wildcard listen with a token).
+    allowed_hosts: tuple[str, ...] = ()
 
     @property
     def max_upload_bytes(self) -> int:
@@ -67,6 +69,14 @@ class AppSettings:
 
 def is_loopback(host: str) -> bool:
     return host in LOOPBACK or host.startswith("127.")
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port or an IPv6 address's brackets ("" when malformed)."""
+    try:
+        return (urlsplit(f"//{header}").hostname or "").lower()
+    except ValueError:
+        return ""
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -95,13 +105,21 @@ class Guard:
     body over `limit` bytes refused with 413 before it is read (Content-Length) or as soon as it passes
     the limit (a chunked upload)."""
 
-    def __init__(self, app, limit: int, token: str | None):
+    def __init__(self, app, limit: int, token: str | None, hosts: tuple[str, ...] = ()):
         self.app, self.limit, self.token = app, limit, token
+        # A web page the user visits can point a name of its own at 127.0.0.1 (DNS rebinding) and read a
+        # token-less loopback app: its requests carry that name in Host, so only the names served are answered.
+        self.hosts = None if "*" in hosts else frozenset(host_name(h) or h for h in (*LOOPBACK, *hosts))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.hosts is not None and host_name(host) not in self.hosts and not host_name(host).startswith("127."):
+            detail = (f"Host {host!r} is not a name this app serves ({', '.join(sorted(self.hosts))}); start it "
+                      "with --allowed-hosts to add one")  # fmt: skip
+            return await self._answer(send, 400, detail)
         if self.token and scope["path"].startswith("/api/") and not self._authorised(scope, headers):
             detail = "missing or wrong token: send the header 'Authorization: Bearer <token>'"
             return await self._answer(send, 401, detail, {"WWW-Authenticate": "Bearer"})
@@ -168,7 +186,7 @@ def create_app(settings: AppSettings, live: LiveModel | None = None) -> FastAPI:
     app = FastAPI(title="cifar-pipeline", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")  # fmt: skip
     app.state.live, app.state.batcher = live, Batcher(lambda: live.served)
-    app.add_middleware(Guard, limit=settings.max_upload_bytes, token=settings.token)
+    app.add_middleware(Guard, limit=settings.max_upload_bytes, token=settings.token, hosts=settings.allowed_hosts)
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:

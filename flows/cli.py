@@ -465,12 +465,24 @@ def app_command(
     max_megapixels: Annotated[float, typer.Option(help="Largest image, read from its header.")] = MAX_MEGAPIXELS,
     reload_seconds: Annotated[float, typer.Option(help="How often the reference is resolved again.")] = RELOAD_SECONDS,
     engine: EngineOption = ENGINES[0],
+    allowed_hosts: Annotated[
+        str,
+        typer.Option(
+            help="Names (comma-separated) clients may reach it by, beside loopback's and --host's; "
+            "a wildcard --host answers any name unless these are given."
+        ),  # fmt: skip
+    ] = "",
 ) -> None:
     """Serve the HTTP prediction API and the web page (drag-and-drop, webcam, registry) until Ctrl-C."""
-    from flows.app import AppSettings, is_loopback, listen
+    from flows.app import AppSettings, host_name, is_loopback, listen
 
+    names = tuple(name.strip() for name in allowed_hosts.split(",") if name.strip())
+    if bad := [name for name in names if name != "*" and host_name(name) != name.lower().strip("[]")]:
+        raise ConfigError(f"--allowed-hosts {bad[0]!r} is not a host name or address (no scheme, port or path)")
+    wildcard = host in ("0.0.0.0", "::", "")
+    hosts = names or ("*",) if wildcard else (host, *names)
     settings = AppSettings(model, artifacts_location(), token or None, max_upload_mb, max_megapixels,
-                           reload_seconds, engine)  # fmt: skip
+                           reload_seconds, engine, hosts)  # fmt: skip
     if not is_loopback(host) and not settings.token:
         raise ConfigError(f"--host {host} listens beyond this machine: give a token (--token, or set "
                           f"{TOKEN_ENV}) that every API call must carry")  # fmt: skip

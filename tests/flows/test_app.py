@@ -178,3 +178,25 @@ def test_the_app_command_refuses_to_listen_beyond_loopback_without_a_token(tmp_p
         "error: --host 0.0.0.0 listens beyond this machine: give a token (--token, or set CIFAR_PIPELINE_TOKEN) "
         "that every API call must carry"
     )
+
+
+def test_only_the_names_it_serves_are_answered_so_a_rebound_dns_name_reads_nothing(artifacts, tmp_path):
+    """A web page can point a name of its own at 127.0.0.1 (DNS rebinding) and read a token-less loopback app;
+    its requests carry that name in Host. An untrained registered model is enough: no answer reaches the model."""
+    from model_lib.models import build_model
+    from tests.registered import register_keras_model
+
+    register_keras_model(artifacts, build_model("seed_cnn", 10), tmp_path)
+    settings = AppSettings(artifacts_root=str(artifacts))
+    with background_server(create_app(settings)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        port = url.rsplit(":", 1)[1]
+        for name in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST"):
+            assert client.get("/api/models", headers={"Host": name}).status_code == 200, name
+        for name in (f"attacker.example:{port}", "localhost.attacker.example", ""):
+            refused = client.get("/api/models", headers={"Host": name})
+            assert refused.status_code == 400 and "is not a name this app serves" in refused.json()["detail"], name
+        assert client.get("/", headers={"Host": "attacker.example"}).status_code == 400  # the page too
+    named = AppSettings(artifacts_root=str(artifacts), allowed_hosts=("ml-box.lan",))
+    with background_server(create_app(named)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/api/models", headers={"Host": "ml-box.lan:8000"}).status_code == 200
+        assert client.get("/api/models", headers={"Host": "other.lan"}).status_code == 400

@@ -136,3 +136,15 @@ def test_the_train_command_and_the_flow_take_the_same_options():
             literal = next(a for a in typing.get_args(flow[field].annotation) if typing.get_origin(a) is typing.Literal)
             assert typing.get_args(literal) == choices, field
     assert {"jit_compile", "network_width", "optimizer", "label_smoothing"} <= set(command)  # docs/training.md's
+
+
+def test_an_allowed_host_that_is_not_a_bare_name_is_a_usage_error_before_anything_loads():
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", "from flows.cli import main; main()", "app", "--allowed-hosts",
+               "ml-box.lan,http://ml-box.lan:8000/"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "error: --allowed-hosts 'http://ml-box.lan:8000/' is not a host name or address (no scheme, port or path)"
+    ), done.stderr
