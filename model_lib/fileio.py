@@ -165,6 +165,10 @@ def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
 # ----- stores: a local folder or an object store -------------------------------------------------
 
 STORE_RETRY_SECONDS = 30.0  # how long a store that does not answer is retried before the run fails
+# One request's own limits, inside that budget: a server that accepts connections and never answers (frozen,
+# overloaded) costs one read timeout an attempt, not botocore's 60 s times its and s3fs's own retries.
+STORE_CONNECT_SECONDS = 5.0
+STORE_READ_SECONDS = 10.0
 STORE_LOCK_SECONDS = 300  # how long a local compare-and-swap waits for another writer's lock
 SYNC_BATCH_FILES = 32  # downloads in flight while a local copy of a folder is brought up to date
 MIRROR_INDEX = ".mirror.json"  # in a local copy of an object-store folder: each file's size and ETag
@@ -361,15 +365,20 @@ class S3Store(Store):
         self.url = url.rstrip("/")
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
-        # Few attempts inside botocore: the outage budget is `_retrying`'s, measured in seconds. fsspec
-        # keeps one instance (and its connection pool) per process for these arguments: a new client per
-        # store would leak its sockets. The endpoint is part of the key, so a changed AWS_ENDPOINT_URL
-        # gets its own.
+        # One attempt inside botocore and s3fs, each bounded by its own timeouts: the outage budget is
+        # `_retrying`'s, measured in seconds. fsspec keeps one instance (and its connection pool) per process
+        # for these arguments: a new client per store would leak its sockets. The endpoint is part of the key,
+        # so a changed AWS_ENDPOINT_URL gets its own.
         self.fs = s3fs.S3FileSystem(
             use_listings_cache=False,
             endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
-            config_kwargs={"retries": {"max_attempts": 2}},
+            config_kwargs={
+                "retries": {"max_attempts": 1},
+                "connect_timeout": STORE_CONNECT_SECONDS,
+                "read_timeout": STORE_READ_SECONDS,
+            },  # fmt: skip
         )
+        self.fs.retries = 1  # s3fs's own loop (5 tries of every timed-out call) would multiply each attempt
 
     def _key(self, key: str) -> str:
         return "/".join(part for part in (self.prefix, *key.split("/")) if part)

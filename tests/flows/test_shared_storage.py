@@ -7,8 +7,10 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +95,25 @@ def test_a_lasting_outage_fails_a_command_with_one_line(s3_artifacts, s3_server,
         s3_server.gate.open()
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"error: {s3_artifacts}/models/cifar10/registry.json: the object store did not answer")
+
+
+@pytest.mark.slow
+def test_a_frozen_store_fails_a_command_within_its_budget(s3_artifacts, s3_server, tmp_path, prefect_api_env):
+    """A server that accepts connections and never answers (SIGSTOP), unlike a closed port: each request's own
+    timeouts and retries must sit inside the store's budget, not add up to minutes (236 s once)."""
+    from model_lib.fileio import STORE_READ_SECONDS, STORE_RETRY_SECONDS
+
+    run = machine(s3_server, s3_artifacts, tmp_path, "a", prefect_api_env)
+    os.kill(s3_server.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        done = run("models", "list", expect=1)
+        took = time.monotonic() - started
+    finally:
+        os.kill(s3_server.process.pid, signal.SIGCONT)
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {s3_artifacts}/models/cifar10/registry.json: the object store did not answer")
+    assert took < STORE_RETRY_SECONDS + STORE_READ_SECONDS + 15, took  # 15 s: the CLI's own start
 
 
 def upload_folder(s3_server, folder: Path, url: str) -> None:
