@@ -85,10 +85,30 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         handle.write("\n")
 
 
+class CorruptFile(ValueError):
+    """A file the project wrote does not parse (truncated, or edited by hand); the message names it."""
+
+
 def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file."""
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    """Read a JSON file.
+
+    Raises:
+        CorruptFile: It is not valid JSON (one line naming the file, not a JSONDecodeError's traceback).
+    """
+    with open(path, "rb") as handle:
+        return parse_json(handle.read(), str(path))
+
+
+def parse_json(data: bytes, where: str) -> Any:
+    """JSON bytes read from `where` (a path or a store URL, for the message).
+
+    Raises:
+        CorruptFile: They are not valid JSON.
+    """
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CorruptFile(f"{where}: not valid JSON ({error}): truncated or edited; restore it from a copy") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:

@@ -47,6 +47,7 @@ from model_lib.fileio import (
     content_tag,
     open_store,
     owned_folder,
+    parse_json,
     process_gone,
     process_tag,
     read_json,
@@ -252,6 +253,7 @@ class Registry:
         """The verified copy's folder and the problems found (named by their place in the store) when the files
         were downloaded now. A copy whose store files no longer match is dropped, so no later read serves it."""
         data = self.store.read(f"v{version}/{MANIFEST_FILE}")
+        listed = parse_json(data, self.store.where(f"v{version}/{MANIFEST_FILE}"))["files"]
         folder = self._mirror_dir(version, data)
         if (folder / MANIFEST_FILE).is_file() and not fresh:
             return folder, []
@@ -259,7 +261,7 @@ class Registry:
         remove_abandoned(self.root, STAGING_PREFIX)
         staging = owned_folder(self.root, STAGING_PREFIX)
         try:
-            for name in json.loads(data)["files"]:
+            for name in listed:
                 try:
                     self.store.download(f"v{version}/{name}", staging / name)
                 except FileNotFoundError:

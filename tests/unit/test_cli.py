@@ -148,3 +148,17 @@ def test_an_allowed_host_that_is_not_a_bare_name_is_a_usage_error_before_anythin
     assert done.returncode == 2 and done.stderr.strip() == (
         "error: --allowed-hosts 'http://ml-box.lan:8000/' is not a host name or address (no scheme, port or path)"
     ), done.stderr
+
+
+def test_a_truncated_manifest_is_one_line_naming_it_for_verify_and_predict(artifacts, tmp_path):
+    import subprocess
+    import sys
+
+    Registry(artifacts).register(make_model_files(tmp_path / "run"), manifest(0.5))
+    path = artifacts / "models" / "cifar10" / "v1" / "manifest.json"
+    path.write_bytes(path.read_bytes()[:100])
+    script = [sys.executable, "-c", "from flows.cli import main; main()"]
+    for command in (["models", "verify", "cifar10@v1"], ["predict", str(tmp_path), "--model", "cifar10@v1"]):
+        done = subprocess.run(script + command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, (command, done.stderr[-2000:])
+        assert done.stderr.strip().splitlines()[-1].startswith(f"error: {path}: not valid JSON ("), done.stderr

@@ -66,6 +66,12 @@ def test_verify_reads_the_store_not_this_machines_verified_copy(s3_artifacts, s3
     assert not cached.exists()  # dropped: nothing reads the stale copy again
     with pytest.raises(ChecksumError, match="metrics.json"):
         Registry(s3_artifacts).resolve("v1")
+    s3_server.client().put_object(Bucket=bucket, Key=f"{prefix}/models/cifar10/v1/manifest.json", Body=b'{"files"')
+    truncated = CliRunner().invoke(app, ["models", "verify", "cifar10@v1"])
+    assert str(truncated.exception) == (
+        f"{s3_artifacts}/models/cifar10/v1/manifest.json: not valid JSON (Expecting ':' delimiter: line 1 column 9 "
+        "(char 8)): truncated or edited; restore it from a copy"
+    )
     with pytest.raises(RegistryError, match=r"no version is champion yet; registered here: cifar10 \(name one"):
         Registry(s3_artifacts, "digits").resolve("champion")  # the store's registries, named
 
