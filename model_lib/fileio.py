@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -196,6 +197,10 @@ REMOTE_SCHEMES = ("s3",)  # object stores with conditional writes, which the reg
 T = TypeVar("T")
 
 
+# S3's rule for bucket names, which S3-compatible servers share: checked before any request is made.
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
 class StoreError(Exception):
     """The store cannot be reached or refuses a request; the message names the URL and the cause."""
 
@@ -216,6 +221,11 @@ def check_location(location: str) -> None:
         )
     if not parsed.netloc:
         raise StoreError(f"{location}: an s3:// URL needs a bucket (s3://bucket/prefix)")
+    if not BUCKET_NAME.fullmatch(parsed.netloc):
+        raise StoreError(
+            f"{location}: {parsed.netloc!r} is not a bucket name (3-63 lowercase letters, digits, '.' and '-', "
+            "starting and ending with a letter or digit)"
+        )
     try:
         import s3fs  # noqa: F401
     except ImportError as error:
@@ -359,6 +369,12 @@ def _client_error_code(error: BaseException) -> str | None:
     return None
 
 
+def _no_credentials(error: BaseException) -> bool:
+    from botocore.exceptions import NoCredentialsError
+
+    return any(isinstance(cause, NoCredentialsError) for cause in (error, error.__cause__, error.__context__))
+
+
 def _is_transient(error: BaseException) -> bool:
     """A failure a retry may cure: no connection, a timeout, throttling, a 5xx."""
     from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -420,6 +436,11 @@ class S3Store(Store):
                     raise StoreError(f"s3://{self.bucket}: no such bucket (create it first)") from error
                 if isinstance(error, FileNotFoundError | FileExistsError):
                     raise
+                if _no_credentials(error):
+                    raise StoreError(
+                        f"{self.where(key)}: no credentials for the object store: set AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for a server that is not AWS"
+                    ) from None
                 if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
                     raise StoreError(
                         f"{self.where(key)}: access denied ({code}): check the AWS_* credentials"

@@ -97,6 +97,25 @@ def test_a_lasting_outage_fails_a_command_with_one_line(s3_artifacts, s3_server,
     assert line.startswith(f"error: {s3_artifacts}/models/cifar10/registry.json: the object store did not answer")
 
 
+def test_missing_credentials_and_a_bad_bucket_name_are_one_error_line(s3_artifacts, s3_server, tmp_path):
+    """The most common first-day mistakes with an object store, each one line (they were pages of botocore)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    base = {**clean, "HOME": str(tmp_path), "CIFAR_PIPELINE_CACHE": str(tmp_path / "cache"),
+            "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip  # no instance-metadata look-up off this machine
+    script = [sys.executable, "-c", "from flows.cli import main; main()", "models", "list"]
+    cases = {
+        "no credentials": ({"ARTIFACTS_DIR": s3_artifacts, "AWS_ENDPOINT_URL": s3_server.endpoint},
+                           f"error: {s3_artifacts}/models/cifar10/registry.json: no credentials for the object store: "
+                           "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        "bad bucket": ({**s3_server.env, "ARTIFACTS_DIR": "s3://Bad_Bucket!/x"},
+                       "error: s3://Bad_Bucket!/x/models/cifar10: 'Bad_Bucket!' is not a bucket name"),
+    }  # fmt: skip
+    for case, (env, expected) in cases.items():
+        done = subprocess.run(script, env={**base, **env}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and done.stderr.strip().startswith(expected), (case, done.stderr[-2000:])
+        assert len(done.stderr.strip().splitlines()) == 1, (case, done.stderr[-2000:])
+
+
 @pytest.mark.slow
 def test_a_frozen_store_fails_a_command_within_its_budget(s3_artifacts, s3_server, tmp_path, prefect_api_env):
     """A server that accepts connections and never answers (SIGSTOP), unlike a closed port: each request's own
