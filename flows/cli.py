@@ -16,6 +16,7 @@ import typer
 from flows import stopping
 from model_lib.checks import check_training_request
 from model_lib.config import (
+    APP_BOUNDS,
     APP_PORT,
     AUTO_IMAGE_SIZES,
     BATCH_IMAGES,
@@ -30,6 +31,7 @@ from model_lib.config import (
     ConfigError,
     TrainConfig,
     check_engine,
+    check_number,
     check_timeout,
     config_overrides,
     parse_image_size,
@@ -488,8 +490,7 @@ def app_command(
                           f"{TOKEN_ENV}) that every API call must carry")  # fmt: skip
     for option, value in (("--max-upload-mb", max_upload_mb), ("--max-megapixels", max_megapixels),
                           ("--reload-seconds", reload_seconds)):  # fmt: skip
-        if not value > 0:
-            raise ConfigError(f"{option} must be more than 0, not {value}")
+        check_number(option, value, **APP_BOUNDS[option])
     check_engine(engine)
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be from 0 to 65535, not {port}")

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from model_lib.config import ConfigError
+from model_lib.config import QUIET_SECONDS_BOUNDS, ConfigError, check_number
 from model_lib.images import is_image_name
 
 TRAINING_EVENT = "cifar-pipeline.training-data.changed"
@@ -37,8 +37,7 @@ def check_watch_request(data: str | None, inbox: str | None, quiet_seconds: floa
     for role, path in folders.items():
         if not path.is_dir():
             raise ConfigError(f"--{role} {path}: folder not found")
-    if not quiet_seconds > 0:
-        raise ConfigError(f"--quiet-seconds must be above 0, not {quiet_seconds}")
+    check_number("--quiet-seconds", quiet_seconds, **QUIET_SECONDS_BOUNDS)
     if not PREFECT_API_URL.value():
         raise ConfigError(
             "watch sends events to a server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api, see README)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 
@@ -37,6 +38,26 @@ def check_count(option: str, value: int) -> None:
         raise ConfigError(f"{option} must be at least 1, not {value}")
     if most is not None and value > most:
         raise ConfigError(f"{option} must be at most {most:,}, not {value:,}")
+
+
+def check_number(option: str, value: float, *, above: float | None = None, at_least: float | None = None,
+                 at_most: float | None = None) -> None:  # fmt: skip
+    """Refuse a number outside its bounds, and inf and nan always: they pass `> 0` checks and then break a
+    service (`app --reload-seconds inf` stopped following promotions, `1e-6` spun a core).
+
+    Raises:
+        ConfigError: Naming the option, its bounds and the value.
+    """
+    bounds = [f"above {above:g}" if above is not None else "", f"at least {at_least:g}" if at_least is not None
+              else "", f"at most {at_most:g}" if at_most is not None else ""]  # fmt: skip
+    if not (
+        math.isfinite(value)
+        and (above is None or value > above)
+        and (at_least is None or value >= at_least)
+        and (at_most is None or value <= at_most)
+    ):
+        wanted = " and ".join(bound for bound in bounds if bound) or "finite"
+        raise ConfigError(f"{option} must be a number {wanted}, not {value}")
 
 
 AUTO = "auto"  # image_size: chosen from the data
@@ -217,6 +238,12 @@ APP_PORT = 8000
 MAX_UPLOAD_MB = 10  # MB (10^6 bytes): a request body, all its images together
 MAX_MEGAPIXELS = 25  # million pixels per image, read from its header (a 24-megapixel camera photo fits)
 RELOAD_SECONDS = 2.0  # how often the served reference is resolved again (an alias may have moved)
+# The sane range of each of the app's and watch's numbers: below the floors a loop spins a core, above the
+# ceilings a limit means nothing.
+APP_BOUNDS = {"--max-upload-mb": dict(above=0, at_most=100_000), "--max-megapixels": dict(above=0, at_most=1_000),
+              "--reload-seconds": dict(at_least=0.1, at_most=86_400)}  # fmt: skip
+QUIET_SECONDS_BOUNDS = dict(at_least=0.1, at_most=86_400)
+MAX_TIMEOUT_MINUTES = 7 * 24 * 60  # a run's time limit: a week
 TOKEN_ENV = "CIFAR_PIPELINE_TOKEN"  # the app's token, when not given as --token
 CHOICES = {  # the fields that take one of a few names
     "architecture": ("airbench", "seed_cnn", "transfer"),  # model_lib.models.ARCHITECTURES
@@ -370,8 +397,8 @@ def profile_time(profile: str) -> str:
 
 def check_timeout(minutes: float | None) -> None:
     """Raises ConfigError unless `minutes` (a run's time limit, empty for the default) is above 0."""
-    if minutes is not None and not minutes > 0:
-        raise ConfigError(f"--timeout-minutes must be above 0, not {minutes}")
+    if minutes is not None:
+        check_number("--timeout-minutes", minutes, above=0, at_most=MAX_TIMEOUT_MINUTES)
 
 
 def training_timeout_minutes(config: TrainConfig) -> float:
