@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 from model_lib.config import ConfigError
 
@@ -81,6 +82,23 @@ def install_alerts(
     return [automation.name for automation in automations]
 
 
+def check_webhook(url: str) -> None:
+    """Refuse a webhook no alert could ever be delivered to (`http://`, `http://[::1`, a space in the host).
+
+    Raises:
+        ConfigError: Naming the variable, the URL and what is wrong with it.
+    """
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parsing the port is the check)
+    except ValueError as error:
+        raise ConfigError(f"{WEBHOOK_ENV} {url!r}: not a URL ({error})") from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"{WEBHOOK_ENV} {url!r}: not an http(s) URL")
+    if not parts.hostname or any(char.isspace() or char in '<>"{}|\\^`' for char in parts.netloc):
+        raise ConfigError(f"{WEBHOOK_ENV} {url!r}: no valid host name in it")
+
+
 def notification_block(webhook: str | None, block: str | None):
     """The id of the block alerts are sent through."""
     from prefect.blocks.abstract import NotificationBlock
@@ -88,8 +106,7 @@ def notification_block(webhook: str | None, block: str | None):
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
     if webhook:
-        if not webhook.startswith(("http://", "https://")):
-            raise ConfigError(f"{WEBHOOK_ENV} {webhook!r}: not an http(s) URL")
+        check_webhook(webhook)
         return CustomWebhookNotificationBlock(name=WEBHOOK_BLOCK, url=webhook, json_data=WEBHOOK_JSON).save(
             WEBHOOK_BLOCK, overwrite=True
         )

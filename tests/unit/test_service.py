@@ -46,3 +46,18 @@ def test_watch_params_become_the_retrains_parameters(tmp_path):
 def test_the_overdue_alert_waits_one_schedule_period():
     assert schedule_period("0 3 * * 0", "UTC") == timedelta(days=7)
     assert schedule_period("0 */6 * * *") == timedelta(hours=6)
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [("http://", "no valid host name"), ("http://[::1", "not a URL (Invalid IPv6 URL)"),
+     ("https://exa mple.com/x", "no valid host name"), ("not-a-url", "not an http(s) URL"),
+     ("http://hooks.example:99999/x", "not a URL (Port out of range")],
+)  # fmt: skip
+def test_a_webhook_no_alert_could_reach_is_refused_before_anything_is_installed(url, why):
+    from flows.alerts import WEBHOOK_ENV, check_webhook
+
+    with pytest.raises(ConfigError) as refused:
+        check_webhook(url)
+    assert str(refused.value).startswith(f"{WEBHOOK_ENV} {url!r}: {why}")
+    check_webhook("https://hooks.slack.com/services/T000/B000/XXXX")  # the guide's example passes
