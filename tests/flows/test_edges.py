@@ -452,12 +452,14 @@ def test_an_unreachable_or_foreign_prefect_api_is_one_line_before_any_work(setup
         for api, words in cases:
             env = {**os.environ, "ARTIFACTS_DIR": str(artifacts), "PREFECT_API_URL": api}
             for command in (["train", "--data", str(colour_dataset), "--profile", "smoke"],
-                            ["predict", str(setup), "--output", str(artifacts.parent / "never.csv")]):  # fmt: skip
+                            ["predict", str(setup), "--output", str(artifacts.parent / "never.csv")],
+                            ["watch", "--inbox", str(setup)]):  # fmt: skip  # not "Watching", then lost events
                 started = time.monotonic()
                 done = subprocess.run([*CLI, *command], env=env, capture_output=True, text=True, timeout=120)
                 lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
                 assert done.returncode == 1 and lines == [lines[0]] and f"PREFECT_API_URL={api}: {words}" in lines[0]
                 assert "Traceback" not in done.stderr and time.monotonic() - started < 60, done.stderr[-2000:]
+                assert "Watching" not in done.stdout
                 assert not (artifacts / "runs").exists() and not (artifacts.parent / "never.csv").exists()
     finally:
         foreign.shutdown()
