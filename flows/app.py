@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import logging
 import socket
 import threading
 from dataclasses import dataclass
@@ -26,9 +27,10 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from flows.live import (
     MAX_FILES,
@@ -45,6 +47,7 @@ from model_lib.report import PLOTS
 from model_lib.settings import REGISTRY_FOLDER
 
 PAGE = Path(__file__).with_name("app_page.html")
+LOG = logging.getLogger("cifar_pipeline.app")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -207,6 +210,9 @@ def create_app(settings: AppSettings, live: LiveModel | None = None) -> FastAPI:
             raise HTTPException(422, f"top_k must be from 1 to the model's {classes} classes, not {top_k}")
         try:
             form = await request.form(max_files=MAX_FILES, max_fields=8)
+        except ClientDisconnect:  # a closed tab or a flaky network: nobody is left to answer, nothing failed here
+            LOG.debug("%s:%s went away during its upload", *(request.client or ("a client", "")))
+            return Response(status_code=400)
         except MultiPartException as error:
             raise HTTPException(400, f"not a multipart upload this API takes: {error.message}") from None
         except AssertionError:  # Starlette's own check that python-multipart is there, or a non-form body
