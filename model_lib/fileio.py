@@ -292,6 +292,10 @@ class Store:
         """Seconds since the object was last written."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Raise StoreError now if the store cannot be used at all (a bucket that does not exist), rather than
+        after a run's work."""
+
     def where(self, key: str = "") -> str:
         """The full location of a key, for messages."""
         return "/".join([self.url.rstrip("/"), *[part for part in key.split("/") if part]])
@@ -421,6 +425,17 @@ class S3Store(Store):
 
     def _path(self, key: str) -> str:
         return f"{self.bucket}/{self._key(key)}"
+
+    def check(self) -> None:
+        def head() -> None:
+            try:
+                self.fs.call_s3("head_bucket", Bucket=self.bucket)
+            except (FileNotFoundError, PermissionError) as error:
+                if _client_error_code(error) in ("404", "NoSuchBucket") or isinstance(error, FileNotFoundError):
+                    raise StoreError(f"s3://{self.bucket}: no such bucket (create it first)") from None
+                raise
+
+        self._retrying("look up", "", head)
 
     def _put(self, key: str, data: bytes, **condition: str) -> None:
         self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._key(key), Body=data, **condition)

@@ -82,7 +82,9 @@ def check_remote_output(output: str, overwrite: bool) -> None:
         raise ConfigError(f"{output}: inside a model registry (a models/ folder); write the CSV elsewhere")
     if is_image_name(name) or not name:
         raise ConfigError(f"{output}: not a CSV file name; --output takes a CSV file path")
-    if not overwrite and open_store(folder).exists(name):
+    store = open_store(folder)
+    store.check()  # a missing bucket now, not after the whole run
+    if not overwrite and store.exists(name):
         raise ConfigError(f"{output}: exists; refusing to overwrite it (choose another --output, or pass --overwrite)")
 
 

@@ -116,6 +116,24 @@ def test_missing_credentials_and_a_bad_bucket_name_are_one_error_line(s3_artifac
         assert len(done.stderr.strip().splitlines()) == 1, (case, done.stderr[-2000:])
 
 
+def test_an_output_in_a_bucket_that_does_not_exist_is_refused_before_any_work(s3_server, artifacts, tmp_path):
+    from model_lib.models import build_model
+    from tests.registered import register_keras_model
+
+    register_keras_model(artifacts, build_model("seed_cnn", 10), tmp_path)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    Image.new("RGB", (32, 32)).save(inbox / "a.png")
+    env = {**os.environ, **s3_server.env, "ARTIFACTS_DIR": str(artifacts)}
+    command = [sys.executable, "-c", "from flows.cli import main; main()", "predict", str(inbox), "--output",
+               "s3://no-such-bucket-here/reports/x.csv", "--overwrite"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "error: s3://no-such-bucket-here: no such bucket (create it first)"
+    ], done.stderr[-2000:]
+    assert not (artifacts / "predictions").exists()
+
+
 @pytest.mark.slow
 def test_a_frozen_store_fails_a_command_within_its_budget(s3_artifacts, s3_server, tmp_path, prefect_api_env):
     """A server that accepts connections and never answers (SIGSTOP), unlike a closed port: each request's own
