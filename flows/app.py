@@ -41,7 +41,7 @@ from flows.live import (
     prediction_rows,
 )
 from model_lib.config import MAX_MEGAPIXELS, MAX_UPLOAD_MB, RELOAD_SECONDS
-from model_lib.fileio import open_store, read_json
+from model_lib.fileio import StoreError, open_store, read_json
 from model_lib.registry import MANIFEST_FILE, Registry, RegistryError, verify_version
 from model_lib.report import PLOTS
 from model_lib.settings import REGISTRY_FOLDER
@@ -245,6 +245,11 @@ def create_app(settings: AppSettings, live: LiveModel | None = None) -> FastAPI:
             return prediction_rows(served, uploads, pixels, probabilities, top_k, outside)
         raise HTTPException(503, "the served model changed twice during this request; send it again")
 
+    @app.exception_handler(StoreError)
+    async def store_unavailable(_request: Request, error: StoreError) -> JSONResponse:
+        # The object store is down or refuses: the client gets the one sentence, the log no traceback.
+        return JSONResponse({"detail": str(error)}, status_code=503)
+
     @app.get("/api/models")
     async def models() -> dict:
         return await run_in_threadpool(registry_view, settings.artifacts_root, live)
@@ -258,8 +263,8 @@ def create_app(settings: AppSettings, live: LiveModel | None = None) -> FastAPI:
         except RegistryError as error:
             raise HTTPException(404, str(error)) from None
         problems = await run_in_threadpool(verify_version, folder, (file,))
-        if problems:
-            raise HTTPException(404, "; ".join(problems))
+        if problems:  # named by the version, not by this server's folders
+            raise HTTPException(404, "; ".join(p.replace(str(folder), f"{name} v{version}") for p in problems))
         return FileResponse(folder / file, media_type="image/png")
 
     return app

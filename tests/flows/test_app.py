@@ -226,3 +226,21 @@ def test_a_client_that_drops_its_upload_part_way_leaves_no_traceback(artifacts, 
     uvicorn_errors.removeHandler(caplog.handler)
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text[-3000:]
     assert "went away during its upload" in caplog.text
+
+
+def test_a_store_that_stops_answering_is_a_503_with_one_sentence(s3_artifacts, s3_server, tmp_path, monkeypatch):
+    import model_lib.fileio as fileio
+    from model_lib.models import build_model
+    from tests.registered import register_keras_model
+
+    register_keras_model(s3_artifacts, build_model("seed_cnn", 10), tmp_path)
+    with background_server(create_app(AppSettings(artifacts_root=s3_artifacts))) as url:
+        assert httpx.get(f"{url}/api/models", timeout=60).status_code == 200
+        monkeypatch.setattr(fileio, "STORE_RETRY_SECONDS", 2.0)  # the app runs in this process
+        s3_server.gate.close()
+        try:
+            answer = httpx.get(f"{url}/api/models", timeout=60)
+        finally:
+            s3_server.gate.open()
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["detail"].startswith(f"{s3_artifacts}/models: the object store did not answer for 2 s")
