@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from datetime import timedelta
 from urllib.parse import urlsplit
 
@@ -36,9 +37,14 @@ def install_alerts_step(schedule: dict | None = None) -> dict:
         print(f"alerts: not set up (set {WEBHOOK_ENV} or {BLOCK_ENV} before `prefect deploy` for them)")
         return {"alerts": []}
     period = schedule_period(schedule["cron"], schedule.get("timezone")) if schedule else None
-    names = install_alerts(
-        webhook=webhook or None, block=block or None, overdue_after=period and period + OVERDUE_GRACE
-    )
+    try:
+        names = install_alerts(
+            webhook=webhook or None, block=block or None, overdue_after=period and period + OVERDUE_GRACE
+        )
+    except ConfigError as error:
+        # One line, and `prefect deploy` stops: as an exception it would be buried in Prefect's 45-line report.
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"alerts: {', '.join(names)}")
     return {"alerts": names}
 

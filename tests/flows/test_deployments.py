@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from bench.stop_time import living_command
-from flows.alerts import FAILED, OVERDUE, WEBHOOK_ENV
+from flows.alerts import BLOCK_ENV, FAILED, OVERDUE, WEBHOOK_ENV
 from model_lib.config import CHOICES, PROFILES
 from model_lib.fileio import read_json
 from model_lib.registry import verify_version
@@ -231,6 +231,14 @@ def test_the_weekly_schedule_creates_runs_on_a_server_started_as_the_guide_says(
     with guide_step(1, env=env, log=server_log) as server:
         wait_healthy(api, server, server_log)
         guide_step(2, env=env)
+        # An alert that could never be sent stops step 4 in one line, before anything is deployed.
+        steps = guide_steps()
+        for name, value in ((WEBHOOK_ENV, "http://[::1"), (BLOCK_ENV, "nonexistent/thing")):
+            refused = subprocess.run(["bash", "-c", f"{steps[0][0]} && {steps[4][0]}"], env={**env, name: value},
+                                     cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+            assert refused.stderr.strip().splitlines() == [refused.stderr.strip().splitlines()[-1]], refused.stderr
+            assert refused.stderr.strip().startswith(f"error: {name} {value!r}: "), refused.stderr
         guide_step(4, env=env)
         scheduled = wait_for(
             lambda: [run for run in flow_runs(api, "train-cifar/weekly-retrain") if run.state.is_scheduled()],
