@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -55,6 +56,8 @@ def retrain_parameters(pairs: list[str], data: Path | None) -> dict:
     """
     import inspect
 
+    from prefect.exceptions import ParameterTypeError
+
     from flows.train_cifar import train_cifar
 
     if pairs and data is None:
@@ -69,6 +72,16 @@ def retrain_parameters(pairs: list[str], data: Path | None) -> dict:
             parameters[name] = json.loads(raw)
         except json.JSONDecodeError:
             parameters[name] = raw
+    # Typed as the deployment will type them, now: a bad value would otherwise fail every retrain it starts.
+    flows_log = logging.getLogger("prefect.flows")  # which logs the same failure as a page of its own
+    level, flows_log.disabled = flows_log.disabled, True
+    try:
+        train_cifar.validate_parameters(parameters)
+    except ParameterTypeError as error:
+        reasons = "; ".join(line.strip(" -") for line in str(error).splitlines()[1:])
+        raise ConfigError(f"--param {reasons}") from None
+    finally:
+        flows_log.disabled = level
     return parameters
 
 

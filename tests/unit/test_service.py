@@ -41,6 +41,12 @@ def test_watch_params_become_the_retrains_parameters(tmp_path):
         retrain_parameters(["epoch=3"], tmp_path)
     with pytest.raises(ConfigError, match="needs --data"):
         retrain_parameters(["profile=fast"], None)
+    # typed as the deployment types them, before any event is sent (each retrain would fail on its own)
+    with pytest.raises(ConfigError) as refused:
+        retrain_parameters(["epochs=abc"], tmp_path)
+    assert str(refused.value) == "--param epochs: Input should be a valid integer, unable to parse string as an integer"
+    with pytest.raises(ConfigError, match=r"^--param profile: Input should be 'default', 'gpu'"):
+        retrain_parameters(["profile=fastest"], tmp_path)
 
 
 def test_the_overdue_alert_waits_one_schedule_period():
