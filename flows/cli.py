@@ -503,6 +503,9 @@ def app_command(
     from flows.app import create_app, server_for
 
     web = create_app(settings)
+    # uvicorn answers the signal (requests in flight get 5 s); our watcher stops their decoding at the next image
+    # and ends the command as every other stops: one line, 130 or 143.
+    _stoppable("requests in flight were answered 503 (the app is stopping)")
     host, port = listener.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     info = web.state.live.served.info

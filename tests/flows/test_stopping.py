@@ -103,3 +103,46 @@ def test_training_stopped_by_sigterm_registers_nothing_and_leaves_no_process(col
     result = stop_during(command, laptop_env(artifacts, tmp_path), "epoch 2/400:", signal.SIGTERM, group=False)
     assert_stopped_cleanly(result, signal.SIGTERM)
     assert Registry(artifacts, "stopped").state()["versions"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stop", "code", "name"), [(signal.SIGINT, 130, "SIGINT (Ctrl-C)"), (signal.SIGTERM, 143, "SIGTERM")]
+)
+def test_a_busy_app_stops_within_seconds_and_answers_its_request_503(stop, code, name, artifacts, tmp_path):
+    """60 images of 25 MP in one request: their decoding, in a worker thread no cancellation reaches, once held
+    Ctrl-C for 38-120 s and ended in a CancelledError traceback; it now stops at the next image."""
+    import io
+    import threading
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    register_keras_model(artifacts, build_model("seed_cnn", 10), tmp_path)
+    ramp = np.linspace(0, 255, 5000, dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(np.stack([np.tile(ramp, (5000, 1))] * 3, -1)).save(png, "PNG")  # 25 MP, 0.1 MB
+    files = [("file", (f"{i}.png", png.getvalue())) for i in range(60)]
+    app = subprocess.Popen([*CLI, "app", "--port", "0", "--max-upload-mb", "1000"], env=os.environ.copy(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    url = app.stdout.readline().split(" at ")[1].split()[0]
+    answer = {}
+    request = threading.Thread(
+        target=lambda: answer.update(r=httpx.post(f"{url}api/predict", files=files, timeout=300))
+    )
+    request.start()
+    time.sleep(4)  # decoding (about 0.3 s an image)
+    sent = time.monotonic()
+    app.send_signal(stop)
+    assert app.wait(timeout=60) == code
+    took = time.monotonic() - sent
+    request.join(timeout=30)
+    stderr = app.stderr.read()
+    assert took < 5, took
+    assert answer["r"].status_code == 503 and "the app is stopping" in answer["r"].json()["detail"]
+    assert (
+        stderr.strip().splitlines()[-1]
+        == f"stopped by {name}: requests in flight were answered 503 (the app is stopping)"
+    )
+    assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr[-3000:]
