@@ -32,7 +32,7 @@ from model_lib.config import (
     TrainConfig,
     check_engine,
     check_number,
-    check_timeout,
+    check_run_limits,
     config_overrides,
     parse_image_size,
     profile_time,
@@ -288,7 +288,7 @@ def train(
     if weights not in (None, "none", "imagenet"):
         _import_tensorflow_quietly()  # the request's check loads the file into Keras: without TensorFlow's notes
     config = check_training_request(profile, overrides, artifacts_location())  # a mistake costs a second
-    check_timeout(timeout_minutes)
+    check_run_limits(timeout_minutes, promotion_margin)
     usual = resolve_config(profile).epochs
     epochs_note = f" at its {usual} epochs, this run has {config.epochs}" if config.epochs != usual else ""
     if export:

@@ -10,7 +10,14 @@ from prefect import flow
 from prefect.task_engine import TaskRunTimeoutError
 
 from model_lib.checks import check_training_request
-from model_lib.config import CHOICES, PROFILES, TrainConfig, check_timeout, config_overrides, training_timeout_minutes
+from model_lib.config import (
+    CHOICES,
+    PROFILES,
+    TrainConfig,
+    check_run_limits,
+    config_overrides,
+    training_timeout_minutes,
+)
 from model_lib.data import suggested_model_name
 from model_lib.export import require_tensorflow_backend
 from model_lib.fileio import read_json
@@ -134,7 +141,7 @@ def train_cifar(
     overrides = config_overrides(locals())  # every parameter named like a config field, declared once above
     check_deployment_storage()
     config = check_training_request(profile, overrides, artifacts_location()).to_dict()
-    check_timeout(timeout_minutes)
+    check_run_limits(timeout_minutes, promotion_margin)
     if export:
         require_tensorflow_backend()  # before training, not after
     dataset = ingest_task(config)

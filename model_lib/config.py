@@ -191,6 +191,8 @@ class TrainConfig:
             # Its rescaling assumes batch norm after every conv: a depthwise kernel would be set to norm 1.
             raise ConfigError(f"optimizer muon (profile {self.profile}) trains the airbench architecture only, "
                               f"not {self.architecture}: leave the optimizer to the profile")  # fmt: skip
+        check_number("--label-smoothing", self.label_smoothing, at_least=0, at_most=0.999)
+        check_number("--learned-margin", self.learned_margin, at_least=-1, at_most=1)
         for field in ("learning_rate", "fine_tune_learning_rate", "network_width"):
             if not 0 < getattr(self, field) <= UPPER_LIMITS[field]:
                 raise ConfigError(f"--{_option(field)} must be above 0 and at most {UPPER_LIMITS[field]:g}, "
@@ -395,10 +397,12 @@ def profile_time(profile: str) -> str:
     return f"about {span} {unit}"
 
 
-def check_timeout(minutes: float | None) -> None:
-    """Raises ConfigError unless `minutes` (a run's time limit, empty for the default) is above 0."""
+def check_run_limits(minutes: float | None, promotion_margin: float) -> None:
+    """Raises ConfigError unless `minutes` (a run's time limit, empty for the default) is above 0 and at most a
+    week, and the promotion margin is an accuracy difference (inf would never promote, -inf always)."""
     if minutes is not None:
         check_number("--timeout-minutes", minutes, above=0, at_most=MAX_TIMEOUT_MINUTES)
+    check_number("--promotion-margin", promotion_margin, at_least=-1, at_most=1)
 
 
 def training_timeout_minutes(config: TrainConfig) -> float:
