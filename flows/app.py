@@ -50,6 +50,7 @@ from model_lib.settings import REGISTRY_FOLDER
 PAGE = Path(__file__).with_name("app_page.html")
 LOG = logging.getLogger("cifar_pipeline.app")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass(frozen=True)
@@ -120,10 +121,18 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         host = headers.get(b"host", b"").decode("latin-1")
-        if self.hosts is not None and host_name(host) not in self.hosts and not host_name(host).startswith("127."):
+        if not self._served(host_name(host)):
             detail = (f"Host {host!r} is not a name this app serves ({', '.join(sorted(self.hosts))}); start it "
                       "with --allowed-hosts to add one")  # fmt: skip
             return await self._answer(send, 400, detail)
+        # A page elsewhere can make the browser send a form here (no preflight for multipart): whatever changes or
+        # costs something takes requests from the app's own page only.
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if scope["method"] not in SAFE_METHODS and origin and origin != "null":
+            origin_host = host_name(urlsplit(origin).netloc) if "://" in origin else ""
+            if origin_host != host_name(host) and not (self.hosts is not None and self._served(origin_host)):
+                detail = f"requests from the page at {origin} are refused: only this app's own page may send them"
+                return await self._answer(send, 403, detail)
         if self.token and scope["path"].startswith("/api/") and not self._authorised(scope, headers):
             detail = "missing or wrong token: send the header 'Authorization: Bearer <token>'"
             return await self._answer(send, 401, detail, {"WWW-Authenticate": "Bearer"})
@@ -150,6 +159,9 @@ class Guard:
         except BodyTooLarge:
             if not started:
                 await self._too_large(send, received)
+
+    def _served(self, name: str) -> bool:
+        return self.hosts is None or name in self.hosts or name.startswith("127.")
 
     def _authorised(self, scope, headers: dict) -> bool:
         header = headers.get(b"authorization", b"").decode("latin-1")

@@ -196,6 +196,12 @@ def test_only_the_names_it_serves_are_answered_so_a_rebound_dns_name_reads_nothi
             refused = client.get("/api/models", headers={"Host": name})
             assert refused.status_code == 400 and "is not a name this app serves" in refused.json()["detail"], name
         assert client.get("/", headers={"Host": "attacker.example"}).status_code == 400  # the page too
+        # A page elsewhere can post a form to the app through the browser: only the app's own page may.
+        files = [("file", ("a.png", b"not an image"))]
+        foreign = client.post("/api/predict", files=files, headers={"Origin": "http://attacker.example"})
+        assert foreign.status_code == 403 and "only this app's own page" in foreign.json()["detail"]
+        own = client.post("/api/predict", files=files, headers={"Origin": url})
+        assert own.status_code == 422, own.text  # through to the model: the image is refused, not the request
     named = AppSettings(artifacts_root=str(artifacts), allowed_hosts=("ml-box.lan",))
     with background_server(create_app(named)) as url, httpx.Client(base_url=url, timeout=30) as client:
         assert client.get("/api/models", headers={"Host": "ml-box.lan:8000"}).status_code == 200
