@@ -161,7 +161,7 @@ class Guard:
                 await self._too_large(send, received)
 
     def _served(self, name: str) -> bool:
-        return self.hosts is None or name in self.hosts or name.startswith("127.")
+        return self.hosts is None or name in self.hosts or is_loopback(name)
 
     def _authorised(self, scope, headers: dict) -> bool:
         header = headers.get(b"authorization", b"").decode("latin-1")

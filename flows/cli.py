@@ -483,7 +483,7 @@ def app_command(
     if bad := [name for name in names if name != "*" and host_name(name) != name.lower().strip("[]")]:
         raise ConfigError(f"--allowed-hosts {bad[0]!r} is not a host name or address (no scheme, port or path)")
     wildcard = host in ("0.0.0.0", "::", "")
-    hosts = names or ("*",) if wildcard else (host, *names)
+    hosts = (names or ("*",)) if wildcard else (host, *names)
     settings = AppSettings(model, artifacts_location(), token or None, max_upload_mb, max_megapixels,
                            reload_seconds, engine, hosts)  # fmt: skip
     if not is_loopback(host) and not settings.token:

@@ -74,14 +74,14 @@ def retrain_parameters(pairs: list[str], data: Path | None) -> dict:
             parameters[name] = raw
     # Typed as the deployment will type them, now: a bad value would otherwise fail every retrain it starts.
     flows_log = logging.getLogger("prefect.flows")  # which logs the same failure as a page of its own
-    level, flows_log.disabled = flows_log.disabled, True
+    was_disabled, flows_log.disabled = flows_log.disabled, True
     try:
         train_cifar.validate_parameters(parameters)
     except ParameterTypeError as error:
         reasons = "; ".join(line.strip(" -") for line in str(error).splitlines()[1:])
         raise ConfigError(f"--param {reasons}") from None
     finally:
-        flows_log.disabled = level
+        flows_log.disabled = was_disabled
     return parameters
 
 

@@ -427,15 +427,8 @@ class S3Store(Store):
         return f"{self.bucket}/{self._key(key)}"
 
     def check(self) -> None:
-        def head() -> None:
-            try:
-                self.fs.call_s3("head_bucket", Bucket=self.bucket)
-            except (FileNotFoundError, PermissionError) as error:
-                if _client_error_code(error) in ("404", "NoSuchBucket") or isinstance(error, FileNotFoundError):
-                    raise StoreError(f"s3://{self.bucket}: no such bucket (create it first)") from None
-                raise
-
-        self._retrying("look up", "", head)
+        # A one-key listing: a missing bucket answers NoSuchBucket, which `_retrying` names like every other call.
+        self._retrying("look up", "", lambda: self.fs.call_s3("list_objects_v2", Bucket=self.bucket, MaxKeys=1))
 
     def _put(self, key: str, data: bytes, **condition: str) -> None:
         self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
