@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
@@ -30,7 +31,7 @@ CLASS_COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 
 
 # Fixtures that train or start a service for the tests that share them (a minute or more on two cores): every
 # test that uses one is `slow`, out of `make test-quick`, wherever it is declared.
-SLOW_FIXTURES = frozenset({"smoke_on_real_cifar", "trained_and_exported"})
+SLOW_FIXTURES = frozenset({"smoke_on_real_cifar", "tiny_on_real_cifar", "trained_and_exported"})
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -107,11 +108,10 @@ def cifar_dir() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def smoke_on_real_cifar(prefect_harness, cifar_dir, tmp_path_factory) -> tuple[Path, dict]:
-    """`train-cifar --profile smoke` on the shared CIFAR-10 (one to two minutes on two cores), run once
-    for all pytest-xdist workers: its ARTIFACTS_DIR and the flow's result. Tests that only read the
-    trained version use it in place; a test that adds to that ARTIFACTS_DIR copies it first."""
+def once_per_run(tmp_path_factory, name: str, make: Callable[[Path], dict]) -> tuple[Path, dict]:
+    """`make(folder)` run once for the whole test run, by whichever pytest-xdist worker comes first (the others
+    wait for it): the folder and `make`'s JSON result. Tests that only read the folder use it in place; a test
+    that adds to it copies it first."""
     import json
 
     from filelock import FileLock
@@ -119,16 +119,41 @@ def smoke_on_real_cifar(prefect_harness, cifar_dir, tmp_path_factory) -> tuple[P
     # The run's own temp root: the workers share it, while runs never see each other's.
     run_root = tmp_path_factory.getbasetemp()
     run_root = run_root.parent if os.environ.get("PYTEST_XDIST_WORKER") else run_root
-    shared, done = run_root / "smoke_on_real_cifar", run_root / "smoke_on_real_cifar.json"
+    shared, done = run_root / name, run_root / f"{name}.json"
     with FileLock(f"{done}.lock"):
         if not done.is_file():
-            from flows.train_cifar import train_cifar
-
-            with pytest.MonkeyPatch.context() as env:
-                env.setenv("ARTIFACTS_DIR", str(shared))
-                env.setenv("CIFAR10_DIR", str(cifar_dir))
-                done.write_text(json.dumps(train_cifar(profile="smoke")))
+            done.write_text(json.dumps(make(shared)))
         return shared, json.loads(done.read_text())
+
+
+def train_once(tmp_path_factory, name: str, cifar_dir: Path, **parameters) -> tuple[Path, dict]:
+    """`train-cifar` with these parameters and CIFAR10_DIR set, once for the whole run: its ARTIFACTS_DIR and the
+    flow's result."""
+
+    def train(root: Path) -> dict:
+        from flows.train_cifar import train_cifar
+
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("ARTIFACTS_DIR", str(root))
+            env.setenv("CIFAR10_DIR", str(cifar_dir))
+            return train_cifar(**parameters)
+
+    return once_per_run(tmp_path_factory, name, train)
+
+
+@pytest.fixture(scope="session")
+def smoke_on_real_cifar(prefect_harness, cifar_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """`train-cifar --profile smoke` on the shared CIFAR-10 (half a minute to two on two cores), once for the run.
+    For what only a model that has learned something on real photos shows; else `tiny_on_real_cifar`."""
+    return train_once(tmp_path_factory, "smoke_on_real_cifar", cifar_dir, profile="smoke")
+
+
+@pytest.fixture(scope="session")
+def tiny_on_real_cifar(prefect_harness, cifar_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """`train-cifar --profile tiny` on the shared CIFAR-10 (seconds of training), once for the run: a trained,
+    calibrated and registered version for tests that need *a* model of real photos (serving, the app, exports).
+    Not exported, so that it serves through Keras as trained; export tests export their copy."""
+    return train_once(tmp_path_factory, "tiny_on_real_cifar", cifar_dir, profile="tiny")
 
 
 @pytest.fixture

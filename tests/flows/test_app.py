@@ -36,13 +36,13 @@ def upload(paths: list[Path]) -> list[tuple[str, tuple[str, bytes]]]:
 
 
 @pytest.fixture
-def smoke_root(smoke_on_real_cifar) -> str:
-    return str(smoke_on_real_cifar[0])
+def model_root(tiny_on_real_cifar) -> str:
+    return str(tiny_on_real_cifar[0])
 
 
-def test_many_images_in_one_request_get_batch_predicts_answers_and_a_broken_file_its_own_error(smoke_root, cifar_dir):
+def test_many_images_in_one_request_get_batch_predicts_answers_and_a_broken_file_its_own_error(model_root, cifar_dir):
     images = cifar_test_images(cifar_dir, 3)  # 30 real test photos
-    settings = AppSettings(model="cifar10@champion", artifacts_root=smoke_root)
+    settings = AppSettings(model="cifar10@champion", artifacts_root=model_root)
     with background_server(create_app(settings)) as url:
         files = [*upload(images[:15]), ("file", ("broken.jpg", b"\xff\xd8 not really a jpeg")), *upload(images[15:])]
         answer = httpx.post(f"{url}/api/predict", files=files, params={"top_k": 3}, timeout=60)
@@ -58,7 +58,7 @@ def test_many_images_in_one_request_get_batch_predicts_answers_and_a_broken_file
     assert len(ok) == 30 and {row["version"] for row in ok} == {"cifar10 v1"}
 
     # The same files through batch prediction's decoder and classifier: the same labels and probabilities.
-    info = resolve_model("cifar10@champion", smoke_root)
+    info = resolve_model("cifar10@champion", model_root)
     probabilities = load_classifier(info).predict_on_batch(decode_files(images, info.image_size).pixels)
     expected = [info.class_names[i] for i in probabilities.argmax(axis=1)]
     assert [row["label"] for row in ok] == expected
@@ -69,9 +69,9 @@ def test_many_images_in_one_request_get_batch_predicts_answers_and_a_broken_file
     assert health["images"] == 30 and health["batches"] == 1  # the request's images in one model call
 
 
-def test_concurrent_clients_are_classified_together_in_fewer_model_calls(smoke_root, cifar_dir):
+def test_concurrent_clients_are_classified_together_in_fewer_model_calls(model_root, cifar_dir):
     images = cifar_test_images(cifar_dir, 4)
-    settings = AppSettings(model="cifar10@champion", artifacts_root=smoke_root)
+    settings = AppSettings(model="cifar10@champion", artifacts_root=model_root)
     with background_server(create_app(settings)) as url, httpx.Client(base_url=url, timeout=60) as client:
         start = threading.Barrier(8)
 
@@ -89,10 +89,10 @@ def test_concurrent_clients_are_classified_together_in_fewer_model_calls(smoke_r
 
 @pytest.mark.slow
 def test_a_promotion_while_a_client_keeps_requesting_switches_the_version_without_an_error(
-    smoke_on_real_cifar, cifar_dir, tmp_path
+    tiny_on_real_cifar, cifar_dir, tmp_path
 ):
     root = tmp_path / "registry"
-    shutil.copytree(smoke_on_real_cifar[0] / "models", root / "models")
+    shutil.copytree(tiny_on_real_cifar[0] / "models", root / "models")
     registry = Registry(str(root), "cifar10")
     v1 = registry.version_dir(1)
     recorded = json.loads((v1 / MANIFEST_FILE).read_text())
@@ -134,12 +134,12 @@ def _wait_for(condition, seconds: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def test_tokens_limits_and_bad_requests_get_a_4xx_with_one_clear_sentence(smoke_root, cifar_dir):
+def test_tokens_limits_and_bad_requests_get_a_4xx_with_one_clear_sentence(model_root, cifar_dir):
     image = cifar_test_images(cifar_dir, 1)[0]
     bomb = io.BytesIO()  # 50 megapixels of one grey: a few hundred kilobytes as PNG
     Image.new("L", (7072, 7072), 128).save(bomb, "PNG")
     assert bomb.tell() < 1_000_000
-    settings = AppSettings(model="cifar10@champion", artifacts_root=smoke_root, token="s3cret")
+    settings = AppSettings(model="cifar10@champion", artifacts_root=model_root, token="s3cret")
     with background_server(create_app(settings)) as url, httpx.Client(base_url=url, timeout=60) as client:
         bearer = {"Authorization": "Bearer s3cret"}
         refused = client.post("/api/predict", files=upload([image]))

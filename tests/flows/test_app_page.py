@@ -73,7 +73,7 @@ def as_png(image: Image.Image) -> bytes:
 
 @pytest.mark.slow
 def test_the_page_shows_an_uploads_class_and_live_camera_labels_in_a_real_browser(
-    smoke_on_real_cifar, cifar_dir, tmp_path
+    tiny_on_real_cifar, cifar_dir, tmp_path
 ):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -83,7 +83,7 @@ def test_the_page_shows_an_uploads_class_and_live_camera_labels_in_a_real_browse
     tools = browser_tools()
     documented = readme_command("cifar-pipeline app", exact=True)
     port = free_port()
-    env = {**os.environ, "ARTIFACTS_DIR": str(smoke_on_real_cifar[0])}
+    env = {**os.environ, "ARTIFACTS_DIR": str(tiny_on_real_cifar[0])}
     command = [sys.executable, "-c", "from flows.cli import main; main()", *documented, "--port", str(port)]
     app = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     driver = None

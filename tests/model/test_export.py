@@ -21,18 +21,22 @@ from model_lib.ood import FeatureRule, classified
 from model_lib.predict import CASCADE_NOTE, load_classifier, resolve_model
 from model_lib.registry import ChecksumError, load_verified_model, verify_version
 from model_lib.split import load_split, run_split
-from tests.conftest import write_colour_dataset
+from tests.conftest import once_per_run, write_colour_dataset
 from tests.synthetic import UNLIKE_KINDS, write_unlike_images
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_and_exported(prefect_harness, tmp_path_factory) -> tuple[Path, dict]:
-    """One training with all exports for the module (about 25 s on two cores); tests get copies."""
-    root = tmp_path_factory.mktemp("exported")
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("ARTIFACTS_DIR", str(root / "artifacts"))
-        result = train_cifar(profile="seed", data=str(write_colour_dataset(root / "colours")), epochs=4, batch_size=8,
-                             validation_split=0.25, export=True)  # fmt: skip
+    """One training with all exports for the run (about 25 s on two cores), whichever worker comes first; tests
+    get copies."""
+
+    def train(root: Path) -> dict:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("ARTIFACTS_DIR", str(root / "artifacts"))
+            return train_cifar(profile="seed", data=str(write_colour_dataset(root / "colours")), epochs=4,
+                               batch_size=8, validation_split=0.25, export=True)  # fmt: skip
+
+    root, result = once_per_run(tmp_path_factory, "trained_and_exported", train)
     return root / "artifacts", result
 
 
