@@ -11,13 +11,14 @@ beyond reading and writing whole objects, and both hold across machines:
   * whole-object atomicity: a reader sees an old or a new object, never a part.
 
 Transient store errors (no connection, throttling, 5xx) are retried with backoff for up to
-`STORE_RETRY_SECONDS`; after that one `StoreError` line names the URL and the cause.
+`CIFAR_PIPELINE_STORE_SECONDS` (30 s); after that one `StoreError` line names the URL and the cause.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -185,7 +186,8 @@ def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
 
 # ----- stores: a local folder or an object store -------------------------------------------------
 
-STORE_RETRY_SECONDS = 30.0  # how long a store that does not answer is retried before the run fails
+STORE_SECONDS_ENV = "CIFAR_PIPELINE_STORE_SECONDS"  # see store_retry_seconds
+DEFAULT_STORE_SECONDS = 30.0
 # One request's own limits, inside that budget: a server that accepts connections and never answers (frozen,
 # overloaded) costs one read timeout an attempt, not botocore's 60 s times its and s3fs's own retries.
 STORE_CONNECT_SECONDS = 5.0
@@ -203,6 +205,20 @@ BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 class StoreError(Exception):
     """The store cannot be reached or refuses a request; the message names the URL and the cause."""
+
+
+def store_retry_seconds() -> float:
+    """`CIFAR_PIPELINE_STORE_SECONDS` (default 30): how long calls to an object store that does not answer are
+    retried before the command fails with one line. Longer for a flaky link; each request still gives up on its
+    own after STORE_CONNECT_SECONDS or STORE_READ_SECONDS."""
+    raw = os.environ.get(STORE_SECONDS_ENV) or str(DEFAULT_STORE_SECONDS)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= 86400:  # NaN fails this too
+        raise StoreError(f"{STORE_SECONDS_ENV}={raw!r}: a number of seconds above 0 and at most 86400")
+    return seconds
 
 
 def check_location(location: str) -> None:
@@ -434,7 +450,8 @@ class S3Store(Store):
         self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
 
     def _retrying(self, what: str, key: str, call: Callable[[], T]) -> T:
-        deadline, delay = time.monotonic() + STORE_RETRY_SECONDS, 0.5
+        budget = store_retry_seconds()
+        deadline, delay = time.monotonic() + budget, 0.5
         while True:
             try:
                 return call()
@@ -457,7 +474,7 @@ class S3Store(Store):
                     raise
                 if time.monotonic() + delay > deadline:
                     raise StoreError(
-                        f"{self.where(key)}: the object store did not answer for {STORE_RETRY_SECONDS:.0f} s while "
+                        f"{self.where(key)}: the object store did not answer for {budget:.0f} s while "
                         f"trying to {what} ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
                     ) from error
                 time.sleep(delay)

@@ -235,14 +235,14 @@ def test_a_client_that_drops_its_upload_part_way_leaves_no_traceback(artifacts, 
 
 
 def test_a_store_that_stops_answering_is_a_503_with_one_sentence(s3_artifacts, s3_server, tmp_path, monkeypatch):
-    import model_lib.fileio as fileio
+    from model_lib.fileio import STORE_SECONDS_ENV
     from model_lib.models import build_model
     from tests.registered import register_keras_model
 
     register_keras_model(s3_artifacts, build_model("seed_cnn", 10), tmp_path)
     with background_server(create_app(AppSettings(artifacts_root=s3_artifacts))) as url:
         assert httpx.get(f"{url}/api/models", timeout=60).status_code == 200
-        monkeypatch.setattr(fileio, "STORE_RETRY_SECONDS", 2.0)  # the app runs in this process
+        monkeypatch.setenv(STORE_SECONDS_ENV, "2")  # the app runs in this process
         s3_server.gate.close()
         try:
             answer = httpx.get(f"{url}/api/models", timeout=60)

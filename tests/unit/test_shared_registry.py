@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import model_lib.fileio as fileio_module
-from model_lib.fileio import StoreError, open_store
+from model_lib.fileio import STORE_SECONDS_ENV, StoreError, open_store
 from model_lib.registry import ChecksumError, Registry, RegistryError, load_verified_model, verify_version
 from tests.conftest import REPO
 from tests.unit.test_registry import make_model_files, manifest, run_at_once
@@ -197,14 +196,14 @@ def test_a_file_tampered_with_in_the_bucket_is_refused_on_promotion_and_on_a_fre
 def test_a_short_outage_is_retried_and_a_lasting_one_is_one_clear_error(s3_artifacts, s3_server, files, monkeypatch):
     registry = Registry(s3_artifacts)
     registry.register(files, manifest(0.5))
-    monkeypatch.setattr(fileio_module, "STORE_RETRY_SECONDS", 20.0)
+    monkeypatch.setenv(STORE_SECONDS_ENV, "20")
     s3_server.gate.close()
     threading.Timer(2.0, s3_server.gate.open).start()
     started = time.monotonic()
     assert registry.register(files, manifest(0.6)).version == 2  # went through once the store was back
     assert time.monotonic() - started >= 1.5
 
-    monkeypatch.setattr(fileio_module, "STORE_RETRY_SECONDS", 3.0)
+    monkeypatch.setenv(STORE_SECONDS_ENV, "3")
     s3_server.gate.close()
     try:
         with pytest.raises(StoreError, match=r"models/cifar10/registry\.json: the object store did not answer for 3 s"):
