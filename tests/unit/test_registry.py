@@ -262,8 +262,14 @@ def test_crash_between_steps_leaves_nothing_half_written(artifacts, files, monke
         assert 2 in listed and after.version == 3
 
 
+def unchecked_load(version_dir: Path) -> tuple[bool, str]:
+    """The gate's load-back check, passed, for writers that race each other: what they test is the claims and the
+    aliases, and loading the model would import TensorFlow in each process (4 s of CPU apiece)."""
+    return True, "load-back not checked in this concurrency test"
+
+
 def _register_in_process(artifacts: str, files: dict, accuracy: float, queue) -> None:
-    registration = Registry(artifacts).register(files, manifest(accuracy))
+    registration = Registry(artifacts).register(files, manifest(accuracy), load_check=unchecked_load)
     queue.put(registration.version)
 
 

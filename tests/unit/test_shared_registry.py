@@ -16,7 +16,7 @@ import pytest
 from model_lib.fileio import STORE_SECONDS_ENV, StoreError, open_store
 from model_lib.registry import ChecksumError, Registry, RegistryError, load_verified_model, verify_version
 from tests.conftest import REPO
-from tests.unit.test_registry import make_model_files, manifest, run_at_once
+from tests.unit.test_registry import make_model_files, manifest, run_at_once, unchecked_load
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_the_guides_object_store_steps_run_as_written(s3_server, tmp_path):
 
 def _register_from_own_cache(url: str, cache: str, files: dict, accuracy: float, queue) -> None:
     os.environ["CIFAR_PIPELINE_CACHE"] = cache
-    queue.put(Registry(url).register(files, manifest(accuracy)).version)
+    queue.put(Registry(url).register(files, manifest(accuracy), load_check=unchecked_load).version)
 
 
 @pytest.mark.slow
@@ -132,16 +132,14 @@ def test_alias_moves_and_scores_from_several_processes_are_all_kept(s3_artifacts
 
 
 KILLER = """
-import os, sys
+import json, os, sys
 import model_lib.registry as registry
-from tests.conftest import REPO
-from tests.unit.test_registry import make_model_files, manifest, run_at_once
-from pathlib import Path
+from tests.unit.test_registry import manifest, unchecked_load
 
 step = sys.argv[1]
 registry._crash_point = lambda at: os.kill(os.getpid(), 9) if at == step else None
-files = make_model_files(Path(sys.argv[2]))
-registry.Registry(os.environ["ARTIFACTS_DIR"]).register(files, manifest(0.9))
+files = json.loads(sys.argv[2])
+registry.Registry(os.environ["ARTIFACTS_DIR"]).register(files, manifest(0.9), load_check=unchecked_load)
 """
 
 
@@ -152,7 +150,8 @@ def test_a_writer_killed_mid_registration_leaves_the_registry_valid_and_the_next
 ):
     registry = Registry(s3_artifacts)
     registry.register(files, manifest(0.5))
-    killed = subprocess.run([sys.executable, "-c", KILLER, step, str(tmp_path / "killed-run")], cwd=Path.cwd(),
+    paths = json.dumps({name: str(path) for name, path in files.items()})
+    killed = subprocess.run([sys.executable, "-c", KILLER, step, paths], cwd=Path.cwd(),
                             env={**os.environ, "CIFAR_PIPELINE_CACHE": str(tmp_path / "killed-cache")},
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
