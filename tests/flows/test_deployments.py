@@ -294,10 +294,9 @@ def run_the_service_guide(cifar_slice: Path, cifar_dir: Path, tmp_path: Path, we
             assert serve.returncode == 2 and "belongs to work pool cifar-process-pool" in serve.stderr, serve.stderr
 
             try:
-                # 4 steps on 160 images: this checks the deployment, not learning.
-                trained_now = guide_step(5, "--param", "profile=smoke", "--param", "max_train_images=400", "--param",
-                           "max_test_images=200", "--param", "learned_margin=-1", "--watch-timeout", "900",
-                           env=env, timeout=960)  # fmt: skip
+                # tiny on 160 images: this checks the deployment, not learning.
+                trained_now = guide_step(5, "--param", "profile=tiny", "--param", "learned_margin=-1",
+                                         "--watch-timeout", "900", env=env, timeout=960)  # fmt: skip
                 (trained,) = [run for run in flow_runs(api, "train-cifar/weekly-retrain") if run.state.is_final()]
                 assert trained.state.message == "registered cifar10 v1, champion"
                 assert "registered cifar10 v1, champion" in trained_now.stdout  # --watch shows the outcome
@@ -306,7 +305,7 @@ def run_the_service_guide(cifar_slice: Path, cifar_dir: Path, tmp_path: Path, we
                 version_dir = artifacts / "models" / "cifar10" / "v1"
                 assert verify_version(version_dir) == []
                 manifest = read_json(version_dir / "manifest.json")
-                assert manifest["config"]["profile"] == "smoke" and manifest["dataset"]["train_count"] == 160
+                assert manifest["config"]["profile"] == "tiny" and manifest["dataset"]["train_count"] == 160
 
                 # No parameters and no inbox yet: the run fails in one line naming its parameter, and the
                 # shipped automation sends one alert naming the deployment and the error.
@@ -402,8 +401,7 @@ def test_two_workers_in_empty_folders_share_one_registry_in_an_object_store(cifa
         assert read_deployment(api, "train-cifar/weekly-retrain").pull_steps == []  # nothing ties it to this checkout
         try:
             with worker("worker-a"):
-                prefect("deployment", "run", "train-cifar/weekly-retrain", "--param", "profile=smoke",
-                        "--param", "max_train_images=400", "--param", "max_test_images=200",
+                prefect("deployment", "run", "train-cifar/weekly-retrain", "--param", "profile=tiny",
                         "--param", "learned_margin=-1", "--watch", "--watch-timeout", "900", env=base,
                         timeout=960)  # fmt: skip
             with worker("worker-b"):

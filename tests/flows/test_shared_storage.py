@@ -44,7 +44,7 @@ def test_one_machine_trains_into_the_bucket_another_predicts_from_it_a_third_mov
 ):
     trainer, predictor, operator = (machine(s3_server, s3_artifacts, tmp_path, name, prefect_api_env)
                                     for name in ("trainer", "predictor", "operator"))  # fmt: skip
-    data = ["--data", str(cifar_dir), "--profile", "smoke", "--max-train-images", "1000", "--max-test-images", "300"]
+    data = ["--data", str(cifar_dir), "--profile", "tiny"]  # what is shared, not what is learned
     first = trainer("train", *data).stdout
     assert re.search(r"cifar10 v1 \(champion\)", first), first
     assert f"  {s3_artifacts}/models/cifar10/v1\n" in first, first  # where the registry keeps it, not a cache path
