@@ -388,10 +388,10 @@ def export_command(
     from model_lib.export import check_formats, export_version, require_tensorflow_backend
 
     chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
+    check_formats(chosen)  # usage errors (exit 2) before TensorFlow's import (5 s of CPU) and the model's load
     _stoppable("no export was added to the manifest")
     _import_tensorflow_quietly()  # before keras imports it loudly
     require_tensorflow_backend()
-    check_formats(chosen)  # usage errors (exit 2) before the model loads
     version_dir = _version_dir(ref)
     try:
         entries = export_version(version_dir, work_dir(), chosen, typer.echo, force=force)
