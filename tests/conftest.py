@@ -55,8 +55,8 @@ def pytest_collection_modifyitems(config, items) -> None:
     for share in range(workers):  # the sizes worksteal cuts: what is left over the workers still to serve
         size = (len(items) - len(ordered)) // (workers - share)
         first = slow[share::workers]
-        ordered += [*first, *islice(rest, size - len(first))]
-    items[:] = ordered
+        ordered += [*first, *islice(rest, max(0, size - len(first)))]  # all slow: no room for the others
+    items[:] = [*ordered, *rest]  # what a share full of slow tests left over
 
 
 @pytest.fixture(scope="session")
