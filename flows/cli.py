@@ -7,6 +7,7 @@ Heavy imports (TensorFlow, Prefect) happen inside the commands that need them, s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Annotated
@@ -72,6 +73,19 @@ def _options(
     _debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     if _debug:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    _warnings_as_lines()
+
+
+def _warnings_as_lines() -> None:
+    """The library's warnings (a store that stopped answering) print as one `warning:` line each, before the
+    `error:` line a lasting problem ends with, and not again through Prefect's console."""
+    from model_lib.fileio import STORE_LOG
+
+    if not STORE_LOG.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        STORE_LOG.addHandler(handler)
+        STORE_LOG.propagate = False
 
 
 def main() -> None:

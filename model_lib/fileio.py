@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -197,6 +198,9 @@ SYNC_BATCH_FILES = 32  # downloads in flight while a local copy of a folder is b
 MIRROR_INDEX = ".mirror.json"  # in a local copy of an object-store folder: each file's size and ETag
 REMOTE_SCHEMES = ("s3",)  # object stores with conditional writes, which the registry needs
 T = TypeVar("T")
+# Says once per call that a store stopped answering, so a wait of up to the budget is never silent; the CLI
+# prints it as one `warning:` line (flows/cli.py), a service logs it.
+STORE_LOG = logging.getLogger("cifar_pipeline.store")
 
 
 # S3's rule for bucket names, which S3-compatible servers share: checked before any request is made.
@@ -451,7 +455,7 @@ class S3Store(Store):
 
     def _retrying(self, what: str, key: str, call: Callable[[], T]) -> T:
         budget = store_retry_seconds()
-        deadline, delay = time.monotonic() + budget, 0.5
+        deadline, delay, warned = time.monotonic() + budget, 0.5, False
         while True:
             try:
                 return call()
@@ -477,6 +481,12 @@ class S3Store(Store):
                         f"{self.where(key)}: the object store did not answer for {budget:.0f} s while "
                         f"trying to {what} ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
                     ) from error
+                if not warned:
+                    STORE_LOG.warning(
+                        f"{self.where(key)}: the object store is not answering ({type(error).__name__}); trying "
+                        f"again for up to {budget:.0f} s ({STORE_SECONDS_ENV})"
+                    )
+                    warned = True
                 time.sleep(delay)
                 delay = min(delay * 2, 4.0)
 

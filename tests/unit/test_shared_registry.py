@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from model_lib.fileio import STORE_SECONDS_ENV, StoreError, open_store
+from model_lib.fileio import STORE_LOG, STORE_SECONDS_ENV, StoreError, open_store
 from model_lib.registry import ChecksumError, Registry, RegistryError, load_verified_model, verify_version
 from tests.conftest import REPO
 from tests.unit.test_registry import make_model_files, manifest, run_at_once, unchecked_load
@@ -192,15 +192,22 @@ def test_a_file_tampered_with_in_the_bucket_is_refused_on_promotion_and_on_a_fre
 
 
 @pytest.mark.slow
-def test_a_short_outage_is_retried_and_a_lasting_one_is_one_clear_error(s3_artifacts, s3_server, files, monkeypatch):
+def test_a_short_outage_is_retried_and_a_lasting_one_is_one_clear_error(
+    s3_artifacts, s3_server, files, monkeypatch, caplog
+):
     registry = Registry(s3_artifacts)
     registry.register(files, manifest(0.5))
     monkeypatch.setenv(STORE_SECONDS_ENV, "20")
+    monkeypatch.setattr(STORE_LOG, "propagate", True)  # to caplog, whatever a CLI test in this process set
     s3_server.gate.close()
     threading.Timer(2.0, s3_server.gate.open).start()
     started = time.monotonic()
-    assert registry.register(files, manifest(0.6)).version == 2  # went through once the store was back
+    with caplog.at_level("WARNING", STORE_LOG.name):
+        assert registry.register(files, manifest(0.6)).version == 2  # went through once the store was back
     assert time.monotonic() - started >= 1.5
+    (waiting,) = [record.getMessage() for record in caplog.records if record.name == STORE_LOG.name]
+    assert waiting.startswith(f"{s3_artifacts}/") and "the object store is not answering" in waiting  # said once
+    assert waiting.endswith(f"trying again for up to 20 s ({STORE_SECONDS_ENV})"), waiting
 
     monkeypatch.setenv(STORE_SECONDS_ENV, "3")
     s3_server.gate.close()
