@@ -41,6 +41,7 @@ from model_lib.config import (
 )
 from model_lib.progress import PROGRESS_SECONDS, stop_requested
 from model_lib.settings import artifacts_location, work_dir
+from model_lib.transfer import loads_weights_file
 
 QUIET_SECONDS = 5.0  # a copy that pauses longer than this between files gives two events
 PREFECT_HEALTH_SECONDS = 5.0  # how long PREFECT_API_URL's server may take to answer its health check
@@ -299,7 +300,7 @@ def train(
     overrides = config_overrides(locals())  # the options named like config fields
     if image_size is not None:
         overrides["image_size"] = parse_image_size(image_size)
-    if weights not in (None, "none", "imagenet"):
+    if loads_weights_file(weights):
         _import_tensorflow_quietly()  # the request's check loads the file into Keras: without TensorFlow's notes
     config = check_training_request(profile, overrides, artifacts_location())  # a mistake costs a second
     check_run_limits(timeout_minutes, promotion_margin)

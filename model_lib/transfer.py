@@ -11,6 +11,7 @@ from pathlib import Path
 
 BACKBONE_INPUT_SIDE = 96  # pixels: MobileNetV3Small's smallest ImageNet resolution; smaller images are resized up to it
 HEAD_DROPOUT = 0.2  # dropout before the new classifier
+WEIGHTS_SIGNATURES = (b"\x89HDF\r\n\x1a\n",)  # how every file Keras' load_weights reads begins (HDF5)
 BACKBONE_LAYER_NAME = "backbone"
 WEIGHTS_HELP = (
     "download the no-top MobileNetV3Small ImageNet weights on a connected machine "
@@ -41,7 +42,19 @@ def backbone_weights(weights: str) -> str | None:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise TransferWeightsError(f"{path}: weights file not found; {WEIGHTS_HELP}")
+    with open(path, "rb") as file:
+        head = file.read(max(map(len, WEIGHTS_SIGNATURES)))
+    if not head.startswith(WEIGHTS_SIGNATURES):  # a photo or a text file: said without loading Keras
+        raise TransferWeightsError(f"{path}: not a Keras weights file (HDF5 .h5 or .weights.h5); {WEIGHTS_HELP}")
     return str(path)
+
+
+def loads_weights_file(weights: str | None) -> bool:
+    """Whether checking `weights` means loading a file into Keras; every other mistake is said without Keras."""
+    try:
+        return backbone_weights(weights) not in (None, "imagenet")
+    except TransferWeightsError:
+        return False
 
 
 def imagenet_weights_note() -> str:

@@ -113,7 +113,7 @@ def test_an_earlier_prediction_csv_may_be_replaced_and_overwrite_is_explicit(set
         (
             ["train", "--weights", "{inbox}/photo.jpg", "--architecture", "transfer"],
             2,
-            "photo.jpg: does not fit MobileNetV3Small without its top",
+            "photo.jpg: not a Keras weights file (HDF5 .h5 or .weights.h5)",
         ),
         (["train", "--weights", "{inbox}/none.h5", "--architecture", "transfer"], 2, "none.h5: weights file not found"),
         (["train", "--weights", "imagenet"], 2, "--weights applies to the transfer architecture only, not airbench"),

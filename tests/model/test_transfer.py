@@ -31,9 +31,13 @@ def test_a_weights_file_is_checked_before_any_data_and_fits_every_image_size(tmp
     assert not [layer for layer in model.layers if isinstance(layer, keras.layers.Resizing)]
     for a, b in zip(source.get_weights(), model.get_layer(BACKBONE_LAYER_NAME).get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
-    (tmp_path / "other.weights.h5").write_bytes(b"not an HDF5 file")
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    other.save_weights(tmp_path / "other.weights.h5")  # real weights, of another network
     with pytest.raises(ConfigError, match="other.weights.h5: does not fit MobileNetV3Small without its top"):
         check_weights(str(tmp_path / "other.weights.h5"), "transfer")
+    (tmp_path / "text.weights.h5").write_bytes(b"not an HDF5 file")
+    with pytest.raises(ConfigError, match=r"text.weights.h5: not a Keras weights file \(HDF5"):
+        check_weights(str(tmp_path / "text.weights.h5"), "transfer")
 
 
 def test_imagenet_offline_and_missing_files_explain_what_to_do(monkeypatch, tmp_path):
