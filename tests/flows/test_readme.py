@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,13 @@ from model_lib.export import serving_export
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# The console script, which says on its way out whether it imported TensorFlow.
+TENSORFLOW_IMPORTED = "tensorflow was imported"
+CLI_TELLING_TENSORFLOW = (
+    "import atexit, sys; "
+    f"atexit.register(lambda: 'tensorflow' in sys.modules and print({TENSORFLOW_IMPORTED!r}, file=sys.stderr)); "
+    "from flows.cli import main; main()"
+)
 
 
 def readme_command(starts: str, exact: bool = False) -> list[str]:
@@ -37,10 +45,13 @@ def test_transfer_train_export_and_tflite_predict_as_the_readme_shows(digits, ar
         for path in sorted((digits / "test" / str(digit)).iterdir())[:2]:
             (photos / f"{digit}-{path.name}").write_bytes(path.read_bytes())
 
+    used_tensorflow = []  # per command, whether it imported TensorFlow
+
     def run(arguments: list[str]) -> str:
-        command = [sys.executable, "-c", "from flows.cli import main; main()", *arguments]
+        command = [sys.executable, "-c", CLI_TELLING_TENSORFLOW, *arguments]
         done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, (arguments, done.stdout[-3000:], done.stderr[-3000:])
+        used_tensorflow.append(TENSORFLOW_IMPORTED in done.stderr)
         return done.stdout
 
     # Digits rather than CIFAR-10: a MobileNet from scratch learns them under smoke in 4 epochs (95.6% with
@@ -52,6 +63,7 @@ def test_transfer_train_export_and_tflite_predict_as_the_readme_shows(digits, ar
     version = re.search(r"cifar10 v(\d+) \(champion\): test accuracy (\S+)", trained)
     assert float(version.group(2)) >= 0.85, trained  # under SGD once 82.2% in CI, and once diverged
     version = version.group(1)
+    assert used_tensorflow == [True]  # training needs it (and the probe sees it)
     manifest = json.loads((artifacts / "models" / "cifar10" / f"v{version}" / "manifest.json").read_text())
     assert manifest["config"]["optimizer"] == "adam"  # smoke's SGD is airbench's, which diverged here
     exported = run(readme_command("cifar-pipeline export cifar10@champion"))
@@ -61,6 +73,7 @@ def test_transfer_train_export_and_tflite_predict_as_the_readme_shows(digits, ar
     predict = [str(photos) if a == "~/photos" else a.replace("/v3/", f"/v{version}/") for a in predict]
     output = run(predict)
     assert re.search(r"12 ok \(\d+ flagged unsure\), 0 error", output) and "model_int8.tflite" in output
+    assert not used_tensorflow[-1]  # a TFLite export runs on LiteRT: 4 s less a command on two cores
     written = Path(output.strip().splitlines()[-1].strip())
     assert written.parent == artifacts / "predictions" and written.name.startswith("photos-")
     table = pd.read_csv(written)
@@ -83,3 +96,15 @@ def test_transfer_train_export_and_tflite_predict_as_the_readme_shows(digits, ar
     table = pd.read_csv(Path(output.strip().splitlines()[-1].strip()))
     right = table["label"].astype(str) == table["path"].map(lambda path: Path(path).name.split("-")[0])
     assert right.sum() >= 10, table[["path", "label", "confidence"]]  # 98% on the digits' test split
+    assert used_tensorflow[-1] is (chosen is None)
+
+    # The app serves the same export without TensorFlow too.
+    command = [sys.executable, "-c", CLI_TELLING_TENSORFLOW, "app", "--port", "0"]
+    app = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        served = f"cifar10 v{version} ({chosen})" if chosen else f"cifar10 v{version}"
+        assert f"({served}) at http://127.0.0.1:" in app.stdout.readline()
+    finally:
+        app.send_signal(signal.SIGINT)
+        _, stderr = app.communicate(timeout=60)
+    assert app.returncode == 130 and (TENSORFLOW_IMPORTED in stderr) is (chosen is None), stderr
