@@ -117,8 +117,8 @@ def batch_predict(
             progress.add_total(len(shard))
             limit = max(SHARD_TIMEOUT_FLOOR_SECONDS, SHARD_SECONDS_PER_IMAGE * len(shard))
             futures.append(
-                classify_shard_task.with_options(timeout_seconds=limit).submit(
-                    str(root), str(shard_file), model_info, parts[-1], top_k, batch_size, progress_key
+                classify_shard_task.submit(
+                    str(root), str(shard_file), model_info, parts[-1], top_k, batch_size, progress_key, limit
                 )
             )
         counts = [future.result() for future in futures]

@@ -11,10 +11,12 @@ import errno
 import os
 import signal
 import stat
+import time
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from itertools import islice
 from multiprocessing import get_context
@@ -223,21 +225,27 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class DecodeTimeout(Exception):
+    """The decoding pool had not returned a chunk by the caller's deadline."""
+
+
 def decode_files_in_pool(
-    paths: Sequence[str | os.PathLike], size: int, pool: Executor | None, chunk_files: int
-) -> Iterator[DecodedFiles]:
+    paths: Sequence[str | os.PathLike], size: int, pool: Executor | None, chunk_files: int,
+    deadline: float | None = None,
+) -> Iterator[DecodedFiles]:  # fmt: skip
     """Start `decode_files` over `pool` in chunks of `chunk_files`; returns the decoded chunks in order.
 
     Every chunk is submitted before this returns, so the caller can work on (classify) the first
     chunks while the pool decodes the rest. Each worker returns one dense pixel array per chunk,
     which pickles far cheaper than an array per image. Without a pool, each chunk is decoded in
-    this process when the iterator reaches it.
+    this process when the iterator reaches it. Past `deadline` (`time.monotonic()`), waiting for a
+    chunk raises `DecodeTimeout`: a worker stuck on a disk that stopped answering never returns.
     """
     starts = range(0, len(paths), chunk_files)
     if pool is None:
         return (decode_files(paths[i : i + chunk_files], size) for i in starts)
     futures = [pool.submit(decode_files, paths[i : i + chunk_files], size) for i in starts]
-    return _released(futures)
+    return _released(futures, deadline)
 
 
 def decode_files_ahead(
@@ -254,12 +262,15 @@ def decode_files_ahead(
         yield chunk
 
 
-def _released(futures: list) -> Iterator[DecodedFiles]:
+def _released(futures: list, deadline: float | None = None) -> Iterator[DecodedFiles]:
     """The futures' results in order, each dropped from the list once taken, so a consumer that writes the
     chunks away does not keep them all alive."""
     for i, future in enumerate(futures):
         futures[i] = None
-        yield future.result()
+        try:
+            yield future.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            raise DecodeTimeout from None
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ import gc
 import json
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from itertools import islice
 from multiprocessing import current_process
@@ -29,6 +31,7 @@ from model_lib.fileio import read_json
 from model_lib.flags import flags
 from model_lib.images import (
     ENTRY_ERRORS,
+    DecodeTimeout,
     FolderEntry,
     decode_files,
     decode_files_in_pool,
@@ -306,6 +309,34 @@ def decode_pool() -> ProcessPoolExecutor | None:
         return _decode_pool
 
 
+class ShardTimeout(RuntimeError):
+    """A shard ran past its time limit and was stopped."""
+
+
+@contextmanager
+def _stopped_past(time_limit: float | None, shard_file: str) -> Iterator[None]:
+    try:
+        yield
+    except DecodeTimeout:
+        kill_decode_pool()
+        raise ShardTimeout(
+            f"shard {Path(shard_file).stem} ran past its time limit of {time_limit:g} s and was stopped (a disk, a "
+            "decoding process or the model stopped answering)"
+        ) from None
+
+
+def kill_decode_pool() -> None:
+    """Kill this process's decoding pool: a worker stuck in a read would never finish, and would hold this
+    process's exit. The next shard starts a new pool."""
+    global _decode_pool
+    with _decode_pool_lock:
+        pool, _decode_pool = _decode_pool, None
+    if pool is not None:
+        for process in list((pool._processes or {}).values()):  # Python 3.14 has pool.kill_workers() for this
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def reset_workers() -> None:
     """Shut down this process's decoding pool and forget its loaded models: the next run starts cold."""
     global _decode_pool
@@ -355,8 +386,12 @@ def classified_rows(
     top_k: int,
     batch_size: int,
     progress: Progress | None = None,
+    deadline: float | None = None,
 ) -> Iterator[tuple[list[str], str, tuple[int, int] | None, str]]:
     """Decode and classify entries in order: `(ranked cells, flag, original size, error)` per entry.
+
+    Past `deadline` (`time.monotonic()`), `DecodeTimeout` is raised, whether waiting for decoding or after a
+    chunk was classified.
 
     The ranked cells are the `top_k` labels (spreadsheet-safe, see `csv_text`) and probabilities,
     alternating, empty for an error.
@@ -367,7 +402,7 @@ def classified_rows(
     root = Path(input_dir)
     inside = [entry for entry in entries if entry.kind not in ENTRY_ERRORS]
     chunks = decode_files_in_pool(
-        [root / entry.relative_path for entry in inside], model.image_size, decode_pool(), batch_size
+        [root / entry.relative_path for entry in inside], model.image_size, decode_pool(), batch_size, deadline
     )
     classifier = load_model_once(model)  # loads (or waits for the preload) while the pool decodes
     safe_names = [csv_text(name) for name in model.class_names]  # once per shard, not once per row
@@ -380,6 +415,8 @@ def classified_rows(
             if good.any():
                 probabilities[good], beyond = classifier.flagged(chunk.pixels[good])
                 outside[good] = False if beyond is None else beyond
+            if deadline is not None and time.monotonic() > deadline:
+                raise DecodeTimeout
             row_flags = flags(probabilities, chunk.pixels, model.unsure_below, model.texture_range, outside)
             if progress is not None:
                 progress.advance(len(chunk.errors))
@@ -402,28 +439,31 @@ def classify_shard(
     top_k: int = 3,
     batch_size: int = BATCH_IMAGES,
     progress_key: str | None = None,
+    time_limit: float | None = None,
 ) -> dict:
     """Decode, classify and write the rows (without header) of the shard saved in `shard_file` to `part_path`.
 
-    Classified images advance the progress registered under `progress_key` in this process, if any.
+    Classified images advance the progress registered under `progress_key` in this process, if any. Past
+    `time_limit` seconds the shard stops, its decoding processes killed (a stuck one would hold the exit).
 
     Returns:
         Counts: `ok`, `error`, and `flagged` (ok rows flagged `low_confidence` or `out_of_distribution`).
 
     Raises:
         Stopped: A stop was requested, before this shard started or while it ran.
+        ShardTimeout: The shard ran past `time_limit`.
     """
     check_stop()  # a stopped run's queued shards end here, not after decoding a chunk each
+    deadline = None if time_limit is None else time.monotonic() + time_limit
     entries = read_shard(shard_file)
     top_k = min(top_k, len(model.class_names))
     counts = {"ok": 0, "error": 0, "flagged": 0}
     provenance = csv_text(model.provenance)
     columns, ranked_names = csv_columns(top_k), ranked_columns(top_k)
-    with open(part_path, "w", newline="", encoding="utf-8") as handle:
+    rows = classified_rows(input_dir, entries, model, top_k, batch_size, find(progress_key), deadline)
+    with open(part_path, "w", newline="", encoding="utf-8") as handle, _stopped_past(time_limit, shard_file):
         writer = csv.writer(handle)
-        for entry, (ranked, flag, size, error) in zip(
-            entries, classified_rows(input_dir, entries, model, top_k, batch_size, find(progress_key)), strict=True
-        ):
+        for entry, (ranked, flag, size, error) in zip(entries, rows, strict=True):
             path = csv_text(entry.relative_path)
             if error:
                 counts["error"] += 1

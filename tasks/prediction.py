@@ -29,8 +29,12 @@ def classify_shard_task(
     top_k: int,
     batch_size: int,
     progress_key: str | None = None,
+    time_limit: float | None = None,
 ) -> dict:
     """Decode and classify the shard saved in `shard_file`; broken files become error rows, never a failed task.
+
+    The time limit is the shard's own, not Prefect's `timeout_seconds`: that cannot interrupt a task in a
+    worker thread, which is where a shard runs.
 
     Args:
         input_dir: The folder the shard's paths are relative to.
@@ -40,8 +44,9 @@ def classify_shard_task(
         top_k: Ranked labels per row.
         batch_size: Images per decoding job and model call.
         progress_key: The flow's progress in this process (a bar or log lines), advanced per batch.
+        time_limit: Seconds after which the shard stops and fails (ShardTimeout).
     """
-    return classify_shard(input_dir, shard_file, model, part_path, top_k, batch_size, progress_key)
+    return classify_shard(input_dir, shard_file, model, part_path, top_k, batch_size, progress_key, time_limit)
 
 
 @task(

@@ -1,8 +1,11 @@
 """The batch-predict flow on a catalogue of broken and odd files, and on real CIFAR-10 images."""
 
 import json
+import os
 import re
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +102,37 @@ def test_default_output_and_reference_forms(prefect_harness, registered, catalog
     assert len(set(results.values())) == 1
     with pytest.raises(RegistryError, match="no such version"):
         batch_predict(str(catalogue), model="cifar10@v5")
+
+
+def test_a_shard_whose_decoding_hangs_fails_the_run_at_its_time_limit(
+    prefect_harness, registered, catalogue, tmp_path, monkeypatch
+):
+    """A decoding process that stops answering (SIGSTOP stands in for a read from a disk that hangs) once held the
+    run forever: Prefect's own task timeout cannot interrupt a shard in a worker thread. The shard's own limit,
+    3 s here, ends the run Failed soon after, and kills the stuck processes so that the next run starts fresh."""
+    import flows.batch_predict
+    import model_lib.predict
+
+    monkeypatch.setattr(flows.batch_predict, "SHARD_TIMEOUT_FLOOR_SECONDS", 3)
+    monkeypatch.setattr(flows.batch_predict, "SHARD_SECONDS_PER_IMAGE", 0.01)
+    model_lib.predict.reset_workers()
+    pool = model_lib.predict.decode_pool()
+    for future in [pool.submit(int) for _ in range(os.cpu_count() or 1)]:  # every decoding process started
+        future.result()
+    stuck = list(pool._processes.values())
+    for process in stuck:
+        os.kill(process.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    state = batch_predict(str(catalogue / "odd"), output_csv=str(tmp_path / "never.csv"), return_state=True)
+    took = time.monotonic() - started
+    assert state.is_failed() and "ran past its time limit of 3 s and was stopped" in state.message, state.message
+    assert took < 3 + 15, took  # the limit, then the run's own start and end
+    assert not (tmp_path / "never.csv").exists()
+    for process in stuck:
+        process.join(timeout=10)
+        assert process.exitcode == -signal.SIGKILL  # killed, not left stopped
+    summary = batch_predict(str(catalogue / "odd"), output_csv=str(tmp_path / "after.csv"))
+    assert summary["ok"] == len(ODD)
 
 
 def test_tampered_model_fails_the_run_with_the_file_named(prefect_harness, registered, catalogue, tmp_path):
