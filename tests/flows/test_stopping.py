@@ -75,10 +75,12 @@ def test_a_prediction_stops_within_seconds_and_leaves_no_csv_and_no_process(
 
 @pytest.mark.real_data
 @pytest.mark.slow
-def test_a_second_run_writing_the_same_output_is_refused_while_the_first_runs(cifar_dir, artifacts, tmp_path):
+def test_a_second_run_writing_the_same_output_is_refused_while_the_first_runs(
+    cifar_dir, artifacts, tmp_path, prefect_api_env
+):
     register_keras_model(artifacts, build_model("seed_cnn", 10), tmp_path)
     output = tmp_path / "predictions.csv"
-    env = laptop_env(artifacts, tmp_path)
+    env = {**laptop_env(artifacts, tmp_path), **prefect_api_env}  # the claim is what is checked, not the server
     command = [*CLI, "predict", str(cifar_dir / "test"), "--output", str(output)]
     second: list[subprocess.CompletedProcess] = []
 
