@@ -40,7 +40,7 @@ from flows.live import (
     decode_upload,
     prediction_rows,
 )
-from model_lib.config import MAX_MEGAPIXELS, MAX_UPLOAD_MB, RELOAD_SECONDS
+from model_lib.config import MAX_MEGAPIXELS, MAX_UPLOAD_MB, RELOAD_SECONDS, TOP_K
 from model_lib.fileio import StoreError, open_store, read_json
 from model_lib.progress import Stopped, check_stop
 from model_lib.registry import MANIFEST_FILE, Registry, RegistryError, verify_version
@@ -216,7 +216,7 @@ def create_app(settings: AppSettings, live: LiveModel | None = None) -> FastAPI:
                 "images": app.state.batcher.images}  # fmt: skip
 
     @app.post("/api/predict")
-    async def predict(request: Request, top_k: int = 3) -> dict:
+    async def predict(request: Request, top_k: int = TOP_K) -> dict:
         """Classify the images in the multipart field `file` (repeat it for several)."""
         classes = len(live.served.info.class_names)
         if not 1 <= top_k <= classes:

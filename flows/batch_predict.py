@@ -13,7 +13,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from model_lib.config import BATCH_IMAGES, ENGINES, SHARD_FILES, ConfigError
+from model_lib.config import BATCH_IMAGES, ENGINES, SHARD_FILES, TOP_K, ConfigError
 from model_lib.predict import (
     image_like_entries,
     plan_prediction,
@@ -45,7 +45,7 @@ def batch_predict(
     input_dir: str | None = None,
     output_csv: str | None = None,
     model: str = "cifar10@champion",
-    top_k: int = 3,
+    top_k: int = TOP_K,
     batch_size: int = BATCH_IMAGES,
     recursive: bool = True,
     shard_size: int = SHARD_FILES,

@@ -29,6 +29,7 @@ from model_lib.config import (
     RELOAD_SECONDS,
     SHARD_FILES,
     TOKEN_ENV,
+    TOP_K,
     ConfigError,
     TrainConfig,
     check_engine,
@@ -347,7 +348,7 @@ def predict(
         str | None, typer.Option(help="CSV path (default: a new ARTIFACTS_DIR/predictions/<folder>-<time>-<id>.csv).")
     ] = None,
     model: Annotated[str, typer.Option(help="cifar10, cifar10@latest, cifar10@v3 or a version folder.")] = "cifar10",
-    top_k: Annotated[int, typer.Option(help="Ranked labels per image.")] = 3,
+    top_k: Annotated[int, typer.Option(help="Ranked labels per image.")] = TOP_K,
     batch_size: Annotated[int, typer.Option(help="Images per decoding job and per model call.")] = BATCH_IMAGES,
     recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into sub-folders.")] = True,
     shard_size: Annotated[int, typer.Option(help="Files per shard task.")] = SHARD_FILES,

@@ -233,6 +233,7 @@ def check_engine(engine: str) -> None:
         raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
 
 
+TOP_K = 3  # prediction: ranked labels (and their probabilities) per image, in the CSV and the app's answers
 BATCH_IMAGES = 256  # prediction: images decoded per pool job and classified per model call
 SHARD_FILES = 2048  # prediction: files per shard task: measured best of 512-5000 for 10,000 CIFAR JPEGs on 2 cores
 # The app (`cifar-pipeline app`): its defaults and limits.

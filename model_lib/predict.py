@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_lib.config import BATCH_IMAGES, ConfigError, check_count, check_engine
+from model_lib.config import BATCH_IMAGES, TOP_K, ConfigError, check_count, check_engine
 from model_lib.data import local_copy
 from model_lib.export import cascade_rule, export_feature_rule, served_first_view, serving_exports
 from model_lib.fileio import read_json
@@ -436,7 +436,7 @@ def classify_shard(
     shard_file: str,
     model: ModelInfo,
     part_path: str,
-    top_k: int = 3,
+    top_k: int = TOP_K,
     batch_size: int = BATCH_IMAGES,
     progress_key: str | None = None,
     time_limit: float | None = None,
