@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from model_lib.config import TrainConfig
+from model_lib.runs import SPLIT_FILE
 from model_lib.split import Split, run_split, save_split
 
 PREFETCH_BATCHES = 2  # batches prepared ahead of the training step
@@ -375,7 +376,7 @@ def prepare_split(cache_dir: str, class_names: list[str], config: TrainConfig, o
 
     arrays = load_arrays(cache_dir)
     split = run_split(np.asarray(arrays.y_train), config.validation_split, config.seed)
-    split_path = out_dir / "split.npz"
+    split_path = out_dir / SPLIT_FILE
     save_split(split, split_path)
     return PreparedSplit(
         run_dir=str(out_dir),

@@ -20,6 +20,10 @@ from model_lib.fileio import process_gone, process_tag
 OWNER_FILE = ".owner"  # the `process_tag` of the run using the folder
 TEST_PROBABILITIES = "test_probabilities.npy"  # the saved model's outputs on the test set, in the run folder
 UNCALIBRATED_PROBABILITIES = "test_probabilities_uncalibrated.npy"  # beside the calibrated ones, for the plots
+SPLIT_FILE = "split.npz"  # the run's train/validation split (model_lib.preprocess)
+# What a finished run keeps in its folder for itself and does not register. Every other file there is one of the
+# version's artefacts (tasks/training.py's RUN_FILES); the flow's test checks that none is left behind.
+RUN_WORK_FILES = frozenset({OWNER_FILE, SPLIT_FILE, TEST_PROBABILITIES, UNCALIBRATED_PROBABILITIES})
 
 
 def claim_run_dir(runs_root: Path, key: str) -> Path:

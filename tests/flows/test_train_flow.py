@@ -14,6 +14,7 @@ from prefect.client.orchestration import get_client
 from flows.train_cifar import train_cifar
 from model_lib.fileio import read_json
 from model_lib.registry import verify_version
+from model_lib.runs import RUN_WORK_FILES
 
 VERSION_FILES = {"model.keras", "manifest.json", "probe.npz", "metrics.json", "per_class.csv", "confusion_matrix.csv",
                  "history.csv", "config.json", "curves.png", "confusion_matrix.png", "samples.png", "data_report.json",
@@ -40,6 +41,9 @@ def test_flow_trains_and_registers_a_complete_version(prefect_harness, colour_da
     assert result["version"] == 1 and result["champion"]
     version_dir = Path(result["path"])
     assert VERSION_FILES <= {p.name for p in version_dir.iterdir()} and verify_version(version_dir) == []
+    (run_dir,) = [path for path in (artifacts / "runs").iterdir() if path.is_dir()]
+    left = {path.name for path in run_dir.iterdir()} - {path.name for path in version_dir.iterdir()}
+    assert left <= RUN_WORK_FILES, left  # every artefact the run wrote was registered: none missing from RUN_FILES
     manifest = read_json(version_dir / "manifest.json")
     assert manifest["dataset"]["class_names"] == ["blue", "green", "red"]
     assert (manifest["dataset"]["train_count"], manifest["dataset"]["validation_count"]) == (27, 9)
