@@ -41,7 +41,7 @@ from model_lib.config import (
     resolve_config,
 )
 from model_lib.progress import PROGRESS_SECONDS, stop_requested
-from model_lib.settings import artifacts_location, work_dir
+from model_lib.settings import artifacts_location, require_keras, work_dir
 from model_lib.transfer import loads_weights_file
 
 QUIET_SECONDS = 5.0  # a copy that pauses longer than this between files gives two events
@@ -127,13 +127,18 @@ def _import_tensorflow_quietly() -> None:
         import_tensorflow_quietly()
 
 
-def _tensorflow_if_keras_serves(model) -> None:
-    """TensorFlow, imported quietly, only where model.keras answers: a TFLite export runs on LiteRT without it
-    (a one-off prediction of 10 images: 7.7 s instead of 11.7 s on a 2-core AMD EPYC Zen 5)."""
+def _keras_serves(model) -> bool:
+    """Whether model.keras answers (else a TFLite export, on LiteRT: no TensorFlow, no Keras, so a serving install
+    without the `train` extra runs it, and a one-off prediction of 10 images takes 7.7 s instead of 11.7 s on a
+    2-core AMD EPYC Zen 5). Refuses in one line, before any work, where Keras is needed and not installed."""
     from model_lib.registry import MODEL_FILE
 
-    if model.model_file == MODEL_FILE:
-        _import_tensorflow_quietly()
+    if model.model_file != MODEL_FILE:
+        return False
+    require_keras(
+        f"serving {model.version} from model.keras (a TFLite export, from `cifar-pipeline export`, would not)"
+    )
+    return True
 
 
 class PrefectUnreachable(RuntimeError):
@@ -308,6 +313,7 @@ def train(
 ) -> None:
     """Run the train-cifar flow locally (Prefect's embedded temporary API; no server needed)."""
     overrides = config_overrides(locals())  # the options named like config fields
+    require_keras("training")
     if image_size is not None:
         overrides["image_size"] = parse_image_size(image_size)
     if loads_weights_file(weights):
@@ -373,6 +379,7 @@ def predict(
     plan = plan_prediction(
         input_dir, output, model, top_k, batch_size, shard_size, artifacts_location(), overwrite, unsure_below, engine
     )
+    keras_serves = _keras_serves(plan.model)
     _stoppable("the batch-predict run is marked Crashed; no CSV was written")
     _require_prefect_api()
     typer.echo(f"Classifying {plan.root} with {plan.model.version}; starting Prefect and the model...", err=True)
@@ -380,7 +387,8 @@ def predict(
 
     flow = with_dask(dask_address, dask_workers) if dask_address or dask_workers else batch_predict
     _console_without_expected_tracebacks()
-    _tensorflow_if_keras_serves(plan.model)
+    if keras_serves:
+        _import_tensorflow_quietly()
     summary = flow(
         input_dir=input_dir,
         output_csv=output,
@@ -414,6 +422,7 @@ def export_command(
 
     chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
     check_formats(chosen)  # usage errors (exit 2) before TensorFlow's import (5 s of CPU) and the model's load
+    require_keras("exporting")
     _stoppable("no export was added to the manifest")
     _import_tensorflow_quietly()  # before keras imports it loudly
     require_tensorflow_backend()
@@ -527,7 +536,8 @@ def app_command(
     from flows.app import create_app, server_for
     from model_lib.predict import resolve_model
 
-    _tensorflow_if_keras_serves(resolve_model(settings.model, settings.artifacts_root, engine))  # resolved again below
+    if _keras_serves(resolve_model(settings.model, settings.artifacts_root, engine)):  # resolved again below
+        _import_tensorflow_quietly()
 
     web = create_app(settings)
     # uvicorn answers the signal (requests in flight get 5 s); our watcher stops their decoding at the next image

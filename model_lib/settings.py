@@ -73,3 +73,27 @@ def cpu_devices() -> int:
 def default_data_source() -> str:
     """The training data: `CIFAR10_DIR` when set, else Keras' download."""
     return os.environ.get("CIFAR10_DIR") or KERAS_DOWNLOAD
+
+
+TRAIN_EXTRA = "pip install 'cifar-pipeline[train]'"
+"""How to add what training needs to a serving install (pyproject.toml's `train` extra)."""
+
+
+class MissingTrainingInstall(RuntimeError):
+    """Keras or its backend is not installed: this install serves TFLite exports only."""
+
+
+def require_keras(what: str) -> None:
+    """Refuse, in one line and before any work, `what` where Keras or its backend (`KERAS_BACKEND`, TensorFlow by
+    default) is not installed. Looks the packages up without importing them (TensorFlow's import takes seconds).
+
+    Raises:
+        MissingTrainingInstall: Naming what is missing and how to install it.
+    """
+    from importlib.util import find_spec
+
+    missing = [name for name in ("keras", os.environ.get("KERAS_BACKEND") or "tensorflow") if find_spec(name) is None]
+    if missing:
+        raise MissingTrainingInstall(
+            f"{what} needs {' and '.join(missing)}, which this install does not have: {TRAIN_EXTRA}"
+        )

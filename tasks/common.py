@@ -60,7 +60,9 @@ def import_tensorflow_quietly() -> None:
     (oneDNN, no CUDA driver) print before any log level applies. An import that fails still raises, after
     stderr is back. The CLI calls it before a run; a deployment's run, whose stderr is the worker's terminal,
     at its start."""
-    if "tensorflow" in sys.modules:
+    from importlib.util import find_spec
+
+    if "tensorflow" in sys.modules or find_spec("tensorflow") is None:  # none to quiet (JAX alone, or serving)
         return
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)

@@ -156,6 +156,22 @@ def tiny_on_real_cifar(prefect_harness, cifar_dir, tmp_path_factory) -> tuple[Pa
     return train_once(tmp_path_factory, "tiny_on_real_cifar", cifar_dir, profile="tiny")
 
 
+@pytest.fixture(scope="session")
+def trained_and_exported(prefect_harness, tmp_path_factory) -> tuple[Path, dict]:
+    """One training with all exports for the run (about 25 s on two cores), whichever worker comes first: its
+    ARTIFACTS_DIR (the colour images beside it, in `colours/`) and the flow's result. Tests that change it copy it."""
+    from flows.train_cifar import train_cifar
+
+    def train(root: Path) -> dict:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("ARTIFACTS_DIR", str(root / "artifacts"))
+            return train_cifar(profile="seed", data=str(write_colour_dataset(root / "colours")), epochs=4,
+                               batch_size=8, validation_split=0.25, export=True)  # fmt: skip
+
+    root, result = once_per_run(tmp_path_factory, "trained_and_exported", train)
+    return root / "artifacts", result
+
+
 @pytest.fixture
 def upscaled_cifar(cifar_dir, tmp_path) -> tuple[Path, Path]:
     """30 real CIFAR-10 test images per class, as they are and as 640x480 JPEG "photos" (bicubic, quality 90)."""

@@ -11,7 +11,6 @@ from PIL import Image
 
 import model_lib.export
 from flows.batch_predict import batch_predict
-from flows.train_cifar import train_cifar
 from model_lib.data import load_arrays
 from model_lib.export import EXPORT_FORMATS, cascade_rule, export_version, feature_rule_file, serving_export
 from model_lib.fileio import read_json, sha256_file, write_json
@@ -21,23 +20,7 @@ from model_lib.ood import FeatureRule, classified
 from model_lib.predict import CASCADE_NOTE, load_classifier, resolve_model
 from model_lib.registry import ChecksumError, load_verified_model, verify_version
 from model_lib.split import load_split, run_split
-from tests.conftest import once_per_run, write_colour_dataset
 from tests.synthetic import UNLIKE_KINDS, write_unlike_images
-
-
-@pytest.fixture(scope="session")
-def trained_and_exported(prefect_harness, tmp_path_factory) -> tuple[Path, dict]:
-    """One training with all exports for the run (about 25 s on two cores), whichever worker comes first; tests
-    get copies."""
-
-    def train(root: Path) -> dict:
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("ARTIFACTS_DIR", str(root / "artifacts"))
-            return train_cifar(profile="seed", data=str(write_colour_dataset(root / "colours")), epochs=4,
-                               batch_size=8, validation_split=0.25, export=True)  # fmt: skip
-
-    root, result = once_per_run(tmp_path_factory, "trained_and_exported", train)
-    return root / "artifacts", result
 
 
 @pytest.fixture
