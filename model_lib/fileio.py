@@ -25,6 +25,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -198,9 +199,12 @@ SYNC_BATCH_FILES = 32  # downloads in flight while a local copy of a folder is b
 MIRROR_INDEX = ".mirror.json"  # in a local copy of an object-store folder: each file's size and ETag
 REMOTE_SCHEMES = ("s3",)  # object stores with conditional writes, which the registry needs
 T = TypeVar("T")
-# Says once per call that a store stopped answering, so a wait of up to the budget is never silent; the CLI
-# prints it as one `warning:` line (flows/cli.py), a service logs it.
+# Says that a store stopped answering, so a wait of up to the budget is never silent: once per store and
+# outage, however many calls wait on it at once (a registration uploads its files in parallel). The CLI prints it
+# as one `warning:` line (flows/cli.py), a service logs it.
 STORE_LOG = logging.getLogger("cifar_pipeline.store")
+_last_waiting_line: dict[str, float] = {}  # store URL -> when its last such line was said (time.monotonic())
+_waiting_lock = threading.Lock()
 
 
 # S3's rule for bucket names, which S3-compatible servers share: checked before any request is made.
@@ -482,11 +486,15 @@ class S3Store(Store):
                         f"trying to {what} ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
                     ) from error
                 if not warned:
-                    STORE_LOG.warning(
-                        f"{self.where(key)}: the object store is not answering ({type(error).__name__}); trying "
-                        f"again for up to {budget:.0f} s ({STORE_SECONDS_ENV})"
-                    )
                     warned = True
+                    with _waiting_lock:  # a line per outage: not again while the same wait may still be going on
+                        said = _last_waiting_line.get(self.url, -math.inf) > time.monotonic() - budget
+                        _last_waiting_line[self.url] = time.monotonic()
+                    if not said:
+                        STORE_LOG.warning(
+                            f"{self.where(key)}: the object store is not answering ({type(error).__name__}); trying "
+                            f"again for up to {budget:.0f} s ({STORE_SECONDS_ENV})"
+                        )
                 time.sleep(delay)
                 delay = min(delay * 2, 4.0)
 
