@@ -78,13 +78,25 @@ def _options(
     _warnings_as_lines()
 
 
+class _StderrNow(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is said (a test's capture may have replaced it since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _warnings_as_lines() -> None:
     """The library's warnings (a store that stopped answering) print as one `warning:` line each, before the
     `error:` line a lasting problem ends with, and not again through Prefect's console."""
     from model_lib.fileio import STORE_LOG
 
     if not STORE_LOG.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrNow()
         handler.setFormatter(logging.Formatter("warning: %(message)s"))
         STORE_LOG.addHandler(handler)
         STORE_LOG.propagate = False

@@ -203,7 +203,7 @@ T = TypeVar("T")
 # outage, however many calls wait on it at once (a registration uploads its files in parallel). The CLI prints it
 # as one `warning:` line (flows/cli.py), a service logs it.
 STORE_LOG = logging.getLogger("cifar_pipeline.store")
-_last_waiting_line: dict[str, float] = {}  # store URL -> when its last such line was said (time.monotonic())
+_last_waiting_line: dict[tuple, float] = {}  # (endpoint, bucket) -> when its last such line was said (monotonic)
 _waiting_lock = threading.Lock()
 
 
@@ -487,9 +487,10 @@ class S3Store(Store):
                     ) from error
                 if not warned:
                     warned = True
+                    server = (os.environ.get("AWS_ENDPOINT_URL"), self.bucket)  # the registry's stores share it
                     with _waiting_lock:  # a line per outage: not again while the same wait may still be going on
-                        said = _last_waiting_line.get(self.url, -math.inf) > time.monotonic() - budget
-                        _last_waiting_line[self.url] = time.monotonic()
+                        said = _last_waiting_line.get(server, -math.inf) > time.monotonic() - budget
+                        _last_waiting_line[server] = time.monotonic()
                     if not said:
                         STORE_LOG.warning(
                             f"{self.where(key)}: the object store is not answering ({type(error).__name__}); trying "
