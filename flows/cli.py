@@ -546,12 +546,14 @@ def app_command(
     except OSError as error:
         raise ConfigError(f"--host {host} --port {port}: cannot listen there ({error.strerror})") from None
     from flows.app import create_app, server_for
+    from flows.live import LiveModel
     from model_lib.predict import resolve_model
 
-    if _keras_serves(resolve_model(settings.model, settings.artifacts_root, engine)):  # resolved again below
+    resolved = resolve_model(settings.model, settings.artifacts_root, settings.engine)  # checksums verified once
+    if _keras_serves(resolved):
         _import_tensorflow_quietly()
 
-    web = create_app(settings)
+    web = create_app(settings, LiveModel(settings.model, settings.artifacts_root, settings.engine, resolved))
     # uvicorn answers the signal (requests in flight get 5 s); our watcher stops their decoding at the next image
     # and ends the command as every other stops: one line, 130 or 143.
     _stoppable("requests in flight were answered 503 (the app is stopping)")

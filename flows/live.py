@@ -104,9 +104,10 @@ class LiveModel:
     or its files fail their checksums: the app does not start without a model it can trust.
     """
 
-    def __init__(self, reference: str, artifacts_root: str, engine: str = "auto"):
+    def __init__(self, reference: str, artifacts_root: str, engine: str = "auto", resolved: ModelInfo | None = None):
+        """`resolved`: the reference already resolved by the caller (the CLI, to know whether Keras is needed)."""
         self.reference, self.artifacts_root, self.engine = reference, artifacts_root, engine
-        self.served = self._load(resolve_model(reference, artifacts_root, engine))
+        self.served = self._load(resolved or resolve_model(reference, artifacts_root, engine))
         self.problem = ""  # why the last check could not follow the reference ("" when it could)
 
     @staticmethod
