@@ -325,12 +325,18 @@ def _stopped_past(time_limit: float | None, shard_file: str) -> Iterator[None]:
         ) from None
 
 
-def kill_decode_pool() -> None:
-    """Kill this process's decoding pool: a worker stuck in a read would never finish, and would hold this
-    process's exit. The next shard starts a new pool."""
+def _detach_decode_pool() -> ProcessPoolExecutor | None:
+    """This process's decoding pool, now no longer handed out: the next `decode_pool()` starts a new one."""
     global _decode_pool
     with _decode_pool_lock:
         pool, _decode_pool = _decode_pool, None
+    return pool
+
+
+def kill_decode_pool() -> None:
+    """Kill this process's decoding pool: a worker stuck in a read would never finish, and would hold this
+    process's exit. The next shard starts a new pool."""
+    pool = _detach_decode_pool()
     if pool is not None:
         for process in list((pool._processes or {}).values()):  # Python 3.14 has pool.kill_workers() for this
             process.kill()
@@ -339,11 +345,9 @@ def kill_decode_pool() -> None:
 
 def reset_workers() -> None:
     """Shut down this process's decoding pool and forget its loaded models: the next run starts cold."""
-    global _decode_pool
-    with _decode_pool_lock:
-        if _decode_pool is not None:
-            _decode_pool.shutdown(cancel_futures=True)  # a stopped run's queued chunks are not decoded
-            _decode_pool = None
+    pool = _detach_decode_pool()
+    if pool is not None:
+        pool.shutdown(cancel_futures=True)  # a stopped run's queued chunks are not decoded
     with _models_lock:
         _models.clear()
 
