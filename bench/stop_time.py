@@ -5,9 +5,10 @@
     python bench/stop_time.py --data ../shared/datasets/cifar10 --rounds 3 --signal SIGTERM
 
 Each round trains nothing new: a `smoke` model is trained once into a temporary ARTIFACTS_DIR, then
-every variant runs its command (Prefect's temporary server, as on a laptop), waits until the work is
+every variant runs its command (on the local Prefect server, as on a laptop), waits until the work is
 under way, sends the signal and times the exit. A variant also reports the exit code and whether any
-process the command started was still alive 10 s after the signal.
+process the command started was still alive 10 s after the signal (the shared local server is meant to
+be; it is stopped at the end).
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from pathlib import Path
 
 import psutil
 
+from flows import local_server
+
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "from flows.cli import main; main()"]  # the console script, in this interpreter
 LEFTOVER_SECONDS = 10.0  # a child still alive this long after the signal counts as left behind
+SHARED_SERVER = local_server.__name__  # in its command line: the server other commands share, meant to stay
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class StopResult:
     code: int  # the command's exit status
     seconds: float  # from the signal to the command's exit
     leftovers: list[str]  # command lines of started processes alive LEFTOVER_SECONDS after the signal
+    servers: list[str]  # the local Prefect servers among them, which other commands share: left running
     console: str  # stdout and stderr, interleaved
 
 
@@ -87,11 +92,14 @@ def stop_during(
     seconds = time.perf_counter() - sent
     reader.join(5)
     _, alive = psutil.wait_procs(children, timeout=max(0.0, LEFTOVER_SECONDS - (time.perf_counter() - sent)))
-    leftovers = [line for line in map(living_command, alive) if line is not None]
-    for child in alive:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    return StopResult(code, seconds, leftovers, "".join(lines))
+    running = [(child, line) for child in alive if (line := living_command(child)) is not None]
+    servers = [line for _, line in running if SHARED_SERVER in line]
+    for child, line in running:
+        if SHARED_SERVER not in line:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    return StopResult(code, seconds, [line for _, line in running if SHARED_SERVER not in line], servers,
+                      "".join(lines))  # fmt: skip
 
 
 def living_command(process: psutil.Process) -> str | None:
@@ -118,7 +126,7 @@ def main() -> None:
         parser.error("--rounds must be at least 1, and --data must hold a train/ folder")
     signum = signal.Signals[args.signal]
     artifacts = Path(tempfile.mkdtemp(prefix="stop-time-"))
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the temporary server, as on a laptop
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the local server, as on a laptop
     env.update(ARTIFACTS_DIR=str(artifacts), CIFAR10_DIR=str(args.data), PREFECT_HOME=str(artifacts / "prefect"))
     subprocess.run([*CLI, "train", "--profile", "smoke"], env=env, check=True, capture_output=True)
     variants = {
@@ -137,6 +145,7 @@ def main() -> None:
             times[name].append(result.seconds)
             print(f"round {round_index + 1} {name}: exit {result.code} after {result.seconds:.2f} s, "
                   f"left behind: {result.leftovers or 'nothing'}", flush=True)  # fmt: skip
+    subprocess.run([*CLI, "server", "stop"], env=env, check=True, capture_output=True)
     print(f"\n{args.signal} to the process group, median of {args.rounds} (host: {os.cpu_count()} cores)")
     for name, seconds in times.items():
         print(f"  {name:<26} {statistics.median(seconds):6.2f} s  (max {max(seconds):.2f})")

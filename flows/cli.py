@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from flows import stopping
+from flows import local_server, stopping
 from model_lib.checks import check_training_request
 from model_lib.config import (
     APP_BOUNDS,
@@ -55,6 +55,11 @@ models_app = typer.Typer(
     help="Inspect and manage the model registry under ARTIFACTS_DIR/models/.", no_args_is_help=True
 )
 app.add_typer(models_app, name="models")
+server_app = typer.Typer(
+    help="The local Prefect server that commands share when PREFECT_API_URL is unset (one per PREFECT_HOME).",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
 DEBUG_ENV = "CIFAR_PIPELINE_DEBUG"  # set to 1 for tracebacks, like --debug
 _debug = False
 _stop_result = "the command did not finish"  # what a stop leaves, set by the command that can be stopped
@@ -160,23 +165,24 @@ class PrefectUnreachable(RuntimeError):
 def _require_prefect_api() -> None:
     """With PREFECT_API_URL set, a Prefect server must answer there before anything loads or trains: else one
     line names the setting and what to do, instead of minutes of retries and a page of traceback.
-    Without it, start the temporary server this process owns (flows/stopping.py).
+    Without it, use this PREFECT_HOME's local server, started on first use (flows/local_server.py).
 
     Raises:
         PrefectUnreachable: Nothing answers at the address, or what answers is not a Prefect API.
     """
-    import httpx
     import pydantic
     from prefect.settings import PREFECT_API_URL
 
     try:
         api = PREFECT_API_URL.value()  # every Prefect setting is validated here
+        if not api:
+            _use_local_server()
+            return
     except pydantic.ValidationError as error:
         raise ConfigError(_invalid_prefect_setting(error)) from None
-    if not api:
-        stopping.start_temporary_server()
-        return
-    advice = "unset PREFECT_API_URL to use a temporary server, or start yours (prefect server start)"
+    advice = "unset PREFECT_API_URL to use the local server, or start yours (prefect server start)"
+    import httpx
+
     try:
         response = httpx.get(f"{api.rstrip('/')}/health", timeout=PREFECT_HEALTH_SECONDS)
     except httpx.HTTPError as error:
@@ -186,6 +192,23 @@ def _require_prefect_api() -> None:
         raise PrefectUnreachable(
             f"PREFECT_API_URL={api}: what answers there is not a Prefect API (/health gave HTTP "
             f"{response.status_code}); {advice}"
+        )
+
+
+def _use_local_server() -> None:
+    """Point this process, and what it starts, at the local server (started here if none answers)."""
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import PREFECT_API_URL
+
+    url, started = local_server.connect()
+    os.environ[PREFECT_API_URL.name] = url  # for this process's threads and what it starts
+    os.environ.setdefault("PREFECT_UI_URL", "")  # it serves no UI (as Prefect's temporary server): no "View at" link
+    refresh_global_settings_context()
+    if started:
+        typer.echo(
+            f"Started a local Prefect server at {url}; later commands share it, and it stops after "
+            f"{local_server.idle_seconds():g} s unused ({local_server.IDLE_ENV}; `cifar-pipeline server stop`)",
+            err=True,
         )
 
 
@@ -698,3 +721,21 @@ def models_rollback(
     except RegistryError as error:
         _fail(str(error))
     typer.echo(f"{name}@champion -> v{version}")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Where this PREFECT_HOME's local Prefect server answers, if one runs."""
+    state = local_server.status()
+    where = local_server.home_folder()
+    if state is None:
+        typer.echo(f"no local Prefect server runs for {where} (the next train or predict starts one)")
+        return
+    typer.echo(f"{state['url']} (pid {state['pid']}; {where}; stops after {state['idle_seconds']:g} s unused)")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop this PREFECT_HOME's local Prefect server now (commands still using it lose their server)."""
+    state = local_server.stop()
+    typer.echo(f"stopped {state['url']} (pid {state['pid']})" if state else "no local Prefect server was running")

@@ -71,11 +71,54 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def prefect_api_env(prefect_harness) -> dict[str, str]:
     """Environment for CLI subprocesses: their flows report to the session's Prefect API instead of
-    each starting and stopping a temporary server of its own (5-20 s a command on two busy cores).
+    the local server of their PREFECT_HOME (tests/flows/test_local_server.py tests that one).
     Tests of what a person sees on a machine without a server leave it out."""
     from prefect.settings import PREFECT_API_URL
 
     return {"PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+LOCAL_SERVER_MODULE = "flows.local_server"  # its processes' command line names it, then their state folder
+
+
+def local_servers(under: Path) -> list:
+    """The running local Prefect servers (flows/local_server.py) whose state folder lies under `under`."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        line = process.info["cmdline"] or []
+        if process.info["status"] != psutil.STATUS_ZOMBIE and LOCAL_SERVER_MODULE in line:
+            if Path(line[-1]).is_relative_to(under):
+                found.append(process)
+    return found
+
+
+@pytest.fixture
+def laptop_env(artifacts, tmp_path):
+    """A terminal on a laptop: no PREFECT_API_URL, so commands share the local server of a PREFECT_HOME of
+    their own (~/.prefect's database may have been migrated by another Prefect version). Whatever server
+    they start is stopped afterwards, as `cifar-pipeline server stop` does."""
+    import psutil
+
+    home = tmp_path / "prefect-home"
+    yield {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
+           "ARTIFACTS_DIR": str(artifacts), "PREFECT_HOME": str(home)}  # fmt: skip
+    servers = local_servers(home)
+    for server in servers:
+        server.terminate()
+    psutil.wait_procs(servers, timeout=15)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_local_server_left(tmp_path_factory):
+    """No test leaves a local Prefect server running: it would hold its memory for the idle period."""
+    yield
+    left = local_servers(tmp_path_factory.getbasetemp())
+    lines = [" ".join(server.info["cmdline"]) for server in left]
+    for server in left:
+        server.kill()
+    assert not left, f"local Prefect servers left running: {lines}"
 
 
 @pytest.fixture(scope="session", autouse=True)

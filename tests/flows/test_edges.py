@@ -15,7 +15,7 @@ from model_lib.models import build_model
 from model_lib.precision import JAX_CACHE_FOLDER, machine_cache_dir
 from model_lib.predict import plan_prediction
 from model_lib.registry import RegistryError
-from tests.conftest import TF_STARTUP_NOTES
+from tests.conftest import TF_STARTUP_NOTES, local_servers
 from tests.registered import register_keras_model
 
 CLI = [sys.executable, "-c", "from flows.cli import main; main()"]  # the console script, in this interpreter
@@ -172,14 +172,14 @@ def test_a_prefect_database_from_another_prefect_version_fails_in_one_line(colou
     with sqlite3.connect(home / "prefect.db") as db:
         db.execute("create table alembic_version (version_num varchar(32) not null primary key)")
         db.execute("insert into alembic_version values ('ffffffffffff')")
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # this command starts its own server
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # this command starts the local server
     # The server exits at once; the command says so then, not after the allowance (which would outlast the timeout).
     env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "900"}
     done = subprocess.run([*CLI, "train", "--data", str(colour_dataset)], capture_output=True, text=True, env=env,
                           timeout=300)  # fmt: skip
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(lines) == 2, done.stderr[-3000:]  # the time estimate, then the error
-    assert lines[1].startswith("error: Prefect's temporary server did not start (") and "'ffffffffffff'" in lines[1]
+    assert lines[1].startswith("error: Prefect's local server did not start (") and "'ffffffffffff'" in lines[1]
     assert f"its database in {home} may come from another Prefect version: set PREFECT_HOME" in lines[1]
 
 
@@ -196,7 +196,7 @@ def test_a_prefect_setting_that_does_not_validate_is_named_in_one_line_usage_err
 
 
 @pytest.mark.slow
-def test_a_temporary_server_slower_than_its_allowance_fails_in_one_line_instead_of_hanging(colour_dataset, tmp_path):
+def test_a_local_server_slower_than_its_allowance_fails_in_one_line_and_is_stopped(colour_dataset, tmp_path):
     # As on 2 busy cores, where CI's run hung until its 600 s timeout: Prefect's start read the stderr of a server
     # still starting. 1 s is shorter than any server start.
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
@@ -206,9 +206,10 @@ def test_a_temporary_server_slower_than_its_allowance_fails_in_one_line_instead_
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(lines) == 2, done.stderr[-3000:]
     assert lines[1] == (
-        "error: Prefect's temporary server did not answer within 1 s (a busy or slow machine): set "
+        "error: Prefect's local server did not answer within 1 s (a busy or slow machine): set "
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or PREFECT_API_URL to a running server"
     )
+    assert local_servers(tmp_path) == []  # the half-started server is not left behind
 
 
 @pytest.mark.parametrize("arguments", [["export", "cifar10"], ["train", "--export", "--data", "{data}"]])
@@ -278,16 +279,12 @@ def test_two_identical_training_commands_at_once_both_register_and_deterministic
 
 
 @pytest.mark.slow
-def test_a_failed_run_on_the_console_ends_in_one_line_without_tracebacks_or_chatter(tmp_path, artifacts):
-    import os
-
+def test_a_failed_run_on_the_console_ends_in_one_line_without_tracebacks_or_chatter(tmp_path, artifacts, laptop_env):
     from tests.synthetic import write_uninformative_dataset
 
     folder = write_uninformative_dataset(tmp_path / "same")
-    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED")}
-    env["ARTIFACTS_DIR"] = str(artifacts)
-    # Its temporary server's own database: ~/.prefect's may have been migrated by another Prefect version.
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    quiet = ("TF_CPP_MIN_LOG_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED")  # as a terminal has them: unset
+    env = {k: v for k, v in laptop_env.items() if k not in quiet}
     command = [
         *CLI,
         "train",

@@ -1,19 +1,22 @@
 """Ctrl-C and SIGTERM sent to a real `cifar-pipeline` process stop it within seconds, with one line, the
 signal's exit code, no process left behind and nothing half-written (issue 44; flows/stopping.py).
 
-The commands run as on a laptop: no PREFECT_API_URL, so each starts Prefect's temporary server,
-which is the process that used to die first and keep the command retrying for minutes.
+The commands run as on a laptop: no PREFECT_API_URL, so each starts the local Prefect server that later
+commands share (flows/local_server.py). A stop must leave it answering: the temporary server it replaced
+was the process that used to die first and keep the command retrying for minutes.
 """
 
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from bench.stop_time import CLI, living_command, stop_during
+from flows import local_server
 from model_lib.models import build_model
 from model_lib.registry import Registry
 from tests.flows.test_edges import colour_training
@@ -22,17 +25,15 @@ from tests.registered import register_keras_model
 STOP_LIMIT_SECONDS = 10.0  # issue 44: the process group is gone within 10 s (the aim is under 5)
 
 
-def laptop_env(artifacts, tmp_path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    # Its temporary server's own database: ~/.prefect's may have been migrated by another Prefect version.
-    return {**env, "ARTIFACTS_DIR": str(artifacts), "PREFECT_HOME": str(tmp_path / "prefect-home")}
-
-
-def assert_stopped_cleanly(result, signum: int) -> None:
+def assert_stopped_cleanly(result, signum: int, env: dict[str, str]) -> None:
     said = result.console[-3000:]
     assert result.code == 128 + signum, said
     assert result.seconds < STOP_LIMIT_SECONDS, said
     assert result.leftovers == [], said
+    assert len(result.servers) == 1, said  # the local server the command started, for the next one
+    (folder,) = (Path(env["PREFECT_HOME"]) / local_server.FOLDER).iterdir()
+    state = local_server.read_state(folder)
+    assert state is not None and local_server.healthy(state["url"]), said
     stop_lines = [line for line in result.console.splitlines() if line.startswith("stopped by ")]
     assert len(stop_lines) == 1, said
     assert signal.Signals(signum).name in stop_lines[0]
@@ -60,15 +61,15 @@ def test_an_exited_child_nobody_reaped_is_no_leftover_but_a_running_one_is():
 @pytest.mark.parametrize("signum, group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "sigterm"])
 @pytest.mark.slow
 def test_a_prediction_stops_within_seconds_and_leaves_no_csv_and_no_process(
-    cifar_dir, artifacts, tmp_path, signum, group
+    cifar_dir, artifacts, tmp_path, laptop_env, signum, group
 ):
     register_keras_model(artifacts, build_model("seed_cnn", 10), tmp_path)
     output = tmp_path / "out" / "predictions.csv"
     output.parent.mkdir()
     command = [*CLI, "predict", str(cifar_dir / "test"), "--output", str(output)]
     marker = f"into {output}"  # the flow's line: the run is under way
-    result = stop_during(command, laptop_env(artifacts, tmp_path), marker, signum, group=group)
-    assert_stopped_cleanly(result, signum)
+    result = stop_during(command, laptop_env, marker, signum, group=group)
+    assert_stopped_cleanly(result, signum, laptop_env)
     assert "no CSV was written" in result.console
     assert list(output.parent.iterdir()) == []  # neither the CSV nor its shards' parts folder
 
@@ -76,11 +77,11 @@ def test_a_prediction_stops_within_seconds_and_leaves_no_csv_and_no_process(
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_a_second_run_writing_the_same_output_is_refused_while_the_first_runs(
-    cifar_dir, artifacts, tmp_path, prefect_api_env
+    cifar_dir, artifacts, tmp_path, laptop_env, prefect_api_env
 ):
     register_keras_model(artifacts, build_model("seed_cnn", 10), tmp_path)
     output = tmp_path / "predictions.csv"
-    env = {**laptop_env(artifacts, tmp_path), **prefect_api_env}  # the claim is what is checked, not the server
+    env = {**laptop_env, **prefect_api_env}  # the claim is what is checked, not the server
     command = [*CLI, "predict", str(cifar_dir / "test"), "--output", str(output)]
     second: list[subprocess.CompletedProcess] = []
 
@@ -100,10 +101,10 @@ def test_a_second_run_writing_the_same_output_is_refused_while_the_first_runs(
 
 
 @pytest.mark.slow
-def test_training_stopped_by_sigterm_registers_nothing_and_leaves_no_process(colour_dataset, artifacts, tmp_path):
+def test_training_stopped_by_sigterm_registers_nothing_and_leaves_no_process(colour_dataset, artifacts, laptop_env):
     command = colour_training(colour_dataset, "stopped", epochs=400)
-    result = stop_during(command, laptop_env(artifacts, tmp_path), "epoch 2/400:", signal.SIGTERM, group=False)
-    assert_stopped_cleanly(result, signal.SIGTERM)
+    result = stop_during(command, laptop_env, "epoch 2/400:", signal.SIGTERM, group=False)
+    assert_stopped_cleanly(result, signal.SIGTERM, laptop_env)
     assert Registry(artifacts, "stopped").state()["versions"] == []
 
 

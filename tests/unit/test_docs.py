@@ -9,6 +9,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -48,7 +49,7 @@ def test_a_mistyped_command_or_option_fails_here():
 
 def test_the_documents_show_every_command():
     shown = {arguments[0] for _, arguments in COMMANDS}
-    assert shown == {"train", "predict", "models", "export", "serve", "watch", "app"}
+    assert shown == set(typer.main.get_command(app).commands)
 
 
 @pytest.mark.parametrize(("where", "arguments"), COMMANDS, ids=[where for where, _ in COMMANDS])
