@@ -60,7 +60,7 @@ from model_lib.registry import (
     parse_reference,
     verify_version,
 )
-from model_lib.settings import is_url, work_dir
+from model_lib.settings import is_url, require_keras, work_dir
 
 CASCADE_NOTE = "first view; every view when unsure"  # how a cascade-served model is named in the CSV
 
@@ -166,6 +166,7 @@ def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") ->
 
     Raises:
         RegistryError: The reference does not resolve, or a `.tflite` file is not a registered export.
+        MissingTrainingInstall: `model.keras` would serve, and this install has no Keras.
     """
     model_file = MODEL_FILE
     candidate = Path(reference).expanduser()
@@ -198,6 +199,8 @@ def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") ->
         if why:
             notes.append(f"{why}: out_of_distribution tests pixel texture only (--engine keras adds the feature-space "
                          f"test)")  # fmt: skip
+    if model_file == MODEL_FILE:  # refused here, before any work, on every path: CLI, app and deployment alike
+        require_keras(f"serving {label} from model.keras (a TFLite export, from `cifar-pipeline export`, would not)")
     first_view = cascade_rule(manifest) if engine == "auto" and (model_file == MODEL_FILE or first_view_file) else None
     return ModelInfo(
         reference=reference,

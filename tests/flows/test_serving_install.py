@@ -89,3 +89,9 @@ def test_the_serving_install_predicts_and_serves_an_export_as_the_full_install_d
         assert line.startswith("error: ") and line.endswith(
             "needs keras and tensorflow, which this install does not have: pip install 'cifar-pipeline[train]'"
         ), (arguments, line)
+    # A deployment's run, on a worker with this install, says the same (not a ModuleNotFoundError from deep inside).
+    run = f"from flows.batch_predict import batch_predict as f; f({str(images)!r}, model='colours', engine='keras')"
+    done = subprocess.run([str(serve_python), "-c", run], env=env, capture_output=True, text=True, timeout=120)
+    said = done.stdout + done.stderr
+    assert done.returncode == 1 and "ModuleNotFoundError" not in said, said[-3000:]
+    assert "MissingTrainingInstall: serving colours v1 from model.keras (a TFLite export" in said, said[-3000:]
