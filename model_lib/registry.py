@@ -492,7 +492,11 @@ class Registry:
         remove_abandoned(self.root, STAGING_PREFIX)  # a killed writer's, at once
         cutoff = time.time() - STALE_STAGING_SECONDS
         for path in self.root.glob(f"{STAGING_PREFIX}*"):
-            if path.stat().st_mtime < cutoff:
+            try:
+                stale = path.stat().st_mtime < cutoff
+            except FileNotFoundError:  # its writer renamed it into place, or removed it, since the listing
+                continue
+            if stale:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _gate(self, state: dict, manifest: dict, margin: float) -> tuple[bool, str]:

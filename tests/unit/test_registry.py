@@ -296,6 +296,17 @@ def test_eight_processes_registering_at_once_all_succeed(artifacts, files):
         assert verify_version(artifacts / "models" / "cifar10" / f"v{version}") == []
 
 
+def test_a_staging_folder_renamed_away_while_stale_ones_are_looked_for_is_skipped(artifacts, files, monkeypatch):
+    """Another writer's staging folder may be listed, then renamed into place before its age is read: eight
+    processes registering at once once failed one registration on it (FileNotFoundError)."""
+    registry = Registry(artifacts)
+    registry.root.mkdir(parents=True)
+    gone = registry.root / f"{registry_module.STAGING_PREFIX}renamed-away"  # listed, never there
+    listing = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: [gone, *listing(self, pattern)])
+    assert registry.register(files, manifest(0.5), load_check=unchecked_load).version == 1
+
+
 @pytest.mark.parametrize("ref", ["", "cifar10@", "@champion", "@"])
 def test_an_empty_or_half_written_model_reference_is_a_usage_error(artifacts, files, ref):
     from model_lib.config import ConfigError
