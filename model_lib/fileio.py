@@ -176,6 +176,15 @@ def check_writable(folder: Path, role: str) -> None:
                           "nothing was started") from None  # fmt: skip
 
 
+def seconds_since_written(path: Path) -> float | None:
+    """Seconds since `path` was last modified; None once it is gone (another process may remove or rename it
+    between a listing and this look)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
     """Remove the `owned_folder`s under `parent` whose process has ended (a killed run's leftovers)."""
     removed = []

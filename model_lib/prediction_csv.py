@@ -8,13 +8,12 @@ import csv
 import os
 import re
 import shutil
-import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 from model_lib.config import ConfigError
-from model_lib.fileio import atomic_open, open_store, owned_folder, remove_abandoned
+from model_lib.fileio import atomic_open, open_store, owned_folder, remove_abandoned, seconds_since_written
 from model_lib.images import is_image_name
 from model_lib.settings import REGISTRY_FOLDER, is_url
 
@@ -66,7 +65,10 @@ def claim_output(output: Path) -> Path:
     rivals = [
         folder
         for folder in output.parent.glob(f"{prefix}*")
-        if folder != mine and folder.is_dir() and time.time() - folder.stat().st_mtime < STALE_PARTS_SECONDS
+        if folder != mine
+        and folder.is_dir()
+        and (age := seconds_since_written(folder)) is not None
+        and age < STALE_PARTS_SECONDS
     ]
     if rivals and min(folder.name for folder in rivals) < mine.name:
         shutil.rmtree(mine, ignore_errors=True)

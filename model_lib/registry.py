@@ -52,6 +52,7 @@ from model_lib.fileio import (
     process_tag,
     read_json,
     remove_abandoned,
+    seconds_since_written,
     sha256_file,
     write_json,
 )
@@ -490,13 +491,9 @@ class Registry:
 
     def _remove_stale_staging(self) -> None:
         remove_abandoned(self.root, STAGING_PREFIX)  # a killed writer's, at once
-        cutoff = time.time() - STALE_STAGING_SECONDS
         for path in self.root.glob(f"{STAGING_PREFIX}*"):
-            try:
-                stale = path.stat().st_mtime < cutoff
-            except FileNotFoundError:  # its writer renamed it into place, or removed it, since the listing
-                continue
-            if stale:
+            age = seconds_since_written(path)  # None: its writer renamed it into place since the listing
+            if age is not None and age > STALE_STAGING_SECONDS:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _gate(self, state: dict, manifest: dict, margin: float) -> tuple[bool, str]:
