@@ -59,7 +59,8 @@ def batch_predict(
 
     Broken files get error rows and the run goes on. The model registry, folders and image files
     are never written. Each ok row's `flag` is `out_of_distribution` (the image's texture is unlike
-    the training images'), `low_confidence` (calibrated confidence below the model's threshold) or
+    the training images', or what the network computes from it lies far from every class: model_lib/flags.py),
+    `low_confidence` (calibrated confidence below the model's threshold) or
     `ok`.
 
     Args:

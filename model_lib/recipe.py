@@ -3,8 +3,8 @@
 These follow airbench94 (Keller Jordan's CIFAR-10 speed runs), translated to Keras conventions:
 the loss is a batch mean (airbench sums it, so its learning rate is per example), and weight
 decay is Keras' decoupled form (airbench's is coupled and amplified by momentum). The defaults in
-`TrainConfig` are airbench's values converted that way, and the `muon` profile's are
-airbench94_muon's.
+`TrainConfig` are airbench's values converted that way, and the `default` profile's (Muon on the
+convolution kernels) are airbench94_muon's.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The train-cifar tasks: ingest -> preprocess -> train -> evaluate -> plot -> register.
+"""The train-cifar tasks: ingest -> preprocess -> data-report -> train -> calibrate -> evaluate (and
+evaluate-champion, the current champion on the same test images) -> plot -> register.
 
 Tasks hand each other typed results (`DatasetInfo`, `PreparedSplit`, `TrainResult`); the records
 that are also written as JSON (gates, calibration, metrics) stay dicts.
