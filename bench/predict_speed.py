@@ -146,14 +146,14 @@ def subset_folder(source: Path, target: Path, count: int) -> Path:
 
 def engine_comparison(data: Path, model_dir: Path, scratch: Path, runs: int) -> dict:
     """Batch-predict and model-only speed and accuracy for each engine of one version (see the docstring)."""
-    from model_lib.export import cascade_rule
     from model_lib.fileio import read_json
     from model_lib.images import decode_files
     from model_lib.inference import CascadeClassifier, KerasClassifier, TFLiteClassifier
     from model_lib.models import unwrap_tta
     from model_lib.predict import load_classifier, resolve_model
     from model_lib.prediction_csv import read_predictions
-    from model_lib.registry import load_verified_model
+    from model_lib.serving import cascade_rule
+    from model_lib.versions import load_verified_model
 
     manifest = read_json(model_dir / "manifest.json")
     class_names = manifest["dataset"]["class_names"]
@@ -233,7 +233,7 @@ def main() -> None:
         scratch = Path(scratch)
         artifacts = scratch / "artifacts"
         os.environ["ARTIFACTS_DIR"] = str(artifacts)
-        from model_lib.registry import load_verified_model
+        from model_lib.versions import load_verified_model
 
         model_dir = Path(args.model).resolve()
         model = load_verified_model(model_dir)

@@ -75,7 +75,8 @@ def main() -> None:
     if args.rounds < 1 or args.tensorboard_files < 0:
         parser.error("--rounds must be at least 1 and --tensorboard-files at least 0")
 
-    from model_lib.registry import Registry, load_verified_model
+    from model_lib.registry import Registry
+    from model_lib.versions import load_verified_model
     from tests.s3server import S3Server
 
     scratch = Path(tempfile.mkdtemp(prefix="registry-bench-"))

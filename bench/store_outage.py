@@ -7,7 +7,7 @@ frozen server (SIGSTOP: connections accepted, never answered) and a refused one 
 
 The store is a real S3-compatible server process (moto) on 127.0.0.1, as in the tests. The budget is
 `CIFAR_PIPELINE_STORE_SECONDS` (default 30 s); each request also gives up on its own after
-`fileio.STORE_CONNECT_SECONDS` to connect and `STORE_READ_SECONDS` to answer. A case passes when it ends
+`stores.STORE_CONNECT_SECONDS` to connect and `STORE_READ_SECONDS` to answer. A case passes when it ends
 within the budget plus one read timeout plus 5 s, with one `error:` line (the CLI) or one `StoreError` (the
 registry), and the registry is unchanged afterwards.
 """
@@ -35,8 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args()
     from bench.registry_store import cpu_model, manifest, version_files
-    from model_lib.fileio import STORE_READ_SECONDS, StoreError, store_retry_seconds
     from model_lib.registry import Registry
+    from model_lib.stores import STORE_READ_SECONDS, StoreError, store_retry_seconds
     from tests.s3server import S3Server, environment
 
     budget = store_retry_seconds()

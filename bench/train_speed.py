@@ -110,7 +110,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
     from flows.train_cifar import train_cifar
     from model_lib.config import PROFILES
-    from model_lib.data import DatasetError, resolve_source
+    from model_lib.sources import DatasetError, resolve_source
 
     if unknown := [profile for profile in args.profiles.split(",") if profile not in PROFILES]:
         parser.error(f"--profiles: unknown {', '.join(unknown)}; choose from {', '.join(PROFILES)}")

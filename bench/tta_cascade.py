@@ -33,7 +33,7 @@ def main() -> None:
     from model_lib.images import decode_files
     from model_lib.inference import KerasClassifier
     from model_lib.models import unwrap_tta
-    from model_lib.registry import load_verified_model
+    from model_lib.versions import load_verified_model
 
     folders = sorted((Path(args.data) / "test").iterdir())
     paths = [path for folder in folders for path in sorted(folder.iterdir())]

@@ -41,11 +41,13 @@ from flows.live import (
     prediction_rows,
 )
 from model_lib.config import MAX_MEGAPIXELS, MAX_UPLOAD_MB, RELOAD_SECONDS, TOP_K
-from model_lib.fileio import StoreError, open_store, read_json
+from model_lib.fileio import read_json
 from model_lib.progress import Stopped, check_stop
-from model_lib.registry import MANIFEST_FILE, Registry, RegistryError, verify_version
+from model_lib.registry import Registry
 from model_lib.report import PLOTS
 from model_lib.settings import REGISTRY_FOLDER
+from model_lib.stores import StoreError, open_store
+from model_lib.versions import MANIFEST_FILE, RegistryError, verify_version
 
 PAGE = Path(__file__).with_name("app_page.html")
 LOG = logging.getLogger("cifar_pipeline.app")

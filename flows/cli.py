@@ -98,7 +98,7 @@ class _StderrNow(logging.StreamHandler):
 def _warnings_as_lines() -> None:
     """The library's warnings (a store that stopped answering) print as one `warning:` line each, before the
     `error:` line a lasting problem ends with, and not again through Prefect's console."""
-    from model_lib.fileio import STORE_LOG
+    from model_lib.stores import STORE_LOG
 
     if not STORE_LOG.handlers:
         handler = _StderrNow()
@@ -148,7 +148,7 @@ def _keras_serves(model) -> bool:
     """Whether model.keras answers (else a TFLite export, on LiteRT: no TensorFlow, no Keras, so a serving install
     without the `train` extra runs it, and a one-off prediction of 10 images takes 7.7 s instead of 11.7 s on a
     2-core AMD EPYC Zen 5). Resolving the model refused already where Keras is needed and not installed."""
-    from model_lib.registry import MODEL_FILE
+    from model_lib.runs import MODEL_FILE
 
     return model.model_file == MODEL_FILE
 
@@ -594,7 +594,8 @@ def _require_reason(reason: str) -> None:
 
 def _version_dir(ref: str):
     """The version folder a reference names, or a clean CLI error."""
-    from model_lib.registry import RegistryError, parse_reference
+    from model_lib.registry import parse_reference
+    from model_lib.versions import RegistryError
 
     try:
         return parse_reference(ref, artifacts_location())
@@ -632,7 +633,7 @@ def models_list(name: ModelName = "cifar10", as_json: JsonOption = False) -> Non
 def models_show(ref: VersionRef, as_json: JsonOption = False) -> None:
     """The version's manifest (`--json`), or its headline figures."""
     from model_lib.fileio import read_json
-    from model_lib.registry import MANIFEST_FILE
+    from model_lib.versions import MANIFEST_FILE
 
     version_dir = _version_dir(ref)
     manifest = read_json(version_dir / MANIFEST_FILE)
@@ -661,7 +662,7 @@ def models_compare(
     """Two versions side by side: metrics, per-class F1 changes, config differences, data fingerprints."""
     from model_lib.compare import compare_manifests, comparison_text
     from model_lib.fileio import read_json
-    from model_lib.registry import MANIFEST_FILE
+    from model_lib.versions import MANIFEST_FILE
 
     manifests = [read_json(_version_dir(ref) / MANIFEST_FILE) for ref in (first, second)]
     comparison = compare_manifests(*manifests)
@@ -672,7 +673,8 @@ def models_compare(
 def models_verify(ref: VersionRef) -> None:
     """Check every file's sha256 against the manifest, in the registry as it is now (an object store's files are
     downloaded again, not taken from this machine's copy); exits 1 on any mismatch."""
-    from model_lib.registry import RegistryError, check_reference
+    from model_lib.registry import check_reference
+    from model_lib.versions import RegistryError
 
     try:
         where, problems = check_reference(ref, artifacts_location())
@@ -691,7 +693,8 @@ def models_promote(
     reason: Annotated[str, typer.Option(help="Why (required); recorded in the history.")],
 ) -> None:
     """Make a version champion by hand."""
-    from model_lib.registry import Registry, RegistryError
+    from model_lib.registry import Registry
+    from model_lib.versions import RegistryError
 
     _require_reason(reason)
     model_name, _, tag = ref.partition("@")
@@ -708,7 +711,8 @@ def models_rollback(
     name: ModelName = "cifar10",
 ) -> None:
     """Move champion back to the previous champion."""
-    from model_lib.registry import Registry, RegistryError
+    from model_lib.registry import Registry
+    from model_lib.versions import RegistryError
 
     _require_reason(reason)
     try:

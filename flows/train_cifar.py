@@ -18,12 +18,13 @@ from model_lib.config import (
     config_overrides,
     training_timeout_minutes,
 )
-from model_lib.data import suggested_model_name
 from model_lib.export import require_tensorflow_backend
 from model_lib.fileio import read_json
-from model_lib.registry import MANIFEST_FILE, Registry
+from model_lib.registry import Registry
 from model_lib.report import RunRecord
 from model_lib.settings import artifacts_location
+from model_lib.sources import suggested_model_name
+from model_lib.versions import MANIFEST_FILE
 from tasks.common import KEPT_RESULTS, check_deployment_storage, finished, in_parameter_words
 from tasks.export import export_task
 from tasks.training import (

@@ -24,8 +24,8 @@ def check_training_request(profile: str, overrides: dict, artifacts_root: Path) 
         RegistryError: An invalid model name, or a corrupt registry to register into.
         NotWritable: The registry's or the work folder's disk location cannot be written.
     """
-    from model_lib.data import resolve_source
     from model_lib.registry import Registry
+    from model_lib.sources import resolve_source
 
     config = resolve_config(profile, **{**overrides, "data": overrides.get("data") or default_data_source()})
     check_weights(config.weights, config.architecture)

@@ -100,7 +100,7 @@ class TrainConfig:
 
     # data
     # Pixels per side the model sees (images are resized to it), or "auto": chosen by ingest from the training
-    # images' own sizes (model_lib.data.auto_image_size; CIFAR-10 gets 32). A run's saved config holds the side.
+    # images' own sizes (model_lib.sources.auto_image_size; CIFAR-10 gets 32). A run's saved config holds the side.
     image_size: int | str = AUTO
     max_train_images: int | None = None  # class-balanced cap on training images; None = all
     max_test_images: int | None = None  # class-balanced cap on test images; None = all
@@ -222,7 +222,7 @@ class TrainConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-# Prediction engines: auto runs an export that passed parity (model_lib.export), or a TTA model first view first
+# Prediction engines: auto runs an export that passed parity (model_lib.serving), or a TTA model first view first
 # where calibration allows it (model_lib.calibrate); keras runs the saved model as it is.
 ENGINES = ("auto", "keras")
 

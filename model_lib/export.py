@@ -5,7 +5,7 @@ Each export's test accuracy is measured with the LiteRT interpreter on the versi
 is recorded as failed, with the reason. An export passes parity when it is within
 `PARITY_MAX_DROP` of the Keras model's test accuracy and gives the same top-1 label on at least
 `PARITY_MIN_AGREEMENT` of the test images: batch prediction then runs the fastest such export
-in place of the Keras model (`serving_export`).
+in place of the Keras model (`model_lib.serving`).
 
 A TTA model that calibration found may be served first view first (`model_lib.calibrate`) also gets its first
 view (the network inside the TTA wrapper) in int8 beside the int8 export: the same cascade, served over TFLite,
@@ -27,17 +27,17 @@ from model_lib.fileio import read_json
 from model_lib.inference import CASCADE_TOLERANCE, KerasClassifier, TFLiteClassifier, cascade, sharpened
 from model_lib.models import served_with_features, unwrap_tta, with_features
 from model_lib.ood import OOD_FILE, FeatureRule, classified, fit_feature_rule
-from model_lib.registry import MANIFEST_FILE, attach_to_version, load_verified_model, verify_version
+from model_lib.registry import attach_to_version
+from model_lib.serving import FEATURE_MIN_AGREEMENT, cascade_rule, export_files
 from model_lib.split import Split, run_split
+from model_lib.versions import MANIFEST_FILE, load_verified_model, verify_version
 
 EXPORT_FORMATS = ("float32", "float16", "int8")
 INT8_MAX_DROP = 0.01  # int8 may lose at most one point of test accuracy against float32
 CALIBRATION_IMAGES = 200  # training images the int8 quantiser calibrates its ranges on
 PARITY_MAX_DROP = 0.003  # test accuracy an export may lose against the Keras model and still serve
 PARITY_MIN_AGREEMENT = 0.98  # share of test images on which an export that serves matches Keras' top-1
-SERVING_ORDER = ("int8", "float16", "float32")  # fastest first: int8 ran 3.2x Keras on 2 cores (bench/RESULTS.md)
 FIRST_VIEW_FORMAT = "int8"  # the format whose export a TTA model's first view is exported beside
-FEATURE_MIN_AGREEMENT = 0.995  # share of test images an export's feature-space flags must share with Keras' to serve
 
 
 def export_file(export_format: str) -> str:
@@ -48,17 +48,6 @@ def export_file(export_format: str) -> str:
 def first_view_file(export_format: str) -> str:
     """The file name of a TTA model's first view exported beside the export of `export_format`."""
     return f"model_{export_format}_first_view.tflite"
-
-
-def cascade_rule(manifest: dict) -> tuple[float, float] | None:
-    """`(temperature scale, margin)` for serving a version first view first (`model_lib.inference.cascade`): the
-    calibrated temperature over the first view's own, and the margin calibration chose; None unless calibration
-    found that served so it keeps accuracy (then int8, which only adds error, is not tried either)."""
-    calibration = manifest.get("calibration") or {}
-    record = calibration.get("cascade") or {}
-    if not record.get("serves"):
-        return None
-    return calibration["temperature"] / record["first_view_temperature"], record["margin"]
 
 
 def check_formats(formats: tuple[str, ...]) -> None:
@@ -359,47 +348,3 @@ def _intact_exports(version_dir: Path, manifest: dict, formats: tuple[str, ...])
     entries = {entry["format"]: entry for entry in manifest.get("exports", []) if entry["format"] in formats}
     # verify_version also refuses a file the manifest does not list
     return {fmt: entry for fmt, entry in entries.items() if not verify_version(version_dir, export_files(entry))}
-
-
-def _records(entry: dict) -> tuple[dict, dict]:
-    """A manifest's export entry and the record of the first view exported beside it ({} without one)."""
-    return entry, entry.get("first_view") or {}
-
-
-def export_files(entry: dict) -> tuple[str, ...]:
-    """The files of a manifest's export entry: the export, the first view exported beside it if any, and their own
-    feature rules."""
-    names = ((record.get("file"), (record.get("features") or {}).get("file")) for record in _records(entry))
-    return tuple(name for pair in names for name in pair if name)
-
-
-def serving_exports(manifest: dict) -> list[str]:
-    """The files of the exports recorded in a version's manifest that passed parity, fastest first."""
-    passed = {entry["format"]: entry["file"] for entry in manifest.get("exports", []) if entry.get("parity")}
-    return [passed[fmt] for fmt in SERVING_ORDER if fmt in passed and passed[fmt] in manifest["files"]]
-
-
-def serving_export(manifest: dict) -> str | None:
-    """The file of the fastest export that passed parity, or None."""
-    return next(iter(serving_exports(manifest)), None)
-
-
-def export_feature_rule(manifest: dict, file: str) -> tuple[str, str]:
-    """`(rule file, "")`: the feature rule an export `file` (or a first view exported beside one) serves with; or
-    `("", why not)`: it was exported before exports had features, or its rule's flags disagreed with the Keras
-    model's."""
-    records = [record for entry in manifest.get("exports", []) for record in _records(entry)]
-    features = next((record.get("features") for record in records if record.get("file") == file), None)
-    if not features or "file" not in features:
-        return "", f"{file} reports no features (exported before exports did; running export again adds them)"
-    if not features["parity"]:
-        return "", (f"{file}'s features flag as the Keras model's on {features['agreement']:.1%} of the test images "
-                    f"(under {FEATURE_MIN_AGREEMENT:.1%})")  # fmt: skip
-    return features["file"], ""
-
-
-def served_first_view(manifest: dict, export: str) -> str | None:
-    """The file of the first view exported beside `export` if it passed parity and the manifest lists it, else None."""
-    entry = next((entry for entry in manifest.get("exports", []) if entry["file"] == export), {})
-    view = entry.get("first_view") or {}
-    return view["file"] if view.get("parity") and view["file"] in manifest["files"] else None

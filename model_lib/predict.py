@@ -25,8 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from model_lib.config import BATCH_IMAGES, TOP_K, ConfigError, check_count, check_engine
-from model_lib.data import local_copy
-from model_lib.export import cascade_rule, export_feature_rule, served_first_view, serving_exports
 from model_lib.fileio import read_json
 from model_lib.flags import flags
 from model_lib.images import (
@@ -51,16 +49,12 @@ from model_lib.prediction_csv import (
     ranked_columns,
 )
 from model_lib.progress import Progress, check_stop, find
-from model_lib.registry import (
-    MANIFEST_FILE,
-    MODEL_FILE,
-    ChecksumError,
-    RegistryError,
-    load_verified_model,
-    parse_reference,
-    verify_version,
-)
+from model_lib.registry import parse_reference
+from model_lib.runs import MODEL_FILE
+from model_lib.serving import cascade_rule, export_feature_rule, served_first_view, serving_exports
 from model_lib.settings import is_url, require_keras, work_dir
+from model_lib.sources import local_copy
+from model_lib.versions import MANIFEST_FILE, ChecksumError, RegistryError, load_verified_model, verify_version
 
 CASCADE_NOTE = "first view; every view when unsure"  # how a cascade-served model is named in the CSV
 
@@ -162,7 +156,7 @@ def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") ->
     """Resolve a registry reference, a version folder or a `.tflite` export to the model and its metadata.
 
     A reference to a version runs, under the `auto` engine, its fastest TFLite export that passed
-    parity with the Keras model (see `model_lib.export`), and `model.keras` otherwise or under `keras`.
+    parity with the Keras model (`model_lib.serving`), and `model.keras` otherwise or under `keras`.
 
     Raises:
         RegistryError: The reference does not resolve, or a `.tflite` file is not a registered export.

@@ -13,9 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from model_lib.config import ConfigError
-from model_lib.fileio import atomic_open, open_store, owned_folder, remove_abandoned, seconds_since_written
+from model_lib.fileio import atomic_open, owned_folder, remove_abandoned, seconds_since_written
 from model_lib.images import is_image_name
 from model_lib.settings import REGISTRY_FOLDER, is_url
+from model_lib.stores import open_store
 
 
 def check_output(output: Path, artifacts_root: str | os.PathLike, overwrite: bool) -> None:

@@ -1,9 +1,10 @@
-"""Model registry under `ARTIFACTS_DIR/models/<name>/`: versions, aliases with history, promotion gate.
+"""Model registry under `ARTIFACTS_DIR/models/<name>/`: versions, aliases with history; the gate that decides
+a promotion is model_lib/gate.py.
 
 Layout: `v<N>/` per version (model, `manifest.json` with every file's sha256, metrics, plots),
 `registry.json` (versions, `latest`/`champion` aliases, append-only alias history) and `.claims/`
 (one small object per version number ever taken). `ARTIFACTS_DIR` may be a local folder or an
-object store (`s3://...`, see `model_lib.fileio`); the same steps hold on both, and across machines:
+object store (`s3://...`, see `model_lib.stores`); the same steps hold on both, and across machines:
 
 1. A writer stages and checks the version locally, then claims the next free number by creating
    `.claims/v<N>` only if absent (an S3 conditional write, or an exclusive local create): two
@@ -18,8 +19,8 @@ nothing half-visible. The next registration cleans up after it: a claimed versio
 gone (its process ended on this host, or its claim is older than `STALE_CLAIM_SECONDS`) is listed
 if its manifest landed ("recovered", never gated) and its files removed if not.
 
-Versions in an object store are read through a local copy under the cache (`work_dir()`),
-downloaded once per manifest and checked against every sha256 before it is used.
+Versions in an object store are read through a local copy under the cache, downloaded once per manifest
+and checked against every sha256 before it is used (model_lib/versions.py).
 """
 
 from __future__ import annotations
@@ -38,16 +39,9 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote, unquote
 
-import numpy as np
-
 from model_lib.config import ConfigError
 from model_lib.fileio import (
-    LocalStore,
-    Store,
-    content_tag,
-    open_store,
     owned_folder,
-    parse_json,
     process_gone,
     process_tag,
     read_json,
@@ -56,30 +50,28 @@ from model_lib.fileio import (
     sha256_file,
     write_json,
 )
+from model_lib.gate import check_reloads, promotion_decision
+from model_lib.runs import MODEL_FILE
 from model_lib.settings import DEFAULT_MODEL_NAME, REGISTRY_FOLDER, is_url, work_dir
+from model_lib.stores import LocalStore, Store, open_store
+from model_lib.versions import (
+    MANIFEST_FILE,
+    MIRRORS,
+    STAGING_PREFIX,
+    RegistryError,
+    VerifiedCopies,
+    require_intact,
+    verify_version,
+)
 
-MODEL_FILE = "model.keras"
-MANIFEST_FILE = "manifest.json"
 REGISTRY_FILE = "registry.json"
 CLAIMS = ".claims"  # `.claims/v<N>`: who took version number N, and when
-PROBE_FILE = "probe.npz"
-PROBE_TOLERANCE = 1e-4  # max absolute difference in probabilities between the trained and the reloaded model
-STAGING_PREFIX = ".staging-"
 STALE_STAGING_SECONDS = 6 * 3600  # staging folders older than this are leftovers, even from another host
 STALE_CLAIM_SECONDS = 3600  # a claim not listed after this long is a dead writer's, even from another host
 UPDATE_ATTEMPTS = 200  # compare-and-swap rounds before giving up (each loses only to a write that succeeded)
-MIRRORS = "registries"  # under work_dir(): local copies of versions kept in object stores
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 _in_flight: set[str] = set()  # this process's claims whose registration is still running
 T = TypeVar("T")
-
-
-class RegistryError(Exception):
-    """A reference that does not resolve, or a registry operation that cannot proceed."""
-
-
-class ChecksumError(RegistryError):
-    """A file in a version folder is missing or differs from the sha256 its manifest recorded."""
 
 
 @dataclass(frozen=True)
@@ -100,25 +92,6 @@ def _now() -> str:
 
 def _crash_point(step: str) -> None:
     """Test hook between the steps of a registration; does nothing in normal runs."""
-
-
-def check_reloads(version_dir: Path) -> tuple[bool, str]:
-    """Gate part (a): the saved model loads with `safe_mode` and reproduces the probe's outputs."""
-    import keras
-
-    probe_path = version_dir / PROBE_FILE
-    if not probe_path.is_file():
-        return False, f"no {PROBE_FILE} with reference outputs to check the reloaded model against"
-    try:
-        model = keras.saving.load_model(version_dir / MODEL_FILE, safe_mode=True)
-    except Exception as error:  # any failure to load is a gate failure, with its message
-        return False, f"model does not load with safe_mode: {error}"
-    with np.load(probe_path, allow_pickle=False) as probe:
-        reloaded = model.predict(probe["inputs"], verbose=0)
-        difference = float(np.abs(reloaded - probe["outputs"]).max())
-    if difference > PROBE_TOLERANCE:
-        return False, f"reloaded model's outputs differ from the trained model's by {difference:.2e}"
-    return True, f"reloads with safe_mode and reproduces the trained outputs (max diff {difference:.1e})"
 
 
 def _json_bytes(data) -> bytes:
@@ -158,6 +131,7 @@ class Registry:
         # The version folders this process reads: the registry's own, or local copies of a remote one.
         local = isinstance(self.store, LocalStore)
         self.root = self.store.root if local else work_dir() / MIRRORS / quote(self.location, safe="")
+        self.copies = VerifiedCopies(self.store, self.root, name)
 
     @property
     def remote(self) -> bool:
@@ -193,7 +167,7 @@ class Registry:
         """
         if self.remote:
             try:
-                return self._mirror(version)
+                return self.copies.get(version)
             except FileNotFoundError:
                 raise RegistryError(f"{self.store.where(f'v{version}/{MANIFEST_FILE}')}: missing") from None
         folder = self.root / f"v{version}"
@@ -233,51 +207,6 @@ class Registry:
         parent = open_store(self.location.rsplit("/", 1)[0] if self.remote else self.store.root.parent)
         return [name for name in parent.list() if name != self.name and parent.exists(f"{name}/{REGISTRY_FILE}")]
 
-    def _mirror_dir(self, version: int, manifest: bytes) -> Path:
-        return self.root / f"v{version}-{content_tag(manifest)[:16]}"
-
-    def _mirror(self, version: int, fresh: bool = False) -> Path:
-        """A local copy of a remote version, one per manifest, every file checked against its sha256.
-
-        Args:
-            fresh: Download again even if a copy exists (promotion checks the store's files themselves).
-
-        Raises:
-            ChecksumError: A file is missing from the store or differs from its manifest's sha256.
-        """
-        folder, problems = self._fetch(version, fresh)
-        if problems:
-            raise ChecksumError(f"{self.name} v{version} refused: " + "; ".join(problems))
-        return folder
-
-    def _fetch(self, version: int, fresh: bool) -> tuple[Path, list[str]]:
-        """The verified copy's folder and the problems found (named by their place in the store) when the files
-        were downloaded now. A copy whose store files no longer match is dropped, so no later read serves it."""
-        data = self.store.read(f"v{version}/{MANIFEST_FILE}")
-        listed = parse_json(data, self.store.where(f"v{version}/{MANIFEST_FILE}"))["files"]
-        folder = self._mirror_dir(version, data)
-        if (folder / MANIFEST_FILE).is_file() and not fresh:
-            return folder, []
-        self.root.mkdir(parents=True, exist_ok=True)
-        remove_abandoned(self.root, STAGING_PREFIX)
-        staging = owned_folder(self.root, STAGING_PREFIX)
-        try:
-            for name in listed:
-                try:
-                    self.store.download(f"v{version}/{name}", staging / name)
-                except FileNotFoundError:
-                    pass  # named by the check below
-            (staging / MANIFEST_FILE).write_bytes(data)
-            problems = [
-                problem.replace(str(staging), self.store.where(f"v{version}")) for problem in verify_version(staging)
-            ]
-            shutil.rmtree(folder, ignore_errors=True)
-            if not problems:
-                os.replace(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return folder, problems
-
     def check(self, version: int) -> tuple[str, list[str]]:
         """Where the version's files are, and the problems with them as they are there now (empty when every
         checksum matches). A remote version's files are downloaded again and hashed: a verified copy on this
@@ -285,7 +214,7 @@ class Registry:
         if not self.remote:
             folder = self.version_dir(version)
             return str(folder), verify_version(folder)
-        return self.store.where(f"v{version}"), self._fetch(version, fresh=True)[1]
+        return self.store.where(f"v{version}"), self.copies.fetch(version, fresh=True)[1]
 
     # ----- writing ---------------------------------------------------------------------------
 
@@ -424,9 +353,9 @@ class Registry:
 
     def _require_intact(self, version: int) -> None:
         if self.remote:
-            self._mirror(version, fresh=True)  # checks the store's files as they are now
+            self.copies.get(version, fresh=True)  # checks the store's files as they are now
         else:
-            _require_intact(self.version_dir(version))
+            require_intact(self.version_dir(version))
 
     def _check_alias_move(self, reason: str) -> None:
         """Before any write: a real model and a reason."""
@@ -458,7 +387,7 @@ class Registry:
             self.store.upload(staging / name, f"v{version}/{name}")
             _crash_point("uploading")
         self.store.upload(staging / MANIFEST_FILE, f"v{version}/{MANIFEST_FILE}")
-        os.replace(staging, self._mirror_dir(version, (staging / MANIFEST_FILE).read_bytes()))  # no download back
+        os.replace(staging, self.copies.folder(version, (staging / MANIFEST_FILE).read_bytes()))  # no download back
 
     def _settle_orphans(self, state: dict) -> None:
         """List the versions of writers that died after their manifest landed; clear those that died before."""
@@ -497,48 +426,9 @@ class Registry:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _gate(self, state: dict, manifest: dict, margin: float) -> tuple[bool, str]:
-        """Gate part (b): above the promotion floor, then better than the champion on the same images.
-
-        The champion's score on this version's test set is its own when the test sets are equal,
-        else the one `record_score` stored after re-scoring it on this test set. A champion with
-        other classes is never compared by accuracy: the operator decides.
-        """
-        metrics, dataset = manifest["metrics"], manifest["dataset"]
-        accuracy = metrics["test_accuracy"]
-        floor = metrics.get("promotion_floor")
-        if floor is not None and not accuracy > floor:
-            return False, (
-                f"test accuracy {accuracy:.4f} is not above the promotion floor {floor:.4f} (the majority-class "
-                "rate plus --learned-margin): no better than guessing"
-            )
         champion = state["aliases"]["champion"]
-        if champion is None:
-            first = "first version" if not state["versions"] else "no champion yet"
-            return True, first + (f", above the promotion floor {floor:.4f}" if floor is not None else "")
-        entry = _entry(state, champion)
-        ours, theirs = dataset.get("class_names"), entry.get("class_names")
-        if ours is not None and theirs is not None and list(ours) != list(theirs):
-            added, removed = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-            change = "; ".join(
-                part for part in (f"added {', '.join(added)}" if added else "",
-                                  f"removed {', '.join(removed)}" if removed else "") if part
-            ) or "same classes in another order"  # fmt: skip
-            return False, (
-                f"classes differ from champion v{champion}'s ({change}): accuracies are not comparable; the "
-                "operator decides (cifar-pipeline models promote)"
-            )
-        fingerprint = dataset.get("test_fingerprint")
-        score = champion_scores(entry).get(fingerprint)
-        if score is None:
-            return False, (
-                f"champion v{champion} was not scored on this test set ({fingerprint}): accuracies not compared; "
-                "promote by hand if intended"
-            )
-        where = f"on test set {str(fingerprint)[:12]} ({dataset.get('test_count', '?')} images)"
-        bar = score + margin
-        if accuracy >= bar:
-            return True, f"test accuracy {accuracy:.4f} >= champion v{champion}'s {score:.4f} + {margin} {where}"
-        return False, f"test accuracy {accuracy:.4f} < champion v{champion}'s {score:.4f} + {margin} {where}"
+        entry = _entry(state, champion) if champion is not None else None
+        return promotion_decision(manifest, margin, entry, first=not state["versions"])
 
     def _add_version(self, state: dict, version: int, created_at: str, manifest: dict, promoted: bool, reason: str):
         state["versions"].append(
@@ -604,13 +494,6 @@ def _entry(state: dict, version: int) -> dict:
         if entry["version"] == version:
             return entry
     raise RegistryError(f"v{version}: no such version")
-
-
-def champion_scores(entry: dict) -> dict[str, float]:
-    """A version's test accuracy by test-set fingerprint: its own test set's and any recorded since."""
-    scores = {entry.get("test_fingerprint"): entry.get("test_accuracy")}
-    scores |= {fingerprint: score["accuracy"] for fingerprint, score in entry.get("scores", {}).items()}
-    return scores
 
 
 def attach_to_version(
@@ -712,49 +595,3 @@ def _registry_reference(ref: str) -> tuple[str, str]:
     if "/" in name or os.sep in name:
         raise RegistryError(f"{ref}: not a version folder (no {MANIFEST_FILE})")
     return name, tag or "champion"
-
-
-def verify_version(version_dir: Path, names: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()) -> list[str]:
-    """Problems with a version folder's files against its manifest; empty when all checksums match.
-
-    Args:
-        names: Check only these files (one export about to be loaded); default every file listed.
-        skip: Listed files not to check (exports about to be written again).
-    """
-    manifest_path = version_dir / MANIFEST_FILE
-    if not manifest_path.is_file():
-        return [f"{manifest_path}: missing"]
-    listed = read_json(manifest_path)["files"]
-    problems = [
-        f"{version_dir / name}: not listed in the version's manifest" for name in names or () if name not in listed
-    ]
-    for name, expected in listed.items():
-        if (names is not None and name not in names) or name in skip:
-            continue
-        path = version_dir / name
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif sha256_file(path) != expected:
-            problems.append(f"{path}: checksum differs from the manifest's (tampered or corrupted)")
-    return problems
-
-
-def _require_intact(version_dir: Path, replacing: tuple[str, ...] = ()) -> None:
-    problems = verify_version(version_dir, skip=replacing)
-    if problems:
-        raise ChecksumError(f"{version_dir.name} refused: " + "; ".join(problems))
-
-
-def load_verified_model(version_dir: Path, replacing: tuple[str, ...] = ()):
-    """Load a version's Keras model after checking every file's sha256; `safe_mode` stays on.
-
-    Args:
-        replacing: Files about to be written again (a tampered export), exempt from the check.
-
-    Raises:
-        ChecksumError: A file is missing or its checksum differs; the message names it.
-    """
-    _require_intact(version_dir, replacing)
-    import keras
-
-    return keras.saving.load_model(version_dir / MODEL_FILE, safe_mode=True)

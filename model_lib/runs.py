@@ -17,6 +17,8 @@ from filelock import FileLock
 
 from model_lib.fileio import process_gone, process_tag
 
+MODEL_FILE = "model.keras"  # the trained Keras model, registered with the version
+PROBE_FILE = "probe.npz"  # a few inputs and the trained model's outputs on them: the gate's reload check
 OWNER_FILE = ".owner"  # the `process_tag` of the run using the folder
 TEST_PROBABILITIES = "test_probabilities.npy"  # the saved model's outputs on the test set, in the run folder
 UNCALIBRATED_PROBABILITIES = "test_probabilities_uncalibrated.npy"  # beside the calibrated ones, for the plots

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from model_lib.config import TrainConfig
-from model_lib.data import DatasetInfo, load_arrays, spread_over, train_rows
+from model_lib.data import DatasetInfo, load_arrays, train_rows
 from model_lib.evaluate import check_learned
 from model_lib.fileio import atomic_open, save_model_atomic, write_json
 from model_lib.models import WHITEN_SAMPLE_IMAGES, build_model, with_tta
@@ -28,7 +28,8 @@ from model_lib.precision import (
 from model_lib.preprocess import make_datasets, with_augmentation
 from model_lib.progress import PROGRESS_SECONDS, Progress
 from model_lib.recipe import make_optimizer
-from model_lib.runs import TrainResult, read_history
+from model_lib.runs import MODEL_FILE, PROBE_FILE, TrainResult, read_history
+from model_lib.sources import spread_over
 from model_lib.split import load_split
 from model_lib.transfer import freeze_backbone, from_scratch, imagenet_weights_note
 
@@ -274,9 +275,9 @@ def _check_converged(model, history, num_classes: int) -> float:
 
 def _save_outputs(serving, run_dir: Path, test_images: np.ndarray, seed: int) -> tuple[Path, Path]:
     """Save the serving model and its probe (fixed inputs and outputs a reloaded model must reproduce)."""
-    model_path = run_dir / "model.keras"
+    model_path = run_dir / MODEL_FILE
     save_model_atomic(serving, model_path)
-    probe_path = run_dir / "probe.npz"
+    probe_path = run_dir / PROBE_FILE
     probe_inputs = probe_images(test_images, seed)
     with atomic_open(probe_path, "wb") as handle:
         np.savez(handle, inputs=probe_inputs, outputs=serving.predict(probe_inputs, verbose=0))

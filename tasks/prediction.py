@@ -7,9 +7,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from model_lib.fileio import open_store
 from model_lib.predict import ModelInfo, classify_shard
 from model_lib.prediction_csv import merge_parts
+from model_lib.stores import open_store
 from tasks.common import retry_on_transient_io
 
 

@@ -29,22 +29,16 @@ from model_lib.data_report import (
     write_report,
 )
 from model_lib.evaluate import evaluate_run, score_model
+from model_lib.gate import champion_scores
 from model_lib.ood import OOD_FILE
 from model_lib.plots import plot_run
 from model_lib.preprocess import PreparedSplit, prepare_split
-from model_lib.registry import (
-    MODEL_FILE,
-    PROBE_FILE,
-    ChecksumError,
-    Registry,
-    attach_to_version,
-    champion_scores,
-    load_verified_model,
-)
+from model_lib.registry import Registry, attach_to_version
 from model_lib.report import REPORT_FILE, RunRecord, build_manifest, report_markdown
-from model_lib.runs import TEST_PROBABILITIES, TrainResult, claim_run_dir, release_run_dir
+from model_lib.runs import MODEL_FILE, PROBE_FILE, TEST_PROBABILITIES, TrainResult, claim_run_dir, release_run_dir
 from model_lib.settings import artifacts_location, work_dir
 from model_lib.train import train
+from model_lib.versions import ChecksumError, load_verified_model
 from tasks.common import log_info, log_warning, retry_on_transient_io
 
 RUN_FILES = (

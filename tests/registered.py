@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model_lib.data import CIFAR10_CLASSES
 from model_lib.registry import Registry
+from model_lib.sources import CIFAR10_CLASSES
 from model_lib.train import probe_images
 
 

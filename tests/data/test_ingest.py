@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_lib.data import DatasetError, ingest, load_arrays, resolve_source, train_rows
+from model_lib.data import ingest, load_arrays, train_rows
 from model_lib.images import decode_rgb
+from model_lib.sources import DatasetError, resolve_source
 from tests.conftest import CLASS_COLOURS, write_colour_dataset
 
 quiet = dict(log=lambda message: None, workers=2)

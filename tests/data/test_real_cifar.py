@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from model_lib.data import CIFAR10_CLASSES, ingest, load_arrays
+from model_lib.data import ingest, load_arrays
+from model_lib.sources import CIFAR10_CLASSES
 
 pytestmark = pytest.mark.real_data
 

@@ -21,7 +21,8 @@ from PIL import Image
 from flows.app import AppSettings, background_server, create_app
 from model_lib.images import decode_files
 from model_lib.predict import load_classifier, resolve_model
-from model_lib.registry import MANIFEST_FILE, Registry
+from model_lib.registry import Registry
+from model_lib.versions import MANIFEST_FILE
 from tests.flows.test_readme import readme_command
 
 pytestmark = pytest.mark.real_data
@@ -235,8 +236,8 @@ def test_a_client_that_drops_its_upload_part_way_leaves_no_traceback(artifacts, 
 
 
 def test_a_store_that_stops_answering_is_a_503_with_one_sentence(s3_artifacts, s3_server, tmp_path, monkeypatch):
-    from model_lib.fileio import STORE_SECONDS_ENV
     from model_lib.models import build_model
+    from model_lib.stores import STORE_SECONDS_ENV
     from tests.registered import register_keras_model
 
     register_keras_model(s3_artifacts, build_model("seed_cnn", 10), tmp_path)

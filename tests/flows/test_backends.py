@@ -15,7 +15,7 @@ import pytest
 
 from model_lib.fileio import read_json
 from model_lib.prediction_csv import read_predictions
-from model_lib.registry import load_verified_model
+from model_lib.versions import load_verified_model
 from tests.flows.test_readme import readme_command
 
 pytestmark = pytest.mark.backends

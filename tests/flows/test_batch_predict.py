@@ -14,11 +14,11 @@ import pytest
 
 import tasks.prediction
 from flows.batch_predict import PredictionErrors, batch_predict, with_dask
-from model_lib.data import CIFAR10_CLASSES
 from model_lib.images import decode_rgb
 from model_lib.models import build_model
 from model_lib.prediction_csv import csv_columns
-from model_lib.registry import ChecksumError, RegistryError, load_verified_model
+from model_lib.sources import CIFAR10_CLASSES
+from model_lib.versions import ChecksumError, RegistryError, load_verified_model
 from tests.catalogue import BROKEN, ODD, SKIPPED, build_catalogue
 from tests.registered import register_keras_model
 from tests.synthetic import UNLIKE_KINDS, write_unlike_images

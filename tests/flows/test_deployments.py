@@ -28,7 +28,7 @@ from bench.stop_time import living_command
 from flows.alerts import BLOCK_ENV, FAILED, OVERDUE, WEBHOOK_ENV
 from model_lib.config import CHOICES, PROFILES
 from model_lib.fileio import read_json
-from model_lib.registry import verify_version
+from model_lib.versions import verify_version
 from tests.conftest import REPO, TF_STARTUP_NOTES
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]

@@ -14,7 +14,7 @@ from model_lib.config import ConfigError
 from model_lib.models import build_model
 from model_lib.precision import JAX_CACHE_FOLDER, machine_cache_dir
 from model_lib.predict import plan_prediction
-from model_lib.registry import RegistryError
+from model_lib.versions import RegistryError
 from tests.conftest import TF_STARTUP_NOTES, local_servers
 from tests.registered import register_keras_model
 

@@ -11,7 +11,8 @@ from flows.train_cifar import train_cifar
 from model_lib.data_report import DataGateError
 from model_lib.evaluate import score_model
 from model_lib.fileio import read_json
-from model_lib.registry import Registry, load_verified_model
+from model_lib.registry import Registry
+from model_lib.versions import load_verified_model
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from model_lib.fileio import STORE_SECONDS_ENV, StoreError
+from model_lib.stores import STORE_SECONDS_ENV, StoreError
 from tests.s3server import environment
 
 
@@ -148,7 +148,7 @@ def test_a_frozen_store_fails_a_command_within_its_budget(s3_artifacts, s3_serve
     """A server that accepts connections and never answers (SIGSTOP), unlike a closed port: each request's own
     timeouts and retries must sit inside the store's budget, not add up to minutes (236 s once). The budget is
     5 s here rather than the default 30 s: what is checked is that one request's timeout ends its wait."""
-    from model_lib.fileio import STORE_READ_SECONDS
+    from model_lib.stores import STORE_READ_SECONDS
 
     budget = 5
     run = machine(s3_server, s3_artifacts, tmp_path, "a", {**prefect_api_env, STORE_SECONDS_ENV: str(budget)})

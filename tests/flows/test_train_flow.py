@@ -13,8 +13,8 @@ from prefect.client.orchestration import get_client
 
 from flows.train_cifar import train_cifar
 from model_lib.fileio import read_json
-from model_lib.registry import verify_version
 from model_lib.runs import RUN_WORK_FILES
+from model_lib.versions import verify_version
 
 VERSION_FILES = {"model.keras", "manifest.json", "probe.npz", "metrics.json", "per_class.csv", "confusion_matrix.csv",
                  "history.csv", "config.json", "curves.png", "confusion_matrix.png", "samples.png", "data_report.json",
@@ -113,8 +113,8 @@ def test_flaky_io_is_retried_but_bad_data_fails_at_once_and_leaves_the_champion(
     prefect_harness, colour_dataset, artifacts, monkeypatch
 ):
     import tasks.training
-    from model_lib.data import DatasetError
     from model_lib.registry import Registry
+    from model_lib.sources import DatasetError
 
     real_ingest, calls, hiccups = tasks.training.ingest, [], [OSError("network share hiccup")]
 

@@ -12,14 +12,15 @@ from PIL import Image
 import model_lib.export
 from flows.batch_predict import batch_predict
 from model_lib.data import load_arrays
-from model_lib.export import EXPORT_FORMATS, cascade_rule, export_version, feature_rule_file, serving_export
+from model_lib.export import EXPORT_FORMATS, export_version, feature_rule_file
 from model_lib.fileio import read_json, sha256_file, write_json
 from model_lib.inference import KerasClassifier, TFLiteClassifier, cascade, sharpened
 from model_lib.models import unwrap_tta, with_features
 from model_lib.ood import FeatureRule, classified
 from model_lib.predict import CASCADE_NOTE, load_classifier, resolve_model
-from model_lib.registry import ChecksumError, load_verified_model, verify_version
+from model_lib.serving import cascade_rule, serving_export
 from model_lib.split import load_split, run_split
+from model_lib.versions import ChecksumError, load_verified_model, verify_version
 from tests.synthetic import UNLIKE_KINDS, write_unlike_images
 
 

@@ -114,7 +114,7 @@ def test_a_large_image_is_cut_into_whitened_patches_and_the_conv_groups_run_at_c
 
 
 def test_auto_image_size_takes_the_largest_supported_side_within_the_images():
-    from model_lib.data import auto_image_size
+    from model_lib.sources import auto_image_size
 
     assert auto_image_size([32] * 5) == 32 and auto_image_size([8, 8, 8]) == 32  # never below 32
     assert auto_image_size([375, 480, 375]) == 128 and auto_image_size([70, 100, 90]) == 64

@@ -1,5 +1,5 @@
 """The code reads top-down: `model_lib` never imports Prefect, `tasks` never imports `flows`, the library's
-import graph is at most 4 floors deep, and docs/layout.md names every module."""
+import graph is at most 6 floors deep, and docs/layout.md names every module."""
 
 import ast
 import functools
@@ -8,7 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 LIBRARY = ROOT / "model_lib"
-MAX_FLOORS = 4  # a module that imports nothing of the package is floor 1
+MAX_FLOORS = 6  # a module that imports nothing of the package is floor 1; each job its own module (issue 57) puts
+# the stores on the local writes, the sources on the stores and the cache on the sources: training is floor 6
 
 
 def package_imports() -> dict[str, set[str]]:

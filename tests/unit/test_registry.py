@@ -9,15 +9,8 @@ import pytest
 
 import model_lib.registry as registry_module
 from model_lib.fileio import read_json, sha256_file
-from model_lib.registry import (
-    ChecksumError,
-    Registry,
-    RegistryError,
-    champion_stack,
-    load_verified_model,
-    parse_reference,
-    verify_version,
-)
+from model_lib.registry import Registry, champion_stack, parse_reference
+from model_lib.versions import ChecksumError, RegistryError, load_verified_model, verify_version
 
 MANIFEST_KEYS = {"version", "created_at", "architecture", "parameter_count", "config", "metrics", "dataset", "code",
                  "libraries", "flow_run_id", "files"}  # fmt: skip

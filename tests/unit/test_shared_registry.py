@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from model_lib.fileio import STORE_LOG, STORE_SECONDS_ENV, StoreError, open_store
-from model_lib.registry import ChecksumError, Registry, RegistryError, load_verified_model, verify_version
+from model_lib.registry import Registry
+from model_lib.stores import STORE_LOG, STORE_SECONDS_ENV, StoreError, open_store
+from model_lib.versions import ChecksumError, RegistryError, load_verified_model, verify_version
 from tests.conftest import REPO
 from tests.unit.test_registry import make_model_files, manifest, run_at_once, unchecked_load
 
