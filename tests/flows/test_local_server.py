@@ -7,36 +7,30 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
-from PIL import Image
 
 from bench.stop_time import CLI
 from flows import local_server
-from model_lib.models import build_model
 from tests.conftest import local_servers
 from tests.flows.test_readme import readme_command
-from tests.registered import register_keras_model
 
-pytestmark = pytest.mark.slow  # every command imports TensorFlow, and the first starts a server
+pytestmark = pytest.mark.slow  # real commands, and the servers they start
 STARTED = "Started a local Prefect server at "
 
 
 @pytest.fixture
-def images(tmp_path, artifacts) -> Path:
-    """Three small PNGs, and a registered model to classify them."""
-    register_keras_model(artifacts, build_model("seed_cnn", 10), tmp_path)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for index in range(3):
-        Image.fromarray(np.full((32, 32, 3), 40 * index, np.uint8)).save(folder / f"{index}.png")
-    return folder
+def images(trained_and_exported, laptop_env, tmp_path) -> Path:
+    """The session's exported version (its int8 export serves: no TensorFlow in the commands) and its test
+    images; the commands' cache is this test's."""
+    source, _ = trained_and_exported
+    laptop_env |= {"ARTIFACTS_DIR": str(source), "CIFAR_PIPELINE_CACHE": str(tmp_path / "cache")}
+    return source.parent / "colours" / "test"
 
 
 def predict(images: Path, output: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, "predict", str(images), "--output", str(output)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    return subprocess.Popen([*CLI, "predict", str(images), "--model", "colours", "--output", str(output)], env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
 
 def finished(process: subprocess.Popen) -> str:
@@ -60,8 +54,9 @@ def test_commands_at_once_and_after_share_one_server_and_one_that_hangs_is_repla
 
     later = finished(predict(images, tmp_path / "c.csv", laptop_env))
     assert STARTED not in later and server_state(laptop_env)[0] == state  # reused, not started again
-    for name in "abc":
-        assert len((tmp_path / f"{name}.csv").read_text().splitlines()) == 4  # a header and 3 images
+    rows = {name: (tmp_path / f"{name}.csv").read_text() for name in "abc"}
+    assert rows["a"] == rows["b"] == rows["c"] and len(rows["a"].splitlines()) > 1
+    assert "model_int8.tflite" in rows["a"]  # served without TensorFlow: a command is seconds
 
     # A server that stops answering (stopped, as by a debugger or a swapped-out machine) is replaced; once it
     # runs again it sees that its state is no longer its own and exits, having no users left.
@@ -85,7 +80,8 @@ def test_commands_at_once_and_after_share_one_server_and_one_that_hangs_is_repla
 
 
 def test_an_unused_server_stops_after_its_idle_seconds(images, tmp_path, laptop_env):
-    refused = subprocess.run([*CLI, "predict", str(images)], env={**laptop_env, local_server.IDLE_ENV: "soon"},
+    refused = subprocess.run([*CLI, "predict", str(images), "--model", "colours"],
+                             env={**laptop_env, local_server.IDLE_ENV: "soon"},
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
         f"error: {local_server.IDLE_ENV}='soon': a number of seconds from 0 to 604800"
