@@ -59,6 +59,32 @@ def pytest_collection_modifyitems(config, items) -> None:
     items[:] = [*ordered, *rest]  # what a share full of slow tests left over
 
 
+CPU_REPORT_ENV = "CIFAR_PIPELINE_TEST_CPU"  # a file: each test's CPU seconds are appended to it (bench/suite_cpu.py)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With CIFAR_PIPELINE_TEST_CPU set, one JSON line per test: the CPU seconds of the test's process and of the
+    child processes it waited for (commands, trainings, servers it stopped), set-up and tear-down included. The
+    suite is CPU-bound on 2 cores, so this, not wall time, says which tests cost the suite its minutes."""
+    report = os.environ.get(CPU_REPORT_ENV)
+    if not report:
+        yield
+        return
+    import json
+    import time
+
+    before, started = os.times(), time.perf_counter()
+    yield
+    after = os.times()
+    line = {"test": item.nodeid, "wall": round(time.perf_counter() - started, 2),
+            "own": round(after.user - before.user + after.system - before.system, 2),
+            "children": round(after.children_user - before.children_user + after.children_system
+                              - before.children_system, 2)}  # fmt: skip
+    with open(report, "a") as handle:  # one short append a test: the workers' lines do not interleave
+        handle.write(json.dumps(line) + "\n")
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A throw-away Prefect API and database for the whole session (flows under test only)."""
