@@ -492,9 +492,9 @@ def watch(
     folders = check_watch_request(data, inbox, quiet_seconds)  # PREFECT_API_URL set, too
     parameters = retrain_parameters(param or [], folders.get("data"))
     _require_prefect_api()  # it answers: else the first burst's event would be lost after "Watching"
-    typer.echo("Watching " + ", ".join(f"{role} {path}" for role, path in folders.items()) + " (Ctrl-C stops)")
+    watching = "Watching " + ", ".join(f"{role} {path}" for role, path in folders.items()) + " (Ctrl-C stops)"
     try:
-        watch_folders(folders, quiet_seconds, log=typer.echo, parameters=parameters)
+        watch_folders(folders, quiet_seconds, log=typer.echo, parameters=parameters, ready=lambda: typer.echo(watching))
     except KeyboardInterrupt:
         typer.echo("stopped")
 

@@ -91,11 +91,15 @@ def watch_folders(
     log: Callable[[str], None] = print,
     stop: threading.Event | None = None,
     parameters: Mapping | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> None:
     """Send one event per quiet-ended burst of image changes in each folder, until `stop` is set.
 
     Args:
         parameters: The retrain's parameters that each training-data event carries (`retrain_parameters`).
+        ready: Called once the folders are watched: from then on no new file is missed. (Said before the watcher
+            was set up, "Watching" could come first, and a burst copied at once, on a loaded host, never became
+            an event.) It comes with watchfiles' first answer: changes, or `quiet_seconds` without any.
     """
     from watchfiles import Change, watch
 
@@ -109,6 +113,9 @@ def watch_folders(
         *folders.values(), watch_filter=relevant, rust_timeout=int(quiet_seconds * 1000), yield_on_timeout=True,
         stop_event=stop,
     ):  # fmt: skip
+        if ready is not None:
+            ready()
+            ready = None
         for change, path in changes:
             role, root = next((r, f) for r, f in folders.items() if Path(path).is_relative_to(f))
             pending[role][Path(path).relative_to(root).as_posix()] = change
