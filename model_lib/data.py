@@ -43,6 +43,7 @@ from model_lib.sources import (
 CACHE_FORMAT = 3  # bump when the cached arrays' layout, the decoder's output or the fingerprint changes
 DECODE_CHUNK_FILES = 512  # files per worker task: large enough to amortise process IPC
 ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
+DATASET_FILE = "dataset.json"  # a cache entry's DatasetInfo, written last: its presence says the entry is whole
 FILE_TABLE = "files.csv"  # one row per cached image: split, path, class, original size and kind, pixel hash
 KEYS = "dataset-keys"  # beside datasets/: <listing key>.json, what a folder listing (names, sizes, times) decoded to
 STAGING_PREFIX = ".tmp-"  # datasets/<this><id>/: a cache entry being assembled
@@ -275,7 +276,7 @@ def _fingerprint(header: dict, files: Sequence[tuple]) -> str:
 
 
 def _load_info(cache_dir: Path) -> DatasetInfo | None:
-    meta = cache_dir / "dataset.json"
+    meta = cache_dir / DATASET_FILE
     if not meta.is_file():
         return None
     with open(meta, encoding="utf-8") as handle:
@@ -308,11 +309,11 @@ def _write_cache(cache_dir: Path, arrays: Arrays, info: DatasetInfo, files: list
         pd.DataFrame(files, columns=["split", "path", "class", "width", "height", "kind", "pixels"]).to_csv(
             staging / FILE_TABLE, index=False, encoding="utf-8", errors="surrogateescape"
         )
-        write_json(staging / "dataset.json", info.to_dict())
+        write_json(staging / DATASET_FILE, info.to_dict())
         try:
             os.rename(staging, cache_dir)
         except OSError:
-            if not (cache_dir / "dataset.json").is_file():  # not a concurrent twin: a real error
+            if not (cache_dir / DATASET_FILE).is_file():  # not a concurrent twin: a real error
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -15,6 +15,7 @@ import pandas as pd
 from model_lib.config import TrainConfig
 from model_lib.data import read_file_table
 from model_lib.fileio import atomic_open, read_json, sha256_file, write_json
+from model_lib.versions import MANIFEST_FILE
 
 DATA_REPORT_FILE = "data_report.json"
 DATA_REPORT_MARKDOWN = "data_report.md"
@@ -38,7 +39,7 @@ class PreviousData:
 
 def load_previous(version: int, version_dir: Path) -> PreviousData:
     """The previous version's data report and file table, each used only if its sha256 matches the manifest."""
-    manifest = read_json(version_dir / "manifest.json")
+    manifest = read_json(version_dir / MANIFEST_FILE)
     checksums, notes = manifest.get("files", {}), []
 
     def intact(name: str) -> bool:

@@ -8,7 +8,7 @@ import numpy as np
 
 from model_lib.fileio import atomic_open, write_json
 from model_lib.inference import KerasClassifier
-from model_lib.runs import TEST_PROBABILITIES
+from model_lib.runs import CONFUSION_FILE, METRICS_FILE, PER_CLASS_FILE, TEST_PROBABILITIES
 
 SPOT_CHECK_IMAGES = 500  # test images the saved model re-scores when its test probabilities were computed before
 SPOT_CHECK_TOLERANCE = 1e-4  # largest difference of a probability between the saved model and those figures
@@ -109,9 +109,9 @@ def write_metrics(metrics: dict, class_names: list[str], out_dir: Path) -> dict[
     import pandas as pd
 
     paths = {
-        "metrics": out_dir / "metrics.json",
-        "per_class": out_dir / "per_class.csv",
-        "confusion_matrix": out_dir / "confusion_matrix.csv",
+        "metrics": out_dir / METRICS_FILE,
+        "per_class": out_dir / PER_CLASS_FILE,
+        "confusion_matrix": out_dir / CONFUSION_FILE,
     }
     write_json(paths["metrics"], metrics)
     with atomic_open(paths["per_class"], "w", newline="", encoding="utf-8") as handle:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from model_lib.config import ConfigError
-from model_lib.data import load_arrays
+from model_lib.data import DATASET_FILE, load_arrays
 from model_lib.fileio import read_json
 from model_lib.inference import CASCADE_TOLERANCE, KerasClassifier, TFLiteClassifier, cascade, sharpened
 from model_lib.models import served_with_features, unwrap_tta, with_features
@@ -167,7 +167,7 @@ def export_version(
         log(f"{version_dir}: {', '.join(formats)} already exported, checksums verified (--force exports again)")
         return [kept[export_format] for export_format in formats]
     cache_dir = Path(artifacts_root) / "datasets" / manifest["dataset"]["fingerprint"]
-    if not (cache_dir / "dataset.json").is_file():
+    if not (cache_dir / DATASET_FILE).is_file():
         raise FileNotFoundError(
             f"{cache_dir}: the dataset this version was trained on is not cached; "
             "train or ingest on the same data first so exports can be calibrated and measured"

@@ -118,20 +118,27 @@ def plot_run(run_dir: Path, cache_dir: str, class_names: list[str], seed: int = 
     """All plots of a finished, evaluated run; returns their paths by name."""
     from model_lib.data import load_arrays
     from model_lib.fileio import read_json
-    from model_lib.runs import TEST_PROBABILITIES, UNCALIBRATED_PROBABILITIES, read_history
+    from model_lib.runs import (
+        HISTORY_FILE,
+        METRICS_FILE,
+        PLOT_FILES,
+        TEST_PROBABILITIES,
+        UNCALIBRATED_PROBABILITIES,
+        read_history,
+    )
 
     arrays = load_arrays(cache_dir)
     probabilities = np.load(run_dir / TEST_PROBABILITIES, allow_pickle=False)
-    confusion = np.array(read_json(run_dir / "metrics.json")["confusion_matrix"])
+    confusion = np.array(read_json(run_dir / METRICS_FILE)["confusion_matrix"])
     return {
-        "curves": plot_curves(read_history(run_dir / "history.csv"), run_dir / "curves.png"),
-        "confusion": plot_confusion(confusion, class_names, run_dir / "confusion_matrix.png"),
+        "curves": plot_curves(read_history(run_dir / HISTORY_FILE), run_dir / PLOT_FILES["curves"]),
+        "confusion": plot_confusion(confusion, class_names, run_dir / PLOT_FILES["confusion"]),
         "samples": plot_samples(
             np.asarray(arrays.x_test),
             np.asarray(arrays.y_test),
             probabilities,
             class_names,
-            run_dir / "samples.png",
+            run_dir / PLOT_FILES["samples"],
             seed,
         ),
         "reliability": plot_reliability(
@@ -142,6 +149,6 @@ def plot_run(run_dir: Path, cache_dir: str, class_names: list[str], seed: int = 
             if (run_dir / UNCALIBRATED_PROBABILITIES).is_file()
             else {"model": probabilities},
             np.asarray(arrays.y_test),
-            run_dir / "reliability.png",
+            run_dir / PLOT_FILES["reliability"],
         ),  # fmt: skip
     }

@@ -10,14 +10,14 @@ from model_lib.config import TrainConfig
 from model_lib.data import DatasetInfo
 from model_lib.lineage import code_revision, library_versions
 from model_lib.preprocess import PreparedSplit
-from model_lib.runs import TrainResult
+from model_lib.runs import PLOT_FILES, TrainResult
 
 REPORT_FILE = "report.md"
 PLOTS = {  # file -> caption, in the order the report shows them
-    "curves.png": "training curves",
-    "confusion_matrix.png": "confusion matrix",
-    "reliability.png": "reliability before/after calibration",
-    "samples.png": "sample predictions",
+    PLOT_FILES["curves"]: "training curves",
+    PLOT_FILES["confusion"]: "confusion matrix",
+    PLOT_FILES["reliability"]: "reliability before/after calibration",
+    PLOT_FILES["samples"]: "sample predictions",
 }
 
 

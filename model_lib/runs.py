@@ -19,6 +19,13 @@ from model_lib.fileio import process_gone, process_tag
 
 MODEL_FILE = "model.keras"  # the trained Keras model, registered with the version
 PROBE_FILE = "probe.npz"  # a few inputs and the trained model's outputs on them: the gate's reload check
+CONFIG_FILE = "config.json"  # the run's TrainConfig
+HISTORY_FILE = "history.csv"  # one row per epoch (Keras' CSVLogger), the curves' source
+METRICS_FILE = "metrics.json"  # test metrics, the confusion matrix among them
+PER_CLASS_FILE = "per_class.csv"
+CONFUSION_FILE = "confusion_matrix.csv"
+PLOT_FILES = {"curves": "curves.png", "confusion": "confusion_matrix.png", "reliability": "reliability.png",
+              "samples": "samples.png"}  # fmt: skip
 OWNER_FILE = ".owner"  # the `process_tag` of the run using the folder
 TEST_PROBABILITIES = "test_probabilities.npy"  # the saved model's outputs on the test set, in the run folder
 UNCALIBRATED_PROBABILITIES = "test_probabilities_uncalibrated.npy"  # beside the calibrated ones, for the plots

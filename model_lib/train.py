@@ -28,7 +28,7 @@ from model_lib.precision import (
 from model_lib.preprocess import make_datasets, with_augmentation
 from model_lib.progress import PROGRESS_SECONDS, Progress
 from model_lib.recipe import make_optimizer
-from model_lib.runs import MODEL_FILE, PROBE_FILE, TrainResult, read_history
+from model_lib.runs import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, PROBE_FILE, TrainResult, read_history
 from model_lib.sources import spread_over
 from model_lib.split import load_split
 from model_lib.transfer import freeze_backbone, from_scratch, imagenet_weights_note
@@ -209,8 +209,8 @@ def _set_up(config: TrainConfig, log: Callable[[str], None]):
 def _start_run_folder(run_dir: Path, config: TrainConfig, phases: list[Phase]) -> Path:
     """Write the config into the run folder; a fresh start (no checkpoint) drops an old history. Returns its path."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", config.to_dict())
-    history_path = run_dir / "history.csv"
+    write_json(run_dir / CONFIG_FILE, config.to_dict())
+    history_path = run_dir / HISTORY_FILE
     if not any((run_dir / name).exists() for phase in phases for name in (phase.checkpoint, phase.done_marker)):
         history_path.unlink(missing_ok=True)  # a fresh start must not append to an old history
     return history_path
@@ -369,7 +369,7 @@ def _callbacks(
         graph = keras.backend.backend() == "tensorflow"
         callbacks.append(_off_the_step(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=graph)))
     return callbacks + [
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=True),
         *extra_callbacks,
         # Last, so an epoch is in the history before its checkpoint claims it is done.
         _kill_safe_backup(str(run_dir / phase.checkpoint), log),

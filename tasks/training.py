@@ -35,16 +35,28 @@ from model_lib.plots import plot_run
 from model_lib.preprocess import PreparedSplit, prepare_split
 from model_lib.registry import Registry, attach_to_version
 from model_lib.report import REPORT_FILE, RunRecord, build_manifest, report_markdown
-from model_lib.runs import MODEL_FILE, PROBE_FILE, TEST_PROBABILITIES, TrainResult, claim_run_dir, release_run_dir
+from model_lib.runs import (
+    CONFIG_FILE,
+    CONFUSION_FILE,
+    HISTORY_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    PER_CLASS_FILE,
+    PLOT_FILES,
+    PROBE_FILE,
+    TEST_PROBABILITIES,
+    TrainResult,
+    claim_run_dir,
+    release_run_dir,
+)
 from model_lib.settings import artifacts_location, work_dir
 from model_lib.train import train
 from model_lib.versions import ChecksumError, load_verified_model
 from tasks.common import log_info, log_warning, retry_on_transient_io
 
 RUN_FILES = (
-    "config.json", "history.csv", "metrics.json", "per_class.csv", "confusion_matrix.csv",
-    "curves.png", "confusion_matrix.png", "samples.png", "reliability.png", CALIBRATION_FILE, DATA_REPORT_FILE,
-    DATA_REPORT_MARKDOWN, FILES_FILE, OOD_FILE,
+    CONFIG_FILE, HISTORY_FILE, METRICS_FILE, PER_CLASS_FILE, CONFUSION_FILE, *PLOT_FILES.values(), CALIBRATION_FILE,
+    DATA_REPORT_FILE, DATA_REPORT_MARKDOWN, FILES_FILE, OOD_FILE,
 )  # fmt: skip
 
 
