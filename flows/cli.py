@@ -448,15 +448,18 @@ def export_command(
     """Write TFLite exports beside a registered version, with interpreter-measured test accuracy.
 
     Formats already exported whose files match the manifest's checksums are kept (--force redoes them)."""
-    from model_lib.export import check_formats, export_version, require_tensorflow_backend
+    from model_lib.export import check_formats, export_version, exports_kept, require_tensorflow_backend
 
     chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
     check_formats(chosen)  # usage errors (exit 2) before TensorFlow's import (5 s of CPU) and the model's load
-    require_keras("exporting")
-    _stoppable("no export was added to the manifest")
-    _import_tensorflow_quietly()  # before keras imports it loudly
-    require_tensorflow_backend()
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        require_tensorflow_backend()  # refused before anything else
     version_dir = _version_dir(ref)
+    _stoppable("no export was added to the manifest")
+    if set(chosen) - set(exports_kept(version_dir, chosen, force)):  # else nothing to convert: no TensorFlow
+        require_keras("exporting")
+        _import_tensorflow_quietly()  # before keras imports it loudly
+        require_tensorflow_backend()
     try:
         entries = export_version(version_dir, work_dir(), chosen, typer.echo, force=force)
     except (FileNotFoundError, ValueError) as error:

@@ -152,20 +152,15 @@ def export_version(
     """
     import tempfile
 
-    require_tensorflow_backend()
     check_formats(formats)
     manifest = read_json(version_dir / MANIFEST_FILE)
     layers = _scored_layers(manifest)
-    kept = {} if force else _intact_exports(version_dir, manifest, formats)
-    earlier = kept.get(FIRST_VIEW_FORMAT, {})
-    if earlier.get("status") == "ok" and "first_view" not in earlier and cascade_rule(manifest):
-        del kept[FIRST_VIEW_FORMAT]  # exported before first views were: once more, with its first view
-    if layers:  # exported before exports reported features: once more, with them
-        kept = {fmt: entry for fmt, entry in kept.items() if "features" in entry}
+    kept = exports_kept(version_dir, formats, force)
     to_do = [export_format for export_format in formats if export_format not in kept]
     if not to_do:
         log(f"{version_dir}: {', '.join(formats)} already exported, checksums verified (--force exports again)")
         return [kept[export_format] for export_format in formats]
+    require_tensorflow_backend()
     cache_dir = Path(artifacts_root) / "datasets" / manifest["dataset"]["fingerprint"]
     if not (cache_dir / DATASET_FILE).is_file():
         raise FileNotFoundError(
@@ -244,6 +239,20 @@ def export_version(
         checksums = attach_to_version(version_dir, files, "exports", entries, merge_on="format")
     by_format = {**kept, **{entry["format"]: {**entry, "sha256": checksums[entry["file"]]} for entry in entries}}
     return [by_format[export_format] for export_format in formats]
+
+
+def exports_kept(version_dir: Path, formats: tuple[str, ...], force: bool = False) -> dict[str, dict]:
+    """The manifest's export entries of `formats` that stand as they are, by format: intact (checksums verified), and
+    with what exports record now (a TTA model's first view, the features). The others need converting. Reads the
+    manifest and the files only, so `export` after `train --export` needs no TensorFlow."""
+    manifest = read_json(version_dir / MANIFEST_FILE)
+    kept = {} if force else _intact_exports(version_dir, manifest, formats)
+    earlier = kept.get(FIRST_VIEW_FORMAT, {})
+    if earlier.get("status") == "ok" and "first_view" not in earlier and cascade_rule(manifest):
+        del kept[FIRST_VIEW_FORMAT]  # exported before first views were: once more, with its first view
+    if _scored_layers(manifest):  # exported before exports reported features: once more, with them
+        kept = {fmt: entry for fmt, entry in kept.items() if "features" in entry}
+    return kept
 
 
 def first_view_record(

@@ -68,6 +68,7 @@ def test_transfer_train_export_and_tflite_predict_as_the_readme_shows(digits, ar
     assert manifest["config"]["optimizer"] == "adam"  # smoke's SGD is airbench's, which diverged here
     exported = run(readme_command("cifar-pipeline export cifar10@champion"))
     assert "already exported, checksums verified" in exported  # train --export did it: not converted twice
+    assert not used_tensorflow[-1]  # so no TensorFlow either: 0.2 s instead of 6 s
 
     predict = readme_command("cifar-pipeline predict ~/photos --model")
     predict = [str(photos) if a == "~/photos" else a.replace("/v3/", f"/v{version}/") for a in predict]

@@ -80,7 +80,7 @@ def test_the_serving_install_predicts_and_serves_an_export_as_the_full_install_d
         app.wait(timeout=30)
 
     # What needs Keras says so in one line, before any work.
-    for arguments in (["train", "--profile", "tiny"], ["export", "colours"],
+    for arguments in (["train", "--profile", "tiny"], ["export", "colours", "--force"],
                       ["predict", str(images), "--model", "colours", "--engine", "keras"]):  # fmt: skip
         done = subprocess.run([str(serve_python), *CLI, *arguments], env=env, capture_output=True, text=True,
                               timeout=120)  # fmt: skip
