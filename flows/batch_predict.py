@@ -40,7 +40,7 @@ class PredictionErrors(RuntimeError):
 
 
 @flow(name="batch-predict", task_runner=ThreadPoolTaskRunner(max_workers=CONCURRENT_SHARDS), **KEPT_RESULTS)
-@in_parameter_words({"--output": "output_csv"})
+@in_parameter_words({"output": "output_csv"})
 def batch_predict(
     input_dir: str | None = None,
     output_csv: str | None = None,

@@ -6,7 +6,7 @@ import os
 import warnings
 from pathlib import Path
 
-from model_lib.config import ConfigError, TrainConfig, resolve_config
+from model_lib.config import ConfigError, TrainConfig, option, resolve_config
 from model_lib.fileio import check_writable
 from model_lib.settings import REGISTRY_FOLDER, default_data_source, is_url, work_dir
 from model_lib.transfer import BACKBONE_INPUT_SIDE, TransferWeightsError, backbone_weights, from_scratch
@@ -49,11 +49,11 @@ def check_weights(weights: str, architecture: str) -> None:
     if from_scratch(weights) or weights == "imagenet" and architecture == "transfer":
         return
     if architecture != "transfer":
-        raise ConfigError(f"--weights applies to the transfer architecture only, not {architecture}")
+        raise ConfigError(f"{option('weights')} applies to the transfer architecture only, not {architecture}")
     try:
         path = backbone_weights(weights)
     except TransferWeightsError as error:
-        raise ConfigError(f"--weights {error}") from None
+        raise ConfigError(f"{option('weights')} {error}") from None
     import keras
 
     backbone = keras.applications.MobileNetV3Small(
@@ -65,7 +65,9 @@ def check_weights(weights: str, architecture: str) -> None:
             backbone.load_weights(path)
     except Exception as error:  # h5py's and Keras' own types, for a file that is not weights or not these
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"--weights {path}: does not fit MobileNetV3Small without its top ({reason})") from None
+        raise ConfigError(
+            f"{option('weights')} {path}: does not fit MobileNetV3Small without its top ({reason})"
+        ) from None
 
 
 def check_evaluation_memory(side: int, held_images: int) -> None:
@@ -79,7 +81,8 @@ def check_evaluation_memory(side: int, held_images: int) -> None:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > EVALUATION_MEMORY_SHARE * total:
         raise ConfigError(
-            f"--image-size {side}: the {held_images:,} validation and test images take {need / 2**30:.1f} GiB at "
-            f"{side} px, and calibration and evaluation hold them whole: more than {EVALUATION_MEMORY_SHARE:.0%} of "
-            f"this machine's {total / 2**30:.0f} GiB (a smaller --image-size, or --max-test-images)"
+            f"{option('image_size')} {side}: the {held_images:,} validation and test images take "
+            f"{need / 2**30:.1f} GiB at {side} px, and calibration and evaluation hold them whole: more than "
+            f"{EVALUATION_MEMORY_SHARE:.0%} of this machine's {total / 2**30:.0f} GiB (a smaller "
+            f"{option('image_size')}, or {option('max_test_images')})"
         )

@@ -6,6 +6,9 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 
@@ -78,7 +81,7 @@ def parse_image_size(value: str | int) -> int | str:
     if isinstance(value, int) or value == AUTO:
         return value
     if not str(value).strip().isdigit():
-        raise ConfigError(f"--image-size is a side in pixels or {AUTO}, not {value!r}")
+        raise ConfigError(f"{option('image_size')} is a side in pixels or {AUTO}, not {value!r}")
     return int(value)
 
 
@@ -170,32 +173,32 @@ class TrainConfig:
         """Refuse values no run can use, with the option's name, before any work starts."""
         for field, choices in CHOICES.items():
             if getattr(self, field) not in choices:
-                raise ConfigError(f"--{_option(field)} {getattr(self, field)!r}: choose from {', '.join(choices)}")
+                raise ConfigError(f"{option(field)} {getattr(self, field)!r}: choose from {', '.join(choices)}")
         for field in ("epochs", "batch_size", "head_epochs", "max_train_images", "max_test_images"):
             if getattr(self, field) is not None:
-                check_count(f"--{_option(field)}", getattr(self, field))
+                check_count(option(field), getattr(self, field))
         if self.image_size != AUTO:
             if not isinstance(self.image_size, int) or isinstance(self.image_size, bool):
-                raise ConfigError(f"--image-size is a side in pixels or {AUTO}, not {self.image_size!r}")
-            check_count("--image-size", self.image_size)
+                raise ConfigError(f"{option('image_size')} is a side in pixels or {AUTO}, not {self.image_size!r}")
+            check_count(option("image_size"), self.image_size)
             if self.image_size < MIN_IMAGE_SIZE:
-                raise ConfigError(f"--image-size must be at least {MIN_IMAGE_SIZE}, not {self.image_size}")
+                raise ConfigError(f"{option('image_size')} must be at least {MIN_IMAGE_SIZE}, not {self.image_size}")
         for field in ("max_leakage", "balance_shift_warning"):
             if not 0 <= getattr(self, field) <= 1:
-                raise ConfigError(f"--{_option(field)} is a fraction in [0, 1], not {getattr(self, field)}")
+                raise ConfigError(f"{option(field)} is a fraction in [0, 1], not {getattr(self, field)}")
         if self.min_class_images < 1:
-            raise ConfigError(f"--min-class-images must be at least 1, not {self.min_class_images}")
+            raise ConfigError(f"{option('min_class_images')} must be at least 1, not {self.min_class_images}")
         if not 0 <= self.validation_split < 1:
-            raise ConfigError(f"--validation-split must be in [0, 1), not {self.validation_split}")
+            raise ConfigError(f"{option('validation_split')} must be in [0, 1), not {self.validation_split}")
         if self.optimizer == "muon" and self.architecture != "airbench":
             # Its rescaling assumes batch norm after every conv: a depthwise kernel would be set to norm 1.
             raise ConfigError(f"optimizer muon (profile {self.profile}) trains the airbench architecture only, "
                               f"not {self.architecture}: leave the optimizer to the profile")  # fmt: skip
-        check_number("--label-smoothing", self.label_smoothing, at_least=0, at_most=0.999)
-        check_number("--learned-margin", self.learned_margin, at_least=-1, at_most=1)
+        check_number(option("label_smoothing"), self.label_smoothing, at_least=0, at_most=0.999)
+        check_number(option("learned_margin"), self.learned_margin, at_least=-1, at_most=1)
         for field in ("learning_rate", "fine_tune_learning_rate", "network_width"):
             if not 0 < getattr(self, field) <= UPPER_LIMITS[field]:
-                raise ConfigError(f"--{_option(field)} must be above 0 and at most {UPPER_LIMITS[field]:g}, "
+                raise ConfigError(f"{option(field)} must be above 0 and at most {UPPER_LIMITS[field]:g}, "
                                   f"not {getattr(self, field)}")  # fmt: skip
 
     def at_size(self, side: int) -> TrainConfig:
@@ -205,7 +208,7 @@ class TrainConfig:
             ConfigError: The config asks for another side than the data has.
         """
         if self.image_size not in (AUTO, side):
-            raise ConfigError(f"--image-size {self.image_size}: the ingested images are {side} px")
+            raise ConfigError(f"{option('image_size')} {self.image_size}: the ingested images are {side} px")
         return dataclasses.replace(self, image_size=side)
 
     @property
@@ -230,7 +233,7 @@ ENGINES = ("auto", "keras")
 def check_engine(engine: str) -> None:
     """Raises ConfigError for a prediction engine that does not exist."""
     if engine not in ENGINES:
-        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+        raise ConfigError(f"{option('engine')} must be one of {', '.join(ENGINES)}, not {engine!r}")
 
 
 TOP_K = 3  # prediction: ranked labels (and their probabilities) per image, in the CSV and the app's answers
@@ -257,8 +260,28 @@ CHOICES = {  # the fields that take one of a few names
 }
 
 
-def _option(field: str) -> str:
-    return field.replace("_", "-")
+_PARAMETER_WORDS: ContextVar[Mapping[str, str] | None] = ContextVar("parameter_words", default=None)
+
+
+def option(field: str) -> str:
+    """A request's field as the one who asked named it: the CLI's `--image-size`, or, inside `parameter_words`
+    (a deployment's run), the flow's parameter `image_size`. Messages name fields through this, never by a
+    rewording of their text."""
+    words = _PARAMETER_WORDS.get()
+    if words is not None and field in words:
+        return words[field]
+    return "--" + field.replace("_", "-")
+
+
+@contextmanager
+def parameter_words(names: Mapping[str, str]) -> Iterator[None]:
+    """Within it (and in the task threads it starts: Prefect copies the context), `option(field)` says
+    `names[field]`, a flow's parameter, where there is one; other fields keep the CLI's words."""
+    token = _PARAMETER_WORDS.set(dict(names))
+    try:
+        yield
+    finally:
+        _PARAMETER_WORDS.reset(token)
 
 
 # The origin notebook's optimiser: Adam at a constant 1e-3, without decay, smoothing or lookahead.
@@ -402,8 +425,8 @@ def check_run_limits(minutes: float | None, promotion_margin: float) -> None:
     """Raises ConfigError unless `minutes` (a run's time limit, empty for the default) is above 0 and at most a
     week, and the promotion margin is an accuracy difference (inf would never promote, -inf always)."""
     if minutes is not None:
-        check_number("--timeout-minutes", minutes, above=0, at_most=MAX_TIMEOUT_MINUTES)
-    check_number("--promotion-margin", promotion_margin, at_least=-1, at_most=1)
+        check_number(option("timeout_minutes"), minutes, above=0, at_most=MAX_TIMEOUT_MINUTES)
+    check_number(option("promotion_margin"), promotion_margin, at_least=-1, at_most=1)
 
 
 def training_timeout_minutes(config: TrainConfig) -> float:

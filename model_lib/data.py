@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_lib.config import AUTO
+from model_lib.config import AUTO, option
 from model_lib.fileio import read_json, write_json
 from model_lib.images import decode_files_ahead, decoding_pool, resize_pixels
 from model_lib.progress import Progress
@@ -367,7 +367,7 @@ def _decode_image_folder(
     if failures and not skip_corrupt:
         listing = "\n  ".join(failures[:20]) + (f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else "")
         raise DatasetError(
-            f"{len(failures)} file(s) could not be decoded (pass --skip-corrupt to skip them):\n  {listing}"
+            f"{len(failures)} file(s) could not be decoded (pass {option('skip_corrupt')} to skip them):\n  {listing}"
         )
     for failure in failures:
         log(f"Skipped {failure}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from model_lib.config import TrainConfig
+from model_lib.config import TrainConfig, option
 from model_lib.data import read_file_table
 from model_lib.fileio import atomic_open, read_json, sha256_file, write_json
 from model_lib.versions import MANIFEST_FILE
@@ -168,24 +168,26 @@ def _gates(report: dict, config: TrainConfig) -> dict:
         pairs = "; ".join(f"{p['test']} = {p['train']}" for p in duplicates["train_test_examples"])
         failures.append(
             f"test leakage: {duplicates['train_test']} test image(s) ({duplicates['train_test_fraction']:.2%}) are "
-            f"exact copies of training images, above --max-leakage {config.max_leakage}: {pairs}"
+            f"exact copies of training images, above {option('max_leakage')} {config.max_leakage}: {pairs}"
         )
     small = {name: c["train"] for name, c in report["class_counts"].items() if c["train"] < config.min_class_images}
     if small:
         listing = ", ".join(f"{name} ({n})" for name, n in small.items())
-        failures.append(f"too few training images, below --min-class-images {config.min_class_images}: {listing}")
+        failures.append(
+            f"too few training images, below {option('min_class_images')} {config.min_class_images}: {listing}"
+        )
     previous = report["previous"] or {}
     if previous.get("vanished_classes") and not config.allow_class_change:
         failures.append(
             f"class(es) of v{previous['version']} vanished: {', '.join(previous['vanished_classes'])} "
-            "(pass --allow-class-change if intended)"
+            f"(pass {option('allow_class_change')} if intended)"
         )
     if previous.get("added_classes"):
         warnings.append(f"new class(es) since v{previous['version']}: {', '.join(previous['added_classes'])}")
     if previous.get("balance_shift", 0) > config.balance_shift_warning:
         warnings.append(
             f"class balance shifted by {previous['balance_shift']:.3f} (total variation) since v{previous['version']}, "
-            f"above --balance-shift-warning {config.balance_shift_warning}"
+            f"above {option('balance_shift_warning')} {config.balance_shift_warning}"
         )
     if duplicates["within_train"]:
         warnings.append(f"{duplicates['within_train']} training image(s) are exact copies of other training images")

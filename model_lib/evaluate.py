@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model_lib.config import option
 from model_lib.fileio import atomic_open, write_json
 from model_lib.inference import KerasClassifier
 from model_lib.runs import CONFUSION_FILE, METRICS_FILE, PER_CLASS_FILE, TEST_PROBABILITIES
@@ -40,9 +41,9 @@ def check_learned(split: str, accuracy: float, labels: np.ndarray, margin: float
     if not accuracy > floor + margin:
         raise NothingLearned(
             f"the model learned nothing: {split} accuracy {accuracy:.4f} is not above the majority-class "
-            f"rate {floor:.4f} + margin {margin} (--learned-margin); nothing was registered. Try "
-            "--precision float32, more --epochs or a lower --learning-rate, and check that the class "
-            "folders really differ"
+            f"rate {floor:.4f} + margin {margin} ({option('learned_margin')}); nothing was registered. Try "
+            f"{option('precision')} float32, more {option('epochs')} or a lower {option('learning_rate')}, and check "
+            "that the class folders really differ"
         )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model_lib.config import option
 from model_lib.runs import MODEL_FILE, PROBE_FILE
 
 PROBE_TOLERANCE = 1e-4  # max absolute difference in probabilities between the trained and the reloaded model
@@ -46,7 +47,7 @@ def promotion_decision(manifest: dict, margin: float, entry: dict | None, first:
     if floor is not None and not accuracy > floor:
         return False, (
             f"test accuracy {accuracy:.4f} is not above the promotion floor {floor:.4f} (the majority-class "
-            "rate plus --learned-margin): no better than guessing"
+            f"rate plus {option('learned_margin')}): no better than guessing"
         )
     if entry is None:
         return True, ("first version" if first else "no champion yet") + (

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from model_lib.config import option
 from model_lib.transfer import from_scratch, transfer_logits
 
 CIFAR_MEAN = (125.3, 123.0, 113.9)  # per-channel pixel mean of CIFAR-10's training set, 0-255
@@ -72,7 +73,7 @@ def build_model(
     import keras
 
     if not from_scratch(weights) and architecture != "transfer":
-        raise ValueError(f"--weights applies to the transfer architecture only, not {architecture}")
+        raise ValueError(f"{option('weights')} applies to the transfer architecture only, not {architecture}")
     with _keras_seeds_from(seed):
         inputs = keras.Input((image_size, image_size, 3), name="pixels")
         logits = ARCHITECTURES[architecture](inputs, num_classes, dtype_policy, calibration_images, weights, width)

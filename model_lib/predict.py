@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_lib.config import BATCH_IMAGES, TOP_K, ConfigError, check_count, check_engine
+from model_lib.config import BATCH_IMAGES, TOP_K, ConfigError, check_count, check_engine, option
 from model_lib.fileio import read_json
 from model_lib.flags import flags
 from model_lib.images import (
@@ -84,7 +84,9 @@ class ModelInfo:
         if self.unsure_below is not None:
             return self.export_notes
         why = self.calibrated_on or "registered before calibration existed"
-        rule = f"{self.label} has no unsure rule ({why}): the flag column stays empty; --unsure-below P sets one"
+        rule = (
+            f"{self.label} has no unsure rule ({why}): the flag column stays empty; {option('unsure_below')} P sets one"
+        )
         return (*self.export_notes, rule)
 
     @property
@@ -127,21 +129,21 @@ def plan_prediction(
         ConfigError: A bad option, a missing input folder, or an output the tool must not write.
         RegistryError: The model reference does not resolve.
     """
-    for option, value in (("--top-k", top_k), ("--batch-size", batch_size), ("--shard-size", shard_size)):
-        check_count(option, value)
+    for field, value in (("top_k", top_k), ("batch_size", batch_size), ("shard_size", shard_size)):
+        check_count(option(field), value)
     root = local_copy(input_dir) if is_url(input_dir) else Path(input_dir).expanduser()
     if not root.is_dir():
         problem = "not a folder (predict classifies the images in a folder)" if root.exists() else "folder not found"
         raise ConfigError(f"{root}: {problem}")
     root = root.resolve()
     if unsure_below is not None and not 0 <= unsure_below <= 1:
-        raise ConfigError(f"--unsure-below is a probability in [0, 1], not {unsure_below}")
+        raise ConfigError(f"{option('unsure_below')} is a probability in [0, 1], not {unsure_below}")
     check_engine(engine)
     info = resolve_model(model, artifacts_root, engine)
     if unsure_below is not None:
         info = replace(info, unsure_below=unsure_below, texture_range=info.texture_range or [0.0, float("inf")])
     if top_k > len(info.class_names):
-        raise ConfigError(f"--top-k {top_k} is more than the model's {len(info.class_names)} classes")
+        raise ConfigError(f"{option('top_k')} {top_k} is more than the model's {len(info.class_names)} classes")
     folder_name = input_dir.rstrip("/").rsplit("/", 1)[-1] if is_url(input_dir) else root.name
     output = output_csv or default_output_csv(artifacts_root, folder_name)
     if is_url(output):
@@ -191,8 +193,8 @@ def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") ->
         # The image's own features come from the first view where one serves first, else from the export itself.
         feature_rule, why = export_feature_rule(manifest, first_view_file or model_file)
         if why:
-            notes.append(f"{why}: out_of_distribution tests pixel texture only (--engine keras adds the feature-space "
-                         f"test)")  # fmt: skip
+            notes.append(f"{why}: out_of_distribution tests pixel texture only ({option('engine')} keras adds the "
+                         "feature-space test)")  # fmt: skip
     if model_file == MODEL_FILE:  # refused here, before any work, on every path: CLI, app and deployment alike
         require_keras(f"serving {label} from model.keras (a TFLite export, from `cifar-pipeline export`, would not)")
     first_view = cascade_rule(manifest) if engine == "auto" and (model_file == MODEL_FILE or first_view_file) else None

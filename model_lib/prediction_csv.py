@@ -12,7 +12,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from model_lib.config import ConfigError
+from model_lib.config import ConfigError, option
 from model_lib.fileio import atomic_open, owned_folder, remove_abandoned, seconds_since_written
 from model_lib.images import is_image_name
 from model_lib.settings import REGISTRY_FOLDER, is_url
@@ -29,15 +29,17 @@ def check_output(output: Path, artifacts_root: str | os.PathLike, overwrite: boo
     if registry is not None and output.is_relative_to(registry):
         raise ConfigError(f"{output}: inside the model registry ({registry}); write the CSV elsewhere")
     if output.is_dir():
-        raise ConfigError(f"{output}: is a folder; --output takes a CSV file path")
+        raise ConfigError(f"{output}: is a folder; {option('output')} takes a CSV file path")
     if output.exists() and not output.is_file():  # a device, FIFO or socket: replacing it is never asked for
-        raise ConfigError(f"{output}: not a regular file (a device, FIFO or socket); --output takes a CSV file path")
+        raise ConfigError(
+            f"{output}: not a regular file (a device, FIFO or socket); {option('output')} takes a CSV file path"
+        )
     if is_image_name(output.name):
-        raise ConfigError(f"{output}: an image file name; --output takes a CSV file path")
+        raise ConfigError(f"{output}: an image file name; {option('output')} takes a CSV file path")
     if output.exists() and not overwrite and not is_prediction_csv(output):
         raise ConfigError(
             f"{output}: exists and is not a prediction CSV written by this tool; refusing to overwrite it "
-            "(choose another --output, or pass --overwrite)"
+            f"(choose another {option('output')}, or pass {option('overwrite')})"
         )
 
 
@@ -74,7 +76,7 @@ def claim_output(output: Path) -> Path:
     if rivals and min(folder.name for folder in rivals) < mine.name:
         shutil.rmtree(mine, ignore_errors=True)
         raise OutputBusy(f"{output}: another prediction run is writing this file now; wait for it to finish "
-                         "or choose another --output")  # fmt: skip
+                         f"or choose another {option('output')}")  # fmt: skip
     return mine
 
 
@@ -84,11 +86,14 @@ def check_remote_output(output: str, overwrite: bool) -> None:
     if f"/{REGISTRY_FOLDER}/" in f"{folder}/":
         raise ConfigError(f"{output}: inside a model registry (a models/ folder); write the CSV elsewhere")
     if is_image_name(name) or not name:
-        raise ConfigError(f"{output}: not a CSV file name; --output takes a CSV file path")
+        raise ConfigError(f"{output}: not a CSV file name; {option('output')} takes a CSV file path")
     store = open_store(folder)
     store.check()  # a missing bucket now, not after the whole run
     if not overwrite and store.exists(name):
-        raise ConfigError(f"{output}: exists; refusing to overwrite it (choose another --output, or pass --overwrite)")
+        raise ConfigError(
+            f"{output}: exists; refusing to overwrite it (choose another {option('output')}, or pass "
+            f"{option('overwrite')})"
+        )
 
 
 def is_prediction_csv(path: Path) -> bool:

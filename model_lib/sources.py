@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_lib.config import AUTO, AUTO_IMAGE_SIZES
+from model_lib.config import AUTO, AUTO_IMAGE_SIZES, option
 from model_lib.images import ENTRY_ERRORS, header_size, walk_folder
 from model_lib.settings import DEFAULT_MODEL_NAME, KERAS_DOWNLOAD, is_url, work_dir
 from model_lib.stores import open_store
@@ -55,7 +55,7 @@ def resolve_source(data: str) -> tuple[str, Path | None]:
         return "image_folder", None
     root = Path(data).expanduser().resolve()
     if not root.is_dir():
-        raise DatasetError(f"{root}: data folder not found (set CIFAR10_DIR or pass --data)")
+        raise DatasetError(f"{root}: data folder not found (set CIFAR10_DIR or pass {option('data')})")
     for candidate in (root, root / "cifar-10-batches-py"):
         if (candidate / "data_batch_1").is_file():
             return "cifar_batches", candidate
@@ -83,7 +83,7 @@ def chosen_size(image_size: int | str, train_files: Sequence[Path]) -> tuple[int
     side = auto_image_size(sides)
     return side, (
         f"auto: the median short side of {len(sides)} sampled training images is {np.median(sides):g} px; auto picks "
-        f"the largest of {', '.join(map(str, AUTO_IMAGE_SIZES))} px not above it (--image-size N for another)"
+        f"the largest of {', '.join(map(str, AUTO_IMAGE_SIZES))} px not above it ({option('image_size')} N for another)"
     )
 
 
@@ -150,7 +150,9 @@ def list_image_folder(
         if empty:  # untrainable, or an accuracy that says nothing about the class
             raise DatasetError(f"{split_root}: no images for class(es) {', '.join(empty)}; every class needs some")
         if limit is not None and limit < len(class_names):
-            raise DatasetError(f"--max-{split}-images {limit} leaves some of the {len(class_names)} classes empty")
+            raise DatasetError(
+                f"{option(f'max_{split}_images')} {limit} leaves some of the {len(class_names)} classes empty"
+            )
         splits[split] = _take_balanced(per_class, limit)
     return class_names, splits
 
@@ -233,7 +235,7 @@ def download_keras_cifar10() -> tuple[Arrays, list[str]]:
         (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
     except Exception as error:  # urllib raises a zoo of types when offline
         raise DatasetError(
-            f"Keras' CIFAR-10 download failed ({error}); offline, point CIFAR10_DIR or --data at a local copy"
+            f"Keras' CIFAR-10 download failed ({error}); offline, point CIFAR10_DIR or {option('data')} at a local copy"
         ) from None
     labels = (y.reshape(-1).astype(np.int32) for y in (y_train, y_test))
     y_train, y_test = labels

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_lib.config import TrainConfig
+from model_lib.config import TrainConfig, option
 from model_lib.data import DatasetInfo, load_arrays, train_rows
 from model_lib.evaluate import check_learned
 from model_lib.fileio import atomic_open, save_model_atomic, write_json
@@ -268,7 +268,7 @@ def _check_converged(model, history, num_classes: int) -> float:
     if not weights_finite or not final_loss <= DIVERGENCE_FACTOR * np.log(num_classes):
         raise TrainingDiverged(
             f"training diverged (final loss {final_loss:.3g}, weights finite: {weights_finite}); "
-            "nothing was registered: lower --learning-rate or raise --batch-size"
+            f"nothing was registered: lower {option('learning_rate')} or raise {option('batch_size')}"
         )
     return final_loss
 
@@ -299,7 +299,7 @@ def check_validation(model, val_ds, train_loss: float, val_labels, num_classes: 
     if not val_loss <= DIVERGENCE_FACTOR * np.log(num_classes):
         raise TrainingDiverged(
             f"validation loss exploded ({val_loss:.3g}, training loss {train_loss:.3g}); nothing was registered: "
-            "try --precision float32 or a lower --learning-rate"
+            f"try {option('precision')} float32 or a lower {option('learning_rate')}"
         )
     check_learned("validation", float(val_accuracy), np.asarray(val_labels), margin)
 

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from model_lib.config import option
+
 BACKBONE_INPUT_SIDE = 96  # pixels: MobileNetV3Small's smallest ImageNet resolution; smaller images are resized up to it
 HEAD_DROPOUT = 0.2  # dropout before the new classifier
 WEIGHTS_SIGNATURES = (b"\x89HDF\r\n\x1a\n",)  # how every file Keras' load_weights reads begins (HDF5)
 BACKBONE_LAYER_NAME = "backbone"
-WEIGHTS_HELP = (
-    "download the no-top MobileNetV3Small ImageNet weights on a connected machine "
-    "(keras.applications.MobileNetV3Small(include_top=False, weights='imagenet') caches them under "
-    "~/.keras/models/), copy the .h5 file here and pass --weights /path/to/that.h5, or use --weights none"
-)
+
+
+def weights_help() -> str:
+    """What to do about ImageNet weights that cannot be had, naming the option as the one who asked does."""
+    return (
+        "download the no-top MobileNetV3Small ImageNet weights on a connected machine "
+        "(keras.applications.MobileNetV3Small(include_top=False, weights='imagenet') caches them under "
+        f"~/.keras/models/), copy the .h5 file here and pass {option('weights')} /path/to/that.h5, or use "
+        f"{option('weights')} none"
+    )
 
 
 class TransferWeightsError(ValueError):
@@ -41,11 +48,11 @@ def backbone_weights(weights: str) -> str | None:
         return "imagenet"
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise TransferWeightsError(f"{path}: weights file not found; {WEIGHTS_HELP}")
+        raise TransferWeightsError(f"{path}: weights file not found; {weights_help()}")
     with open(path, "rb") as file:
         head = file.read(max(map(len, WEIGHTS_SIGNATURES)))
     if not head.startswith(WEIGHTS_SIGNATURES):  # a photo or a text file: said without loading Keras
-        raise TransferWeightsError(f"{path}: not a Keras weights file (HDF5 .h5 or .weights.h5); {WEIGHTS_HELP}")
+        raise TransferWeightsError(f"{path}: not a Keras weights file (HDF5 .h5 or .weights.h5); {weights_help()}")
     return str(path)
 
 
@@ -89,7 +96,7 @@ def transfer_logits(inputs, num_classes: int, policy: str, weights: str = "none"
         raise
     except Exception as error:  # the download raises whatever urllib raises
         if weights == "imagenet":
-            raise TransferWeightsError(f"could not download the ImageNet weights ({error}); {WEIGHTS_HELP}") from None
+            raise TransferWeightsError(f"could not download the ImageNet weights ({error}); {weights_help()}") from None
         raise TransferWeightsError(f"{weights}: cannot load these weights into MobileNetV3Small ({error})") from None
     finally:
         keras.config.set_dtype_policy(previous_policy)

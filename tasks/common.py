@@ -7,7 +7,6 @@ import errno
 import functools
 import inspect
 import os
-import re
 import sys
 import typing
 from pathlib import Path
@@ -17,7 +16,7 @@ from prefect.logging.handlers import APILogHandler
 from prefect.runtime import deployment
 from prefect.states import Completed
 
-from model_lib.config import ConfigError
+from model_lib.config import ConfigError, parameter_words
 from model_lib.settings import RESULTS_FOLDER, is_url, work_dir
 
 
@@ -95,28 +94,22 @@ def check_deployment_storage() -> None:
 
 
 def in_parameter_words(renamed: dict[str, str] | None = None):
-    """Decorate a flow so that, in a deployment run, a failure's message names the flow's parameters
-    (`data`, `output_csv`) where the library's messages name the CLI's options (`--data`, `--output`).
+    """Decorate a flow so that, in a deployment run, the library's messages name the flow's parameters (`data`,
+    `output_csv`) where the CLI's options would be (`--data`, `--output`): `model_lib.config.option` words them.
 
     Args:
-        renamed: CLI options whose parameter is not the option's name with `_` for `-`.
+        renamed: CLI options (as fields: `output`) whose parameter has another name (`output_csv`).
     """
 
     def decorate(function):
-        accepted = set(inspect.signature(function).parameters)
-        names = {f"--{name.replace('_', '-')}": name for name in accepted} | (renamed or {})
-
-        def reword(match: re.Match) -> str:
-            return names.get(match.group(0), match.group(0))
+        names = {name: name for name in inspect.signature(function).parameters} | (renamed or {})
 
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
-            try:
+            if not deployment.id:
                 return function(*args, **kwargs)
-            except Exception as error:
-                if deployment.id and error.args and isinstance(error.args[0], str):
-                    error.args = (OPTION.sub(reword, error.args[0]), *error.args[1:])
-                raise
+            with parameter_words(names):
+                return function(*args, **kwargs)
 
         # Types resolved here, in the flow's module: Prefect builds its parameter model from the
         # signature but resolves names in the wrapper's module.
@@ -125,9 +118,6 @@ def in_parameter_words(renamed: dict[str, str] | None = None):
         return wrapper
 
     return decorate
-
-
-OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
 class WorkDirResults(type(Path())):

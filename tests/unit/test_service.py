@@ -67,3 +67,13 @@ def test_a_webhook_no_alert_could_reach_is_refused_before_anything_is_installed(
         check_webhook(url)
     assert str(refused.value).startswith(f"{WEBHOOK_ENV} {url!r}: {why}")
     check_webhook("https://hooks.slack.com/services/T000/B000/XXXX")  # the guide's example passes
+
+
+@pytest.mark.slow
+def test_a_task_in_a_deployment_run_names_the_parameter_too(prefect_harness, colour_dataset, monkeypatch):
+    # The data gates fail in the data-report task, which runs in a thread of its own: the wording follows it there.
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "5b2d5fe4-8b2a-4a4c-9a5e-0d4c1e6b9f10")
+    with pytest.raises(Exception, match="too few training images") as caught:
+        train_cifar(profile="tiny", data=str(colour_dataset), min_class_images=10_000)
+    message = str(caught.value)
+    assert "below min_class_images 10000" in message and "--" not in message, message
