@@ -30,26 +30,26 @@ UPPER_LIMITS = {
 }
 
 
-def check_count(option: str, value: int) -> None:
-    """Refuse a count below 1 or above its `UPPER_LIMITS` entry (found by the option's name).
+def check_count(field: str, value: int) -> None:
+    """Refuse a count below 1 or above the field's `UPPER_LIMITS` entry.
 
     Raises:
-        ConfigError: Naming the option, its bound and the value.
+        ConfigError: Naming the field (`option`), its bound and the value.
     """
-    most = UPPER_LIMITS.get(option.removeprefix("--").replace("-", "_"))
+    most = UPPER_LIMITS.get(field)
     if value < 1:
-        raise ConfigError(f"{option} must be at least 1, not {value}")
+        raise ConfigError(f"{option(field)} must be at least 1, not {value}")
     if most is not None and value > most:
-        raise ConfigError(f"{option} must be at most {most:,}, not {value:,}")
+        raise ConfigError(f"{option(field)} must be at most {most:,}, not {value:,}")
 
 
-def check_number(option: str, value: float, *, above: float | None = None, at_least: float | None = None,
+def check_number(name: str, value: float, *, above: float | None = None, at_least: float | None = None,
                  at_most: float | None = None) -> None:  # fmt: skip
     """Refuse a number outside its bounds, and inf and nan always: they pass `> 0` checks and then break a
     service (`app --reload-seconds inf` stopped following promotions, `1e-6` spun a core).
 
     Raises:
-        ConfigError: Naming the option, its bounds and the value.
+        ConfigError: Naming it (`name`: `option(field)`, or a CLI-only option), its bounds and the value.
     """
     bounds = [f"above {above:g}" if above is not None else "", f"at least {at_least:g}" if at_least is not None
               else "", f"at most {at_most:g}" if at_most is not None else ""]  # fmt: skip
@@ -60,7 +60,7 @@ def check_number(option: str, value: float, *, above: float | None = None, at_le
         and (at_most is None or value <= at_most)
     ):
         wanted = " and ".join(bound for bound in bounds if bound) or "finite"
-        raise ConfigError(f"{option} must be a number {wanted}, not {value}")
+        raise ConfigError(f"{name} must be a number {wanted}, not {value}")
 
 
 AUTO = "auto"  # image_size: chosen from the data
@@ -176,11 +176,11 @@ class TrainConfig:
                 raise ConfigError(f"{option(field)} {getattr(self, field)!r}: choose from {', '.join(choices)}")
         for field in ("epochs", "batch_size", "head_epochs", "max_train_images", "max_test_images"):
             if getattr(self, field) is not None:
-                check_count(option(field), getattr(self, field))
+                check_count(field, getattr(self, field))
         if self.image_size != AUTO:
             if not isinstance(self.image_size, int) or isinstance(self.image_size, bool):
                 raise ConfigError(f"{option('image_size')} is a side in pixels or {AUTO}, not {self.image_size!r}")
-            check_count(option("image_size"), self.image_size)
+            check_count("image_size", self.image_size)
             if self.image_size < MIN_IMAGE_SIZE:
                 raise ConfigError(f"{option('image_size')} must be at least {MIN_IMAGE_SIZE}, not {self.image_size}")
         for field in ("max_leakage", "balance_shift_warning"):

@@ -130,7 +130,7 @@ def plan_prediction(
         RegistryError: The model reference does not resolve.
     """
     for field, value in (("top_k", top_k), ("batch_size", batch_size), ("shard_size", shard_size)):
-        check_count(option(field), value)
+        check_count(field, value)
     root = local_copy(input_dir) if is_url(input_dir) else Path(input_dir).expanduser()
     if not root.is_dir():
         problem = "not a folder (predict classifies the images in a folder)" if root.exists() else "folder not found"
