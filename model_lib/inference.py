@@ -51,7 +51,7 @@ class KerasClassifier(_Classifier):
     Keras' `predict_on_batch` traces for the first batch size and again for the next; that second
     trace alone costs more than classifying a thousand CIFAR images. And Keras' `predict` took up to
     1.8x as long on a six-view (`default`) model's views of 3,000 CIFAR images on two cores, for the same
-    outputs to the bit (bench/RESULTS.md, "Scoring through one traced function").
+    outputs to the bit (bench/ARCHIVE.md, "Scoring through one traced function").
 
     Args:
         model: uint8 pixels in, whatever the model outputs.

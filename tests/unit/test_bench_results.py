@@ -17,14 +17,15 @@ from model_lib.config import PROFILES
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "RESULTS.md"
+ARCHIVE = ROOT / "bench" / "ARCHIVE.md"  # the superseded sections, each historical
 HISTORICAL = re.compile(r"\*Historical: recorded at commit ([0-9a-f]{7,40})[,;.]")
 SCRIPT = re.compile(r"\b(bench/[\w/]+\.(?:py|sh))\b(.*)")
 CLI = re.compile(r"\bcifar-pipeline ([a-z][\w-]*)(?: ([a-z][\w-]*))?(.*)")
 
 
-def sections() -> list[tuple[str, str]]:
+def sections(page: Path = RESULTS) -> list[tuple[str, str]]:
     """(heading, body) of each `## ` section."""
-    parts = re.split(r"(?m)^## ", RESULTS.read_text())[1:]
+    parts = re.split(r"(?m)^## ", page.read_text())[1:]
     return [(part.splitlines()[0], part) for part in parts]
 
 
@@ -90,6 +91,12 @@ def test_each_command_runs_today_or_its_section_is_historical(heading, body):
         return
     broken = [f"{command.strip()}: {problem}" for command in commands(body) for problem in problems(command)]
     assert not broken, "\n".join(broken)
+
+
+def test_the_archive_holds_only_historical_sections():
+    current = [heading for heading, body in sections(ARCHIVE)
+               if not HISTORICAL.match(next(line for line in body.splitlines()[1:] if line.strip()))]  # fmt: skip
+    assert sections(ARCHIVE) and current == []
 
 
 def test_the_check_finds_what_it_is_for():
