@@ -95,21 +95,19 @@ def connect() -> tuple[str, bool]:
     here = home_folder()
     here.mkdir(parents=True, exist_ok=True)
     _hold(here)
-    if url := _answering(here):
-        return url, False
+    if state := _answering(here):
+        return state["url"], False
     from filelock import FileLock
 
     with FileLock(here / START):  # whoever holds it is bounded by its own start allowance
-        if url := _answering(here):
-            return url, False
+        if state := _answering(here):
+            return state["url"], False
         return _start(here, start_allowance()), True
 
 
 def status() -> dict[str, Any] | None:
     """The state of the server that answers for this PREFECT_HOME, or None."""
-    here = home_folder()
-    state = read_state(here)
-    return state if state and healthy(state["url"]) else None
+    return _answering(home_folder())
 
 
 def stop() -> dict[str, Any] | None:
@@ -150,9 +148,10 @@ def _hold(here: Path) -> None:
         fcntl.flock(_users, fcntl.LOCK_SH)  # waits only while a server is deciding to stop (milliseconds)
 
 
-def _answering(here: Path) -> str | None:
+def _answering(here: Path) -> dict[str, Any] | None:
+    """The state in `here` if its server answers."""
     state = read_state(here)
-    return state["url"] if state and healthy(state["url"]) else None
+    return state if state and healthy(state["url"]) else None
 
 
 def _start(here: Path, allowance: float) -> str:
@@ -238,18 +237,24 @@ def _keep(server, here: Path, url: str, idle: float) -> None:
             if _in_use(users):
                 last_used = time.monotonic()
                 continue
-            ours = (read_state(here) or {}).get("pid") == os.getpid()
-            if (not ours or time.monotonic() - last_used >= idle) and _release(here, users):
+            if (not _ours(here) or time.monotonic() - last_used >= idle) and _release(here, users):
                 server.should_exit = True
 
 
 def _in_use(users) -> bool:
-    try:
-        fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not _lock_if_unused(users):
         return True
     fcntl.flock(users, fcntl.LOCK_UN)
     return False
+
+
+def _lock_if_unused(users) -> bool:
+    """Take `users.lock` exclusively if no command holds it; whether it was taken."""
+    try:
+        fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _release(here: Path, users) -> bool:
@@ -258,9 +263,7 @@ def _release(here: Path, users) -> bool:
 
     try:
         with FileLock(here / START, timeout=1):
-            try:
-                fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _lock_if_unused(users):
                 return False
             try:
                 _forget(here)
@@ -271,9 +274,14 @@ def _release(here: Path, users) -> bool:
     return True
 
 
+def _ours(here: Path) -> bool:
+    """Whether the state names this process."""
+    return (read_state(here) or {}).get("pid") == os.getpid()
+
+
 def _forget(here: Path) -> None:
     """Remove the state if it names this process."""
-    if (read_state(here) or {}).get("pid") == os.getpid():
+    if _ours(here):
         with contextlib.suppress(FileNotFoundError):
             (here / STATE).unlink()
 

@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM stop a command within seconds, and nothing it started outlives it.
+"""Ctrl-C and SIGTERM stop a command within seconds, and nothing it started outlives it but the local Prefect
+server other commands share.
 
 What the command process does:
 - Its Prefect server is the local one commands share (flows/local_server.py), in a session of its
