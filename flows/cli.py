@@ -456,12 +456,13 @@ def export_command(
         require_tensorflow_backend()  # refused before anything else
     version_dir = _version_dir(ref)
     _stoppable("no export was added to the manifest")
-    if set(chosen) - set(exports_kept(version_dir, chosen, force)):  # else nothing to convert: no TensorFlow
+    kept = exports_kept(version_dir, chosen, force)
+    if set(chosen) - set(kept):  # else nothing to convert: no TensorFlow
         require_keras("exporting")
         _import_tensorflow_quietly()  # before keras imports it loudly
         require_tensorflow_backend()
     try:
-        entries = export_version(version_dir, work_dir(), chosen, typer.echo, force=force)
+        entries = export_version(version_dir, work_dir(), chosen, typer.echo, force=force, kept=kept)
     except (FileNotFoundError, ValueError) as error:
         _fail(str(error))
     for entry in entries:

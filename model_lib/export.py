@@ -136,11 +136,13 @@ def export_version(
     formats: tuple[str, ...] = EXPORT_FORMATS,
     log: Callable[[str], None] = print,
     force: bool = False,
+    kept: dict[str, dict] | None = None,
 ) -> list[dict]:
     """Write TFLite exports beside a registered version and record them in its manifest.
 
     A format already exported and intact (its checksum matches the manifest) is kept, not converted
-    again, unless `force`: running `export` after `train --export` costs a second.
+    again, unless `force`: running `export` after `train --export` costs a second. `kept`: what
+    `exports_kept` said of these formats, where the caller asked already (its files are not hashed again).
 
     Returns:
         The manifest's `exports` entries of `formats`: format, file, size, sha256, test accuracy,
@@ -155,7 +157,7 @@ def export_version(
     check_formats(formats)
     manifest = read_json(version_dir / MANIFEST_FILE)
     layers = _scored_layers(manifest)
-    kept = exports_kept(version_dir, formats, force)
+    kept = exports_kept(version_dir, formats, force) if kept is None else kept
     to_do = [export_format for export_format in formats if export_format not in kept]
     if not to_do:
         log(f"{version_dir}: {', '.join(formats)} already exported, checksums verified (--force exports again)")
