@@ -12,6 +12,10 @@ What the command process does:
   code is 128 + the signal (130 or 143).
 - A second Ctrl-C, or a stop that takes longer than `STOP_GRACE_SECONDS` (a step stuck in C++),
   kills the children and exits at once.
+- Python runs a signal handler wherever the main thread is, a garbage-collector callback (JAX
+  registers one) or a `__del__` included; there an exception cannot propagate, so Python prints
+  "Exception ignored ... Traceback" and carries on. The stop's exception is then raised again at the
+  next safe point, and nothing is printed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 from model_lib.progress import Stopped, request_stop, stop_requested
 
 STOP_GRACE_SECONDS = 8.0  # first signal -> forced exit if the orderly stop has not finished by then
+REDELIVER_SECONDS = 0.05  # a stop swallowed where Python cannot raise -> sent again (a GC pass takes ms)
 SIGNALS = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -44,6 +49,7 @@ def install() -> None:
         return
     for signum in SIGNALS:
         signal.signal(signum, _on_signal)
+    sys.unraisablehook = _redeliver_stop(sys.unraisablehook)
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
     signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
@@ -58,6 +64,21 @@ def _on_signal(signum: int, frame: Any) -> None:
     if signum == signal.SIGINT:
         exit_now("second Ctrl-C")
     # A repeated SIGTERM (Prefect re-sends one after handling its own) changes nothing: the stop is under way.
+
+
+def _redeliver_stop(hook: Any) -> Any:
+    def unraisable(info: Any) -> None:
+        if not (isinstance(info.exc_value, Stopped) and _handled):
+            hook(info)
+            return
+        # Raise it again in the main thread: the handler runs afresh for the same signal. Sent a moment
+        # later from another thread: sent now, it would be handled here, where it cannot raise either.
+        signum = _handled.pop()
+        again = threading.Timer(REDELIVER_SECONDS, signal.pthread_kill, args=(threading.main_thread().ident, signum))
+        again.daemon = True
+        again.start()
+
+    return unraisable
 
 
 def _watch_signals(read_end: int) -> None:

@@ -9,6 +9,7 @@ was the process that used to die first and keep the command retrying for minutes
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from bench.stop_time import CLI, living_command, stop_during
 from flows import local_server
 from model_lib.models import build_model
 from model_lib.registry import Registry
+from tests.conftest import REPO
 from tests.flows.test_edges import colour_training
 from tests.registered import register_keras_model
 
@@ -55,6 +57,38 @@ def test_an_exited_child_nobody_reaped_is_no_leftover_but_a_running_one_is():
         running.kill()
         running.wait()
         exited.wait()
+
+
+# A signal whose handler ran inside a garbage-collector callback (JAX registers one): Python cannot raise
+# there, so it printed "Exception ignored ... Traceback" in CI and the stop rested on the loops' checks.
+GC_CALLBACK_STOP = """
+import gc, signal, time
+from flows import stopping
+from model_lib.progress import Stopped
+
+
+def signal_once(phase, info):
+    gc.callbacks.clear()
+    signal.raise_signal(signal.SIGINT)  # its handler runs before this returns, inside the callback
+
+
+stopping.install()
+gc.callbacks.append(signal_once)
+try:
+    gc.collect()
+    time.sleep(5)
+    print("not stopped")
+except Stopped as stop:
+    print(f"raised: {stop}")
+"""
+
+
+def test_a_stop_signal_handled_inside_a_gc_callback_is_raised_again_in_the_main_thread():
+    done = subprocess.run(
+        [sys.executable, "-c", GC_CALLBACK_STOP], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert done.stdout.strip() == "raised: stopped by SIGINT (Ctrl-C)", done.stdout + done.stderr
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 @pytest.mark.real_data
