@@ -341,7 +341,7 @@ def train(
         typer.Option(help="Fail training after this long (default: 4x the profile's 2-core time, at least 30)."),
     ] = None,
 ) -> None:
-    """Run the train-cifar flow locally (Prefect's embedded temporary API; no server needed)."""
+    """Run the train-cifar flow in this process (on the shared local Prefect server unless PREFECT_API_URL is set)."""
     overrides = config_overrides(locals())  # the options named like config fields
     require_keras("training")
     if image_size is not None:
