@@ -45,6 +45,7 @@ from model_lib.fileio import read_json
 from model_lib.progress import Stopped, check_stop
 from model_lib.registry import Registry
 from model_lib.report import PLOTS
+from model_lib.requests import DEFAULT_MODEL
 from model_lib.settings import REGISTRY_FOLDER
 from model_lib.stores import StoreError, open_store
 from model_lib.versions import MANIFEST_FILE, RegistryError, verify_version
@@ -59,7 +60,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 class AppSettings:
     """What `cifar-pipeline app` was asked to serve, and its limits."""
 
-    model: str = "cifar10@champion"
+    model: str = DEFAULT_MODEL
     artifacts_root: str = "artifacts"
     token: str | None = None  # required on every /api/ call when set
     max_upload_mb: float = MAX_UPLOAD_MB  # MB per request body

@@ -6,14 +6,14 @@ import contextlib
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from model_lib.config import BATCH_IMAGES, ENGINES, SHARD_FILES, TOP_K, ConfigError
+from flows.surfaces import flow_parameters
+from model_lib.config import ConfigError
 from model_lib.predict import (
     image_like_entries,
     plan_prediction,
@@ -23,11 +23,11 @@ from model_lib.predict import (
 )
 from model_lib.prediction_csv import claim_output
 from model_lib.progress import Progress, register, unregister
+from model_lib.requests import PREDICT_REQUEST, parameter_names, with_defaults
 from model_lib.settings import INBOX_FOLDER, artifacts_location, is_url
 from tasks.common import KEPT_RESULTS, check_deployment_storage, finished, in_parameter_words
 from tasks.prediction import classify_shard_task, publish_csv_task, write_csv_task
 
-Engine = Literal[ENGINES]
 CONCURRENT_SHARDS = 2  # thread-pool default: one shard decodes while the other predicts
 # A shard's time limit: generous (the slowest measured path, six-view TTA through Keras on 2 cores,
 # takes under 0.01 s an image), so it ends a stuck shard, never a slow machine's.
@@ -40,21 +40,9 @@ class PredictionErrors(RuntimeError):
 
 
 @flow(name="batch-predict", task_runner=ThreadPoolTaskRunner(max_workers=CONCURRENT_SHARDS), **KEPT_RESULTS)
-@in_parameter_words({"output": "output_csv"})
-def batch_predict(
-    input_dir: str | None = None,
-    output_csv: str | None = None,
-    model: str = "cifar10@champion",
-    top_k: int = TOP_K,
-    batch_size: int = BATCH_IMAGES,
-    recursive: bool = True,
-    shard_size: int = SHARD_FILES,
-    fail_on_error: bool = False,
-    overwrite: bool = False,
-    files: list[str] | None = None,
-    unsure_below: float | None = None,
-    engine: Engine = "auto",
-) -> dict:
+@in_parameter_words(parameter_names(PREDICT_REQUEST))
+@flow_parameters(PREDICT_REQUEST)
+def batch_predict(**request) -> dict:
     """Classify every image under `input_dir` into a CSV; returns the run's summary.
 
     Broken files get error rows and the run goes on. The model registry, folders and image files
@@ -62,27 +50,13 @@ def batch_predict(
     the training images', or what the network computes from it lies far from every class: model_lib/flags.py),
     `low_confidence` (calibrated confidence below the model's threshold) or
     `ok`.
-
-    Args:
-        input_dir: The folder of images (walked recursively by default; links out of it are refused);
-            empty means the inbox, ARTIFACTS_DIR/inbox.
-        output_csv: The CSV to write; empty means a new file per run under ARTIFACTS_DIR/predictions/;
-            an s3:// URL is written locally, then uploaded once complete.
-            An existing file is replaced only when it is an earlier prediction CSV, unless overwrite.
-        model: A registry reference (cifar10, cifar10@champion, cifar10@latest, cifar10@v3), a
-            version folder, or a registered .tflite export.
-        top_k: Ranked labels and probabilities per row.
-        batch_size: Images per decoding job and per model call.
-        recursive: Descend into sub-folders.
-        shard_size: Files per shard task.
-        fail_on_error: Fail the run (after writing the CSV) when any file could not be classified.
-        overwrite: Replace an existing output_csv even if it is not an earlier prediction CSV.
-        files: Only these files (paths relative to input_dir), as the inbox trigger sends them.
-        unsure_below: Flag rows low_confidence below this confidence instead of the model's threshold.
-        engine: auto runs the version's fastest TFLite export that passed parity with the Keras
-            model (accuracy and top-1 labels, see the manifest's exports), else the Keras model;
-            keras always runs model.keras.
     """
+    request = with_defaults(PREDICT_REQUEST, request)
+    input_dir, output_csv, model, top_k, batch_size, recursive, shard_size, fail_on_error, overwrite, files = (
+        request[name] for name in ("input_dir", "output_csv", "model", "top_k", "batch_size", "recursive",
+                                   "shard_size", "fail_on_error", "overwrite", "files")
+    )  # fmt: skip
+    unsure_below, engine = request["unsure_below"], request["engine"]
     logger = get_run_logger()
     started = time.perf_counter()
     check_deployment_storage()

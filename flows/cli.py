@@ -15,32 +15,26 @@ from typing import Annotated
 import typer
 
 from flows import local_server, stopping
+from flows.surfaces import command_options
 from model_lib.checks import check_training_request
 from model_lib.config import (
     APP_BOUNDS,
     APP_PORT,
-    AUTO_IMAGE_SIZES,
-    BATCH_IMAGES,
-    CHOICES,
     ENGINES,
     MAX_MEGAPIXELS,
     MAX_UPLOAD_MB,
-    PROFILES,
     RELOAD_SECONDS,
-    SHARD_FILES,
     TOKEN_ENV,
-    TOP_K,
     ConfigError,
-    TrainConfig,
     check_engine,
     check_number,
     check_run_limits,
-    config_overrides,
     parse_image_size,
     profile_time,
     resolve_config,
 )
 from model_lib.progress import PROGRESS_SECONDS, stop_requested
+from model_lib.requests import DEFAULT_MODEL, PREDICT_REQUEST, TRAIN_REQUEST, training_overrides
 from model_lib.settings import artifacts_location, require_keras, work_dir
 from model_lib.transfer import loads_weights_file
 
@@ -254,105 +248,20 @@ VersionRef = Annotated[str, typer.Argument(help="cifar10, cifar10@latest, cifar1
 
 
 @app.command()
-def train(
-    profile: Annotated[str, typer.Option(help=f"One of: {', '.join(PROFILES)}.")] = "default",
-    architecture: Annotated[str | None, typer.Option(help=f"One of: {', '.join(CHOICES['architecture'])}.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Passes over the training split.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per optimiser step.")] = None,
-    learning_rate: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    data: Annotated[str | None, typer.Option(help="Image folder, cifar-10-batches-py folder or 'keras'.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for split, weights and augmentation.")] = None,
-    precision: Annotated[str | None, typer.Option(help=f"One of: {', '.join(CHOICES['precision'])}.")] = None,
-    optimizer: Annotated[
-        str | None, typer.Option(help=f"One of: {', '.join(CHOICES['optimizer'])} (muon: airbench only).")
-    ] = None,
-    network_width: Annotated[
-        float | None, typer.Option(help="Multiplier on airbench's channel widths (gpu: 2); compute grows ~squared.")
-    ] = None,
-    image_size: Annotated[
-        str | None,
-        typer.Option(
-            help=f"Pixels per side the model sees, or auto (default): the largest of "
-            f"{', '.join(map(str, AUTO_IMAGE_SIZES))} px at most the images' median short side.",
-        ),
-    ] = None,
-    label_smoothing: Annotated[float | None, typer.Option(help="Target mass spread over all classes.")] = None,
-    jit_compile: Annotated[
-        str | None, typer.Option(help=f"XLA, one of: {', '.join(CHOICES['jit_compile'])} (auto: GPUs only).")
-    ] = None,
-    validation_split: Annotated[float | None, typer.Option(help="Fraction held out for validation.")] = None,
-    max_train_images: Annotated[int | None, typer.Option(help="Class-balanced cap on training images.")] = None,
-    max_test_images: Annotated[int | None, typer.Option(help="Class-balanced cap on test images.")] = None,
-    skip_corrupt: Annotated[
-        bool | None, typer.Option("--skip-corrupt/--no-skip-corrupt", help="Skip undecodable files, reported.")
-    ] = None,
-    model_name: Annotated[
-        str | None,
-        typer.Option(
-            "--name",
-            "--model-name",
-            help="Registered model name (default: cifar10 for CIFAR-10's classes, else the data folder's name).",
-        ),
-    ] = None,  # fmt: skip
-    weights: Annotated[
-        str | None, typer.Option(help="transfer only: imagenet (downloads), a local weights file, or none.")
-    ] = None,
-    head_epochs: Annotated[int | None, typer.Option(help="transfer only: epochs before fine-tuning.")] = None,
-    fine_tune_learning_rate: Annotated[float | None, typer.Option(help="transfer only: fine-tuning LR.")] = None,
-    learned_margin: Annotated[
-        float | None,
-        typer.Option(help=f"Accuracy to add to the majority-class rate to register ({TrainConfig.learned_margin})."),
-    ] = None,
-    max_leakage: Annotated[
-        float | None,
-        typer.Option(
-            help=f"Data gate: fraction of test images allowed as exact copies of train ({TrainConfig.max_leakage})."
-        ),
-    ] = None,
-    min_class_images: Annotated[
-        int | None, typer.Option(help=f"Data gate: training images every class needs ({TrainConfig.min_class_images}).")
-    ] = None,
-    allow_class_change: Annotated[
-        bool | None,
-        typer.Option("--allow-class-change/--no-allow-class-change", help="Data gate: let a previous class vanish."),
-    ] = None,
-    balance_shift_warning: Annotated[
-        float | None,
-        typer.Option(help=f"Warn when class shares shift by more than this ({TrainConfig.balance_shift_warning})."),
-    ] = None,
-    deterministic: Annotated[
-        bool | None,
-        typer.Option(
-            "--deterministic/--no-deterministic",
-            help="Op determinism and serial augmentation: the same model every run.",
-        ),
-    ] = None,
-    tta_translate: Annotated[
-        bool | None,
-        typer.Option(
-            "--tta-translate/--no-tta-translate",
-            help="Serve with airbench's mirror-plus-translate TTA (six views; on in default), not flip TTA (two).",
-        ),
-    ] = None,
-    promotion_margin: Annotated[float, typer.Option(help="Accuracy a new version must add to the champion's.")] = 0.0,
-    export: Annotated[bool, typer.Option(help="Also write TFLite float32/float16/int8 exports.")] = False,
-    timeout_minutes: Annotated[
-        float | None,
-        typer.Option(help="Fail training after this long (default: 4x the profile's 2-core time, at least 30)."),
-    ] = None,
-) -> None:
+@command_options(TRAIN_REQUEST)
+def train(**request) -> None:
     """Run the train-cifar flow in this process (on the shared local Prefect server unless PREFECT_API_URL is set)."""
-    overrides = config_overrides(locals())  # the options named like config fields
     require_keras("training")
-    if image_size is not None:
-        overrides["image_size"] = parse_image_size(image_size)
-    if loads_weights_file(weights):
+    if request["image_size"] is not None:
+        request["image_size"] = parse_image_size(request["image_size"])
+    if loads_weights_file(request["weights"]):
         _import_tensorflow_quietly()  # the request's check loads the file into Keras: without TensorFlow's notes
-    config = check_training_request(profile, overrides, artifacts_location())  # a mistake costs a second
-    check_run_limits(timeout_minutes, promotion_margin)
+    profile = request["profile"]
+    config = check_training_request(profile, training_overrides(request), artifacts_location())  # costs a second
+    check_run_limits(request["timeout_minutes"], request["promotion_margin"])
     usual = resolve_config(profile).epochs
     epochs_note = f" at its {usual} epochs, this run has {config.epochs}" if config.epochs != usual else ""
-    if export:
+    if request["export"]:
         from model_lib.export import require_tensorflow_backend
 
         require_tensorflow_backend()  # before training, not after
@@ -367,9 +276,7 @@ def train(
 
     _console_without_expected_tracebacks()
     _import_tensorflow_quietly()
-    result = train_cifar(
-        profile=profile, **overrides, promotion_margin=promotion_margin, export=export, timeout_minutes=timeout_minutes
-    )
+    result = train_cifar(**request)
     verdict = "champion" if result["champion"] else "challenger"
     typer.echo(
         f"{result['name']} v{result['version']} ({verdict}): test accuracy {result['test_accuracy']:.4f}\n"
@@ -378,37 +285,17 @@ def train(
 
 
 @app.command()
-def predict(
-    input_dir: Annotated[str, typer.Argument(help="Folder of images to classify.")],
-    output: Annotated[
-        str | None, typer.Option(help="CSV path (default: a new ARTIFACTS_DIR/predictions/<folder>-<time>-<id>.csv).")
-    ] = None,
-    model: Annotated[str, typer.Option(help="cifar10, cifar10@latest, cifar10@v3 or a version folder.")] = "cifar10",
-    top_k: Annotated[int, typer.Option(help="Ranked labels per image.")] = TOP_K,
-    batch_size: Annotated[int, typer.Option(help="Images per decoding job and per model call.")] = BATCH_IMAGES,
-    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Descend into sub-folders.")] = True,
-    shard_size: Annotated[int, typer.Option(help="Files per shard task.")] = SHARD_FILES,
-    fail_on_error: Annotated[bool, typer.Option(help="Fail the run if any file cannot be classified.")] = False,
-    dask_address: Annotated[str | None, typer.Option(help="Run shards on this Dask scheduler.")] = None,
-    dask_workers: Annotated[int | None, typer.Option(help="Run shards on a local Dask cluster of N workers.")] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace an existing --output file even if it is not an earlier prediction CSV.")
-    ] = False,
-    unsure_below: Annotated[
-        float | None,
-        typer.Option(
-            help="Flag rows low_confidence below this confidence (default: the model's calibrated threshold)."
-        ),
-    ] = None,
-    engine: EngineOption = ENGINES[0],
-) -> None:
+@command_options(PREDICT_REQUEST)
+def predict(**request) -> None:
     """Run the batch-predict flow: classify a folder of images into a CSV."""
     from model_lib.predict import plan_prediction
 
+    dask_address, dask_workers = request.pop("dask_address"), request.pop("dask_workers")
     # Checked here too, so a mistake costs a second, not a Prefect start-up.
     plan = plan_prediction(
-        input_dir, output, model, top_k, batch_size, shard_size, artifacts_location(), overwrite, unsure_below, engine
-    )
+        request["input_dir"], request["output_csv"], request["model"], request["top_k"], request["batch_size"],
+        request["shard_size"], artifacts_location(), request["overwrite"], request["unsure_below"], request["engine"],
+    )  # fmt: skip
     keras_serves = _keras_serves(plan.model)
     _stoppable("the batch-predict run is marked Crashed; no CSV was written")
     _require_prefect_api()
@@ -419,19 +306,7 @@ def predict(
     _console_without_expected_tracebacks()
     if keras_serves:
         _import_tensorflow_quietly()
-    summary = flow(
-        input_dir=input_dir,
-        output_csv=output,
-        model=model,
-        top_k=top_k,
-        batch_size=batch_size,
-        recursive=recursive,
-        shard_size=shard_size,
-        fail_on_error=fail_on_error,
-        overwrite=overwrite,
-        unsure_below=unsure_below,
-        engine=engine,
-    )
+    summary = flow(**request)
     typer.echo(
         f"{summary['ok']} ok ({summary['flagged']} flagged unsure), {summary['error']} error, "
         f"{summary['skipped']} skipped ({summary['images_per_second']} images/s, {summary['model']})\n"
@@ -522,9 +397,9 @@ def serve() -> None:
 
 @app.command("app")
 def app_command(
-    model: Annotated[str, typer.Option(help="The reference served; an alias is followed when it moves.")] = (
-        "cifar10@champion"
-    ),
+    model: Annotated[
+        str, typer.Option(help="The reference served; an alias is followed when it moves.")
+    ] = DEFAULT_MODEL,
     host: Annotated[str, typer.Option(help="Address to listen on; beyond loopback it needs a token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (0: any free one, printed).")] = APP_PORT,
     token: Annotated[

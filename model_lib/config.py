@@ -437,13 +437,6 @@ def training_timeout_minutes(config: TrainConfig) -> float:
     return max(TIMEOUT_FLOOR_MINUTES, TIMEOUT_FACTOR * PROFILE_MINUTES[config.profile][1] * config.epochs / usual)
 
 
-def config_overrides(values: dict) -> dict:
-    """The entries of `values` that name `TrainConfig` fields other than `profile` (the base the overrides
-    apply to), e.g. from a command's or a flow's parameters."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"profile"}
-    return {name: value for name, value in values.items() if name in fields}
-
-
 def resolve_config(profile: str = "default", **overrides) -> TrainConfig:
     """Build a config from a profile plus overrides; `None` overrides are ignored.
 

@@ -9,6 +9,7 @@ import inspect
 import os
 import sys
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 
 from prefect import get_run_logger
@@ -93,17 +94,15 @@ def check_deployment_storage() -> None:
         )
 
 
-def in_parameter_words(renamed: dict[str, str] | None = None):
+def in_parameter_words(names: Mapping[str, str]):
     """Decorate a flow so that, in a deployment run, the library's messages name the flow's parameters (`data`,
     `output_csv`) where the CLI's options would be (`--data`, `--output`): `model_lib.config.option` words them.
 
     Args:
-        renamed: CLI options (as fields: `output`) whose parameter has another name (`output_csv`).
+        names: Each field as the flow's parameter, keyed by the CLI's word (`model_lib.requests.parameter_names`).
     """
 
     def decorate(function):
-        names = {name: name for name in inspect.signature(function).parameters} | (renamed or {})
-
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
             if not deployment.id:
