@@ -254,8 +254,8 @@ def test_hostile_file_names_are_neutralised_in_the_csv_and_round_trip(prefect_ha
     assert table["width"].dtype.kind == "i" and table["confidence"].dtype.kind == "f"
 
 
+# TensorFlow pass only: under JAX, determinism is tests/model/test_train.py's, in one process.
 @pytest.mark.slow
-@pytest.mark.backends
 def test_two_identical_training_commands_at_once_both_register_and_deterministic_ones_agree(
     colour_dataset, artifacts, prefect_api_env
 ):

@@ -39,6 +39,26 @@ def _prepare(colour_dataset, artifacts, **overrides):
 
 
 @pytest.mark.backends
+@pytest.mark.skipif(
+    keras.backend.backend() == "tensorflow",
+    reason="TensorFlow's op determinism is process-wide: two `train` commands at once check it (test_edges.py)",
+)
+def test_two_deterministic_runs_under_jax_train_the_same_weights(colour_dataset, artifacts):
+    """`--deterministic` under JAX: the same config, seed, data and machine give the same model. In one process
+    (compiled once), where two commands at once cost the JAX pass 54 CPU s for the same check."""
+    import numpy as np
+
+    weights = []
+    for attempt in ("first", "second"):
+        prepared = _prepare(colour_dataset, artifacts / attempt, epochs=2, deterministic=True)
+        result = train(*prepared, log=lambda message: None)
+        weights.append(keras.saving.load_model(result.model_path, safe_mode=True).get_weights())
+    assert len(weights[0]) == len(weights[1]) > 0
+    for first, second in zip(*weights, strict=True):
+        np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.backends
 @pytest.mark.slow
 def test_interrupted_run_resumes_where_it_stopped(colour_dataset, artifacts, monkeypatch):
     import model_lib.train
