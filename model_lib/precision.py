@@ -43,6 +43,8 @@ PROBE_VERSION = 2  # cached results of another probe design are measured again
 PROBE_CACHE_FILE = "precision_probe.json"  # under <cache>/cache/: the probe's result per machine
 JAX_CACHE_FOLDER = "jax"  # under <cache>/cache/: JAX's compiled programs, reused by later runs
 JAX_CACHE_MAX_BYTES = 2 << 30  # the cache's size limit; having one also makes JAX lock it for concurrent runs
+JAX_PROGRAM_SUFFIX, JAX_ATIME_SUFFIX = "-cache", "-atime"  # a cached program's file and its access time's (JAX 0.10)
+JAX_CACHE_LOCK_SECONDS = 10.0  # how long a run waits for the cache's lock to repair it before leaving it be
 
 
 def machine_cache_dir() -> Path:
@@ -285,6 +287,36 @@ def _keep_jax_compilations() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:  # without a limit JAX writes its files unlocked
         jax.config.update("jax_compilation_cache_max_size", JAX_CACHE_MAX_BYTES)
+    if jax.config.jax_compilation_cache_max_size != -1:  # only a limited cache reads the access times
+        repair_jax_cache(Path(jax.config.jax_compilation_cache_dir))
+
+
+def repair_jax_cache(folder: Path) -> list[Path]:
+    """Give each compiled program in JAX's cache that lacks its access-time file one, under JAX's own lock.
+
+    With a size limit, JAX 0.10 reads every entry's `-atime` before each write, so one program without it (a run
+    killed between its two writes, or a process that used the folder without a limit) made every later write
+    fail with a warning, and the cache stopped growing (jax-ml/jax#39880, fixed after 0.10.2). A program given
+    the time now is kept, and evicted in its turn like the others.
+
+    Returns:
+        The programs repaired.
+    """
+    from filelock import FileLock, Timeout
+
+    if not folder.is_dir():
+        return []
+    repaired = []
+    try:
+        with FileLock(folder / ".lockfile", timeout=JAX_CACHE_LOCK_SECONDS):  # the lock JAX's LRU cache takes
+            for program in folder.glob(f"*{JAX_PROGRAM_SUFFIX}"):
+                stamp = program.with_name(program.name.removesuffix(JAX_PROGRAM_SUFFIX) + JAX_ATIME_SUFFIX)
+                if not stamp.exists():
+                    stamp.write_bytes(time.time_ns().to_bytes(8, "little"))
+                    repaired.append(program)
+    except Timeout:
+        pass  # another run holds it for long: its writes are fine, and the next run repairs
+    return repaired
 
 
 def _jax_devices() -> tuple[Replicas, str, list[tuple[int, int]]]:

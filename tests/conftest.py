@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from model_lib.precision import JAX_CACHE_MAX_BYTES
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,6 +22,9 @@ SHARED_CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"
 # subprocesses (JAX locks it), rather than in each test's own ARTIFACTS_DIR: most tests compile the
 # same small programs. Set before any test module imports Keras, which reads it with JAX.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "jax"))
+# With the product's limit in every process, JAX's own jits in tests included: a process without one writes programs
+# without their access-time files, and then the processes with one could write nothing (model_lib.precision).
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(JAX_CACHE_MAX_BYTES))
 # Likewise the bf16 probe (AVX-512 BF16 CPUs without AMX): measured once for the run rather than in each test's
 # ARTIFACTS_DIR, about 10 s each of some 20 trainings.
 os.environ.setdefault("CIFAR_PIPELINE_MACHINE_CACHE", str(REPO / ".pytest_cache" / "machine"))
