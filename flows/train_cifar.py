@@ -17,6 +17,7 @@ from model_lib.report import RunRecord
 from model_lib.requests import TRAIN_REQUEST, parameter_names, training_overrides, with_defaults
 from model_lib.settings import artifacts_location
 from model_lib.sources import suggested_model_name
+from model_lib.train import TrainingTimeout
 from model_lib.versions import MANIFEST_FILE
 from tasks.common import KEPT_RESULTS, check_deployment_storage, finished, in_parameter_words
 from tasks.export import export_task
@@ -31,6 +32,10 @@ from tasks.training import (
     register_task,
     train_task,
 )
+
+# Prefect's timeout on the training task, after the run's own limit: it ends a step stuck where training's own check
+# never runs (in C++), which the limit cannot.
+TIMEOUT_BACKSTOP_SECONDS = 120
 
 
 @flow(name="train-cifar", **KEPT_RESULTS)
@@ -66,9 +71,11 @@ def train_cifar(**request) -> dict:
     prepared = preprocess_task(config, dataset)
     gates = data_report_task(config, dataset, prepared.run_dir)
     limit = timeout_minutes or training_timeout_minutes(TrainConfig(**config))
+    # Training stops itself at the limit; Prefect's timeout, later, ends a step stuck where no check runs.
+    backstop = train_task.with_options(timeout_seconds=limit * 60 + TIMEOUT_BACKSTOP_SECONDS)
     try:
-        trained = train_task.with_options(timeout_seconds=limit * 60)(config, dataset, prepared)
-    except TaskRunTimeoutError as error:
+        trained = backstop(config, dataset, prepared, time_limit=limit * 60)
+    except (TrainingTimeout, TaskRunTimeoutError) as error:
         raise TrainingTimeout(
             f"training ran past its time limit of {limit:g} min and was stopped; nothing was registered "
             "(a longer --timeout-minutes, or the same command again resumes from the last epoch)"
@@ -82,10 +89,6 @@ def train_cifar(**request) -> dict:
     if request["export"]:
         registration["exports"] = export_task(registration["path"])
     return finished(outcome(registration), registration)
-
-
-class TrainingTimeout(RuntimeError):
-    """The training task ran past the run's time limit."""
 
 
 def outcome(registration: dict) -> str:

@@ -46,6 +46,10 @@ class TrainingDiverged(RuntimeError):
     """The loss blew up or became NaN: the model is useless and must not be registered."""
 
 
+class TrainingTimeout(RuntimeError):
+    """Training ran past the run's time limit; the last finished epoch's checkpoint stays for a resume."""
+
+
 def _epoch_logger(log: Callable[[str], None], epochs: int, steps_per_epoch: int):
     import keras
 
@@ -109,6 +113,7 @@ def train(
     run_dir: Path,
     log: Callable[[str], None] = print,
     extra_callbacks: tuple = (),
+    time_limit: float | None = None,
 ) -> TrainResult:
     """Train the configured model, resuming from the run's checkpoint if one exists.
 
@@ -119,11 +124,15 @@ def train(
         run_dir: This run's folder; the same config on the same data always maps to the same one.
         log: Where progress lines go.
         extra_callbacks: More Keras callbacks (run before the checkpoint is written).
+        time_limit: Seconds from this call after which training stops at its next step (`TrainingTimeout`).
 
     Returns:
         Where the saved model, the probe and the history are, and how training went.
     """
     import keras
+
+    if time_limit is not None:
+        extra_callbacks = (*extra_callbacks, _stop_at(time.monotonic() + time_limit, time_limit))
 
     strategy, device, precision, xla, config = _set_up(config.at_size(dataset.image_shape[0]), log)
     arrays, split = load_arrays(dataset.cache_dir), load_split(split_path)
@@ -427,6 +436,26 @@ def _stop_on_nan():
                 self.model.stop_training = True
 
     return _off_the_step(StopOnNaN())
+
+
+def _stop_at(deadline: float, limit: float):
+    """Raise `TrainingTimeout` at the first step or epoch end past `deadline` (`time.monotonic`), on the loop's
+    thread. A run's limit used to be Prefect's task timeout alone: its alarm lands wherever Python is, and inside
+    TensorFlow's tracing it came out as a TypeError or a pybind11 RuntimeError, or not at all."""
+    import keras
+
+    class StopAtDeadline(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.check()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.check()
+
+        def check(self):
+            if time.monotonic() > deadline:
+                raise TrainingTimeout(f"training ran past its time limit of {limit / 60:g} min and was stopped")
+
+    return StopAtDeadline()
 
 
 def _off_the_step(callback):

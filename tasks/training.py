@@ -131,9 +131,11 @@ def artifact_key(model_name: str, kind: str) -> str:
 
 
 @task(name="train")
-def train_task(config: dict, dataset: DatasetInfo, prepared: PreparedSplit) -> TrainResult:
-    """Train (GPU when present), checkpointing every epoch; resumes an interrupted identical run."""
-    return train(TrainConfig(**config), dataset, Path(prepared.split_path), Path(prepared.run_dir), log=log_info)
+def train_task(config: dict, dataset: DatasetInfo, prepared: PreparedSplit, time_limit: float) -> TrainResult:
+    """Train (GPU when present), checkpointing every epoch; resumes an interrupted identical run. Stops with
+    `TrainingTimeout` at the first step after `time_limit` seconds."""
+    return train(TrainConfig(**config), dataset, Path(prepared.split_path), Path(prepared.run_dir), log=log_info,
+                 time_limit=time_limit)  # fmt: skip
 
 
 @task(name="calibrate")
