@@ -16,7 +16,7 @@ from flows.surfaces import flow_parameters
 from model_lib.config import ConfigError
 from model_lib.predict import (
     image_like_entries,
-    plan_prediction,
+    plan_request,
     shards,
     start_local_workers,
     write_shard,
@@ -52,19 +52,12 @@ def batch_predict(**request) -> dict:
     `ok`.
     """
     request = with_defaults(PREDICT_REQUEST, request)
-    input_dir, output_csv, model, top_k, batch_size, recursive, shard_size, fail_on_error, overwrite, files = (
-        request[name] for name in ("input_dir", "output_csv", "model", "top_k", "batch_size", "recursive",
-                                   "shard_size", "fail_on_error", "overwrite", "files")
-    )  # fmt: skip
-    unsure_below, engine = request["unsure_below"], request["engine"]
+    top_k, batch_size, shard_size = request["top_k"], request["batch_size"], request["shard_size"]
     logger = get_run_logger()
     started = time.perf_counter()
     check_deployment_storage()
-    input_dir = input_dir or default_inbox()
-    plan = plan_prediction(
-        input_dir, output_csv, model, top_k, batch_size, shard_size, artifacts_location(), overwrite, unsure_below,
-        engine,
-    )  # fmt: skip
+    request["input_dir"] = request["input_dir"] or default_inbox()
+    plan = plan_request(request, artifacts_location())
     root, output, model_info = plan.root, plan.output, plan.model
     output.parent.mkdir(parents=True, exist_ok=True)
     parts_dir = claim_output(output)  # refuses, before any work, an output another live run is writing
@@ -81,9 +74,9 @@ def batch_predict(**request) -> dict:
     register(progress_key, progress)
     futures, parts = [], []
     try:
-        entries = image_like_entries(root, recursive, skipped)
-        if files is not None:
-            wanted = set(files)
+        entries = image_like_entries(root, request["recursive"], skipped)
+        if request["files"] is not None:
+            wanted = set(request["files"])
             entries = (entry for entry in entries if entry.relative_path in wanted)
         for index, shard in enumerate(shards(entries, shard_size)):
             shard_file = parts_dir / f"{index:06d}.json"
@@ -140,7 +133,7 @@ def batch_predict(**request) -> dict:
         ),
         description=f"{ok} ok ({flagged} flagged unsure), {errors} error, {len(skipped)} skipped",
     )
-    if fail_on_error and errors:
+    if request["fail_on_error"] and errors:
         raise PredictionErrors(f"{errors} file(s) could not be classified; see the error rows in {destination}")
     # The state's message says the outcome in the UI's run list; the caller gets the summary.
     return finished(f"{ok} ok ({flagged} flagged unsure), {errors} error -> {destination}", summary)

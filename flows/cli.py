@@ -34,7 +34,7 @@ from model_lib.config import (
     resolve_config,
 )
 from model_lib.progress import PROGRESS_SECONDS, stop_requested
-from model_lib.requests import DEFAULT_MODEL, PREDICT_REQUEST, TRAIN_REQUEST, training_overrides
+from model_lib.requests import DEFAULT_MODEL, PREDICT_REQUEST, TRAIN_REQUEST, field_named, training_overrides
 from model_lib.settings import artifacts_location, require_keras, work_dir
 from model_lib.transfer import loads_weights_file
 
@@ -236,14 +236,7 @@ def _console_without_expected_tracebacks() -> None:
 
 
 ModelName = Annotated[str, typer.Option("--name", help="Registered model name.")]
-EngineOption = Annotated[
-    str,
-    typer.Option(
-        help=f"One of: {', '.join(ENGINES)}. auto runs the version's fastest TFLite export that passed parity with "
-        "the Keras model (written by `export`), else a TTA model first view first where its calibration allows "
-        "it; keras always the Keras model as saved."
-    ),
-]
+EngineOption = Annotated[str, typer.Option(help=field_named(PREDICT_REQUEST, "engine").cli_help)]  # as `predict`'s
 VersionRef = Annotated[str, typer.Argument(help="cifar10, cifar10@latest, cifar10@v3 or a version folder.")]
 
 
@@ -288,14 +281,11 @@ def train(**request) -> None:
 @command_options(PREDICT_REQUEST)
 def predict(**request) -> None:
     """Run the batch-predict flow: classify a folder of images into a CSV."""
-    from model_lib.predict import plan_prediction
+    from model_lib.predict import plan_request
 
     dask_address, dask_workers = request.pop("dask_address"), request.pop("dask_workers")
     # Checked here too, so a mistake costs a second, not a Prefect start-up.
-    plan = plan_prediction(
-        request["input_dir"], request["output_csv"], request["model"], request["top_k"], request["batch_size"],
-        request["shard_size"], artifacts_location(), request["overwrite"], request["unsure_below"], request["engine"],
-    )  # fmt: skip
+    plan = plan_request(request, artifacts_location())
     keras_serves = _keras_serves(plan.model)
     _stoppable("the batch-predict run is marked Crashed; no CSV was written")
     _require_prefect_api()

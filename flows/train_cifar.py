@@ -50,14 +50,9 @@ def train_cifar(**request) -> dict:
     Every override left empty takes the profile's value (see the README's profile table).
     """
     request = with_defaults(TRAIN_REQUEST, request)
-    profile, promotion_margin, timeout_minutes = (
-        request["profile"],
-        request["promotion_margin"],
-        request["timeout_minutes"],
-    )
-    overrides = training_overrides(request)
+    timeout_minutes, promotion_margin = request["timeout_minutes"], request["promotion_margin"]
     check_deployment_storage()
-    config = check_training_request(profile, overrides, artifacts_location()).to_dict()
+    config = check_training_request(request["profile"], training_overrides(request), artifacts_location()).to_dict()
     check_run_limits(timeout_minutes, promotion_margin)
     if request["export"]:
         require_tensorflow_backend()  # before training, not after
@@ -85,7 +80,7 @@ def train_cifar(**request) -> dict:
     evaluate_champion_task(config, dataset, prepared.test_fingerprint)
     plot_task(trained, dataset, config["seed"])
     run = RunRecord(config, dataset, prepared, trained, metrics, gates, calibration)
-    registration = register_task(run, request["promotion_margin"])
+    registration = register_task(run, promotion_margin)
     if request["export"]:
         registration["exports"] = export_task(registration["path"])
     return finished(outcome(registration), registration)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import gc
+import inspect
 import json
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -109,6 +110,15 @@ class PredictionPlan:
     output: Path  # where the CSV is written: the output itself, or a local copy for `publish_to`
     model: ModelInfo
     publish_to: str | None = None  # the object-store URL the CSV is uploaded to once complete
+
+
+def plan_request(request: Mapping[str, object], artifacts_root: str | os.PathLike) -> PredictionPlan:
+    """`plan_prediction` of a prediction request (`model_lib.requests.PREDICT_REQUEST`'s fields, by name), as the
+    CLI checks it before Prefect starts and the flow again in its run."""
+    takes = inspect.signature(plan_prediction).parameters
+    return plan_prediction(
+        **{name: value for name, value in request.items() if name in takes}, artifacts_root=artifacts_root
+    )
 
 
 def plan_prediction(

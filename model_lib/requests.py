@@ -245,6 +245,11 @@ def fields_of(request: tuple[Field, ...], surface: str) -> tuple[Field, ...]:
     return tuple(field for field in request if surface in field.shown)
 
 
+def field_named(request: tuple[Field, ...], name: str) -> Field:
+    """The request's field of that name (another command's option of the same meaning shows its help)."""
+    return next(field for field in request if field.name == name)
+
+
 def parameter_names(request: tuple[Field, ...]) -> dict[str, str]:
     """Each field as the flow's parameter, keyed by the CLI's word for it (`output` -> `output_csv`): what
     `model_lib.config.option` says in a deployment's run."""
