@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 # The exact set every install gets, hashes checked: pyproject.toml's ranges resolved by `make lock`.
 LOCK := requirements.lock
-EXTRAS := train dev dask jax s3
+EXTRAS := train dev dask jax s3 onnx
 # Serving alone (predict, app, watch, models on a version with TFLite exports): no TensorFlow, no Keras.
 SERVE_LOCK := requirements-serve.lock
 SERVE_EXTRAS := s3
