@@ -71,19 +71,20 @@ def output_difference(tflite: bytes, reference: bytes, images: np.ndarray) -> fl
 
 
 def main() -> None:
-    from model_lib.export import CALIBRATION_IMAGES, EXPORT_FORMATS
+    from model_lib.export import CALIBRATION_IMAGES
     from model_lib.models import ARCHITECTURES
+    from model_lib.serving import TFLITE_FORMATS  # this compares TFLite converters
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--architectures", default="airbench,transfer", help="comma-separated, from model_lib.models")
-    parser.add_argument("--formats", default=",".join(EXPORT_FORMATS), help="comma-separated export formats")
+    parser.add_argument("--formats", default=",".join(TFLITE_FORMATS), help="comma-separated export formats")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of both ways (at least 1)")
     args = parser.parse_args()
     architectures, formats = args.architectures.split(","), tuple(args.formats.split(","))
     if unknown := [a for a in architectures if a not in ARCHITECTURES]:
         parser.error(f"--architectures: unknown {', '.join(unknown)}; choose from {', '.join(ARCHITECTURES)}")
-    if unknown := [f for f in formats if f not in EXPORT_FORMATS]:
-        parser.error(f"--formats: unknown {', '.join(unknown)}; choose from {', '.join(EXPORT_FORMATS)}")
+    if unknown := [f for f in formats if f not in TFLITE_FORMATS]:
+        parser.error(f"--formats: unknown {', '.join(unknown)}; choose from {', '.join(TFLITE_FORMATS)}")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, not {args.rounds}")
 

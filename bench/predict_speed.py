@@ -15,10 +15,11 @@ Measures on the CIFAR-10 test JPEGs with one registered model version:
     python bench/predict_speed.py --model artifacts/models/cifar10/v2 --engines
 
 compares instead the engines a version can run on (exports written by `cifar-pipeline export`):
-the Keras model, each TFLite export, and what `--engine auto` picks (an export, or the first view
-first); for each, batch-predict on all test JPEGs (cold runs, alternating) with its accuracy from the
-CSV, and the model-only ceiling (the same classifier on pre-decoded pixels); plus the Keras network
-without its TTA, the accuracy/speed trade-off of the views at prediction time.
+the Keras model, each TFLite and ONNX export, and what `--engine auto` (an export, or the first view
+first) and `--engine onnx` pick; for each, batch-predict on all test JPEGs (cold runs, alternating)
+with its accuracy from the CSV, and the model-only ceiling (the same classifier on pre-decoded
+pixels); plus the Keras network without its TTA, the accuracy/speed trade-off of the views at
+prediction time.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def engine_comparison(data: Path, model_dir: Path, scratch: Path, runs: int) -> 
     """Batch-predict and model-only speed and accuracy for each engine of one version (see the docstring)."""
     from model_lib.fileio import read_json
     from model_lib.images import decode_files
-    from model_lib.inference import CascadeClassifier, KerasClassifier, TFLiteClassifier
+    from model_lib.inference import CascadeClassifier, KerasClassifier, TFLiteClassifier, export_classifier
     from model_lib.models import unwrap_tta
     from model_lib.predict import load_classifier, resolve_model
     from model_lib.prediction_csv import read_predictions
@@ -160,6 +161,8 @@ def engine_comparison(data: Path, model_dir: Path, scratch: Path, runs: int) -> 
     exports = [e["file"] for e in manifest.get("exports", []) if e["status"] == "ok"]
     variants = {"keras": {"model": str(model_dir), "engine": "keras"}, "auto": {"model": str(model_dir)}}
     variants.update({name: {"model": str(model_dir / name)} for name in exports})
+    if any(name.endswith(".onnx") for name in exports):
+        variants["onnx"] = {"model": str(model_dir), "engine": "onnx"}
     paths = image_paths(data / "test")
     decoded = decode_files(paths, int(manifest["config"]["image_size"]))
     labels = np.array([class_names.index(path.parent.name) for path in paths])
@@ -185,7 +188,7 @@ def engine_comparison(data: Path, model_dir: Path, scratch: Path, runs: int) -> 
             results[name] = {"model": summary["model"], "accuracy": round(float((table["label"] == truth).mean()), 4)}
     keras_model = load_verified_model(model_dir)
     ceilings = {"keras": model_only(KerasClassifier(keras_model))}
-    ceilings.update({name: model_only(TFLiteClassifier(model_dir / name)) for name in exports})
+    ceilings.update({name: model_only(export_classifier(model_dir / name)) for name in exports})
     network, views = unwrap_tta(keras_model)
     if views:
         ceilings["keras without TTA"] = model_only(KerasClassifier(network))

@@ -35,6 +35,7 @@ from model_lib.config import (
 )
 from model_lib.progress import PROGRESS_SECONDS, stop_requested
 from model_lib.requests import DEFAULT_MODEL, PREDICT_REQUEST, TRAIN_REQUEST, field_named, training_overrides
+from model_lib.serving import DEFAULT_FORMATS, ONNX_FORMATS, TFLITE_FORMATS
 from model_lib.settings import artifacts_location, require_keras, work_dir
 from model_lib.transfer import loads_weights_file
 
@@ -304,13 +305,18 @@ def predict(**request) -> None:
     )
 
 
+FORMATS_HELP = (
+    f"Comma-separated: {', '.join(TFLITE_FORMATS)} (TFLite), {', '.join(ONNX_FORMATS)} (ONNX, with the onnx extra)."
+)
+
+
 @app.command("export")
 def export_command(
     ref: VersionRef = "cifar10",
-    formats: Annotated[str, typer.Option(help="Comma-separated: float32, float16, int8.")] = "float32,float16,int8",
+    formats: Annotated[str, typer.Option(help=FORMATS_HELP)] = ",".join(DEFAULT_FORMATS),
     force: Annotated[bool, typer.Option(help="Convert again formats already exported and intact.")] = False,
 ) -> None:
-    """Write TFLite exports beside a registered version, with interpreter-measured test accuracy.
+    """Write TFLite (and ONNX) exports beside a registered version, with test accuracy measured by their engines.
 
     Formats already exported whose files match the manifest's checksums are kept (--force redoes them)."""
     from model_lib.export import check_formats, export_version, exports_kept, require_tensorflow_backend

@@ -227,7 +227,7 @@ class TrainConfig:
 
 # Prediction engines: auto runs an export that passed parity (model_lib.serving), or a TTA model first view first
 # where calibration allows it (model_lib.calibrate); keras runs the saved model as it is.
-ENGINES = ("auto", "keras")
+ENGINES = ("auto", "keras", "onnx")
 
 
 def check_engine(engine: str) -> None:

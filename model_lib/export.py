@@ -1,7 +1,9 @@
-"""Export: TFLite float32, float16 and full-integer int8 beside a registered version, with measured accuracy.
+"""Export: TFLite float32, float16 and full-integer int8, and ONNX float32 and int8 (`model_lib.onnx_export`), beside
+a registered version, with measured accuracy.
 
-Each export's test accuracy is measured with the LiteRT interpreter on the version's own test set
-(the cached dataset its manifest names); an int8 model more than `INT8_MAX_DROP` below float32
+Each export's test accuracy is measured with the engine that serves it (the LiteRT interpreter, ONNX Runtime) on the
+version's own test set
+(the cached dataset its manifest names); an int8 model more than `INT8_MAX_DROP` below its own float32
 is recorded as failed, with the reason. An export passes parity when it is within
 `PARITY_MAX_DROP` of the Keras model's test accuracy and gives the same top-1 label on at least
 `PARITY_MIN_AGREEMENT` of the test images: batch prediction then runs the fastest such export
@@ -24,15 +26,30 @@ import numpy as np
 from model_lib.config import ConfigError
 from model_lib.data import DATASET_FILE, load_arrays
 from model_lib.fileio import read_json
-from model_lib.inference import CASCADE_TOLERANCE, KerasClassifier, TFLiteClassifier, cascade, sharpened
+from model_lib.inference import (
+    CASCADE_TOLERANCE,
+    KerasClassifier,
+    TFLiteClassifier,
+    cascade,
+    export_classifier,
+    sharpened,
+)
 from model_lib.models import served_with_features, unwrap_tta, with_features
+from model_lib.onnx_export import convert_onnx, quantize_onnx, require_onnx
 from model_lib.ood import OOD_FILE, FeatureRule, classified, fit_feature_rule
 from model_lib.registry import attach_to_version
-from model_lib.serving import FEATURE_MIN_AGREEMENT, cascade_rule, export_files
+from model_lib.serving import (
+    DEFAULT_FORMATS,
+    EXPORT_FORMATS,
+    FEATURE_MIN_AGREEMENT,
+    ONNX_FORMATS,
+    cascade_rule,
+    export_files,
+)
 from model_lib.split import Split, run_split
 from model_lib.versions import MANIFEST_FILE, load_verified_model, verify_version
 
-EXPORT_FORMATS = ("float32", "float16", "int8")
+INT8_REFERENCE = {"int8": "float32", "onnx_int8": "onnx"}  # each int8 export against its own float32
 INT8_MAX_DROP = 0.01  # int8 may lose at most one point of test accuracy against float32
 CALIBRATION_IMAGES = 200  # training images the int8 quantiser calibrates its ranges on
 PARITY_MAX_DROP = 0.003  # test accuracy an export may lose against the Keras model and still serve
@@ -42,6 +59,8 @@ FIRST_VIEW_FORMAT = "int8"  # the format whose export a TTA model's first view i
 
 def export_file(export_format: str) -> str:
     """The file name of an export in a version folder."""
+    if export_format in ONNX_FORMATS:
+        return "model.onnx" if export_format == "onnx" else f"model_{export_format.removeprefix('onnx_')}.onnx"
     return f"model_{export_format}.tflite"
 
 
@@ -51,10 +70,13 @@ def first_view_file(export_format: str) -> str:
 
 
 def check_formats(formats: tuple[str, ...]) -> None:
-    """Raises ConfigError for an export format that does not exist, before any model is loaded."""
+    """Raises ConfigError for an export format that does not exist, or an ONNX one this install cannot write, before
+    any model is loaded."""
     unknown = [export_format for export_format in formats if export_format not in EXPORT_FORMATS]
     if unknown or not formats:
         raise ConfigError(f"--formats {','.join(formats)}: choose from {', '.join(EXPORT_FORMATS)}")
+    if set(formats) & set(ONNX_FORMATS):
+        require_onnx(f"--formats {','.join(formats)}")
 
 
 def require_tensorflow_backend() -> None:
@@ -133,12 +155,12 @@ def run_converter(converter, export_format: str, calibration_images: np.ndarray)
 def export_version(
     version_dir: Path,
     artifacts_root: Path,
-    formats: tuple[str, ...] = EXPORT_FORMATS,
+    formats: tuple[str, ...] = DEFAULT_FORMATS,
     log: Callable[[str], None] = print,
     force: bool = False,
     kept: dict[str, dict] | None = None,
 ) -> list[dict]:
-    """Write TFLite exports beside a registered version and record them in its manifest.
+    """Write exports beside a registered version and record them in its manifest.
 
     A format already exported and intact (its checksum matches the manifest) is kept, not converted
     again, unless `force`: running `export` after `train --export` costs a second. `kept`: what
@@ -192,8 +214,11 @@ def export_version(
         saved_model = write_saved_model(exported, Path(scratch) / "saved_model")
         for export_format in to_do:
             path = Path(scratch) / export_file(export_format)
-            path.write_bytes(convert(saved_model, export_format, calibration))
-            classifier = TFLiteClassifier(path)
+            if export_format in ONNX_FORMATS:
+                _write_onnx(path, export_format, saved_model, calibration)
+            else:
+                path.write_bytes(convert(saved_model, export_format, calibration))
+            classifier = export_classifier(path)
             outputs[export_format], features = classified(classifier, x_test)
             input_dtypes[path.name] = classifier.input_dtype
             top1 = outputs[export_format].argmax(axis=1)
@@ -204,21 +229,22 @@ def export_version(
             files[path.name] = path
             log(f"{export_format}: {path.stat().st_size / 1e6:.2f} MB, test accuracy {accuracy:.4f} (Keras "
                 f"{keras_accuracy:.4f}), same top-1 as Keras on {agreement:.2%}{_said(entries[-1])}")  # fmt: skip
-        measured = [*kept.values(), *entries]
-        reference = next((e["test_accuracy"] for e in measured if e["format"] == "float32"), keras_accuracy)
+        measured = {entry["format"]: entry["test_accuracy"] for entry in [*kept.values(), *entries]}
         for entry in entries:
+            float_format = INT8_REFERENCE.get(entry["format"])
+            reference = measured.get(float_format, keras_accuracy)
             if entry["format"] == "int8" and input_dtypes[entry["file"]] != np.uint8:
                 # The converter falls back to float silently, e.g. when weights hold NaN or inf.
                 entry["status"] = "failed"
                 entry["reason"] = "the converter left the model unquantized (non-finite weights or unsupported ops)"
                 log(f"int8 export marked failed: {entry['reason']}")
-            elif entry["format"] == "int8" and entry["test_accuracy"] < reference - INT8_MAX_DROP:
+            elif float_format and entry["test_accuracy"] < reference - INT8_MAX_DROP:
                 entry["status"] = "failed"
                 entry["reason"] = (
-                    f"int8 test accuracy {entry['test_accuracy']:.4f} is more than {INT8_MAX_DROP:.0%} "
-                    f"below float32's {reference:.4f}"
+                    f"{entry['format']} test accuracy {entry['test_accuracy']:.4f} is more than {INT8_MAX_DROP:.0%} "
+                    f"below {float_format if float_format in measured else 'Keras'}'s {reference:.4f}"
                 )
-                log(f"int8 export marked failed: {entry['reason']}")
+                log(f"{entry['format']} export marked failed: {entry['reason']}")
             entry["parity"] = (
                 entry["status"] == "ok"
                 and entry["test_accuracy"] >= keras_accuracy - PARITY_MAX_DROP
@@ -241,6 +267,22 @@ def export_version(
         checksums = attach_to_version(version_dir, files, "exports", entries, merge_on="format")
     by_format = {**kept, **{entry["format"]: {**entry, "sha256": checksums[entry["file"]]} for entry in entries}}
     return [by_format[export_format] for export_format in formats]
+
+
+def _write_onnx(path: Path, export_format: str, saved_model: Path, calibration: np.ndarray) -> None:
+    """Write the ONNX export of `export_format` at `path`: the float32 ONNX model converted from a float32 TFLite
+    conversion (this run's, where it made one), and for int8 that model quantised. Both start from the scratch
+    folder's files, so asking for float32, onnx and onnx_int8 converts each step once."""
+    scratch = path.parent
+    float_onnx = scratch / export_file("onnx")
+    if not float_onnx.exists():
+        tflite = scratch / export_file("float32")
+        if not tflite.exists():
+            tflite = scratch / "onnx_source.tflite"  # not registered: float32 was not asked for
+            tflite.write_bytes(convert(saved_model, "float32", calibration))
+        convert_onnx(tflite, float_onnx)
+    if export_format == "onnx_int8":
+        quantize_onnx(float_onnx, path, calibration)
 
 
 def exports_kept(version_dir: Path, formats: tuple[str, ...], force: bool = False) -> dict[str, dict]:

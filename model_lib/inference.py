@@ -1,5 +1,6 @@
 """Batch inference on uint8 pixels: a Keras model (BatchNormalization folded away, one traced
-function) or a TFLite export through the LiteRT interpreter, behind one interface.
+function), a TFLite export through the LiteRT interpreter or an ONNX export through ONNX Runtime, behind one
+interface.
 
 At inference a BatchNormalization layer is a fixed per-channel map `y = s * x + o`, with
 `s = gamma / sqrt(variance + epsilon)` and `o = beta - mean * s`. TensorFlow runs it as two passes
@@ -203,10 +204,9 @@ class TFLiteClassifier(_Classifier):
         from ai_edge_litert.interpreter import Interpreter
 
         # One thread by default; every core ran the default model's int8 export 1.8x faster on 2 cores.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self._interpreter = Interpreter(model_path=str(path), num_threads=cores)
+        self._interpreter = Interpreter(model_path=str(path), num_threads=_cores())
         self._input = self._interpreter.get_input_details()[0]
-        self._outputs = _signature_outputs(self._interpreter)
+        self._outputs = signature_outputs(self._interpreter)
         self.input_shape = (None, *self._input["shape"][1:])
         self.output_shape = (None, *self._outputs[0]["shape"][1:])
         self.input_dtype = np.dtype(self._input["dtype"])
@@ -234,7 +234,47 @@ class TFLiteClassifier(_Classifier):
         return [_dequantized(tensor, output["quantization"]) for tensor, output in zip(raw, self._outputs, strict=True)]
 
 
-def _signature_outputs(interpreter) -> list[dict]:
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class OnnxClassifier(_Classifier):
+    """An `.onnx` classifier (`model_lib.onnx_export`) run by ONNX Runtime on the CPU: raw pixels in as float32,
+    probabilities out, and the features of its further outputs where it was exported with them."""
+
+    def __init__(self, path: str | Path):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = _cores()
+        options.log_severity_level = 3  # errors only: its warnings about unused initialisers are not the user's
+        self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        pixels = self._session.get_inputs()[0]
+        self._input_name = pixels.name
+        self.input_shape = (None, *pixels.shape[1:])
+        self.output_shape = (None, *self._session.get_outputs()[0].shape[1:])
+        self.input_dtype = np.dtype(np.float32)
+
+    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+        return self._run(images)[0]
+
+    def classify(self, pixels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        probabilities, *features = self._run(pixels)
+        return probabilities, features or None
+
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+        # A session runs calls from several threads at once; no lock, unlike the interpreter.
+        outputs = self._session.run(None, {self._input_name: np.asarray(batch, np.float32)})
+        return [np.asarray(output, np.float32) for output in outputs]
+
+
+def export_classifier(path: str | Path) -> _Classifier:
+    """The classifier of an export file: TFLite's interpreter for `.tflite`, ONNX Runtime for `.onnx`."""
+    return OnnxClassifier(path) if Path(path).suffix == ".onnx" else TFLiteClassifier(path)
+
+
+def signature_outputs(interpreter) -> list[dict]:
     """The model's output details in the order the exported function returned them: its signature names them
     `output_0`, `output_1`, ... (the interpreter's own list may be in any order)."""
     signatures = interpreter.get_signature_list()

@@ -37,8 +37,9 @@ from model_lib.images import (
     decoding_pool,
     walk_folder,
 )
-from model_lib.inference import CascadeClassifier, KerasClassifier, TFLiteClassifier
+from model_lib.inference import CascadeClassifier, KerasClassifier, export_classifier
 from model_lib.models import served_with_features, unwrap_tta, with_features
+from model_lib.onnx_export import require_onnx
 from model_lib.ood import FeatureClassifier, FeatureRule
 from model_lib.prediction_csv import (
     check_output,
@@ -52,7 +53,15 @@ from model_lib.prediction_csv import (
 from model_lib.progress import Progress, check_stop, find
 from model_lib.registry import parse_reference
 from model_lib.runs import MODEL_FILE
-from model_lib.serving import cascade_rule, export_feature_rule, served_first_view, serving_exports
+from model_lib.serving import (
+    EXPORT_SUFFIXES,
+    ONNX_FORMATS,
+    SERVING_ORDER,
+    cascade_rule,
+    export_feature_rule,
+    served_first_view,
+    serving_exports,
+)
 from model_lib.settings import is_url, require_keras, work_dir
 from model_lib.sources import local_copy
 from model_lib.versions import MANIFEST_FILE, ChecksumError, RegistryError, load_verified_model, verify_version
@@ -66,7 +75,7 @@ class ModelInfo:
 
     reference: str
     path: str  # the version folder
-    model_file: str  # model.keras, or a .tflite export in the same folder
+    model_file: str  # model.keras, or a .tflite or .onnx export in the same folder
     version: str
     class_names: list[str]
     image_size: int
@@ -165,18 +174,23 @@ def plan_prediction(
 
 
 def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") -> ModelInfo:
-    """Resolve a registry reference, a version folder or a `.tflite` export to the model and its metadata.
+    """Resolve a registry reference, a version folder or a `.tflite` or `.onnx` export to the model and its metadata.
 
     A reference to a version runs, under the `auto` engine, its fastest TFLite export that passed
-    parity with the Keras model (`model_lib.serving`), and `model.keras` otherwise or under `keras`.
+    parity with the Keras model (`model_lib.serving`), and `model.keras` otherwise or under `keras`;
+    under `onnx`, its fastest ONNX export that passed parity, and none is an error.
 
     Raises:
-        RegistryError: The reference does not resolve, or a `.tflite` file is not a registered export.
+        RegistryError: The reference does not resolve, a `.tflite` or `.onnx` file is not a registered export, or
+            the version has no ONNX export that passed parity for `--engine onnx`.
+        ConfigError: `--engine onnx` (or an `.onnx` file) in an install without ONNX Runtime.
         MissingTrainingInstall: `model.keras` would serve, and this install has no Keras.
     """
     model_file = MODEL_FILE
     candidate = Path(reference).expanduser()
-    if candidate.suffix == ".tflite" and candidate.is_file():
+    if engine == "onnx" or candidate.suffix == ".onnx":
+        require_onnx(f"{option('engine')} onnx" if engine == "onnx" else f"{candidate}", ("onnxruntime",))
+    if candidate.suffix in EXPORT_SUFFIXES and candidate.is_file():
         version_dir, model_file = candidate.resolve().parent, candidate.name
         if not (version_dir / MANIFEST_FILE).is_file():
             raise RegistryError(f"{candidate}: not inside a registered version folder (no {MANIFEST_FILE} beside it)")
@@ -184,13 +198,18 @@ def resolve_model(reference: str, artifacts_root: Path, engine: str = "auto") ->
         version_dir = parse_reference(reference, artifacts_root)
     manifest = read_json(version_dir / MANIFEST_FILE)
     notes, first_view_file = [], ""
-    if model_file == MODEL_FILE and engine == "auto":
-        for candidate_file in serving_exports(manifest):
+    if model_file == MODEL_FILE and engine in SERVING_ORDER:
+        for candidate_file in serving_exports(manifest, engine):
             problems = verify_version(version_dir, (candidate_file,))
             if not problems:
                 model_file, first_view_file = candidate_file, served_first_view(manifest, candidate_file) or ""
                 break
             notes += [f"{problem}; not used" for problem in problems]
+    if model_file == MODEL_FILE and engine == "onnx":
+        name = f"{manifest.get('name', version_dir.parent.name)}@v{manifest['version']}"
+        missing = (f"{name} has no ONNX export that passed parity with its Keras model (cifar-pipeline export "
+                   f"{name} --formats {','.join(ONNX_FORMATS)} writes them)")  # fmt: skip
+        raise RegistryError("; ".join([*notes, missing]))
     if first_view_file and (problems := verify_version(version_dir, (first_view_file,))):
         notes += [f"{problem}; {model_file} serves every view of every image" for problem in problems]
         first_view_file = ""
@@ -255,9 +274,9 @@ def load_classifier(model: ModelInfo):
         problems = verify_version(Path(model.path), files)
         if problems:
             raise ChecksumError("; ".join(problems))
-        loaded = TFLiteClassifier(Path(model.path) / model.model_file)
+        loaded = export_classifier(Path(model.path) / model.model_file)
         if model.cascade and model.first_view_file:
-            first_view = TFLiteClassifier(Path(model.path) / model.first_view_file)
+            first_view = export_classifier(Path(model.path) / model.first_view_file)
             loaded = CascadeClassifier(first_view, loaded, *model.cascade)
     if rule:
         loaded = FeatureClassifier(loaded, rule)

@@ -200,7 +200,7 @@ PREDICT_REQUEST: tuple[Field, ...] = (
         "model",
         str,
         "A registry reference (cifar10, cifar10@champion, cifar10@latest, cifar10@v3), a version "
-        "folder, or a registered .tflite export.",
+        "folder, or a registered .tflite or .onnx export.",
         default=DEFAULT_MODEL,
     ),  # fmt: skip
     Field("top_k", int, "Ranked labels and probabilities per row.", default=TOP_K),
@@ -234,7 +234,8 @@ PREDICT_REQUEST: tuple[Field, ...] = (
         str,
         "auto runs the version's fastest TFLite export that passed parity with the Keras model "
         "(accuracy and top-1 labels, see the manifest's exports), else a TTA model first view first where its "
-        "calibration allows it; keras always runs the Keras model as saved.",
+        "calibration allows it; keras always runs the Keras model as saved; onnx runs its fastest ONNX export "
+        "that passed parity, on ONNX Runtime (the onnx extra).",
         default=ENGINES[0],
         choices=ENGINES,
     ),  # fmt: skip

@@ -1,10 +1,17 @@
-"""Which file of a registered version serves a prediction, read from its manifest alone: the fastest TFLite
-export that passed parity with the Keras model, the first view exported beside it, the feature rule each
+"""Which file of a registered version serves a prediction, read from its manifest alone: the fastest export of the
+engine's that passed parity with the Keras model, the first view exported beside it, the feature rule each
 serves with, and the cascade's rule. `export` writes what these read; `predict` and the app follow them."""
 
 from __future__ import annotations
 
-SERVING_ORDER = ("int8", "float16", "float32")  # fastest first: int8 ran 3.2x Keras on 2 cores (bench/RESULTS.md)
+# Per engine, the export formats it serves, fastest first. `auto`: int8 TFLite ran 3.2x Keras on 2 cores, TFLite
+# float32 1.9x ONNX Runtime's (bench/RESULTS.md), so ONNX serves under `auto` only where no TFLite export passed.
+TFLITE_FORMATS = ("float32", "float16", "int8")
+ONNX_FORMATS = ("onnx", "onnx_int8")  # with the `onnx` extra (`model_lib.onnx_export`)
+EXPORT_FORMATS = TFLITE_FORMATS + ONNX_FORMATS
+DEFAULT_FORMATS = TFLITE_FORMATS  # what `export` and `train --export` write unless told
+EXPORT_SUFFIXES = (".tflite", ".onnx")  # the files of exports, which `--model` may name directly
+SERVING_ORDER = {"auto": ("int8", "float16", "float32", "onnx_int8", "onnx"), "onnx": ("onnx_int8", "onnx")}
 FEATURE_MIN_AGREEMENT = 0.995  # share of test images an export's feature-space flags must share with Keras' to serve
 
 
@@ -31,15 +38,17 @@ def export_files(entry: dict) -> tuple[str, ...]:
     return tuple(name for pair in names for name in pair if name)
 
 
-def serving_exports(manifest: dict) -> list[str]:
-    """The files of the exports recorded in a version's manifest that passed parity, fastest first."""
+def serving_exports(manifest: dict, engine: str = "auto") -> list[str]:
+    """The files of the exports recorded in a version's manifest that passed parity and `engine` serves, fastest
+    first."""
     passed = {entry["format"]: entry["file"] for entry in manifest.get("exports", []) if entry.get("parity")}
-    return [passed[fmt] for fmt in SERVING_ORDER if fmt in passed and passed[fmt] in manifest["files"]]
+    order = SERVING_ORDER.get(engine, ())
+    return [passed[fmt] for fmt in order if fmt in passed and passed[fmt] in manifest["files"]]
 
 
-def serving_export(manifest: dict) -> str | None:
-    """The file of the fastest export that passed parity, or None."""
-    return next(iter(serving_exports(manifest)), None)
+def serving_export(manifest: dict, engine: str = "auto") -> str | None:
+    """The file of the fastest export that passed parity and `engine` serves, or None."""
+    return next(iter(serving_exports(manifest, engine)), None)
 
 
 def export_feature_rule(manifest: dict, file: str) -> tuple[str, str]:

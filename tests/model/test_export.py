@@ -1,4 +1,4 @@
-"""TFLite exports of a registered version: interpreter parity, manifest entries, batch prediction."""
+"""Exports of a registered version (TFLite, ONNX): parity with Keras, manifest entries, batch prediction."""
 
 import json
 import shutil
@@ -12,15 +12,15 @@ from PIL import Image
 import model_lib.export
 from flows.batch_predict import batch_predict
 from model_lib.data import load_arrays
-from model_lib.export import EXPORT_FORMATS, export_version, feature_rule_file
+from model_lib.export import export_version, feature_rule_file
 from model_lib.fileio import read_json, sha256_file, write_json
-from model_lib.inference import KerasClassifier, TFLiteClassifier, cascade, sharpened
+from model_lib.inference import KerasClassifier, OnnxClassifier, TFLiteClassifier, cascade, sharpened
 from model_lib.models import unwrap_tta, with_features
 from model_lib.ood import FeatureRule, classified
 from model_lib.predict import CASCADE_NOTE, load_classifier, resolve_model
-from model_lib.serving import cascade_rule, serving_export
+from model_lib.serving import TFLITE_FORMATS, cascade_rule, serving_export
 from model_lib.split import load_split, run_split
-from model_lib.versions import ChecksumError, load_verified_model, verify_version
+from model_lib.versions import ChecksumError, RegistryError, load_verified_model, verify_version
 from tests.synthetic import UNLIKE_KINDS, write_unlike_images
 
 
@@ -72,7 +72,7 @@ def test_int8_too_far_below_float32_is_marked_failed(exported, artifacts, monkey
     assert int8["status"] == "failed" and "below float32" in int8["reason"] and int8["parity"] is False
     manifest = read_json(version_dir / "manifest.json")
     recorded = {entry["format"]: entry for entry in manifest["exports"]}
-    assert recorded["int8"]["status"] == "failed" and list(recorded) == list(EXPORT_FORMATS)  # float16 stays listed
+    assert recorded["int8"]["status"] == "failed" and list(recorded) == list(TFLITE_FORMATS)  # float16 stays listed
     assert serving_export(manifest) != "model_int8.tflite"  # a failed export never serves
 
 
@@ -87,13 +87,13 @@ def test_unquantized_int8_is_marked_failed(exported, artifacts, monkeypatch):
     entries = export_version(version_dir, artifacts, ("int8",), log=lambda m: None, force=True)
     assert entries[0]["status"] == "failed" and "unquantized" in entries[0]["reason"]
     manifest = read_json(version_dir / "manifest.json")
-    assert [entry["format"] for entry in manifest["exports"]] == list(EXPORT_FORMATS)  # the others stay listed
+    assert [entry["format"] for entry in manifest["exports"]] == list(TFLITE_FORMATS)  # the others stay listed
     assert all(entry["sha256"] == manifest["files"][entry["file"]] for entry in manifest["exports"])
 
 
 def test_serving_export_is_the_fastest_that_passed_parity():
     def manifest(*passed):
-        exports = [{"format": f, "file": f"model_{f}.tflite", "parity": f in passed} for f in EXPORT_FORMATS]
+        exports = [{"format": f, "file": f"model_{f}.tflite", "parity": f in passed} for f in TFLITE_FORMATS]
         return {"exports": exports, "files": {e["file"]: "sha" for e in exports}}
 
     assert serving_export(manifest("float32", "float16", "int8")) == "model_int8.tflite"
@@ -267,3 +267,82 @@ def test_an_export_flags_by_the_networks_features_with_a_rule_fitted_on_its_own(
     (version_dir / features["file"]).write_bytes(b"tampered")
     with pytest.raises(ChecksumError, match=r"model_float16\.ood\.npz: checksum differs"):
         load_classifier(resolve_model(str(version_dir), artifacts))
+
+
+@pytest.mark.real_data
+def test_onnx_exports_compute_what_tflite_does_and_serve_under_engine_onnx(tiny_on_real_cifar, artifacts, tmp_path):
+    """ONNX float32, converted from the float32 TFLite export, gives its probabilities and features; ONNX Runtime's
+    int8 is held to TFLite int8's rules against it; `--engine onnx` serves the fastest that passed, checksums
+    verified, and `auto` keeps TFLite."""
+    source, trained = tiny_on_real_cifar
+    shutil.copytree(source, artifacts, dirs_exist_ok=True)
+    version_dir = artifacts / Path(trained["path"]).relative_to(source)
+    reference = f"{trained['name']}@v{trained['version']}"
+    with pytest.raises(RegistryError, match=rf"{reference} has no ONNX export .* --formats onnx,onnx_int8"):
+        resolve_model(str(version_dir), artifacts, engine="onnx")
+
+    lines = []
+    float32, onnx, int8 = export_version(version_dir, artifacts, ("float32", "onnx", "onnx_int8"), log=lines.append)
+    manifest = read_json(version_dir / "manifest.json")
+    assert (onnx["file"], int8["file"]) == ("model.onnx", "model_int8.onnx") and verify_version(version_dir) == []
+    assert {onnx["file"], int8["file"], onnx["features"]["file"]} <= set(manifest["files"])
+    arrays = load_arrays(artifacts / "datasets" / manifest["dataset"]["fingerprint"])
+    x_test = np.asarray(arrays.x_test)
+    tflite_probabilities, tflite_features = TFLiteClassifier(version_dir / float32["file"]).classify(x_test)
+    probabilities, features = OnnxClassifier(version_dir / onnx["file"]).classify(x_test)
+    assert probabilities == pytest.approx(tflite_probabilities, abs=1e-5)  # 6e-7 on this host
+    for mine, theirs in zip(features, tflite_features, strict=True):  # every stage the feature rule scores
+        np.testing.assert_allclose(mine, theirs, rtol=1e-3, atol=1e-3)
+    assert onnx["status"] == "ok" and onnx["parity"] and onnx["agreement"] >= 0.995
+    quantized = {node.op_type for node in __import__("onnx").load(str(version_dir / int8["file"])).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= quantized  # really int8, not float32 again
+    assert (int8["status"] == "ok") is (int8["test_accuracy"] >= onnx["test_accuracy"] - model_lib.export.INT8_MAX_DROP)
+    assert any(line.startswith("onnx_int8: ") for line in lines)
+
+    served = "model_int8.onnx" if int8["parity"] else "model.onnx"
+    info = resolve_model(str(version_dir), artifacts, engine="onnx")
+    assert info.model_file == served and info.version.endswith(f"({served})")
+    assert resolve_model(str(version_dir), artifacts).model_file.endswith(".tflite")  # auto: TFLite first
+    assert resolve_model(str(version_dir / "model.onnx"), artifacts).model_file == "model.onnx"  # a file named
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(8):
+        Image.fromarray(x_test[index]).save(photos / f"{index}.png")
+    done = batch_predict(str(photos), output_csv=str(tmp_path / "p.csv"), model=str(version_dir), engine="onnx")
+    table = pd.read_csv(done["output_csv"])
+    assert done["ok"] == 8 and table["model"].str.endswith(f" {served}").all()
+    expected = OnnxClassifier(version_dir / served).predict(x_test[:8]).max(axis=1)
+    assert table["confidence"].to_numpy() == pytest.approx(expected, abs=1e-5)
+
+    (version_dir / "model.onnx").write_bytes(b"tampered")  # a file that fails its checksum never serves
+    if served == "model.onnx":
+        with pytest.raises(RegistryError, match="model.onnx"):
+            resolve_model(str(version_dir), artifacts, engine="onnx")
+    else:
+        assert resolve_model(str(version_dir), artifacts, engine="onnx").model_file == served
+
+
+def test_gelu_converts_to_onnx(tmp_path):
+    """airbench's GELU (the exact form) is one TFLite op, which tf2onnx 1.17 cannot convert by itself."""
+    import keras
+
+    from model_lib.export import convert, write_saved_model
+    from model_lib.onnx_export import convert_onnx
+
+    inputs = keras.Input((6,), name="pixels")
+    model = keras.Model(inputs, keras.layers.Activation("gelu")(inputs))
+    values = np.linspace(-4, 4, 60, dtype=np.float32).reshape(10, 6)
+    (tmp_path / "m.tflite").write_bytes(convert(write_saved_model(model, tmp_path / "saved"), "float32", values))
+    convert_onnx(tmp_path / "m.tflite", tmp_path / "m.onnx")
+    assert "Erf" in {node.op_type for node in __import__("onnx").load(str(tmp_path / "m.onnx")).graph.node}
+    np.testing.assert_allclose(OnnxClassifier(tmp_path / "m.onnx").predict(values), model(values), atol=1e-5)
+
+
+def test_onnx_without_its_extra_is_one_line_naming_the_install():
+    from model_lib.config import ConfigError
+    from model_lib.onnx_export import require_onnx
+
+    with pytest.raises(
+        ConfigError, match=r"^--formats onnx needs not_a_module_here, .*pip install 'cifar-pipeline\[onnx\]'$"
+    ):
+        require_onnx("--formats onnx", ("not_a_module_here", "onnx"))
