@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote, unquote
 
-from model_lib.config import ConfigError
+from model_lib.config import ConfigError, option
 from model_lib.fileio import (
     owned_folder,
     process_gone,
@@ -70,6 +70,8 @@ STALE_STAGING_SECONDS = 6 * 3600  # staging folders older than this are leftover
 STALE_CLAIM_SECONDS = 3600  # a claim not listed after this long is a dead writer's, even from another host
 UPDATE_ATTEMPTS = 200  # compare-and-swap rounds before giving up (each loses only to a write that succeeded)
 _VERSION_DIR = re.compile(r"^v(\d+)$")
+ALIAS_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # a named alias (`prune --alias edge`)
+RESERVED_ALIASES = ("champion", "latest")
 _in_flight: set[str] = set()  # this process's claims whose registration is still running
 T = TypeVar("T")
 
@@ -304,6 +306,27 @@ class Registry:
         self._update_state(move, "promotion")
         return version
 
+    def set_alias(self, alias: str, tag: str, reason: str) -> int:
+        """Point a named alias (`edge`, ...) at a version after checking its checksums; recorded in the history.
+        `champion` moves only by the gate, `promote` and `rollback`, `latest` only by registering.
+
+        Raises:
+            ConfigError: The alias is not a name of its own (`check_alias`).
+            RegistryError: Unknown model or version, or an empty reason.
+            ChecksumError: A file of the version is missing or tampered with.
+        """
+        check_alias(alias)
+        self._check_alias_move(reason)
+        version = self.resolve_version(tag)
+        self._require_intact(version)
+
+        def move(state: dict) -> None:
+            _entry(state, version)
+            self._move_alias(state, alias, version, reason, action="alias")
+
+        self._update_state(move, "alias")
+        return version
+
     def rollback(self, reason: str) -> int:
         """Move champion back to the version that was champion before it; recorded in the history.
 
@@ -465,6 +488,16 @@ class Registry:
         state["aliases"][alias] = version
         state["history"].append(
             {"alias": alias, "from": previous, "to": version, "when": _now(), "why": why, "action": action}
+        )
+
+
+def check_alias(alias: str) -> None:
+    """Raises ConfigError unless `alias` can name a version beside champion and latest: lower-case letters, digits,
+    `-` and `_`, starting with a letter, and not `v<N>` (a version's own name)."""
+    if alias in RESERVED_ALIASES or not ALIAS_NAME.fullmatch(alias) or _VERSION_DIR.match(alias):
+        raise ConfigError(
+            f"{option('alias')} {alias!r}: an alias is a lower-case name such as edge (letters, digits, - and _), "
+            f"not {' or '.join(RESERVED_ALIASES)}, which the gate moves, nor v<N>"
         )
 
 

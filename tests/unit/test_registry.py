@@ -173,6 +173,26 @@ def test_promote_and_rollback_are_recorded(artifacts, files):
     assert champion_stack(history) == [1, 3]
 
 
+def test_a_named_alias_points_where_it_is_told_and_resolves_like_champion(artifacts, files):
+    from model_lib.config import ConfigError
+
+    registry = Registry(artifacts)
+    for accuracy in (0.5, 0.6):
+        registry.register(files, manifest(accuracy))
+    assert registry.set_alias("edge", "v1", reason="pruned from v2") == 1
+    assert parse_reference("cifar10@edge", artifacts) == artifacts / "models" / "cifar10" / "v1"
+    state = registry.state()
+    assert state["aliases"] == {"latest": 2, "champion": 2, "edge": 1}  # champion did not move
+    assert state["history"][-1] == {**state["history"][-1], "alias": "edge", "to": 1, "action": "alias"}
+    for name in ("champion", "latest", "v3", "Edge", "edge/x", ""):
+        with pytest.raises(ConfigError, match="an alias is a lower-case name"):
+            registry.set_alias(name, "v2", reason="try")
+    (artifacts / "models" / "cifar10" / "v2" / "probe.npz").write_bytes(b"tampered")
+    with pytest.raises(ChecksumError, match="v2 refused"):
+        registry.set_alias("edge", "v2", reason="try")
+    assert Registry(artifacts).state()["aliases"]["edge"] == 1
+
+
 def test_a_tampered_version_never_becomes_champion(artifacts, files):
     registry = Registry(artifacts)
     for accuracy in (0.5, 0.6):
