@@ -34,7 +34,14 @@ from model_lib.config import (
     resolve_config,
 )
 from model_lib.progress import PROGRESS_SECONDS, stop_requested
-from model_lib.requests import DEFAULT_MODEL, PREDICT_REQUEST, TRAIN_REQUEST, field_named, training_overrides
+from model_lib.requests import (
+    DEFAULT_MODEL,
+    PREDICT_REQUEST,
+    PRUNE_REQUEST,
+    TRAIN_REQUEST,
+    field_named,
+    training_overrides,
+)
 from model_lib.serving import DEFAULT_FORMATS, ONNX_FORMATS, TFLITE_FORMATS
 from model_lib.settings import artifacts_location, require_keras, work_dir
 from model_lib.transfer import loads_weights_file
@@ -342,6 +349,33 @@ def export_command(
 
 
 @app.command()
+@command_options(PRUNE_REQUEST)
+def prune(**request) -> None:
+    """Run the prune-version flow: keep a share of each conv's channels of a registered airbench version, fine-tune
+    the smaller network with its recipe, and gate and register it like a training run."""
+    require_keras("pruning")
+    from flows.prune_version import check_plan
+
+    check_plan(request)  # usage errors (exit 2) before Prefect starts
+    version_dir = _version_dir(request["model"])
+    typer.echo(f"Pruning {version_dir} to {request['keep']:.0%} of its channels by {request['criterion']}, then "
+               "fine-tuning; starting Prefect...", err=True)  # fmt: skip
+    _stoppable("the prune-version run is marked Crashed; no version was registered (the same command resumes)")
+    _require_prefect_api()
+    from flows.prune_version import prune_version
+
+    _console_without_expected_tracebacks()
+    _import_tensorflow_quietly()
+    result = prune_version(**request)
+    verdict = "champion" if result["champion"] else "challenger"
+    alias = f", {result['alias']}" if result.get("alias") else ""
+    typer.echo(
+        f"{result['name']} v{result['version']} ({verdict}{alias}), pruned from {result['pruned_from']}: test accuracy "
+        f"{result['test_accuracy']:.4f}\n  {result['location']}\n  gate: {result['reason']}"
+    )
+
+
+@app.command()
 def watch(
     data: Annotated[str | None, typer.Option(help="Training data folder: new labelled images start a retrain.")] = None,
     inbox: Annotated[str | None, typer.Option(help="Inbox folder: new images start batch-predict for them.")] = None,
@@ -500,8 +534,9 @@ def models_list(name: ModelName = "cifar10", as_json: JsonOption = False) -> Non
         marks = ",".join(alias for alias, version in aliases.items() if version == entry["version"])
         accuracy = entry["test_accuracy"]
         shown = f"{accuracy:.4f}" if accuracy is not None else "-"
+        pruned = f", pruned from {entry['pruned_from']}" if entry.get("pruned_from") else ""
         typer.echo(f"{'v' + str(entry['version']):>8}  {marks:<18} {shown:>8}  {entry['created_at']:<25} "
-                   f"{entry['architecture']}")  # fmt: skip
+                   f"{entry['architecture']}{pruned}")  # fmt: skip
 
 
 @models_app.command("show")

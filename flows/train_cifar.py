@@ -10,6 +10,7 @@ from prefect.task_engine import TaskRunTimeoutError
 from flows.surfaces import flow_parameters
 from model_lib.checks import check_training_request
 from model_lib.config import TrainConfig, check_run_limits, training_timeout_minutes
+from model_lib.data import DatasetInfo
 from model_lib.export import require_tensorflow_backend
 from model_lib.fileio import read_json
 from model_lib.registry import Registry
@@ -63,6 +64,16 @@ def train_cifar(**request) -> dict:
         why = f"v{same} was trained on this config and data"
         # The state's message says the outcome in the UI's run list; the caller gets the data.
         return finished(f"skipped: {config['model_name']} {why}", {"name": config["model_name"], "skipped": why})
+    registration = train_and_register(config, dataset, timeout_minutes, promotion_margin, request["export"])
+    return finished(outcome(registration), registration)
+
+
+def train_and_register(
+    config: dict, dataset: DatasetInfo, timeout_minutes: float | None, promotion_margin: float, export: bool
+) -> dict:
+    """The steps of a training run after ingest, inside the calling flow (train-cifar, prune-version): split ->
+    data report and gates -> train -> calibrate -> evaluate (and re-score the champion) -> plot -> register
+    (-> export). Returns the registration."""
     prepared = preprocess_task(config, dataset)
     gates = data_report_task(config, dataset, prepared.run_dir)
     limit = timeout_minutes or training_timeout_minutes(TrainConfig(**config))
@@ -81,9 +92,9 @@ def train_cifar(**request) -> dict:
     plot_task(trained, dataset, config["seed"])
     run = RunRecord(config, dataset, prepared, trained, metrics, gates, calibration)
     registration = register_task(run, promotion_margin)
-    if request["export"]:
+    if export:
         registration["exports"] = export_task(registration["path"])
-    return finished(outcome(registration), registration)
+    return registration
 
 
 def outcome(registration: dict) -> str:

@@ -100,6 +100,10 @@ class TrainConfig:
     data: str = ""  # image folder, cifar-10-batches-py folder or "keras"; "" = CIFAR10_DIR or keras
     model_name: str = ""  # registry name; "" = cifar10 for CIFAR-10's classes, else the data folder's name
     network_width: float = 1.0  # multiplier on airbench's channel widths (64/256/256); compute grows ~squared
+    # Set by `prune` (model_lib.prune), never an option: the parent version, the criterion, the share of channels
+    # kept, FLOPs and parameters before and after, the conv widths, and the .npz (with its sha256) of the kept
+    # weights that training starts from. Saved in the manifest's config: the pruned version's lineage.
+    pruned: dict | None = None
 
     # data
     # Pixels per side the model sees (images are resized to it), or "auto": chosen by ingest from the training
@@ -221,7 +225,10 @@ class TrainConfig:
 
     def run_key(self, dataset_fingerprint: str) -> str:
         """Identity of a run: the same config on the same data resumes the same checkpoint."""
-        payload = json.dumps({"config": self.to_dict(), "data": dataset_fingerprint}, sort_keys=True)
+        config = self.to_dict()
+        if config["pruned"] is None:  # a field added later counts only when set: earlier runs keep their key
+            del config["pruned"]
+        payload = json.dumps({"config": config, "data": dataset_fingerprint}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -235,6 +242,10 @@ def check_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise ConfigError(f"{option('engine')} must be one of {', '.join(ENGINES)}, not {engine!r}")
 
+
+# How `prune` ranks a conv's channels (model_lib.prune): mean activation times the weights that read it, or those
+# weights alone.
+PRUNE_CRITERIA = ("activation", "weight")
 
 TOP_K = 3  # prediction: ranked labels (and their probabilities) per image, in the CSV and the app's answers
 BATCH_IMAGES = 256  # prediction: images decoded per pool job and classified per model call

@@ -275,6 +275,21 @@ def _fingerprint(header: dict, files: Sequence[tuple]) -> str:
     return digest.hexdigest()[:32]
 
 
+def cached_dataset(cache_dir: str | os.PathLike, purpose: str) -> DatasetInfo:
+    """The dataset cached in `cache_dir` (a version's own, by the fingerprint its manifest names).
+
+    Raises:
+        FileNotFoundError: It is not cached here; the message says what `purpose` needs it for.
+    """
+    info = _load_info(Path(cache_dir))
+    if info is None:
+        raise FileNotFoundError(
+            f"{cache_dir}: the dataset this version was trained on is not cached; train or ingest on the same data "
+            f"first so {purpose}"
+        )
+    return info
+
+
 def _load_info(cache_dir: Path) -> DatasetInfo | None:
     meta = cache_dir / DATASET_FILE
     if not meta.is_file():

@@ -48,6 +48,7 @@ def build_model(
     weights: str = "none",
     width: float = 1.0,
     seed: int | None = None,
+    channels: tuple[int, ...] | None = None,
 ):
     """Build an architecture by name.
 
@@ -61,6 +62,8 @@ def build_model(
         weights: Pretrained backbone weights for `transfer`: "imagenet", a local file or "none".
         width: Multiplier on `airbench`'s channel widths.
         seed: Seeds the initial weights, whatever other threads of the process draw meanwhile.
+        channels: `airbench`'s width conv by conv (two per group), in place of `width`: a pruned network's
+            (`model_lib.prune`).
 
     Returns:
         An uncompiled `keras.Model`.
@@ -76,7 +79,9 @@ def build_model(
         raise ValueError(f"{option('weights')} applies to the transfer architecture only, not {architecture}")
     with _keras_seeds_from(seed):
         inputs = keras.Input((image_size, image_size, 3), name="pixels")
-        logits = ARCHITECTURES[architecture](inputs, num_classes, dtype_policy, calibration_images, weights, width)
+        logits = ARCHITECTURES[architecture](
+            inputs, num_classes, dtype_policy, calibration_images, weights, channels or width
+        )
         outputs = keras.layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
         return keras.Model(inputs, outputs, name=architecture)
 
@@ -168,12 +173,13 @@ def _airbench(inputs, num_classes: int, policy: str, calibration_images, weights
     if calibration_images is not None:
         whiten.kernel.assign(patch_whitening_kernel(calibration_images[:WHITEN_SAMPLE_IMAGES], patch, stride))
     x = layers.Activation("gelu", dtype=policy)(x)
-    for channels in (max(8, round(base * width)) for base in AIRBENCH_WIDTHS):
-        x = _identity_initialised_conv(x, channels, policy)
+    convs = iter(airbench_channels(width))
+    for _ in AIRBENCH_WIDTHS:
+        x = _identity_initialised_conv(x, next(convs), policy)
         x = layers.MaxPooling2D(dtype=policy)(x)
         for second in (False, True):
             if second:
-                x = _identity_initialised_conv(x, channels, policy)
+                x = _identity_initialised_conv(x, next(convs), policy)
             x = layers.BatchNormalization(
                 momentum=AIRBENCH_BN_MOMENTUM, epsilon=AIRBENCH_BN_EPSILON, scale=False, dtype=policy
             )(x)
@@ -181,6 +187,16 @@ def _airbench(inputs, num_classes: int, policy: str, calibration_images, weights
     x = layers.GlobalMaxPooling2D(dtype=policy)(x)
     x = layers.Dense(num_classes, use_bias=False, dtype=policy)(x)
     return layers.Rescaling(AIRBENCH_LOGIT_SCALE, dtype=policy)(x)
+
+
+def airbench_channels(width: float | tuple[int, ...]) -> tuple[int, ...]:
+    """airbench's channels conv by conv, two per group: `AIRBENCH_WIDTHS` times a width multiplier (at least 8), or
+    the given widths (a pruned network's)."""
+    if isinstance(width, (tuple, list)):
+        if len(width) != 2 * len(AIRBENCH_WIDTHS):
+            raise ValueError(f"airbench takes {2 * len(AIRBENCH_WIDTHS)} conv widths, not {len(width)}")
+        return tuple(int(channels) for channels in width)
+    return tuple(max(8, round(base * width)) for base in AIRBENCH_WIDTHS for _ in range(2))
 
 
 def _identity_initialised_conv(x, channels: int, policy: str):

@@ -464,6 +464,7 @@ class Registry:
                 "class_names": manifest.get("dataset", {}).get("class_names"),
                 "gate": reason,
             }
+            | ({"pruned_from": pruned["from"]} if (pruned := manifest.get("config", {}).get("pruned")) else {})
         )
         state["versions"].sort(key=lambda entry: entry["version"])
         if (state["aliases"]["latest"] or 0) < version:

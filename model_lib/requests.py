@@ -17,6 +17,7 @@ from model_lib.config import (
     CHOICES,
     ENGINES,
     PROFILES,
+    PRUNE_CRITERIA,
     SHARD_FILES,
     TOP_K,
     ConfigError,
@@ -239,6 +240,37 @@ PREDICT_REQUEST: tuple[Field, ...] = (
         default=ENGINES[0],
         choices=ENGINES,
     ),  # fmt: skip
+)
+
+PRUNE_REQUEST: tuple[Field, ...] = (
+    Field(
+        "model",
+        str,
+        "The version to prune: a registry reference (cifar10@champion, cifar10@v3) or a version folder.",
+        default=DEFAULT_MODEL,
+        argument=True,
+    ),  # fmt: skip
+    Field(
+        "keep",
+        float,
+        "Share of each conv's channels kept, above 0 and below 1 (0.5 keeps about a quarter of the FLOPs).",
+        default=0.5,
+    ),  # fmt: skip
+    Field(
+        "criterion",
+        str,
+        "How a conv's channels are ranked: activation (their mean activation on training images times the weights "
+        "that read them) or weight (those weights alone).",
+        default=PRUNE_CRITERIA[0],
+        choices=PRUNE_CRITERIA,
+    ),  # fmt: skip
+    Field(
+        "epochs",
+        int,
+        "Epochs of fine-tuning the smaller network with the version's own recipe; empty: the version's own.",
+    ),  # fmt: skip
+    Field("alias", str, "Also point this alias (e.g. edge) at the pruned version, whatever the gate decides."),
+    *(field for field in TRAIN_REQUEST if field.name in ("promotion_margin", "export", "timeout_minutes")),
 )
 
 

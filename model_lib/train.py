@@ -27,6 +27,7 @@ from model_lib.precision import (
 )
 from model_lib.preprocess import make_datasets, with_augmentation
 from model_lib.progress import PROGRESS_SECONDS, Progress
+from model_lib.prune import pruned_channels, start_weights
 from model_lib.recipe import make_optimizer
 from model_lib.runs import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, PROBE_FILE, TrainResult, read_history
 from model_lib.sources import spread_over
@@ -149,8 +150,10 @@ def train(
     with strategy.scope():
         model = build_model(
             config.architecture, num_classes, config.image_size, precision, calibration, config.weights,
-            config.network_width, config.seed,
+            config.network_width, config.seed, pruned_channels(config.pruned),
         )  # fmt: skip
+        if config.pruned:  # a pruned network's kept weights, which this run fine-tunes
+            model.set_weights(start_weights(config.pruned))
     steps_per_epoch = len(train_ds)  # tf.data knows its length; JAX's batches may leave a few images out
     trainer = with_augmentation(model, config, steps_per_epoch)
     try:
@@ -517,8 +520,9 @@ def to_serving_model(trained, config: TrainConfig, num_classes: int, calibration
     """
     side = trained.input_shape[1]
     serving = build_model(
-        config.architecture, num_classes, side, "float32", calibration_images, width=config.network_width
-    )
+        config.architecture, num_classes, side, "float32", calibration_images, width=config.network_width,
+        channels=pruned_channels(config.pruned),
+    )  # fmt: skip
     serving.set_weights(trained.get_weights())
     return with_tta(serving, translate=config.tta_translate) if config.tta_flip or config.tta_translate else serving
 

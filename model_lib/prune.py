@@ -1,0 +1,251 @@
+"""Structured pruning of an airbench network: whole channels out of each conv, a genuinely smaller network in.
+
+Each 3x3 conv's output channels are a "space": after it come only per-channel layers (max pooling, batch norm
+without a scale, GELU), then the one layer that reads them, the next conv or the head. Removing a channel takes
+its filter out of the conv, its entries out of the batch norms, and its input slice out of that reader.
+
+Network Slimming ranks channels by batch norm's scale, which airbench's batch norms do not have (scale=False: each
+channel comes out with unit variance and an offset). So a channel is ranked by what its reader makes of it:
+- `activation` (the default): its mean absolute activation on training images times the norm of the reader's
+  weights on it: a first-order estimate of how much the reader's output moves without it;
+- `weight`: the norm of the reader's weights on it alone (no data).
+bench/RESULTS.md ("Pruning") measures both after fine-tuning.
+
+The kept weights go into a network built by `model_lib.models.build_model` with the kept widths (fewer FLOPs,
+fewer bytes, not masks over the old one), which the training recipe then fine-tunes like any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model_lib.config import PRUNE_CRITERIA, ConfigError, option
+from model_lib.data import DatasetInfo, cached_dataset, load_arrays, train_rows
+from model_lib.fileio import atomic_open, read_json, sha256_file
+from model_lib.models import build_model, unwrap_tta
+from model_lib.sources import spread_over
+from model_lib.split import run_split
+from model_lib.versions import MANIFEST_FILE, ChecksumError, load_verified_model
+
+MIN_CHANNELS = 8  # channels a conv keeps at least (airbench's narrowest width)
+SCORE_IMAGES = 1000  # training images the activation criterion averages over
+PRUNED_FOLDER = "pruned"  # under the local work dir: the kept weights each pruning run starts from
+
+
+@dataclass(frozen=True)
+class Space:
+    """One conv's output channels and the layers that carry or read them, by layer index in the network."""
+
+    conv: int  # the conv whose filters make the channels
+    per_channel: tuple[int, ...]  # batch norms between it and the reader, sliced along
+    reader: int  # the conv or dense layer that reads them (its kernel's input axis)
+
+
+def check_keep(keep: float) -> None:
+    """Raises ConfigError unless `keep` is a fraction of channels strictly between 0 and 1."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep < 1:
+        raise ConfigError(f"{option('keep')} is the fraction of channels kept, above 0 and below 1, not {keep!r}")
+
+
+def check_criterion(criterion: str) -> None:
+    if criterion not in PRUNE_CRITERIA:
+        raise ConfigError(f"{option('criterion')} {criterion!r}: choose from {', '.join(PRUNE_CRITERIA)}")
+
+
+def channel_spaces(network) -> list[Space]:
+    """The prunable channel spaces of an airbench network, in order.
+
+    Raises:
+        ConfigError: The network is not a chain of airbench's layers (another architecture).
+    """
+    layers = network.layers
+    spaces = []
+    for index, layer in enumerate(layers):
+        if _kind(layer) != "Conv2D" or not layer.trainable:  # the frozen whitening conv stays whole
+            continue
+        per_channel, reader = [], None
+        for later in range(index + 1, len(layers)):
+            kind = _kind(layers[later])
+            if kind in ("Conv2D", "Dense"):
+                reader = later
+                break
+            if kind == "BatchNormalization":
+                per_channel.append(later)
+            elif kind not in ("MaxPooling2D", "Activation", "GlobalMaxPooling2D"):
+                reader = None
+                break
+        if reader is None:
+            raise ConfigError(f"{network.name}: layer {layers[index].name} is not read by a conv or dense layer")
+        spaces.append(Space(index, tuple(per_channel), reader))
+    if not spaces:
+        raise ConfigError(f"{network.name}: no conv channels to prune (prune takes airbench versions)")
+    return spaces
+
+
+def channel_scores(network, spaces: list[Space], criterion: str, images: np.ndarray | None = None) -> list[np.ndarray]:
+    """Per space, a score per channel (higher: keep): see the module's docstring for the criteria."""
+    check_criterion(criterion)
+    weights = [_reader_norms(network.layers[space.reader]) for space in spaces]
+    if criterion == "weight":
+        return weights
+    import keras
+
+    probe = keras.Model(network.inputs, [network.layers[space.reader].input for space in spaces])
+    totals = [np.zeros(len(norms)) for norms in weights]
+    for start in range(0, len(images), 250):
+        outputs = probe.predict_on_batch(np.asarray(images[start : start + 250], np.float32))
+        for total, output in zip(totals, outputs, strict=True):
+            output = np.abs(np.asarray(output, np.float64))
+            total += output.reshape(-1, output.shape[-1]).sum(axis=0) / (output.size / output.shape[-1])
+    return [total / -(-len(images) // 250) * norms for total, norms in zip(totals, weights, strict=True)]
+
+
+def kept_channels(scores: list[np.ndarray], keep: float) -> list[np.ndarray]:
+    """Per space, the indices of the channels kept: the best `keep` share (at least `MIN_CHANNELS`), in order."""
+    kept = []
+    for score in scores:
+        count = min(len(score), max(MIN_CHANNELS, round(keep * len(score))))
+        kept.append(np.sort(np.argsort(-score, kind="stable")[:count]))
+    return kept
+
+
+def pruned_weights(network, spaces: list[Space], kept: list[np.ndarray]) -> list[np.ndarray]:
+    """The network's weights, in `network.get_weights()` order, with the pruned channels cut out: the network that
+    `build_model` makes with the kept widths takes them with `set_weights`."""
+    outputs = {space.conv: keep for space, keep in zip(spaces, kept, strict=True)}  # a conv's kept filters
+    inputs = {space.reader: keep for space, keep in zip(spaces, kept, strict=True)}  # a reader's kept inputs
+    sliced = {index: keep for space, keep in zip(spaces, kept, strict=True) for index in space.per_channel}
+    result = []
+    for index, layer in enumerate(network.layers):
+        for variable in layer.get_weights():
+            value = np.asarray(variable)
+            if index in inputs and value.ndim >= 2:  # a kernel: (..., inputs, outputs)
+                value = np.take(value, inputs[index], axis=value.ndim - 2)
+            if index in outputs and value.ndim >= 1:
+                value = np.take(value, outputs[index], axis=value.ndim - 1)
+            if index in sliced:  # batch norm: each vector per channel
+                value = value[sliced[index]]
+            result.append(value)
+    return result
+
+
+def widths(network, spaces: list[Space], kept: list[np.ndarray] | None = None) -> list[int]:
+    """The channels of each space's conv: as they are, or as many as `kept` keeps."""
+    if kept is not None:
+        return [len(keep) for keep in kept]
+    return [int(network.layers[space.conv].filters) for space in spaces]
+
+
+def flops(network) -> int:
+    """Floating-point operations of one image through the network's convs and dense layers (a multiply and an add
+    per weight and output position), the rest (pooling, batch norm, activations) left out."""
+    total = 0
+    for layer in network.layers:
+        kind = _kind(layer)
+        if kind in ("Conv2D", "Dense"):
+            kernel = layer.get_weights()[0]
+            positions = int(np.prod(layer.output.shape[1:-1])) if kind == "Conv2D" else 1
+            total += 2 * kernel.size * positions
+    return total
+
+
+def prune_version(version_dir: Path, artifacts_root: Path, keep: float, criterion: str, epochs: int | None,
+                  log=print) -> tuple[dict, DatasetInfo]:  # fmt: skip
+    """Prune a registered airbench version: rank its channels on its own training split (made again from its config,
+    as exports do), keep the best `keep` share of each conv's, and write the kept weights for fine-tuning.
+
+    Returns:
+        The config of the fine-tuning run (the version's own, with `epochs` if given and its `pruned` record), and the
+        version's cached dataset.
+
+    Raises:
+        ChecksumError: A file of the version fails its checksum.
+        ConfigError: The version is not an airbench network, or `keep` or `criterion` is bad.
+        FileNotFoundError: The version's dataset is not cached here.
+    """
+    import keras
+
+    check_keep(keep)
+    check_criterion(criterion)
+    manifest = read_json(version_dir / MANIFEST_FILE)
+    parent = f"{manifest.get('name', version_dir.parent.name)} v{manifest['version']}"
+    config = manifest["config"]
+    if config["architecture"] != "airbench":
+        raise ConfigError(f"{parent} is a {config['architecture']} network: prune takes airbench versions")
+    dataset = cached_dataset(Path(artifacts_root) / "datasets" / manifest["dataset"]["fingerprint"], "prune can rank "
+                             "channels on its training images and fine-tune")  # fmt: skip
+    network = unwrap_tta(load_verified_model(version_dir))[0]
+    spaces = channel_spaces(network)
+    split = run_split(np.asarray(load_arrays(dataset.cache_dir).y_train), config["validation_split"], config["seed"])
+    rows = spread_over(split.train_index, SCORE_IMAGES)
+    images = train_rows(dataset.cache_dir)[np.sort(rows)] if criterion == "activation" else None
+    kept = kept_channels(channel_scores(network, spaces, criterion, images), keep)
+    values = pruned_weights(network, spaces, kept)
+    channels = widths(network, spaces, kept)
+    smaller = build_model("airbench", len(dataset.class_names), int(config["image_size"]), channels=tuple(channels))
+    smaller.set_weights(values)  # a shape that does not fit fails here, not after fine-tuning
+    buffer = io.BytesIO()
+    np.savez(buffer, *values)  # plain arrays: `load_weights` reads them with allow_pickle=False
+    digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+    path = Path(artifacts_root) / PRUNED_FOLDER / f"{digest[:16]}.npz"  # the same pruning, the same file
+    with atomic_open(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+    before, after = flops(network), flops(smaller)
+    record = {
+        "from": parent,
+        "from_path": str(version_dir),
+        "criterion": criterion,
+        "keep": keep,
+        "channels_before": widths(network, spaces),
+        "channels": channels,
+        "flops_before": before,
+        "flops": after,
+        "parameters_before": int(network.count_params()),
+        "parameters": int(smaller.count_params()),
+        "weights": str(path),
+        "weights_sha256": digest,
+    }
+    log(f"Pruned {parent} by {criterion}, keeping {keep:.0%} of each conv's channels: {channels} of "
+        f"{record['channels_before']}, {after / 1e6:.1f} of {before / 1e6:.1f} MFLOPs per view, "
+        f"{record['parameters']:,} of {record['parameters_before']:,} parameters")  # fmt: skip
+    keras.backend.clear_session()
+    fine_tune = {**config, "pruned": record, "epochs": epochs or config["epochs"]}
+    return fine_tune, dataset
+
+
+def pruned_channels(pruned: dict | None) -> tuple[int, ...] | None:
+    """The conv widths a config's `pruned` record builds, or None for an unpruned run."""
+    return tuple(pruned["channels"]) if pruned else None
+
+
+def start_weights(pruned: dict) -> list[np.ndarray]:
+    """The kept weights a pruned run starts from, after checking the file's sha256 against the record.
+
+    Raises:
+        ChecksumError: The file is gone or was changed since `prune` wrote it.
+    """
+    path = Path(pruned["weights"])
+    if not path.is_file() or sha256_file(path) != pruned["weights_sha256"]:
+        raise ChecksumError(f"{path}: the pruned weights are missing or changed since prune wrote them")
+    return load_weights(path)
+
+
+def load_weights(path: str | Path) -> list[np.ndarray]:
+    with np.load(path, allow_pickle=False) as stored:
+        return [stored[f"arr_{index}"] for index in range(len(stored.files))]
+
+
+def _reader_norms(reader) -> np.ndarray:
+    """Per input channel of a conv or dense layer, the L2 norm of its weights on that channel."""
+    kernel = np.asarray(reader.get_weights()[0], np.float64)
+    axes = tuple(axis for axis in range(kernel.ndim) if axis != kernel.ndim - 2)
+    return np.sqrt(np.square(kernel).sum(axis=axes))
+
+
+def _kind(layer) -> str:
+    return type(layer).__name__
