@@ -196,7 +196,21 @@ def _kernel_and_bias(kind: str, config: dict, weights: list[np.ndarray]) -> tupl
     return kernel, bias
 
 
-class TFLiteClassifier(_Classifier):
+class _ExportClassifier(_Classifier):
+    """An export's engine: `_run` gives every output of a batch, the probabilities first, then any features."""
+
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+        return self._run(images)[0]
+
+    def classify(self, pixels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        probabilities, *features = self._run(pixels)
+        return probabilities, features or None
+
+
+class TFLiteClassifier(_ExportClassifier):
     """A `.tflite` classifier with Keras' `predict` interface: uint8 or float pixels in, probabilities out, and
     the features of its further outputs where it was exported with them (`model_lib.export`)."""
 
@@ -212,13 +226,6 @@ class TFLiteClassifier(_Classifier):
         self.input_dtype = np.dtype(self._input["dtype"])
         self._lock = threading.Lock()  # one interpreter, one invocation at a time
         self._batch = None
-
-    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
-        return self._run(images)[0]
-
-    def classify(self, pixels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
-        probabilities, *features = self._run(pixels)
-        return probabilities, features or None
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         kind = self._input["dtype"]
@@ -239,7 +246,7 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class OnnxClassifier(_Classifier):
+class OnnxClassifier(_ExportClassifier):
     """An `.onnx` classifier (`model_lib.onnx_export`) run by ONNX Runtime on the CPU: raw pixels in as float32,
     probabilities out, and the features of its further outputs where it was exported with them."""
 
@@ -255,13 +262,6 @@ class OnnxClassifier(_Classifier):
         self.input_shape = (None, *pixels.shape[1:])
         self.output_shape = (None, *self._session.get_outputs()[0].shape[1:])
         self.input_dtype = np.dtype(np.float32)
-
-    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
-        return self._run(images)[0]
-
-    def classify(self, pixels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
-        probabilities, *features = self._run(pixels)
-        return probabilities, features or None
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         # A session runs calls from several threads at once; no lock, unlike the interpreter.
