@@ -50,7 +50,7 @@ def main() -> None:
         parser.error(f"--criteria: unknown {', '.join(unknown)}; choose from {', '.join(PRUNE_CRITERIA)}")
 
     from flows.prune_version import prune_version
-    from model_lib.data import load_arrays
+    from model_lib.data import cached_dataset, load_arrays
     from model_lib.fileio import read_json
     from model_lib.inference import KerasClassifier, TFLiteClassifier
     from model_lib.models import unwrap_tta
@@ -71,7 +71,8 @@ def main() -> None:
                               "seconds": round(time.perf_counter() - started, 1)}), flush=True)  # fmt: skip
 
     manifest = read_json(parent_dir / "manifest.json")
-    pixels = np.asarray(load_arrays(work_dir() / "datasets" / manifest["dataset"]["fingerprint"]).x_test)
+    dataset = cached_dataset(work_dir(), manifest["dataset"]["fingerprint"], "its test images can be classified")
+    pixels = np.asarray(load_arrays(dataset.cache_dir).x_test)
     rows = {}
     for name, version_dir in versions.items():
         record = read_json(version_dir / "manifest.json")

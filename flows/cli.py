@@ -277,12 +277,7 @@ def train(**request) -> None:
 
     _console_without_expected_tracebacks()
     _import_tensorflow_quietly()
-    result = train_cifar(**request)
-    verdict = "champion" if result["champion"] else "challenger"
-    typer.echo(
-        f"{result['name']} v{result['version']} ({verdict}): test accuracy {result['test_accuracy']:.4f}\n"
-        f"  {result['location']}\n  gate: {result['reason']}"
-    )
+    _echo_registration(train_cifar(**request))
 
 
 @app.command()
@@ -355,9 +350,11 @@ def prune(**request) -> None:
     the smaller network with its recipe, and gate and register it like a training run."""
     require_keras("pruning")
     from flows.prune_version import check_plan
+    from model_lib.prune import prunable
 
     check_plan(request)  # usage errors (exit 2) before Prefect starts
     version_dir = _version_dir(request["model"])
+    prunable(version_dir, work_dir())  # an architecture prune does not take, a dataset not cached here
     typer.echo(f"Pruning {version_dir} to {request['keep']:.0%} of its channels by {request['criterion']}, then "
                "fine-tuning; starting Prefect...", err=True)  # fmt: skip
     _stoppable("the prune-version run is marked Crashed; no version was registered (the same command resumes)")
@@ -367,11 +364,15 @@ def prune(**request) -> None:
     _console_without_expected_tracebacks()
     _import_tensorflow_quietly()
     result = prune_version(**request)
-    verdict = "champion" if result["champion"] else "challenger"
-    alias = f", {result['alias']}" if result.get("alias") else ""
+    _echo_registration(result, f", pruned from {result['pruned_from']}")
+
+
+def _echo_registration(result: dict, lineage: str = "") -> None:
+    """A training run's registration in three lines: the version, its marks and accuracy; where; the gate's word."""
+    marks = ", ".join(["champion" if result["champion"] else "challenger", *filter(None, [result.get("alias")])])
     typer.echo(
-        f"{result['name']} v{result['version']} ({verdict}{alias}), pruned from {result['pruned_from']}: test accuracy "
-        f"{result['test_accuracy']:.4f}\n  {result['location']}\n  gate: {result['reason']}"
+        f"{result['name']} v{result['version']} ({marks}){lineage}: test accuracy {result['test_accuracy']:.4f}\n"
+        f"  {result['location']}\n  gate: {result['reason']}"
     )
 
 

@@ -43,6 +43,7 @@ from model_lib.sources import (
 CACHE_FORMAT = 3  # bump when the cached arrays' layout, the decoder's output or the fingerprint changes
 DECODE_CHUNK_FILES = 512  # files per worker task: large enough to amortise process IPC
 ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
+DATASETS_FOLDER = "datasets"  # under the local work dir: one folder per ingested dataset, named by its fingerprint
 DATASET_FILE = "dataset.json"  # a cache entry's DatasetInfo, written last: its presence says the entry is whole
 FILE_TABLE = "files.csv"  # one row per cached image: split, path, class, original size and kind, pixel hash
 KEYS = "dataset-keys"  # beside datasets/: <listing key>.json, what a folder listing (names, sizes, times) decoded to
@@ -101,7 +102,7 @@ def ingest(
         DatasetError: Missing or malformed source, or undecodable files without `skip_corrupt`.
     """
     kind, root = resolve_source(data)
-    datasets_dir = Path(artifacts_root) / "datasets"
+    datasets_dir = Path(artifacts_root) / DATASETS_FOLDER
     listing_key = None
     if kind == "image_folder":
         root = local_copy(data, log) if is_url(data) else root
@@ -275,13 +276,14 @@ def _fingerprint(header: dict, files: Sequence[tuple]) -> str:
     return digest.hexdigest()[:32]
 
 
-def cached_dataset(cache_dir: str | os.PathLike, purpose: str) -> DatasetInfo:
-    """The dataset cached in `cache_dir` (a version's own, by the fingerprint its manifest names).
+def cached_dataset(artifacts_root: str | os.PathLike, fingerprint: str, purpose: str) -> DatasetInfo:
+    """The dataset ingest cached under `artifacts_root` with this fingerprint (a version's own, as its manifest names).
 
     Raises:
         FileNotFoundError: It is not cached here; the message says what `purpose` needs it for.
     """
-    info = _load_info(Path(cache_dir))
+    cache_dir = Path(artifacts_root) / DATASETS_FOLDER / fingerprint
+    info = _load_info(cache_dir)
     if info is None:
         raise FileNotFoundError(
             f"{cache_dir}: the dataset this version was trained on is not cached; train or ingest on the same data "

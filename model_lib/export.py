@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from model_lib.config import ConfigError
-from model_lib.data import DATASET_FILE, load_arrays
+from model_lib.data import cached_dataset, load_arrays
 from model_lib.fileio import read_json
 from model_lib.inference import (
     CASCADE_TOLERANCE,
@@ -185,13 +185,9 @@ def export_version(
         log(f"{version_dir}: {', '.join(formats)} already exported, checksums verified (--force exports again)")
         return [kept[export_format] for export_format in formats]
     require_tensorflow_backend()
-    cache_dir = Path(artifacts_root) / "datasets" / manifest["dataset"]["fingerprint"]
-    if not (cache_dir / DATASET_FILE).is_file():
-        raise FileNotFoundError(
-            f"{cache_dir}: the dataset this version was trained on is not cached; "
-            "train or ingest on the same data first so exports can be calibrated and measured"
-        )
-    arrays = load_arrays(cache_dir)
+    fingerprint = manifest["dataset"]["fingerprint"]
+    dataset = cached_dataset(artifacts_root, fingerprint, "exports can be calibrated and measured")
+    arrays = load_arrays(dataset.cache_dir)
     log(f"Exporting {version_dir}: the Keras model's labels on {len(arrays.y_test)} test images first, then "
         f"{', '.join(to_do)}, each measured on them")  # fmt: skip
     replaced = tuple(name for fmt in to_do for export in (export_file(fmt), first_view_file(fmt))

@@ -34,6 +34,7 @@ from model_lib.versions import MANIFEST_FILE, ChecksumError, load_verified_model
 
 MIN_CHANNELS = 8  # channels a conv keeps at least (airbench's narrowest width)
 SCORE_IMAGES = 1000  # training images the activation criterion averages over
+SCORE_BATCH = 250  # of them, classified at once
 PRUNED_FOLDER = "pruned"  # under the local work dir: the kept weights each pruning run starts from
 
 
@@ -96,13 +97,14 @@ def channel_scores(network, spaces: list[Space], criterion: str, images: np.ndar
     import keras
 
     probe = keras.Model(network.inputs, [network.layers[space.reader].input for space in spaces])
-    totals = [np.zeros(len(norms)) for norms in weights]
-    for start in range(0, len(images), 250):
-        outputs = probe.predict_on_batch(np.asarray(images[start : start + 250], np.float32))
-        for total, output in zip(totals, outputs, strict=True):
-            output = np.abs(np.asarray(output, np.float64))
-            total += output.reshape(-1, output.shape[-1]).sum(axis=0) / (output.size / output.shape[-1])
-    return [total / -(-len(images) // 250) * norms for total, norms in zip(totals, weights, strict=True)]
+    sums, counts = [np.zeros(len(norms)) for norms in weights], [0] * len(spaces)
+    for start in range(0, len(images), SCORE_BATCH):
+        outputs = probe.predict_on_batch(np.asarray(images[start : start + SCORE_BATCH], np.float32))
+        for index, output in enumerate(outputs):  # per channel, over images and positions
+            values = np.abs(np.asarray(output, np.float64)).reshape(-1, output.shape[-1])
+            sums[index] += values.sum(axis=0)
+            counts[index] += len(values)
+    return [total / count * norms for total, count, norms in zip(sums, counts, weights, strict=True)]
 
 
 def kept_channels(scores: list[np.ndarray], keep: float) -> list[np.ndarray]:
@@ -172,13 +174,9 @@ def prune_version(version_dir: Path, artifacts_root: Path, keep: float, criterio
 
     check_keep(keep)
     check_criterion(criterion)
-    manifest = read_json(version_dir / MANIFEST_FILE)
+    manifest, dataset = prunable(version_dir, artifacts_root)
     parent = f"{manifest.get('name', version_dir.parent.name)} v{manifest['version']}"
     config = manifest["config"]
-    if config["architecture"] != "airbench":
-        raise ConfigError(f"{parent} is a {config['architecture']} network: prune takes airbench versions")
-    dataset = cached_dataset(Path(artifacts_root) / "datasets" / manifest["dataset"]["fingerprint"], "prune can rank "
-                             "channels on its training images and fine-tune")  # fmt: skip
     network = unwrap_tta(load_verified_model(version_dir))[0]
     spaces = channel_spaces(network)
     split = run_split(np.asarray(load_arrays(dataset.cache_dir).y_train), config["validation_split"], config["seed"])
@@ -198,7 +196,6 @@ def prune_version(version_dir: Path, artifacts_root: Path, keep: float, criterio
     before, after = flops(network), flops(smaller)
     record = {
         "from": parent,
-        "from_path": str(version_dir),
         "criterion": criterion,
         "keep": keep,
         "channels_before": widths(network, spaces),
@@ -216,6 +213,22 @@ def prune_version(version_dir: Path, artifacts_root: Path, keep: float, criterio
     keras.backend.clear_session()
     fine_tune = {**config, "pruned": record, "epochs": epochs or config["epochs"]}
     return fine_tune, dataset
+
+
+def prunable(version_dir: Path, artifacts_root: Path) -> tuple[dict, DatasetInfo]:
+    """A version's manifest and cached dataset, where `prune` can work on it (the CLI asks before Prefect starts).
+
+    Raises:
+        ConfigError: The version is not an airbench network.
+        FileNotFoundError: The version's dataset is not cached here.
+    """
+    manifest = read_json(version_dir / MANIFEST_FILE)
+    architecture = manifest["config"]["architecture"]
+    if architecture != "airbench":
+        raise ConfigError(f"{version_dir} holds a {architecture} network: prune takes airbench versions")
+    dataset = cached_dataset(artifacts_root, manifest["dataset"]["fingerprint"], "prune can rank channels on its "
+                             "training images and fine-tune")  # fmt: skip
+    return manifest, dataset
 
 
 def pruned_channels(pruned: dict | None) -> tuple[int, ...] | None:
