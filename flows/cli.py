@@ -20,6 +20,7 @@ from model_lib.checks import check_training_request
 from model_lib.config import (
     APP_BOUNDS,
     APP_PORT,
+    DEFAULT_KEEP,
     ENGINES,
     MAX_MEGAPIXELS,
     MAX_UPLOAD_MB,
@@ -355,8 +356,10 @@ def prune(**request) -> None:
     check_plan(request)  # usage errors (exit 2) before Prefect starts
     version_dir = _version_dir(request["model"])
     prunable(version_dir, work_dir())  # an architecture prune does not take, a dataset not cached here
-    typer.echo(f"Pruning {version_dir} to {request['keep']:.0%} of its channels by {request['criterion']}, then "
-               "fine-tuning; starting Prefect...", err=True)  # fmt: skip
+    target, keep = request["target_speedup"], request["keep"] or DEFAULT_KEEP
+    share = f"the share of its channels that runs {target:g}x as fast" if target else f"{keep:.0%} of its channels"
+    typer.echo(f"Pruning {version_dir} to {share} by {request['criterion']}, then fine-tuning; starting Prefect...",
+               err=True)  # fmt: skip
     _stoppable("the prune-version run is marked Crashed; no version was registered (the same command resumes)")
     _require_prefect_api()
     from flows.prune_version import prune_version

@@ -10,7 +10,7 @@ from flows.surfaces import flow_parameters
 from flows.train_cifar import outcome, train_and_register
 from model_lib.config import check_count, check_run_limits
 from model_lib.export import require_tensorflow_backend
-from model_lib.prune import check_criterion, check_keep
+from model_lib.prune import check_criterion, check_share
 from model_lib.registry import Registry, check_alias, parse_reference
 from model_lib.requests import PRUNE_REQUEST, parameter_names, with_defaults
 from model_lib.settings import artifacts_location
@@ -29,7 +29,9 @@ def prune_version(**request) -> dict:
     request = with_defaults(PRUNE_REQUEST, request)
     check_plan(request)
     version_dir = parse_reference(request["model"], artifacts_location())
-    config, dataset = prune_task(str(version_dir), request["keep"], request["criterion"], request["epochs"])
+    config, dataset = prune_task(
+        str(version_dir), request["keep"], request["criterion"], request["epochs"], request["target_speedup"]
+    )
     registration = train_and_register(
         config, dataset, request["timeout_minutes"], request["promotion_margin"], request["export"]
     )
@@ -49,7 +51,7 @@ def check_plan(request: dict) -> None:
         ConfigError: A bad option.
     """
     check_deployment_storage()
-    check_keep(request["keep"])
+    check_share(request["keep"], request["target_speedup"])
     check_criterion(request["criterion"])
     if request["epochs"] is not None:
         check_count("epochs", request["epochs"])

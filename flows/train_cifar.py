@@ -22,6 +22,7 @@ from model_lib.train import TrainingTimeout
 from model_lib.versions import MANIFEST_FILE
 from tasks.common import KEPT_RESULTS, check_deployment_storage, finished, in_parameter_words
 from tasks.export import export_task
+from tasks.pruning import measure_pruning_task
 from tasks.training import (
     calibrate_task,
     data_report_task,
@@ -90,6 +91,8 @@ def train_and_register(
     metrics = evaluate_task(trained, dataset, config["learned_margin"])
     evaluate_champion_task(config, dataset, prepared.test_fingerprint)
     plot_task(trained, dataset, config["seed"])
+    if config.get("pruned"):  # prune-version: its speed beside the parent's, and the family's plot
+        measure_pruning_task(trained, dataset, config, metrics["test_accuracy"])
     run = RunRecord(config, dataset, prepared, trained, metrics, gates, calibration)
     registration = register_task(run, promotion_margin)
     if export:

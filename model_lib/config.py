@@ -246,6 +246,8 @@ def check_engine(engine: str) -> None:
 # How `prune` ranks a conv's channels (model_lib.prune): mean activation times the weights that read it, or those
 # weights alone.
 PRUNE_CRITERIA = ("activation", "weight")
+DEFAULT_KEEP = 0.5  # share of channels `prune` keeps without --keep or --target-speedup
+MAX_TARGET_SPEEDUP = 20.0  # --target-speedup above this: a typo (at the narrowest widths airbench runs about 8x)
 
 TOP_K = 3  # prediction: ranked labels (and their probabilities) per image, in the CSV and the app's answers
 BATCH_IMAGES = 256  # prediction: images decoded per pool job and classified per model call

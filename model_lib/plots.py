@@ -114,6 +114,28 @@ def plot_reliability(curves: dict[str, np.ndarray], labels: np.ndarray, path: Pa
     return _save(figure, path)
 
 
+def plot_pruning(points: list[dict], current: str, path: Path) -> str:
+    """Test accuracy against Keras speed-up over the parent and against file size: the parent and each version
+    pruned from it (model_lib.prune.family_points), joined in order of the share of channels kept."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    ordered = sorted(points, key=lambda point: -point["keep"])
+    for axis, key, label in ((axes[0], "speedup", "images/s, times the parent's (Keras, timed side by side)"),
+                             (axes[1], "megabytes", "model.keras (MB)")):  # fmt: skip
+        axis.plot([p[key] for p in ordered], [100 * p["accuracy"] for p in ordered], color="0.6", zorder=1)
+        for point in ordered:
+            mine = point["label"] == current
+            axis.scatter(point[key], 100 * point["accuracy"], s=60 if mine else 30, zorder=2,
+                         color="tab:red" if mine else "tab:blue")  # fmt: skip
+            axis.annotate(point["label"], (point[key], 100 * point["accuracy"]), textcoords="offset points",
+                          xytext=(4, 4), fontsize=8)  # fmt: skip
+        axis.set_xlabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    figure.suptitle("Pruned versions of one parent: accuracy, speed and size")
+    return _save(figure, path)
+
+
 def plot_run(run_dir: Path, cache_dir: str, class_names: list[str], seed: int = 0) -> dict[str, str]:
     """All plots of a finished, evaluated run; returns their paths by name."""
     from model_lib.data import load_arrays

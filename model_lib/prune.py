@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from model_lib.config import PRUNE_CRITERIA, ConfigError, option
+from model_lib.config import DEFAULT_KEEP, MAX_TARGET_SPEEDUP, PRUNE_CRITERIA, ConfigError, option
 from model_lib.data import DatasetInfo, cached_dataset, load_arrays, train_rows
 from model_lib.fileio import atomic_open, read_json, sha256_file
 from model_lib.models import build_model, unwrap_tta
+from model_lib.precision import machine_key
+from model_lib.runs import MODEL_FILE
 from model_lib.sources import spread_over
 from model_lib.split import run_split
 from model_lib.versions import MANIFEST_FILE, ChecksumError, load_verified_model
@@ -36,6 +39,10 @@ MIN_CHANNELS = 8  # channels a conv keeps at least (airbench's narrowest width)
 SCORE_IMAGES = 1000  # training images the activation criterion averages over
 SCORE_BATCH = 250  # of them, classified at once
 PRUNED_FOLDER = "pruned"  # under the local work dir: the kept weights each pruning run starts from
+SPEED_IMAGES = 1000  # test images each model classifies per timing
+SPEED_BATCH = 250  # of them at once
+SPEED_REPEATS = 3  # timings of each model, taken in turns; the fastest counts
+KEEP_STEPS = tuple(round(0.95 - 0.05 * step, 2) for step in range(18))  # --target-speedup's candidates: 0.95 to 0.1
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,28 @@ def check_keep(keep: float) -> None:
     """Raises ConfigError unless `keep` is a fraction of channels strictly between 0 and 1."""
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep < 1:
         raise ConfigError(f"{option('keep')} is the fraction of channels kept, above 0 and below 1, not {keep!r}")
+
+
+def check_target_speedup(target: float) -> None:
+    """Raises ConfigError unless `target` is a speed-up above 1 and at most MAX_TARGET_SPEEDUP."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 1 < target <= MAX_TARGET_SPEEDUP:
+        raise ConfigError(f"{option('target_speedup')} is a speed-up above 1 and at most {MAX_TARGET_SPEEDUP:g}, "
+                          f"not {target!r}")  # fmt: skip
+
+
+def check_share(keep: float | None, target: float | None) -> None:
+    """A pruning request's share: `keep`, or a target speed-up to find one by, or neither (DEFAULT_KEEP).
+
+    Raises:
+        ConfigError: A bad value, or both given.
+    """
+    if keep is not None:
+        check_keep(keep)
+    if target is not None:
+        check_target_speedup(target)
+        if keep is not None:
+            raise ConfigError(f"{option('keep')} and {option('target_speedup')}: give one, not both (the target "
+                              "speed-up finds the share kept)")  # fmt: skip
 
 
 def check_criterion(criterion: str) -> None:
@@ -109,11 +138,12 @@ def channel_scores(network, spaces: list[Space], criterion: str, images: np.ndar
 
 def kept_channels(scores: list[np.ndarray], keep: float) -> list[np.ndarray]:
     """Per space, the indices of the channels kept: the best `keep` share (at least `MIN_CHANNELS`), in order."""
-    kept = []
-    for score in scores:
-        count = min(len(score), max(MIN_CHANNELS, round(keep * len(score))))
-        kept.append(np.sort(np.argsort(-score, kind="stable")[:count]))
-    return kept
+    return [np.sort(np.argsort(-score, kind="stable")[: kept_count(len(score), keep)]) for score in scores]
+
+
+def kept_count(channels: int, keep: float) -> int:
+    """How many of a conv's channels a share keeps: at least MIN_CHANNELS, at most all of them."""
+    return min(channels, max(MIN_CHANNELS, round(keep * channels)))
 
 
 def pruned_weights(network, spaces: list[Space], kept: list[np.ndarray]) -> list[np.ndarray]:
@@ -156,10 +186,11 @@ def flops(network) -> int:
     return total
 
 
-def prune_version(version_dir: Path, artifacts_root: Path, keep: float, criterion: str, epochs: int | None,
-                  log=print) -> tuple[dict, DatasetInfo]:  # fmt: skip
+def prune_version(version_dir: Path, artifacts_root: Path, keep: float | None, criterion: str, epochs: int | None,
+                  target_speedup: float | None = None, log=print) -> tuple[dict, DatasetInfo]:  # fmt: skip
     """Prune a registered airbench version: rank its channels on its own training split (made again from its config,
-    as exports do), keep the best `keep` share of each conv's, and write the kept weights for fine-tuning.
+    as exports do), keep the best `keep` share of each conv's (or the share `target_speedup` finds; neither:
+    DEFAULT_KEEP), and write the kept weights for fine-tuning.
 
     Returns:
         The config of the fine-tuning run (the version's own, with `epochs` if given and its `pruned` record), and the
@@ -167,18 +198,23 @@ def prune_version(version_dir: Path, artifacts_root: Path, keep: float, criterio
 
     Raises:
         ChecksumError: A file of the version fails its checksum.
-        ConfigError: The version is not an airbench network, or `keep` or `criterion` is bad.
+        ConfigError: The version is not an airbench network, `keep`, `target_speedup` or `criterion` is bad, or no
+            share reaches the target.
         FileNotFoundError: The version's dataset is not cached here.
     """
     import keras
 
-    check_keep(keep)
+    check_share(keep, target_speedup)
     check_criterion(criterion)
     manifest, dataset = prunable(version_dir, artifacts_root)
     parent = f"{manifest.get('name', version_dir.parent.name)} v{manifest['version']}"
     config = manifest["config"]
     network = unwrap_tta(load_verified_model(version_dir))[0]
     spaces = channel_spaces(network)
+    if target_speedup is not None:
+        timed = timed_shares(network, spaces, len(dataset.class_names), load_arrays(dataset.cache_dir).x_test, log)
+        keep = search_keep(timed, target_speedup, log)
+    keep = DEFAULT_KEEP if keep is None else keep
     split = run_split(np.asarray(load_arrays(dataset.cache_dir).y_train), config["validation_split"], config["seed"])
     rows = spread_over(split.train_index, SCORE_IMAGES)
     images = train_rows(dataset.cache_dir)[np.sort(rows)] if criterion == "activation" else None
@@ -262,3 +298,91 @@ def _reader_norms(reader) -> np.ndarray:
 
 def _kind(layer) -> str:
     return type(layer).__name__
+
+
+def images_per_second(models: dict, images: np.ndarray, repeats: int = SPEED_REPEATS) -> dict[str, float]:
+    """Each Keras model's images/s on the same images (SPEED_IMAGES at most), timed in turns in this process: the
+    model alone, no decoding, the fastest of `repeats` each. Only ratios of figures taken together mean anything:
+    images/s depend on the host and on what else it runs."""
+    import time
+
+    images = images[:SPEED_IMAGES]
+    best = dict.fromkeys(models, float("inf"))
+    for model in models.values():
+        model.predict(images[:SPEED_BATCH], batch_size=SPEED_BATCH, verbose=0)  # traced once, not timed
+    for _ in range(repeats):
+        for name, model in models.items():
+            started = time.perf_counter()
+            model.predict(images, batch_size=SPEED_BATCH, verbose=0)
+            best[name] = min(best[name], time.perf_counter() - started)
+    return {name: len(images) / seconds for name, seconds in best.items()}
+
+
+def search_keep(speedup: Callable[[float], float], target: float, log=print) -> float:
+    """The largest of KEEP_STEPS whose network runs at least `target` times the version's images/s, by bisection
+    (fewer channels never run slower): `speedup(keep)` measures one share (`timed_shares`).
+
+    Raises:
+        ConfigError: Not even the smallest share reaches the target on this machine.
+    """
+    low, high = 0, len(KEEP_STEPS) - 1  # the first step (largest share) that reaches the target lies in [low, high]
+    if (smallest := speedup(KEEP_STEPS[high])) < target:
+        raise ConfigError(f"{option('target_speedup')} {target:g}: even keeping {KEEP_STEPS[high]:g} of the channels "
+                          f"runs only {smallest:.2f}x here; ask for less")  # fmt: skip
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if speedup(KEEP_STEPS[middle]) >= target else (middle + 1, high)
+    log(f"Target {target:g}x: keeping {KEEP_STEPS[low]:g} of each conv's channels")
+    return KEEP_STEPS[low]
+
+
+def timed_shares(network, spaces: list[Space], class_count: int, images: np.ndarray, log=print,
+                 ) -> Callable[[float], float]:  # fmt: skip
+    """`search_keep`'s measure: a share's network's images/s over `network`'s, in Keras here (`images_per_second`).
+    Timed before fine-tuning, with the widths' fresh weights: a network's speed does not depend on their values."""
+    side, before = int(network.input_shape[1]), widths(network, spaces)
+
+    def speedup(keep: float) -> float:
+        smaller = build_model("airbench", class_count, side, channels=tuple(kept_count(c, keep) for c in before))
+        speed = images_per_second({"parent": network, "pruned": smaller}, images)
+        log(f"Keep {keep:g}: {speed['pruned'] / speed['parent']:.2f}x the version's images/s (Keras, before "
+            "fine-tuning)")  # fmt: skip
+        return speed["pruned"] / speed["parent"]
+
+    return speedup
+
+
+def measure_against_parent(parent_dir: Path, model_path: Path, images: np.ndarray) -> dict:
+    """A fine-tuned pruned model's and its parent's Keras images/s on the same test images (`images_per_second`),
+    and their `.keras` files' sizes: the record `pruning.json` keeps and the pruning plot draws."""
+    import keras
+
+    models = {"parent": load_verified_model(parent_dir), "pruned": keras.saving.load_model(model_path, safe_mode=True)}
+    speed = images_per_second(models, images)
+    keras.backend.clear_session()
+    return {
+        "images": len(images[:SPEED_IMAGES]),
+        "engine": f"keras ({keras.backend.backend()})",
+        "host": machine_key().split(" flags:")[0],
+        "parent_images_per_second": round(speed["parent"], 1),
+        "images_per_second": round(speed["pruned"], 1),
+        "speedup": round(speed["pruned"] / speed["parent"], 3),
+        "parent_bytes": (parent_dir / MODEL_FILE).stat().st_size,
+        "bytes": Path(model_path).stat().st_size,
+    }
+
+
+def family_points(parent: dict, pruned: list[dict]) -> list[dict]:
+    """The points of a pruning plot (model_lib.plots.plot_pruning): the parent, then each version pruned from it.
+
+    Args:
+        parent: The parent's manifest.
+        pruned: One {"label", "keep", "accuracy", "measured"} each, `measured` its `pruning.json` record.
+    """
+    points = [{"label": f"parent v{parent['version']}", "keep": 1.0, "accuracy": parent["metrics"]["test_accuracy"],
+               "speedup": 1.0, "megabytes": pruned[0]["measured"]["parent_bytes"] / 1e6}]  # fmt: skip
+    for item in pruned:
+        measured = item["measured"]
+        points.append({"label": item["label"], "keep": item["keep"], "accuracy": item["accuracy"],
+                       "speedup": measured["speedup"], "megabytes": measured["bytes"] / 1e6})  # fmt: skip
+    return points

@@ -18,6 +18,7 @@ PLOTS = {  # file -> caption, in the order the report shows them
     PLOT_FILES["confusion"]: "confusion matrix",
     PLOT_FILES["reliability"]: "reliability before/after calibration",
     PLOT_FILES["samples"]: "sample predictions",
+    PLOT_FILES["pruning"]: "accuracy against speed and size, beside the parent and its other pruned versions",
 }
 
 

@@ -15,6 +15,7 @@ from model_lib.config import (
     AUTO_IMAGE_SIZES,
     BATCH_IMAGES,
     CHOICES,
+    DEFAULT_KEEP,
     ENGINES,
     PROFILES,
     PRUNE_CRITERIA,
@@ -253,8 +254,14 @@ PRUNE_REQUEST: tuple[Field, ...] = (
     Field(
         "keep",
         float,
-        "Share of each conv's channels kept, above 0 and below 1 (0.5 keeps about a quarter of the FLOPs).",
-        default=0.5,
+        f"Share of each conv's channels kept, above 0 and below 1 (0.5 keeps about a quarter of the FLOPs); empty: "
+        f"{DEFAULT_KEEP}, or the share a target speed-up finds.",
+    ),  # fmt: skip
+    Field(
+        "target_speedup",
+        float,
+        "Instead of a share kept: the largest share of channels whose network runs this many times the version's "
+        "images/s (Keras on this machine, timed before fine-tuning), e.g. 2.",
     ),  # fmt: skip
     Field(
         "criterion",

@@ -24,8 +24,9 @@ HISTORY_FILE = "history.csv"  # one row per epoch (Keras' CSVLogger), the curves
 METRICS_FILE = "metrics.json"  # test metrics, the confusion matrix among them
 PER_CLASS_FILE = "per_class.csv"
 CONFUSION_FILE = "confusion_matrix.csv"
+PRUNING_FILE = "pruning.json"  # a pruned version's speed and size beside its parent's, measured side by side
 PLOT_FILES = {"curves": "curves.png", "confusion": "confusion_matrix.png", "reliability": "reliability.png",
-              "samples": "samples.png"}  # fmt: skip
+              "samples": "samples.png", "pruning": "pruning.png"}  # fmt: skip
 OWNER_FILE = ".owner"  # the `process_tag` of the run using the folder
 TEST_PROBABILITIES = "test_probabilities.npy"  # the saved model's outputs on the test set, in the run folder
 UNCALIBRATED_PROBABILITIES = "test_probabilities_uncalibrated.npy"  # beside the calibrated ones, for the plots

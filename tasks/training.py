@@ -44,6 +44,7 @@ from model_lib.runs import (
     PER_CLASS_FILE,
     PLOT_FILES,
     PROBE_FILE,
+    PRUNING_FILE,
     TEST_PROBABILITIES,
     TrainResult,
     claim_run_dir,
@@ -56,7 +57,7 @@ from tasks.common import log_info, log_warning, retry_on_transient_io
 
 RUN_FILES = (
     CONFIG_FILE, HISTORY_FILE, METRICS_FILE, PER_CLASS_FILE, CONFUSION_FILE, *PLOT_FILES.values(), CALIBRATION_FILE,
-    DATA_REPORT_FILE, DATA_REPORT_MARKDOWN, FILES_FILE, OOD_FILE,
+    DATA_REPORT_FILE, DATA_REPORT_MARKDOWN, FILES_FILE, OOD_FILE, PRUNING_FILE,
 )  # fmt: skip
 
 

@@ -11,7 +11,17 @@ from typer.testing import CliRunner
 from model_lib.config import ConfigError
 from model_lib.fileio import read_json
 from model_lib.models import build_model
-from model_lib.prune import channel_scores, channel_spaces, flops, kept_channels, pruned_weights, widths
+from model_lib.prune import (
+    channel_scores,
+    channel_spaces,
+    family_points,
+    flops,
+    kept_channels,
+    pruned_weights,
+    search_keep,
+    timed_shares,
+    widths,
+)
 from model_lib.versions import ChecksumError, verify_version
 
 
@@ -48,12 +58,52 @@ def test_a_pruned_network_is_its_parent_without_the_channels_nothing_reads():
     assert flops(child) < flops(parent) / 2.5 and child.count_params() < parent.count_params() / 3
 
 
+def test_the_pruning_plot_puts_the_parent_and_each_pruned_version_on_one_curve(tmp_path):
+    from PIL import Image
+
+    from model_lib.plots import plot_pruning
+
+    parent = {"version": 1, "metrics": {"test_accuracy": 0.906}}
+    family = [{"label": f"v{v} (keep {keep:g})", "keep": keep, "accuracy": accuracy,
+               "measured": {"speedup": speedup, "bytes": size, "parent_bytes": 4_000_000}}
+              for v, keep, accuracy, speedup, size in ((2, 0.5, 0.892, 2.5, 1_100_000),
+                                                       (3, 0.75, 0.904, 1.5, 2_300_000))]  # fmt: skip
+    points = family_points(parent, family)
+    assert [(p["label"], p["keep"], p["speedup"], p["megabytes"]) for p in points] == [
+        ("parent v1", 1.0, 1.0, 4.0),
+        ("v2 (keep 0.5)", 0.5, 2.5, 1.1),
+        ("v3 (keep 0.75)", 0.75, 1.5, 2.3),
+    ]
+    path = Path(plot_pruning(points, "v3 (keep 0.75)", tmp_path / "pruning.png"))
+    assert Image.open(path).size[0] > 600
+
+
+def test_a_target_speedup_keeps_the_largest_share_that_reaches_it_or_says_none_does():
+    asked = []
+
+    def speedup(keep: float) -> float:  # fewer channels, faster: 0.6 gives 2.15x, 0.65 gives 1.91x
+        asked.append(keep)
+        return keep**-1.5
+
+    assert search_keep(speedup, 2.0, log=lambda line: None) == 0.6
+    assert len(asked) <= 6  # bisection over the 18 shares, not each of them
+    with pytest.raises(ConfigError, match=r"^--target-speedup 12: even keeping 0.1 of the channels runs only 10.00x"):
+        search_keep(lambda keep: 1 / keep, 12.0, log=lambda line: None)
+    # The measure itself: a real network of each share, timed beside the version's (no figure asserted: bench/).
+    network = build_model("airbench", 10, 32, width=0.25)
+    said = []
+    measured = timed_shares(network, channel_spaces(network), 10, np.zeros((64, 32, 32, 3), np.uint8), said.append)
+    assert measured(0.5) > 0 and said[-1].startswith("Keep 0.5: ")
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         (["--keep", "0"], "--keep is the fraction of channels kept, above 0 and below 1, not 0.0"),
         (["--keep", "1.5"], "--keep is the fraction of channels kept, above 0 and below 1, not 1.5"),
         (["--criterion", "norm"], "--criterion 'norm': choose from activation, weight"),
+        (["--target-speedup", "1"], "--target-speedup is a speed-up above 1 and at most 20, not 1.0"),
+        (["--keep", "0.5", "--target-speedup", "2"], "--keep and --target-speedup: give one, not both"),
         (["--alias", "champion"], "--alias 'champion': an alias is a lower-case name such as edge"),
         (["--epochs", "0"], "--epochs"),
     ],
@@ -94,6 +144,14 @@ def test_prune_registers_a_smaller_version_through_the_gate_that_exports_and_ser
     assert manifest["parameter_count"] < parent["parameter_count"] / 3
     assert manifest["dataset"]["test_fingerprint"] == parent["dataset"]["test_fingerprint"]  # the same test images
     assert manifest["config"]["epochs"] == 1 and verify_version(version_dir) == []
+    # Timed beside its parent on the same test images, and plotted with it in report.md (both checksummed).
+    measured = read_json(version_dir / "pruning.json")
+    assert measured["images"] == manifest["dataset"]["test_count"] and measured["engine"] == "keras (tensorflow)"
+    assert measured["speedup"] == pytest.approx(measured["images_per_second"] / measured["parent_images_per_second"],
+                                                rel=1e-2)  # fmt: skip
+    assert measured["bytes"] < measured["parent_bytes"] / 2
+    assert {"pruning.json", "pruning.png"} <= set(manifest["files"])
+    assert "](pruning.png)" in (version_dir / "report.md").read_text()
     # The same gate as any run: champion only with the parent's accuracy or more (the margin is 0).
     assert result["champion"] is (result["test_accuracy"] >= parent["metrics"]["test_accuracy"])
     assert {entry["format"] for entry in result["exports"]} == {"float32", "float16", "int8"}
@@ -110,6 +168,12 @@ def test_prune_registers_a_smaller_version_through_the_gate_that_exports_and_ser
     done = batch_predict(str(photos), output_csv=str(tmp_path / "p.csv"), model="cifar10@edge")
     table = pd.read_csv(done["output_csv"])
     assert done["error"] == 0 and table["model"].str.contains(f"cifar10 v{result['version']}").all()
+
+    # A target speed-up no share reaches here (the narrowest, 8 channels a conv, runs a few times as fast): one line
+    # from the flow, after timing the narrowest share beside the version, and nothing registered.
+    with pytest.raises(ConfigError, match=r"target.speedup 19: even keeping 0.1 of the channels runs only \d"):
+        prune_version(model=f"cifar10@v{trained['version']}", target_speedup=19, epochs=1)
+    assert verify_version(version_dir) == [] and not (version_dir.parent / f"v{result['version'] + 1}").exists()
 
     (parent_dir / "probe.npz").write_bytes(b"tampered")  # a parent whose files fail their checksums is refused
     with pytest.raises(ChecksumError, match="probe.npz"):
