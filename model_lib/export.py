@@ -16,6 +16,7 @@ measured on the test set against the Keras model like any export.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +38,7 @@ from model_lib.inference import (
 from model_lib.models import served_with_features, unwrap_tta, with_features
 from model_lib.onnx_export import convert_onnx, quantize_onnx, require_onnx
 from model_lib.ood import OOD_FILE, FeatureRule, classified, fit_feature_rule
+from model_lib.precision import machine_key
 from model_lib.registry import attach_to_version
 from model_lib.serving import (
     DEFAULT_FORMATS,
@@ -55,6 +57,8 @@ CALIBRATION_IMAGES = 200  # training images the int8 quantiser calibrates its ra
 PARITY_MAX_DROP = 0.003  # test accuracy an export may lose against the Keras model and still serve
 PARITY_MIN_AGREEMENT = 0.98  # share of test images on which an export that serves matches Keras' top-1
 FIRST_VIEW_FORMAT = "int8"  # the format whose export a TTA model's first view is exported beside
+SPEED_IMAGES = 512  # test images (repeated where there are fewer) each export is timed on, for `auto`'s order
+SPEED_PASSES = 2  # timed passes over them after a warm-up; the faster counts
 
 
 def export_file(export_format: str) -> str:
@@ -216,14 +220,17 @@ def export_version(
                 path.write_bytes(convert(saved_model, export_format, calibration))
             classifier = export_classifier(path)
             outputs[export_format], features = classified(classifier, x_test)
+            speed = images_per_second(classifier, x_test)
             input_dtypes[path.name] = classifier.input_dtype
             top1 = outputs[export_format].argmax(axis=1)
             accuracy, agreement = float((top1 == y_test).mean()), float((top1 == keras_top1).mean())
             entries.append({"format": export_format, "file": path.name, "size_bytes": path.stat().st_size,
-                            "test_accuracy": accuracy, "agreement": agreement, "status": "ok",
-                            "reason": "", **check_features(classifier, path, features)})  # fmt: skip
+                            "test_accuracy": accuracy, "agreement": agreement, "status": "ok", "reason": "",
+                            "images_per_second": round(speed, 1), "host": machine_key(),
+                            **check_features(classifier, path, features)})  # fmt: skip
             files[path.name] = path
-            log(f"{export_format}: {path.stat().st_size / 1e6:.2f} MB, test accuracy {accuracy:.4f} (Keras "
+            log(f"{export_format}: {path.stat().st_size / 1e6:.2f} MB, {speed:,.0f} images/s here, test accuracy "
+                f"{accuracy:.4f} (Keras "
                 f"{keras_accuracy:.4f}), same top-1 as Keras on {agreement:.2%}{_said(entries[-1])}")  # fmt: skip
         measured = {entry["format"]: entry["test_accuracy"] for entry in [*kept.values(), *entries]}
         for entry in entries:
@@ -263,6 +270,19 @@ def export_version(
         checksums = attach_to_version(version_dir, files, "exports", entries, merge_on="format")
     by_format = {**kept, **{entry["format"]: {**entry, "sha256": checksums[entry["file"]]} for entry in entries}}
     return [by_format[export_format] for export_format in formats]
+
+
+def images_per_second(classifier, images: np.ndarray) -> float:
+    """An export's images/s here, features included as served: SPEED_IMAGES test images (repeated where there are
+    fewer: a dozen take too little time to tell formats apart), the faster of SPEED_PASSES after a warm-up."""
+    sample = np.resize(images, (SPEED_IMAGES, *images.shape[1:]))  # whole images, repeated in order
+    classifier.classify(sample[:64])  # the interpreter's first call allocates: not timed
+    fastest = float("inf")
+    for _ in range(SPEED_PASSES):
+        started = time.perf_counter()
+        classified(classifier, sample)
+        fastest = min(fastest, time.perf_counter() - started)
+    return SPEED_IMAGES / fastest
 
 
 def _write_onnx(path: Path, export_format: str, saved_model: Path, calibration: np.ndarray) -> None:

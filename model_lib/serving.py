@@ -4,14 +4,17 @@ serves with, and the cascade's rule. `export` writes what these read; `predict` 
 
 from __future__ import annotations
 
-# Per engine, the export formats it serves, fastest first. `auto`: int8 TFLite ran 3.2x Keras on 2 cores, TFLite
-# float32 1.9x ONNX Runtime's (bench/RESULTS.md), so ONNX serves under `auto` only where no TFLite export passed.
+# Per engine, the export formats it serves, fastest first where `export` has not timed them on this host. `auto`:
+# int8 TFLite ran 3.2x Keras on 2 cores, TFLite float32 1.5x ONNX float32 (bench/RESULTS.md).
 TFLITE_FORMATS = ("float32", "float16", "int8")
 ONNX_FORMATS = ("onnx", "onnx_int8")  # with the `onnx` extra (`model_lib.onnx_export`)
 EXPORT_FORMATS = TFLITE_FORMATS + ONNX_FORMATS
 DEFAULT_FORMATS = TFLITE_FORMATS  # what `export` and `train --export` write unless told
 EXPORT_SUFFIXES = (".tflite", ".onnx")  # the files of exports, which `--model` may name directly
 SERVING_ORDER = {"auto": ("int8", "float16", "float32", "onnx_int8", "onnx"), "onnx": ("onnx_int8", "onnx")}
+# A format timed faster than SERVING_ORDER's first by `export` on this host serves first only beyond this ratio: two
+# formats within it (float16 and float32 on a CPU) keep the fixed order rather than swap with each export's noise.
+MEASURED_MARGIN = 1.25
 FEATURE_MIN_AGREEMENT = 0.995  # share of test images an export's feature-space flags must share with Keras' to serve
 
 
@@ -38,17 +41,29 @@ def export_files(entry: dict) -> tuple[str, ...]:
     return tuple(name for pair in names for name in pair if name)
 
 
-def serving_exports(manifest: dict, engine: str = "auto") -> list[str]:
+def serving_exports(manifest: dict, engine: str = "auto", host: str | None = None) -> list[str]:
     """The files of the exports recorded in a version's manifest that passed parity and `engine` serves, fastest
-    first."""
-    passed = {entry["format"]: entry["file"] for entry in manifest.get("exports", []) if entry.get("parity")}
-    order = SERVING_ORDER.get(engine, ())
-    return [passed[fmt] for fmt in order if fmt in passed and passed[fmt] in manifest["files"]]
+    first: SERVING_ORDER's, unless `export` timed every one of them on this host (`host`: its machine key) and one
+    ran over MEASURED_MARGIN times the first's images/s there; then that one comes first."""
+    entries = {entry["format"]: entry for entry in manifest.get("exports", []) if entry.get("parity")}
+    listed = set(manifest["files"])
+    order = [fmt for fmt in SERVING_ORDER.get(engine, ()) if fmt in entries and entries[fmt]["file"] in listed]
+    if order:
+        if host is None:
+            from model_lib.precision import machine_key
+
+            host = machine_key()
+        speeds = {fmt: entries[fmt].get("images_per_second") for fmt in order if entries[fmt].get("host") == host}
+        if len(speeds) == len(order) and all(speeds.values()):
+            fastest = max(order, key=speeds.get)
+            if speeds[fastest] > MEASURED_MARGIN * speeds[order[0]]:
+                order = [fastest, *(fmt for fmt in order if fmt != fastest)]
+    return [entries[fmt]["file"] for fmt in order]
 
 
-def serving_export(manifest: dict, engine: str = "auto") -> str | None:
-    """The file of the fastest export that passed parity and `engine` serves, or None."""
-    return next(iter(serving_exports(manifest, engine)), None)
+def serving_export(manifest: dict, engine: str = "auto", host: str | None = None) -> str | None:
+    """The file of the fastest export that passed parity and `engine` serves, or None (`serving_exports`)."""
+    return next(iter(serving_exports(manifest, engine, host)), None)
 
 
 def export_feature_rule(manifest: dict, file: str) -> tuple[str, str]:

@@ -17,8 +17,9 @@ from model_lib.fileio import read_json, sha256_file, write_json
 from model_lib.inference import KerasClassifier, OnnxClassifier, TFLiteClassifier, cascade, sharpened
 from model_lib.models import unwrap_tta, with_features
 from model_lib.ood import FeatureRule, classified
+from model_lib.precision import machine_key
 from model_lib.predict import CASCADE_NOTE, load_classifier, resolve_model
-from model_lib.serving import TFLITE_FORMATS, cascade_rule, serving_export
+from model_lib.serving import TFLITE_FORMATS, cascade_rule, serving_export, serving_exports
 from model_lib.split import load_split, run_split
 from model_lib.versions import ChecksumError, RegistryError, load_verified_model, verify_version
 from tests.synthetic import UNLIKE_KINDS, write_unlike_images
@@ -48,6 +49,7 @@ def test_exports_match_keras_and_are_recorded(exported, artifacts):
         assert entry["size_bytes"] == path.stat().st_size and entry["sha256"] == sha256_file(path)
         assert manifest["files"][entry["file"]] == entry["sha256"]
         assert entry["status"] in ("ok", "failed")
+        assert entry["images_per_second"] > 0 and entry["host"] == machine_key()  # timed here, for `auto`'s order
         probabilities = TFLiteClassifier(path).predict(x_test)
         assert entry["test_accuracy"] == pytest.approx((probabilities.argmax(axis=1) == y_test).mean(), abs=1e-6)
         agreement = (probabilities.argmax(axis=1) == keras_top1).mean()
@@ -103,6 +105,23 @@ def test_serving_export_is_the_fastest_that_passed_parity():
     del unlisted["files"]["model_int8.tflite"]
     assert serving_export(unlisted) is None  # a file the manifest does not vouch for never serves
 
+    def timed(speeds: dict, host: str = "this CPU") -> dict:  # each format's images/s, as `export` measured them
+        timings = manifest(*speeds)
+        for entry in timings["exports"]:
+            entry |= {"images_per_second": speeds.get(entry["format"]), "host": host}
+        return timings
+
+    # Timed on this host, a format over 1.25x the fixed order's first serves first; within it, the order stands.
+    assert serving_export(timed({"float32": 3000, "float16": 900, "int8": 2000}), host="this CPU") == (
+        "model_float32.tflite")  # fmt: skip
+    assert serving_export(timed({"float32": 2400, "float16": 900, "int8": 2000}), host="this CPU") == (
+        "model_int8.tflite")  # fmt: skip
+    # Timed on another host, or not every candidate timed: the fixed order.
+    assert serving_export(timed({"float32": 3000, "float16": 900, "int8": 2000}, "another CPU"), host="this CPU") == (
+        "model_int8.tflite")  # fmt: skip
+    untimed = timed({"float32": 3000, "float16": None, "int8": 2000})  # float16 passed, exported before timings
+    assert serving_export(untimed, host="this CPU") == "model_int8.tflite"
+
 
 @pytest.mark.slow
 def test_batch_predict_runs_a_tflite_export(exported, colour_dataset, artifacts, tmp_path):
@@ -132,13 +151,15 @@ def test_batch_predict_runs_a_tflite_export(exported, colour_dataset, artifacts,
     exports = read_json(version_dir / "manifest.json")["exports"]
     logged = []
     export_version(version_dir, artifacts, tuple(entry["format"] for entry in exports), log=logged.append)
-    converted = [line.split(":")[0] for line in logged if " MB, test accuracy " in line]
+    converted = [line.split(":")[0] for line in logged if " images/s here, test accuracy " in line]
     assert converted == [entry["format"] for entry in exports if entry["file"] == chosen]
     assert verify_version(version_dir) == []
     assert not pd.read_csv(fallback["output_csv"])["model"].str.endswith(chosen).any()
     chosen_path.unlink()  # a missing export is passed over the same way, not a crash
     gone = batch_predict(str(colour_dataset / "test"), output_csv=str(tmp_path / "g.csv"), model=str(version_dir))
-    assert gone["model"] == fallback["model"] and gone["ok"] == len(keras_csv)
+    # The next in auto's order: export timed the tampered format again, so the order may differ from before.
+    left = [name for name in serving_exports(read_json(version_dir / "manifest.json")) if name != chosen]
+    assert gone["model"].endswith(f"({left[0]})" if left else "v1") and gone["ok"] == len(keras_csv)
 
 
 @pytest.mark.real_data
