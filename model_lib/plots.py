@@ -130,6 +130,7 @@ def plot_pruning(points: list[dict], current: str, path: Path) -> str:
             axis.annotate(point["label"], (point[key], 100 * point["accuracy"]), textcoords="offset points",
                           xytext=(4, 4), fontsize=8)  # fmt: skip
         axis.set_xlabel(label)
+        axis.margins(x=0.2)  # room for the labels right of the last point
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
     figure.suptitle("Pruned versions of one parent: accuracy, speed and size")
