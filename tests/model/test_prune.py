@@ -17,6 +17,7 @@ from model_lib.prune import (
     family_points,
     flops,
     kept_channels,
+    kept_count,
     pruned_weights,
     search_keep,
     timed_shares,
@@ -76,6 +77,12 @@ def test_the_pruning_plot_puts_the_parent_and_each_pruned_version_on_one_curve(t
     ]
     path = Path(plot_pruning(points, "v3 (keep 0.75)", tmp_path / "pruning.png"))
     assert Image.open(path).size[0] > 600
+
+
+def test_a_share_keeps_the_nearest_multiple_of_eight_channels_and_never_fewer():
+    assert [kept_count(128, keep) for keep in (0.5, 0.55, 0.25, 0.95)] == [64, 72, 32, 120]
+    assert [kept_count(32, keep) for keep in (0.55, 0.1)] == [16, 8]  # 17.6 -> 16; 3.2 -> at least 8
+    assert kept_count(12, 0.9) == 8 and kept_count(6, 0.5) == 6  # never more than the conv has
 
 
 def test_a_target_speedup_keeps_the_largest_share_that_reaches_it_or_says_none_does():
