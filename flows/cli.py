@@ -576,10 +576,17 @@ def models_compare(
     """Two versions side by side: metrics, per-class F1 changes, config differences, data fingerprints."""
     from model_lib.compare import compare_manifests, comparison_text
     from model_lib.fileio import read_json
+    from model_lib.runs import PRUNING_FILE
     from model_lib.versions import MANIFEST_FILE
 
-    manifests = [read_json(_version_dir(ref) / MANIFEST_FILE) for ref in (first, second)]
-    comparison = compare_manifests(*manifests)
+    folders = [_version_dir(ref) for ref in (first, second)]
+    manifests = [read_json(folder / MANIFEST_FILE) for folder in folders]
+    labels = [f"{m.get('name')} v{m.get('version')}" for m in manifests]
+    pruning = None  # where one was pruned from the other: the two as timed together
+    for folder, manifest, parent in zip(folders, manifests, labels[::-1], strict=True):
+        if ((manifest.get("config") or {}).get("pruned") or {}).get("from") == parent:
+            pruning = read_json(folder / PRUNING_FILE) if (folder / PRUNING_FILE).is_file() else None
+    comparison = compare_manifests(*manifests, pruning)
     typer.echo(json.dumps(comparison, indent=2) if as_json else "\n".join(comparison_text(comparison)))
 
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 HEADLINE = ("test_accuracy", "test_loss", "promotion_floor", "epochs_run", "train_seconds")
 
 
-def compare_manifests(first: dict, second: dict) -> dict:
+def compare_manifests(first: dict, second: dict, pruning: dict | None = None) -> dict:
     """What differs between two version manifests (JSON-friendly).
+
+    Args:
+        pruning: Where one version was pruned from the other, its `pruning.json`: the two timed side by side.
 
     Returns:
         `versions` (name and number of each), `metrics` (each headline metric for both and the
-        change), `calibration` (test ECE after calibration, where recorded), `per_class` (F1 of each
+        change), `calibration` (test ECE after calibration, where recorded), `size` (parameters, and the
+        Keras images/s of a pruned version and its parent timed together), `per_class` (F1 of each
         class for both and the change), `config` (only the fields whose values differ), `data`
         (dataset and test-set fingerprints and counts) and `same_test_set`.
     """
@@ -35,6 +39,7 @@ def compare_manifests(first: dict, second: dict) -> dict:
         "versions": [label(first), label(second)],
         "metrics": metrics,
         "calibration": {"test_ece_after": {"first": ece[0], "second": ece[1], "change": change(*ece)}},
+        "size": _size(first, second, pruning, change),
         "per_class": {
             name: {
                 "first": f1[0].get(name),
@@ -56,23 +61,48 @@ def compare_manifests(first: dict, second: dict) -> dict:
     }
 
 
+def _size(first: dict, second: dict, pruning: dict | None, change) -> dict:
+    """Parameters of both, and where one is pruned from the other, both Keras images/s as timed together, the change
+    a ratio (the pruned version's `pruning.json`; images/s of separate runs or hosts are not compared)."""
+    parameters = [m.get("parameter_count") for m in (first, second)]
+    size = {"parameters": {"first": parameters[0], "second": parameters[1], "change": change(*parameters)}}
+    if pruning:
+        speeds = (round(pruning["parent_images_per_second"]), round(pruning["images_per_second"]))
+        if (second.get("config") or {}).get("pruned") is None:  # the first is the pruned one
+            speeds = speeds[::-1]
+        size["Keras images/s (together)"] = {"first": speeds[0], "second": speeds[1],
+                                              "change": f"{speeds[1] / speeds[0]:.2f}x"}  # fmt: skip
+    return size
+
+
+def pruned_summary(pruned: dict) -> str:
+    """A `config.pruned` record in one line: where from, how, and what it kept."""
+    return (f"from {pruned['from']}, {pruned['criterion']}, keep {pruned['keep']:g}: channels "
+            f"{'/'.join(map(str, pruned['channels']))} of {'/'.join(map(str, pruned['channels_before']))}, "
+            f"{pruned['flops'] / 1e6:.1f} of {pruned['flops_before'] / 1e6:.1f} MFLOPs")  # fmt: skip
+
+
 def comparison_text(comparison: dict) -> list[str]:
     """The comparison as aligned text lines for a terminal."""
     first, second = comparison["versions"]
     width = max(len(first), len(second), 10)
 
+    def shown(value) -> str:
+        if isinstance(value, dict) and {"from", "keep", "channels"} <= set(value):
+            return pruned_summary(value)
+        return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
     def row(name: str, cell: dict) -> str:
-        shown = [
-            ("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v))
-            for v in (cell["first"], cell["second"])
-        ]
+        shown_values = [shown(cell["first"]), shown(cell["second"])]
         delta = cell.get("change")
-        delta = "" if delta is None else f"{delta:+d}" if isinstance(delta, int) else f"{delta:+.4f}"
-        return f"{name:<26} {shown[0]:>{width}} {shown[1]:>{width}} {delta:>9}"
+        delta = (delta if isinstance(delta, str) else "" if delta is None else f"{delta:+d}" if isinstance(delta, int)
+                 else f"{delta:+.4f}")  # fmt: skip
+        return f"{name:<26} {shown_values[0]:>{width}} {shown_values[1]:>{width}} {delta:>9}"
 
     lines = [f"{'':<26} {first:>{width}} {second:>{width}} {'change':>9}"]
     lines += [row(name, cell) for name, cell in comparison["metrics"].items()]
     lines.append(row("test ECE (calibrated)", comparison["calibration"]["test_ece_after"]))
+    lines += [row(name, cell) for name, cell in comparison["size"].items()]
     lines += ["", "per-class F1:"] + [row(f"  {name}", cell) for name, cell in comparison["per_class"].items()]
     lines += ["", "config differences:"]
     lines += [row(f"  {name}", {**cell, "change": None}) for name, cell in comparison["config"].items()] or ["  none"]

@@ -167,6 +167,9 @@ def test_prune_registers_a_smaller_version_through_the_gate_that_exports_and_ser
     listed = CliRunner().invoke(app, ["models", "list"]).output.splitlines()[-1].split()
     assert listed[0] == f"v{result['version']}" and "edge" in listed[1].split(",")
     assert " ".join(listed[-4:]) == "pruned from cifar10 v1"
+    parent_ref, pruned_ref = f"cifar10@v{trained['version']}", f"cifar10@v{result['version']}"
+    compared = CliRunner().invoke(app, ["models", "compare", parent_ref, pruned_ref]).output
+    assert "Keras images/s (together)" in compared and "keep 0.5: channels 8/8/32" in compared, compared
 
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -28,3 +28,23 @@ def test_compare_lists_metric_and_per_class_changes_and_only_the_config_that_dif
     assert [line.split() for line in text.splitlines() if line.strip().startswith("cat")] == [
         ["cat", "0.4000", "0.7000", "+0.3000"]
     ]
+
+
+def test_a_pruned_version_beside_its_parent_shows_its_lineage_size_and_speed_timed_together():
+    parent = manifest(1, 0.80, {"cat": 0.6}, 2, "A") | {"parameter_count": 498680}
+    child = manifest(2, 0.79, {"cat": 0.6}, 2, "A") | {"parameter_count": 127384}
+    child["config"] = {**child["config"], "pruned": {
+        "from": "cifar10 v1", "criterion": "activation", "keep": 0.5, "channels_before": [32, 128],
+        "channels": [16, 64], "flops_before": 66_132_544, "flops": 20_270_144}}  # fmt: skip
+    pruning = {"parent_images_per_second": 2308.0, "images_per_second": 4686.3}
+    comparison = compare_manifests(parent, child, pruning)
+    assert comparison["size"] == {
+        "parameters": {"first": 498680, "second": 127384, "change": -371296},
+        "Keras images/s (together)": {"first": 2308, "second": 4686, "change": "2.03x"},
+    }
+    backwards = compare_manifests(child, parent, pruning)["size"]["Keras images/s (together)"]
+    assert (backwards["first"], backwards["change"]) == (4686, "0.49x")  # the pruned one first
+    text = "\n".join(comparison_text(comparison))
+    assert "from cifar10 v1, activation, keep 0.5: channels 16/64 of 32/128, 20.3 of 66.1 MFLOPs" in text
+    assert "2.03x" in text and "{" not in text  # no record printed raw
+    assert "Keras images/s" not in "\n".join(comparison_text(compare_manifests(parent, child)))  # not timed
