@@ -37,6 +37,8 @@ def manifest_after(version_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_flow_trains_and_registers_a_complete_version(prefect_harness, colour_dataset, artifacts):
+    """A real run of three epochs on the colours: only a finished flow shows that every file it wrote was
+    registered and none left behind in its run folder."""
     result = train_cifar(profile="smoke", data=str(colour_dataset), epochs=3, batch_size=8, validation_split=0.25)
     assert result["version"] == 1 and result["champion"]
     version_dir = Path(result["path"])
@@ -112,6 +114,7 @@ def test_the_seed_architecture_learns_under_smoke(prefect_harness, cifar_dir, ar
 def test_flaky_io_is_retried_but_bad_data_fails_at_once_and_leaves_the_champion(
     prefect_harness, colour_dataset, artifacts, monkeypatch
 ):
+    """Trains once: the champion that bad data must leave in place is a real registered version."""
     import tasks.training
     from model_lib.registry import Registry
     from model_lib.sources import DatasetError

@@ -58,6 +58,8 @@ def test_imagenet_offline_and_missing_files_explain_what_to_do(monkeypatch, tmp_
 @pytest.mark.backends
 @pytest.mark.slow
 def test_two_phases_frozen_head_then_fine_tuning(colour_dataset, artifacts, tmp_path):
+    """A real fit of two epochs: the switch from the frozen backbone to fine-tuning happens inside training (the
+    trainable layers and the learning rate change between phases), which nothing smaller reaches."""
     weights = tmp_path / "pretrained.weights.h5"
     build_model("transfer", 10).get_layer(BACKBONE_LAYER_NAME).save_weights(weights)
     config, dataset, split_path, run_dir = _prepare(
