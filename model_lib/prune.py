@@ -21,6 +21,7 @@ import hashlib
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ import numpy as np
 from model_lib.config import DEFAULT_KEEP, MAX_TARGET_SPEEDUP, PRUNE_CRITERIA, ConfigError, option
 from model_lib.data import DatasetInfo, cached_dataset, load_arrays, train_rows
 from model_lib.fileio import atomic_open, read_json, sha256_file
-from model_lib.models import build_model, unwrap_tta
+from model_lib.models import TTA_TRANSLATE, build_model, unwrap_tta, with_tta
 from model_lib.precision import machine_key
 from model_lib.runs import MODEL_FILE
 from model_lib.sources import spread_over
@@ -214,10 +215,14 @@ def prune_version(version_dir: Path, artifacts_root: Path, keep: float | None, c
     manifest, dataset = prunable(version_dir, artifacts_root)
     parent = f"{manifest.get('name', version_dir.parent.name)} v{manifest['version']}"
     config = manifest["config"]
-    network = unwrap_tta(load_verified_model(version_dir))[0]
+    model = load_verified_model(version_dir)
+    network, views = unwrap_tta(model)
     spaces = channel_spaces(network)
     if target_speedup is not None:
-        timed = timed_shares(network, spaces, len(dataset.class_names), load_arrays(dataset.cache_dir).x_test, log)
+        translate = any(layer.name == TTA_TRANSLATE for layer in model.layers)
+        served = partial(with_tta, translate=translate) if views else None  # timed with the views it serves with
+        timed = timed_shares(network, spaces, len(dataset.class_names), load_arrays(dataset.cache_dir).x_test, log,
+                             served)  # fmt: skip
         keep = search_keep(timed, target_speedup, log)
     keep = DEFAULT_KEEP if keep is None else keep
     split = run_split(np.asarray(load_arrays(dataset.cache_dir).y_train), config["validation_split"], config["seed"])
@@ -346,15 +351,20 @@ def search_keep(speedup: Callable[[float], float], target: float, log=print) -> 
 
 
 def timed_shares(network, spaces: list[Space], class_count: int, images: np.ndarray, log=print,
-                 ) -> Callable[[float], float]:  # fmt: skip
-    """`search_keep`'s measure: a share's network's images/s over `network`'s, in Keras here (`images_per_second`).
-    Timed before fine-tuning, with the widths' fresh weights: a network's speed does not depend on their values."""
+                 served: Callable | None = None) -> Callable[[float], float]:  # fmt: skip
+    """`search_keep`'s measure: a share's network's images/s over `network`'s, in Keras here (`images_per_second`),
+    each wrapped by `served` (the version's TTA views: they cost the same at any width, so the ratio is the one the
+    registered version is timed at). Timed before fine-tuning, with the widths' fresh weights: a network's speed does
+    not depend on their values."""
     side, before = int(network.input_shape[1]), widths(network, spaces)
+    serve = served or (lambda model: model)
+    parent = serve(network)
 
     def speedup(keep: float) -> float:
         smaller = build_model("airbench", class_count, side, channels=tuple(kept_count(c, keep) for c in before))
-        speed = images_per_second({"parent": network, "pruned": smaller}, images)
-        log(f"Keep {keep:g}: {speed['pruned'] / speed['parent']:.2f}x the version's images/s (Keras, before "
+        speed = images_per_second({"parent": parent, "pruned": serve(smaller)}, images)
+        views = "with its views, " if served else ""
+        log(f"Keep {keep:g}: {speed['pruned'] / speed['parent']:.2f}x the version's images/s (Keras, {views}before "
             "fine-tuning)")  # fmt: skip
         return speed["pruned"] / speed["parent"]
 

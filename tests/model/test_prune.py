@@ -1,6 +1,7 @@
 """Structured pruning (model_lib/prune.py) and the prune-version flow (flows/prune_version.py)."""
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 
 from model_lib.config import ConfigError
 from model_lib.fileio import read_json
-from model_lib.models import build_model
+from model_lib.models import build_model, with_tta
 from model_lib.prune import (
     channel_scores,
     channel_spaces,
@@ -101,6 +102,9 @@ def test_a_target_speedup_keeps_the_largest_share_that_reaches_it_or_says_none_d
     said = []
     measured = timed_shares(network, channel_spaces(network), 10, np.zeros((64, 32, 32, 3), np.uint8), said.append)
     assert measured(0.5) > 0 and said[-1].startswith("Keep 0.5: ")
+    with_views = timed_shares(network, channel_spaces(network), 10, np.zeros((64, 32, 32, 3), np.uint8), said.append,
+                              partial(with_tta, translate=True))  # fmt: skip
+    assert with_views(0.5) > 0 and "(Keras, with its views, before fine-tuning)" in said[-1]
 
 
 @pytest.mark.parametrize(
