@@ -240,7 +240,11 @@ def test_an_export_flags_by_the_networks_features_with_a_rule_fitted_on_its_own(
     shutil.copytree(source, artifacts, dirs_exist_ok=True)
     version_dir = artifacts / Path(trained["path"]).relative_to(source)
     logged = []
-    (float16,) = export_version(version_dir, artifacts, ("float16",), log=logged.append)
+    with pytest.MonkeyPatch.context() as rules:
+        # tiny's 200 test images: each near-tie that float16's rounding flips moves accuracy 0.5 points, past the 0.3
+        # the rule allows (seen once in CI); agreement (98%, four images) stays the rule.
+        rules.setattr(model_lib.export, "PARITY_MAX_DROP", 0.011)
+        (float16,) = export_version(version_dir, artifacts, ("float16",), log=logged.append)
     features, manifest = float16["features"], read_json(version_dir / "manifest.json")
     assert features["file"] == feature_rule_file(float16["file"]) == "model_float16.ood.npz"
     assert manifest["files"][features["file"]] == sha256_file(version_dir / features["file"])
