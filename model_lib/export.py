@@ -230,8 +230,8 @@ def export_version(
                             **check_features(classifier, path, features)})  # fmt: skip
             files[path.name] = path
             log(f"{export_format}: {path.stat().st_size / 1e6:.2f} MB, {speed:,.0f} images/s here, test accuracy "
-                f"{accuracy:.4f} (Keras "
-                f"{keras_accuracy:.4f}), same top-1 as Keras on {agreement:.2%}{_said(entries[-1])}")  # fmt: skip
+                f"{accuracy:.4f} (Keras {keras_accuracy:.4f}), same top-1 as Keras on {agreement:.2%}"
+                f"{_said(entries[-1])}")  # fmt: skip
         measured = {entry["format"]: entry["test_accuracy"] for entry in [*kept.values(), *entries]}
         for entry in entries:
             float_format = INT8_REFERENCE.get(entry["format"])

@@ -332,7 +332,12 @@ def unwrap_tta(model):
     inner = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     if len(inner) != 1:
         return model, ()
-    return inner[0], tta_views(translate=any(layer.name == TTA_TRANSLATE for layer in model.layers))
+    return inner[0], tta_views(translate=tta_translates(model))
+
+
+def tta_translates(model) -> bool:
+    """Whether a model's TTA wrapper (`with_tta`) averages translated views too, not only the flip."""
+    return any(layer.name == TTA_TRANSLATE for layer in model.layers)
 
 
 def network_parameter_count(model) -> int:

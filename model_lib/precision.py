@@ -55,14 +55,19 @@ def machine_cache_dir() -> Path:
     return work_dir() / "cache"
 
 
+@functools.cache
+def local_cpuinfo() -> str:
+    """This machine's /proc/cpuinfo ("" where there is none), read once a process: serving asks for the machine's key
+    each time it picks a version's export."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_bf16_units(cpuinfo: str | None = None) -> str:
     """The CPU's native bf16 units: `amx`, `avx512_bf16`, or "" for none (read from /proc/cpuinfo)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return ""
-    flags = set(cpuinfo.split())
+    flags = set((local_cpuinfo() if cpuinfo is None else cpuinfo).split())
     if "amx_bf16" in flags:
         return "amx"
     return "avx512_bf16" if "avx512_bf16" in flags else ""
@@ -88,12 +93,7 @@ def measure_bf16_speedup() -> float:
 
 def machine_key(cpuinfo: str | None = None) -> str:
     """The CPU's identity for the probe cache: model name, logical cores and instruction-set flags."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    lines = cpuinfo.splitlines()
+    lines = (local_cpuinfo() if cpuinfo is None else cpuinfo).splitlines()
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     digest = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:12]

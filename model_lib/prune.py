@@ -29,7 +29,7 @@ import numpy as np
 from model_lib.config import DEFAULT_KEEP, MAX_TARGET_SPEEDUP, PRUNE_CRITERIA, ConfigError, option
 from model_lib.data import DatasetInfo, cached_dataset, load_arrays, train_rows
 from model_lib.fileio import atomic_open, read_json, sha256_file
-from model_lib.models import TTA_TRANSLATE, build_model, unwrap_tta, with_tta
+from model_lib.models import build_model, tta_translates, unwrap_tta, with_tta
 from model_lib.precision import machine_key
 from model_lib.runs import MODEL_FILE
 from model_lib.sources import spread_over
@@ -218,14 +218,13 @@ def prune_version(version_dir: Path, artifacts_root: Path, keep: float | None, c
     model = load_verified_model(version_dir)
     network, views = unwrap_tta(model)
     spaces = channel_spaces(network)
+    arrays = load_arrays(dataset.cache_dir)
     if target_speedup is not None:
-        translate = any(layer.name == TTA_TRANSLATE for layer in model.layers)
-        served = partial(with_tta, translate=translate) if views else None  # timed with the views it serves with
-        timed = timed_shares(network, spaces, len(dataset.class_names), load_arrays(dataset.cache_dir).x_test, log,
-                             served)  # fmt: skip
+        served = partial(with_tta, translate=tta_translates(model)) if views else None  # timed with its views
+        timed = timed_shares(network, spaces, len(dataset.class_names), arrays.x_test, log, served)
         keep = search_keep(timed, target_speedup, log)
     keep = DEFAULT_KEEP if keep is None else keep
-    split = run_split(np.asarray(load_arrays(dataset.cache_dir).y_train), config["validation_split"], config["seed"])
+    split = run_split(np.asarray(arrays.y_train), config["validation_split"], config["seed"])
     rows = spread_over(split.train_index, SCORE_IMAGES)
     images = train_rows(dataset.cache_dir)[np.sort(rows)] if criterion == "activation" else None
     kept = kept_channels(channel_scores(network, spaces, criterion, images), keep)

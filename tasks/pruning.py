@@ -42,11 +42,13 @@ def measure_pruning_task(trained: TrainResult, dataset: DatasetInfo, config: dic
              f"{measured['parent_bytes'] / 1e6:.2f} MB")  # fmt: skip
     family = []
     for entry in registry.state()["versions"]:
-        folder = registry.version_dir(entry["version"]) if entry.get("pruned_from") == pruned["from"] else None
-        if folder is not None and (folder / PRUNING_FILE).is_file():  # versions pruned before the record: left out
+        if entry.get("pruned_from") != pruned["from"]:
+            continue
+        folder = registry.version_dir(entry["version"])
+        if (folder / PRUNING_FILE).is_file():  # versions pruned before the record are left out
             manifest = read_json(folder / MANIFEST_FILE)
-            family.append({"label": f"v{entry['version']} (keep {manifest['config']['pruned']['keep']:g})",
-                           "keep": manifest["config"]["pruned"]["keep"],
+            keep = manifest["config"]["pruned"]["keep"]
+            family.append({"label": f"v{entry['version']} (keep {keep:g})", "keep": keep,
                            "accuracy": manifest["metrics"]["test_accuracy"],
                            "measured": read_json(folder / PRUNING_FILE)})  # fmt: skip
     current = f"this version (keep {pruned['keep']:g})"
